@@ -45,7 +45,7 @@ class _TargetBackend(ABC):
         """
         return completed_future(self.generate_batch, *args, **kwargs)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional for implementations
         """Release what the backend holds (a remote session, a model reference)."""
 
     @property

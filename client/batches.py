@@ -61,7 +61,9 @@ class Eagle3TargetBatch(_Batch):
             )
         if has_probs and (self.target_probs is None or self.position_mask is None):
             missing = "position_mask" if self.position_mask is None else "target_probs"
-            raise ValueError(f"Eagle3TargetBatch: `target_probs` and `position_mask` go together; `{missing}` is missing")
+            raise ValueError(
+                f"Eagle3TargetBatch: `target_probs` and `position_mask` go together; `{missing}` is missing"
+            )
 
     @property
     def projected(self) -> bool:

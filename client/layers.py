@@ -105,7 +105,9 @@ def validate_dspark_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
             )
     for a, b in zip(ids, ids[1:], strict=False):
         if b <= a:
-            raise InvalidArgument(f"DSpark target_layer_ids must be strictly increasing, got {ids} ({a} then {b})")
+            raise InvalidArgument(
+                f"DSpark target_layer_ids must be strictly increasing, got {ids} ({a} then {b})"
+            )
     edge = [i for i in ids if i in (-1, num_layers - 1)]
     if edge:
         warnings.warn(

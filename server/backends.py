@@ -1,0 +1,179 @@
+"""In-process target backends: a HF causal LM on this process's device.
+
+Each call validates the request, runs one forward capturing just what its algorithm needs, and
+builds the batch (server/features.py). The remote clients return exactly these batches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from draftfeed.client.backend import DFlashTargetBackend, DSparkTargetBackend, Eagle3TargetBackend
+from draftfeed.client.layers import (
+    default_dflash_layer_ids,
+    default_dspark_layer_ids,
+    default_eagle3_layer_ids,
+    validate_dflash_layer_ids,
+    validate_dspark_layer_ids,
+    validate_eagle3_layer_ids,
+)
+
+from .capture import TargetLayout, discover, run_target
+from .checks import Limits, check_generate_inputs
+from .features import DFlashFeatures, DSparkFeatures, Eagle3Features, Needs, TokenBatch, VocabMapping
+from .packing import packed_attention_mask
+from .supervision import check_vocab_mapping
+
+__all__ = ["HFEagle3TargetModel", "HFDFlashTargetModel", "HFDSparkTargetModel", "forward_for"]
+
+
+def forward_for(model: nn.Module, layout: TargetLayout, tb: TokenBatch, needs: Needs):
+    """One target forward over `tb` (on the model's device) capturing `needs`."""
+    if tb.packed:
+        mask = packed_attention_mask(
+            model.config.get_text_config(), tb.position_ids, tb.seq_lens, tb.input_ids.shape[1], model.dtype
+        )
+    else:
+        mask = tb.attention_mask
+    return run_target(
+        model,
+        layout,
+        tb.input_ids.long(),
+        mask,
+        tb.position_ids.long() if tb.position_ids is not None else None,
+        layer_ids=needs.layers,
+        want_first_input=needs.first_input,
+        want_final=needs.final,
+        want_logits=needs.logits,
+    )
+
+
+class _HFTarget:
+    def __init__(self, model: nn.Module, limits: Limits | None = None):
+        self.model = model
+        self.layout = discover(model)
+        self.limits = limits
+        self.device = next(model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return self.layout.num_layers
+
+    def _token_batch(
+        self, input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
+    ) -> TokenBatch:
+        check_generate_inputs(
+            input_ids,
+            attention_mask,
+            loss_mask,
+            position_ids,
+            seq_lens,
+            doc_remaining,
+            vocab_size=self.layout.vocab_size,
+            limits=self.limits,
+        )
+        tb = TokenBatch(input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining)
+        return tb.to(self.device)
+
+    def _run(self, features, *args) -> object:
+        tb = self._token_batch(*args)
+        return features.build(forward_for(self.model, self.layout, tb, features.needs), tb)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+
+class HFEagle3TargetModel(_HFTarget, Eagle3TargetBackend):
+    """EAGLE-3 supervision from an in-process HF target.
+
+    Until `set_vocab_mapping` it returns shifted full `logits`; afterwards `target_probs` +
+    `position_mask` over the draft vocab. With `require_vocab_mapping=True`, generating before a
+    mapping is a FailedPrecondition error instead.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        aux_layer_ids: list[int] | None = None,
+        *,
+        require_vocab_mapping: bool = False,
+        limits: Limits | None = None,
+    ):
+        super().__init__(model, limits)
+        n = self.num_layers
+        ids = (
+            default_eagle3_layer_ids(n)
+            if aux_layer_ids is None
+            else validate_eagle3_layer_ids(aux_layer_ids, n)
+        )
+        self.aux_layer_ids = ids
+        self.features = Eagle3Features(ids, require_mapping=require_vocab_mapping)
+
+    def set_vocab_mapping(self, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor) -> None:
+        check_vocab_mapping(selected_token_ids, selected_token_mask, self.layout.vocab_size)
+        self.features.mapping = VocabMapping(selected_token_ids, selected_token_mask).to(self.device)
+
+    def generate_batch(
+        self, input_ids, attention_mask, loss_mask, position_ids=None, seq_lens=None, doc_remaining=None
+    ):
+        return self._run(
+            self.features, input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
+        )
+
+
+class HFDFlashTargetModel(_HFTarget, DFlashTargetBackend):
+    """DFlash features from an in-process HF target."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer_ids: list[int] | None = None,
+        capture_logits: bool = False,
+        *,
+        limits: Limits | None = None,
+    ):
+        super().__init__(model, limits)
+        n = self.num_layers
+        ids = (
+            default_dflash_layer_ids(n)
+            if target_layer_ids is None
+            else validate_dflash_layer_ids(target_layer_ids, n)
+        )
+        self.target_layer_ids = ids
+        self.features = DFlashFeatures(ids, capture_logits)
+
+    def generate_batch(
+        self, input_ids, attention_mask, loss_mask, position_ids=None, seq_lens=None, doc_remaining=None
+    ):
+        return self._run(
+            self.features, input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
+        )
+
+
+class HFDSparkTargetModel(_HFTarget, DSparkTargetBackend):
+    """DSpark features from an in-process HF target."""
+
+    def __init__(
+        self, model: nn.Module, target_layer_ids: list[int] | None = None, *, limits: Limits | None = None
+    ):
+        super().__init__(model, limits)
+        n = self.num_layers
+        ids = (
+            default_dspark_layer_ids(n)
+            if target_layer_ids is None
+            else validate_dspark_layer_ids(target_layer_ids, n)
+        )
+        self.target_layer_ids = ids
+        self.final_logit_softcapping = self.layout.final_logit_softcapping
+        self.features = DSparkFeatures(ids, n)
+
+    def generate_batch(
+        self, input_ids, attention_mask, loss_mask, position_ids=None, seq_lens=None, doc_remaining=None
+    ):
+        return self._run(
+            self.features, input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
+        )
