@@ -99,11 +99,15 @@ def test_stubs_come_from_the_pinned_generator():
     # the pin must not be newer than the oldest grpcio pyproject allows
     pyproject = (ROOT / "pyproject.toml").read_text()
     oldest = re.search(r'"grpcio>=([\d.]+)', pyproject).group(1)
-    assert tuple(map(int, gen.PINNED_GRPCIO_TOOLS.split("."))) <= tuple(map(int, (oldest + ".0").split(".")[:3]))
+    assert tuple(map(int, gen.PINNED_GRPCIO_TOOLS.split("."))) <= tuple(
+        map(int, (oldest + ".0").split(".")[:3])
+    )
 
 
 def _needs_protoc():
-    return pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools is not installed (pip install '.[test]')")
+    return pytest.importorskip(
+        "grpc_tools.protoc", reason="grpcio-tools is not installed (pip install '.[test]')"
+    )
 
 
 def test_committed_stubs_match_the_proto():
@@ -122,7 +126,9 @@ def test_a_changed_proto_is_detected(tmp_path, monkeypatch):
     committed = _committed()
     source = (gen.PROTO_ROOT / gen.PROTO_FILE).read_text()
     edits = [
-        source.replace("  string server_version = 12;\n", "  string server_version = 12;\n  uint32 extra = 13;\n"),
+        source.replace(
+            "  string server_version = 12;\n", "  string server_version = 12;\n  uint32 extra = 13;\n"
+        ),
         source.replace(
             "  rpc CloseSession(", "  rpc Ping(GetModelInfoRequest) returns (ModelInfo);\n  rpc CloseSession("
         ),
