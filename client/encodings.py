@@ -1,0 +1,584 @@
+"""Tensor encodings: how each tensor of a reply travels, chosen per session and per tensor kind.
+
+An encoding is a pair of pure functions registered by name in `CODECS`: `encode(t, **params) ->
+Encoded` runs on the server (on the GPU where it shrinks the device-to-host copy) and `decode(enc,
+device=None) -> Tensor` runs on the client. `Encoded.parts` are contiguous tensors the wire moves
+as raw bytes; `Encoded.info` is a small msgpack-able dict (encoding name, original dtype and shape,
+codec statistics). Names may carry one integer parameter: `topk:64`, `zstd:3`.
+
+Tensor kinds and their encodings (DESIGN.md, Encodings):
+  hidden  aux / target / final hidden states    raw, fp8, bf16, zstd[:LEVEL]
+  probs   target_probs [B,S,Vd] fp32             raw, bf16, topk:K, zstd[:LEVEL], latent
+  mask    bool masks such as position_mask       raw, bits
+  ids     input ids, loss masks, packing ints    raw, narrow
+
+`raw`, `bits`, `narrow` and `zstd` are exact. `fp8` (e4m3fn, one fp32 scale per row), `bf16` and
+`topk` are lossy: they refuse NaN/inf unless `allow_nonfinite=True`; `fidelity` measures them.
+`zstd` compresses the byte planes of each element on the CPU (1.3-1.6x at 0.3-0.5 GB/s per core,
+slower than the links it relieves): offered, never a default. `latent` is a supervision mode, not
+a codec: the server ships the final-norm hidden state (with a `hidden` encoding) and the bit-packed
+`position_mask`, and the client rebuilds `target_probs` with `latent_target_probs`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zstandard
+
+from .errors import InvalidArgument
+
+__all__ = [
+    "KINDS",
+    "CODECS",
+    "Codec",
+    "Encoded",
+    "Encoding",
+    "get_encoding",
+    "supported_encodings",
+    "encode",
+    "decode",
+    "encoded_nbytes",
+    "pack_encoded",
+    "unpack_encoded",
+    "latent_target_probs",
+    "fidelity",
+]
+
+KINDS = ("hidden", "probs", "mask", "ids")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass
+class Encoded:
+    """One encoded tensor: the contiguous `parts` the wire moves, and msgpack-able `info`."""
+
+    parts: dict[str, torch.Tensor]
+    info: dict = field(default_factory=dict)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidArgument(f"encoded tensor info names dtype {name!r}, which is not a torch dtype")
+    return dtype
+
+
+def _base_info(t: torch.Tensor, name: str) -> dict:
+    return {"encoding": name, "dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+
+
+def _rows(shape: list[int]) -> int:
+    """Number of rows when the last dim is the row (a 0-d tensor is one row of one)."""
+    return math.prod(shape[:-1]) if shape else 1
+
+
+def _smallest_int_dtype(lo: int, hi: int) -> torch.dtype:
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype
+    return torch.int64
+
+
+# ---- raw: the tensor itself (every kind, exact) ----
+
+
+def _encode_raw(t: torch.Tensor) -> Encoded:
+    return Encoded({"data": t.contiguous()}, _base_info(t, "raw"))
+
+
+def _decode_raw(enc: Encoded, device=None) -> torch.Tensor:
+    return enc.parts["data"].to(device).reshape(enc.info["shape"])
+
+
+# ---- bits: masks bit-packed into uint8, LSB first, over the flattened tensor (exact) ----
+
+_BIT_WEIGHTS = [1 << i for i in range(8)]
+
+
+def _encode_bits(t: torch.Tensor) -> Encoded:
+    flat = t.reshape(-1)
+    if t.dtype != torch.bool:
+        if flat.numel() and ((flat != 0) & (flat != 1)).any().item():
+            raise InvalidArgument(
+                f"encoding 'bits' packs masks of 0/1 values; this {_dtype_name(t.dtype)} tensor of shape "
+                f"{list(t.shape)} holds other values: use 'raw' for it"
+            )
+        flat = flat != 0
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=t.device)
+    packed = (flat.view(-1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+    return Encoded({"bits": packed}, _base_info(t, "bits"))
+
+
+def _decode_bits(enc: Encoded, device=None) -> torch.Tensor:
+    packed = enc.parts["bits"].to(device)
+    shape = enc.info["shape"]
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) & weights).ne(0).reshape(-1)[: math.prod(shape)]
+    return bits.reshape(shape).to(_dtype_from_name(enc.info["dtype"]))
+
+
+# ---- narrow: integers in the smallest integer dtype that holds their actual range (exact) ----
+
+
+def _encode_narrow(t: torch.Tensor) -> Encoded:
+    info = _base_info(t, "narrow")
+    if t.dtype == torch.bool or t.numel() == 0:
+        wire = torch.bool if t.dtype == torch.bool else torch.uint8
+    else:
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device sync
+        wire = _smallest_int_dtype(lo, hi)
+    return Encoded({"data": t.to(wire).contiguous()}, info)
+
+
+def _decode_narrow(enc: Encoded, device=None) -> torch.Tensor:
+    data = enc.parts["data"].to(device)
+    return data.to(_dtype_from_name(enc.info["dtype"])).reshape(enc.info["shape"])
+
+
+# ---- fp8: float8 e4m3fn with one fp32 scale per row (amax / 448) ----
+
+
+def _encode_fp8(t: torch.Tensor) -> Encoded:
+    shape = list(t.shape)
+    rows = _rows(shape)
+    width = shape[-1] if shape else 1
+    x = t.reshape(rows, width).float()
+    if x.numel() == 0:
+        scale = torch.ones(rows, dtype=torch.float32, device=t.device)
+        q = torch.empty(rows, width, dtype=torch.float8_e4m3fn, device=t.device)
+    else:
+        finite = x.isfinite()
+        amax = torch.where(finite, x.abs(), 0.0).amax(-1)  # inf/NaN (when allowed) do not set the scale
+        scale = amax / FP8_MAX
+        scale = torch.where(scale > 0, scale, 1.0)  # all-zero rows (and fp32 underflow) get scale 1
+        q = (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Encoded({"data": q.reshape(shape), "scale": scale}, _base_info(t, "fp8"))
+
+
+def _decode_fp8(enc: Encoded, device=None) -> torch.Tensor:
+    shape = enc.info["shape"]
+    q = enc.parts["data"].to(device)
+    scale = enc.parts["scale"].to(q.device)
+    rows = _rows(shape)
+    x = q.reshape(rows, shape[-1] if shape else 1).float() * scale.unsqueeze(-1)
+    return x.reshape(shape).to(_dtype_from_name(enc.info["dtype"]))
+
+
+# ---- bf16: a lossy cast (relative error at most 2**-8 per value) ----
+
+
+def _encode_bf16(t: torch.Tensor) -> Encoded:
+    return Encoded({"data": t.to(torch.bfloat16).contiguous()}, _base_info(t, "bf16"))
+
+
+def _decode_bf16(enc: Encoded, device=None) -> torch.Tensor:
+    data = enc.parts["data"].to(device)
+    return data.to(_dtype_from_name(enc.info["dtype"])).reshape(enc.info["shape"])
+
+
+# ---- topk:K: the K largest probabilities per row (fp16) and their indices (smallest int dtype) ----
+
+
+def _encode_topk(t: torch.Tensor, k: int) -> Encoded:
+    shape = list(t.shape)
+    rows, vocab = _rows(shape), (shape[-1] if shape else 1)
+    k = min(k, vocab)
+    x = t.reshape(rows, vocab).float()
+    values, index = x.topk(k, dim=-1, sorted=True)
+    total = x.sum(-1)
+    retained = torch.where(total > 0, values.sum(-1) / torch.where(total > 0, total, 1.0), 1.0)
+    info = _base_info(t, "topk")
+    info["k"] = k
+    if rows:
+        info["retained_min"], info["retained_mean"] = torch.stack([retained.min(), retained.mean()]).tolist()
+    else:
+        info["retained_min"] = info["retained_mean"] = 1.0
+    parts = {
+        "index": index.to(_smallest_int_dtype(0, max(vocab - 1, 0))),
+        "values": values.to(torch.float16),
+        "retained": retained,
+    }
+    return Encoded(parts, info)
+
+
+def _decode_topk(enc: Encoded, device=None) -> torch.Tensor:
+    """Scatter the kept values and renormalise each row to sum 1 (rows that kept no mass stay zero)."""
+    shape = enc.info["shape"]
+    rows, vocab = _rows(shape), (shape[-1] if shape else 1)
+    index = enc.parts["index"].to(device)
+    values = enc.parts["values"].to(index.device).float()
+    out = torch.zeros(rows, vocab, dtype=torch.float32, device=index.device)
+    out.scatter_(-1, index.long(), values)
+    mass = out.sum(-1, keepdim=True)
+    out /= torch.where(mass > 0, mass, 1.0)
+    return out.reshape(shape).to(_dtype_from_name(enc.info["dtype"]))
+
+
+# ---- zstd[:LEVEL]: lossless, zstandard over the byte planes of each element (CPU only) ----
+
+
+def _encode_zstd(t: torch.Tensor, level: int = 1) -> Encoded:
+    x = t.detach().cpu().contiguous().reshape(-1)
+    planes = x.view(torch.uint8).reshape(-1, t.element_size())
+    compressor = zstandard.ZstdCompressor(level=level)
+    parts = {}
+    for i in range(planes.shape[1]):
+        blob = compressor.compress(planes[:, i].contiguous().numpy())
+        parts[f"plane{i}"] = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy())
+    info = _base_info(t, f"zstd:{level}")
+    info["planes"] = planes.shape[1]
+    return Encoded(parts, info)
+
+
+def _decode_zstd(enc: Encoded, device=None) -> torch.Tensor:
+    dtype, shape = _dtype_from_name(enc.info["dtype"]), enc.info["shape"]
+    n = math.prod(shape)
+    decompressor = zstandard.ZstdDecompressor()
+    planes = []
+    for i in range(enc.info["planes"]):
+        blob = enc.parts[f"plane{i}"].cpu().contiguous().numpy()
+        planes.append(np.frombuffer(decompressor.decompress(memoryview(blob)), dtype=np.uint8))
+    if n == 0:
+        return torch.empty(shape, dtype=dtype, device=device)
+    data = torch.from_numpy(np.stack(planes, axis=1)).reshape(-1).view(dtype).reshape(shape)
+    return data.to(device)
+
+
+# ---- registry ----
+
+
+def _any(dtype: torch.dtype) -> bool:
+    return True
+
+
+def _floating(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype not in _FP8
+
+
+def _integer(dtype: torch.dtype) -> bool:
+    return dtype == torch.bool or not (dtype.is_floating_point or dtype.is_complex)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A registered encoding: its two functions, the kinds and dtypes it takes, its one parameter."""
+
+    encode: Callable[..., Encoded]
+    decode: Callable[..., torch.Tensor]
+    kinds: tuple[str, ...]
+    exact: bool
+    accepts: Callable[[torch.dtype], bool]
+    dtypes: str  # what `accepts` takes, for error messages
+    param: str | None = None  # name of the integer parameter after ':'
+    default: int | None = None  # None with a param: the parameter is required
+    param_range: tuple[int, int] = (1, 2**31 - 1)
+
+    def spelling(self, name: str) -> str:
+        if self.param is None:
+            return name
+        return (
+            f"{name}[:{self.param.upper()}]" if self.default is not None else f"{name}:{self.param.upper()}"
+        )
+
+
+CODECS: dict[str, Codec] = {
+    "raw": Codec(_encode_raw, _decode_raw, KINDS, True, _any, "any dtype"),
+    "bits": Codec(_encode_bits, _decode_bits, ("mask",), True, _integer, "bool or 0/1 integers"),
+    "narrow": Codec(_encode_narrow, _decode_narrow, ("ids",), True, _integer, "integers or bool"),
+    "fp8": Codec(_encode_fp8, _decode_fp8, ("hidden",), False, _floating, "float32/float16/bfloat16"),
+    "bf16": Codec(_encode_bf16, _decode_bf16, ("hidden", "probs"), False, _floating, "float32/float16/bfloat16"),
+    "topk": Codec(_encode_topk, _decode_topk, ("probs",), False, _floating, "float32/float16/bfloat16", "k"),
+    "zstd": Codec(
+        _encode_zstd, _decode_zstd, ("hidden", "probs"), True, _floating, "float32/float16/bfloat16",
+        "level", 1, (1, 22),
+    ),
+}  # fmt: skip
+SUPERVISION_MODES = {"latent": ("probs",)}  # negotiated like an encoding, but no per-tensor codec
+
+
+def supported_encodings() -> dict[str, list[str]]:
+    """Per tensor kind, the encoding names a session may ask for (`topk:K` takes an integer K)."""
+    out = {kind: [c.spelling(n) for n, c in CODECS.items() if kind in c.kinds] for kind in KINDS}
+    for name, kinds in SUPERVISION_MODES.items():
+        for kind in kinds:
+            out[kind].append(name)
+    return out
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """A validated encoding for one tensor kind, as a session negotiated it (see `get_encoding`)."""
+
+    name: str  # as given, canonical: "topk:64", "zstd:1", "fp8"
+    kind: str
+    base: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def latent(self) -> bool:
+        return self.base in SUPERVISION_MODES
+
+    @property
+    def exact(self) -> bool:
+        return not self.latent and CODECS[self.base].exact
+
+    def encode(self, t: torch.Tensor, *, allow_nonfinite: bool = False) -> Encoded:
+        if self.latent:
+            raise InvalidArgument(
+                f"'{self.name}' is a supervision mode, not a tensor codec: ship the final-norm hidden state "
+                "with a 'hidden' encoding and the bit-packed position_mask, and rebuild target_probs with "
+                "latent_target_probs on the client"
+            )
+        codec = CODECS[self.base]
+        if not codec.accepts(t.dtype):
+            raise InvalidArgument(
+                f"encoding '{self.name}' for tensor kind '{self.kind}' takes {codec.dtypes}; "
+                f"got a {_dtype_name(t.dtype)} tensor of shape {list(t.shape)}"
+            )
+        t = t.detach()
+        if not codec.exact and not allow_nonfinite and t.is_floating_point() and t.numel():
+            bad = int((~t.isfinite()).sum().item())
+            if bad:
+                raise InvalidArgument(
+                    f"encoding '{self.name}' refuses non-finite values: this '{self.kind}' tensor of shape "
+                    f"{list(t.shape)} holds {bad} NaN/inf value(s) out of {t.numel()}; pass "
+                    "allow_nonfinite=True to encode them anyway, or use 'raw', which passes them unchanged"
+                )
+        enc = codec.encode(t, **self.params)
+        enc.info["encoding"] = self.name
+        return enc
+
+    def decode(self, enc: Encoded, device: torch.device | str | None = None) -> torch.Tensor:
+        return decode(enc, device)
+
+
+def _parse(name: str) -> tuple[str, dict, str]:
+    """(base, params, canonical name) for a name whose base is registered; raises ValueError else."""
+    base, sep, arg = str(name).strip().partition(":")
+    codec = CODECS.get(base)
+    if codec is None:
+        if base in SUPERVISION_MODES and not sep:
+            return base, {}, base
+        raise ValueError(f"unknown encoding {name!r}")
+    if codec.param is None:
+        if sep:
+            raise ValueError(f"encoding '{base}' takes no parameter, got {name!r}")
+        return base, {}, base
+    if not sep:
+        if codec.default is None:
+            raise ValueError(f"encoding '{base}' needs its {codec.param.upper()}, e.g. '{base}:64'")
+        arg = str(codec.default)
+    lo, hi = codec.param_range
+    try:
+        value = int(arg)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise ValueError(f"encoding {name!r}: {codec.param.upper()} must be an integer in [{lo}, {hi}]")
+    return base, {codec.param: value}, f"{base}:{value}"
+
+
+def get_encoding(name: str, kind: str) -> Encoding:
+    """The encoding `name` (e.g. 'fp8', 'topk:64') for tensor kind `kind`, or InvalidArgument."""
+    if kind not in KINDS:
+        raise InvalidArgument(f"unknown tensor kind {kind!r}; expected one of {', '.join(KINDS)}")
+    supported = ", ".join(supported_encodings()[kind])
+    try:
+        base, params, canonical = _parse(name)
+    except ValueError as e:
+        raise InvalidArgument(f"{e}; supported for tensor kind '{kind}': {supported}") from None
+    kinds = SUPERVISION_MODES[base] if base in SUPERVISION_MODES else CODECS[base].kinds
+    if kind not in kinds:
+        raise InvalidArgument(
+            f"encoding {name!r} is not supported for tensor kind '{kind}'; supported: {supported}"
+        )
+    return Encoding(canonical, kind, base, params)
+
+
+def encode(t: torch.Tensor, name: str, kind: str, *, allow_nonfinite: bool = False) -> Encoded:
+    """Encode `t` (a tensor of kind `kind`) with encoding `name`."""
+    return get_encoding(name, kind).encode(t, allow_nonfinite=allow_nonfinite)
+
+
+def decode(enc: Encoded, device: torch.device | str | None = None) -> torch.Tensor:
+    """The tensor `enc` encodes, on `device` (default: where its parts are), in its original dtype."""
+    try:
+        base, params, _ = _parse(enc.info["encoding"])
+    except (KeyError, ValueError) as e:
+        raise InvalidArgument(f"cannot decode: encoded info names no known encoding ({e})") from None
+    if base in SUPERVISION_MODES:
+        raise InvalidArgument(f"cannot decode {base!r}: it is a supervision mode; see latent_target_probs")
+    missing = {"dtype", "shape"} - enc.info.keys()
+    if missing:
+        raise InvalidArgument(f"cannot decode {enc.info['encoding']!r}: its info lacks {sorted(missing)}")
+    return CODECS[base].decode(enc, device)
+
+
+def encoded_nbytes(enc: Encoded) -> int:
+    """Bytes the parts occupy on the wire (info, a few dozen bytes of msgpack, not counted)."""
+    return sum(p.numel() * p.element_size() for p in enc.parts.values())
+
+
+def pack_encoded(fields: dict[str, Encoded]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten named encoded tensors into wire tensors named `field.part` and one msgpack-able meta."""
+    tensors = {f"{name}.{part}": t for name, enc in fields.items() for part, t in enc.parts.items()}
+    meta = {name: {"info": enc.info, "parts": list(enc.parts)} for name, enc in fields.items()}
+    return tensors, meta
+
+
+def unpack_encoded(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, Encoded]:
+    """Inverse of `pack_encoded`."""
+    try:
+        return {
+            name: Encoded({p: tensors[f"{name}.{p}"] for p in m["parts"]}, m["info"])
+            for name, m in meta.items()
+        }
+    except KeyError as e:
+        raise InvalidArgument(f"encoded reply is missing tensor {e.args[0]!r} that its meta lists") from None
+
+
+# ---- latent supervision (EAGLE-3): target_probs rebuilt from the final-norm hidden state ----
+
+
+def latent_target_probs(
+    h_final: torch.Tensor,
+    lm_head_rows: torch.Tensor,
+    chunk_rows: int = 1024,
+    final_logit_softcapping: float | None = None,
+    matmul_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`softmax(h @ lm_head_rows.T)` in fp32, [..., H] -> [..., Vd], computed `chunk_rows` rows at a time.
+
+    `lm_head_rows` = `lm_head.weight[selected_token_ids]` [Vd,H]. To match the server's reference
+    `softmax(lm_head(h)[..., ids].float(), -1)`, the logits are computed as the model computes them:
+    the matmul in the model dtype (`matmul_dtype`, default `lm_head_rows.dtype`), then the optional
+    softcapping `tanh(x / c) * c` in that dtype (as HF's Gemma-style heads do), then `.float()` and
+    the softmax in fp32. Upcasting a bf16 matmul to fp32 instead would be more precise but further
+    from the server's probabilities. A zero row of `h` (the shifted tail) gives the uniform
+    distribution, as the server's zero tail of logits does. Runs on the inputs' device.
+    """
+    if h_final.shape[-1] != lm_head_rows.shape[-1] or lm_head_rows.dim() != 2:
+        raise InvalidArgument(
+            f"latent_target_probs: h_final [..., H] has H={h_final.shape[-1]} but lm_head_rows has shape "
+            f"{list(lm_head_rows.shape)}; expected [Vd, {h_final.shape[-1]}]"
+        )
+    if chunk_rows < 1:
+        raise InvalidArgument(f"latent_target_probs: chunk_rows must be >= 1, got {chunk_rows}")
+    dtype = matmul_dtype or lm_head_rows.dtype
+    weight = lm_head_rows.to(device=h_final.device, dtype=dtype)
+    rows = h_final.reshape(-1, h_final.shape[-1])
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32, device=h_final.device)
+    for start in range(0, rows.shape[0], chunk_rows):
+        logits = torch.nn.functional.linear(rows[start : start + chunk_rows].to(dtype), weight)
+        if final_logit_softcapping is not None:
+            logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
+        out[start : start + chunk_rows] = torch.softmax(logits.float(), dim=-1)
+    return out.reshape(*h_final.shape[:-1], weight.shape[0])
+
+
+# ---- fidelity: how close a decoded tensor is to its reference ----
+
+
+def _row_chunks(x: torch.Tensor, y: torch.Tensor, chunk: int = 4096):
+    width = x.shape[-1] if x.dim() else 1
+    x, y = x.reshape(-1, width), y.reshape(-1, width)
+    for start in range(0, x.shape[0], chunk):
+        yield x[start : start + chunk].double(), y[start : start + chunk].to(x.device).double()
+
+
+def _hidden_fidelity(ref: torch.Tensor, dec: torch.Tensor) -> dict:
+    rel, cos, abs_err = [], [], 0.0
+    for x, y in _row_chunks(ref, dec):
+        nx, ny, err = x.norm(dim=-1), y.norm(dim=-1), (x - y).norm(dim=-1)
+        rel.append(torch.where(nx > 0, err / nx.clamp_min(1e-300), torch.where(err > 0, math.inf, 0.0)))
+        both_zero = (nx == 0) & (ny == 0)
+        cos.append(torch.where(both_zero, 1.0, (x * y).sum(-1) / (nx * ny).clamp_min(1e-300)))
+        abs_err = max(abs_err, (x - y).abs().max().item() if x.numel() else 0.0)
+    rel_t, cos_t = torch.cat(rel), torch.cat(cos)
+    empty = rel_t.numel() == 0
+    return {
+        "max_rel_err": 0.0 if empty else rel_t.max().item(),
+        "mean_rel_err": 0.0 if empty else rel_t.mean().item(),
+        "min_cosine": 1.0 if empty else cos_t.min().item(),
+        "max_abs_err": abs_err,
+    }
+
+
+def _probs_fidelity(ref: torch.Tensor, dec: torch.Tensor) -> dict:
+    """KL(p||q'), where q' keeps q's shape on its support, scaled to the mass p puts there, and spreads
+    the rest (the mass p puts on q's zeros) uniformly over q's zeros, so KL stays finite."""
+    kl, kept, agree, abs_err, mass_err = [], [], [], 0.0, 0.0
+    for p, q in _row_chunks(ref, dec):
+        support = q > 0
+        on_support = torch.where(support, p, 0.0).sum(-1, keepdim=True)
+        residual = (p.sum(-1, keepdim=True) - on_support).clamp_min(0.0)
+        zeros = (~support).sum(-1, keepdim=True)
+        q_sum = q.sum(-1, keepdim=True)
+        shaped = q / torch.where(q_sum > 0, q_sum, 1.0) * on_support
+        q2 = torch.where(support, shaped, residual / zeros.clamp_min(1))
+        kl.append((torch.xlogy(p, p) - torch.xlogy(p, q2)).sum(-1))
+        kept.append(on_support.squeeze(-1))
+        if p.shape[-1]:
+            agree.append((p.argmax(-1) == q.argmax(-1)).double())
+        else:
+            agree.append(torch.ones(p.shape[0], dtype=torch.float64, device=p.device))
+        if p.numel():
+            abs_err = max(abs_err, (p - q).abs().max().item())
+            mass_err = max(mass_err, (q_sum - 1).abs().max().item())
+    kl_t, kept_t, agree_t = torch.cat(kl), torch.cat(kept), torch.cat(agree)
+    empty = kl_t.numel() == 0
+    return {
+        "kl_mean": 0.0 if empty else kl_t.mean().item(),
+        "kl_max": 0.0 if empty else kl_t.max().item(),
+        "retained_min": 1.0 if empty else kept_t.min().item(),
+        "retained_mean": 1.0 if empty else kept_t.mean().item(),
+        "top1_agreement": 1.0 if empty else agree_t.mean().item(),
+        "max_abs_err": abs_err,
+        "max_mass_err": mass_err,
+    }
+
+
+def _exact_fidelity(ref: torch.Tensor, dec: torch.Tensor) -> dict:
+    same_shape = list(ref.shape) == list(dec.shape)
+    agreement = (ref == dec.to(ref.device)).double().mean().item() if same_shape and ref.numel() else 1.0
+    exact = same_shape and ref.dtype == dec.dtype and torch.equal(ref, dec.to(ref.device))
+    return {"agreement": agreement if same_shape else 0.0, "exact": bool(exact)}
+
+
+_FIDELITY = {
+    "hidden": _hidden_fidelity,
+    "probs": _probs_fidelity,
+    "mask": _exact_fidelity,
+    "ids": _exact_fidelity,
+}
+
+
+def fidelity(reference: torch.Tensor, decoded: torch.Tensor, kind: str) -> dict:
+    """How close `decoded` is to `reference`, as a flat dict of floats (keys depend on `kind`).
+
+    hidden: max/mean relative error per row (||x-y|| / ||x||), min cosine, max abs error.
+    probs: KL(p||q) mean/max (residual mass spread uniformly over q's zeros), retained mass of p on
+    q's support (min/mean), top-1 agreement, max abs error, max |sum(q) - 1|.
+    mask/ids: fraction of equal elements, and whether dtype, shape and values are all exact.
+    """
+    if kind not in _FIDELITY:
+        raise InvalidArgument(f"unknown tensor kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind in ("hidden", "probs") and list(reference.shape) != list(decoded.shape):
+        raise InvalidArgument(
+            f"fidelity: decoded shape {list(decoded.shape)} differs from reference {list(reference.shape)}"
+        )
+    return _FIDELITY[kind](reference, decoded)
