@@ -1,0 +1,196 @@
+"""EAGLE-3 training objective: soft cross-entropy over the TTT unroll, step weights, metrics.
+
+Per slot t and step k (ALGORITHMS.md section 1): l_t = -sum_v P_t(v) log softmax(logits_t)(v),
+in fp32, where P, the position mask M and the loss mask LM are shifted left k times at step k (done
+here by slicing: step k compares logits_k[:, :S-k] with P[:, k:]). In a packed batch slot t at step
+k is supervised only while k < doc_remaining[t], so no prediction crosses a document boundary.
+
+Two normalisations, as the sources disagree:
+- "masked_mean" (default; NeMo AutoModel): L_k = sum_t M l / max(1, sum M); L = sum_k w_k L_k / sum_k w_k.
+- "full_mean" (EAGLE / SpecForge): L_k = mean over all B*S slots of M l; L = sum_k w_k L_k (unnormalised).
+with w_k = decay**k (decay 0.8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .models.eagle3 import Eagle3DraftModel, document_ids, tokens_left_in_document
+
+__all__ = [
+    "NORMALIZATIONS",
+    "Eagle3Loss",
+    "soft_cross_entropy",
+    "ttt_step_weights",
+    "target_distribution",
+    "eagle3_ttt_loss",
+    "eagle3_batch_loss",
+]
+
+NORMALIZATIONS = ("masked_mean", "full_mean")
+
+
+@dataclass
+class Eagle3Loss:
+    """`loss` is differentiable; the rest are detached metrics.
+
+    step_losses [K] (fp32; L_k under the chosen normalisation), step_counts [K] int64 (supervised
+    slots per step), step_accuracies [K] (argmax(logits) == argmax(P) over M), `accuracy` over all
+    steps' supervised slots, `tau_sim` the simulated acceptance length (bonus token included).
+    """
+
+    loss: torch.Tensor
+    step_losses: torch.Tensor
+    step_counts: torch.Tensor
+    step_accuracies: torch.Tensor
+    accuracy: torch.Tensor
+    tau_sim: torch.Tensor
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """-sum_v P(v) log softmax(logits)(v) over the last dim, in fp32 (fp64 stays fp64): [..., V] -> [...]."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return -(target_probs.to(dtype) * torch.log_softmax(logits.to(dtype), dim=-1)).sum(-1)
+
+
+def ttt_step_weights(num_steps: int, decay: float = 0.8) -> list[float]:
+    """w_k = decay**k for k = 0..num_steps-1."""
+    return [decay**k for k in range(num_steps)]
+
+
+def target_distribution(
+    logits: torch.Tensor,
+    loss_mask: torch.Tensor,
+    selected_token_ids: torch.Tensor | None = None,
+    selected_token_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P [B,S,Vd] fp32, M [B,S] bool) from full shifted target logits [B,S,V] and shifted loss_mask.
+
+    Without a vocab map (Vd == V): P = softmax(logits), M = loss_mask. With one, as the service does:
+    P = softmax(logits[..., selected_token_ids]), M = selected_token_mask[argmax over the full vocab] & loss_mask.
+    """
+    lm = loss_mask.bool()
+    if selected_token_ids is None:
+        return torch.softmax(logits.float(), dim=-1), lm
+    ids = selected_token_ids.to(logits.device)
+    probs = torch.softmax(logits.index_select(-1, ids).float(), dim=-1)
+    return probs, selected_token_mask.to(logits.device)[logits.argmax(-1)] & lm
+
+
+def eagle3_ttt_loss(
+    step_logits: Iterable[torch.Tensor],
+    target_probs: torch.Tensor,
+    position_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    doc_remaining: torch.Tensor | None = None,
+    normalization: str = "masked_mean",
+    decay: float = 0.8,
+) -> Eagle3Loss:
+    """The TTT loss over `step_logits` (logits_k [B,S,Vd] for k = 0..K-1, a list or a generator).
+
+    `target_probs` P [B,S,Vd], `position_mask` M [B,S] or [B,S,1], `loss_mask` LM [B,S] are the
+    step-0 (once-shifted) service tensors; `doc_remaining` [B,S] (packed batches) = tokens left in
+    the slot's document after it. Normalisation: see the module docstring ("masked_mean" default).
+
+    Simulated tau (AutoModel): hit_k = AND_{i<=k} correct_i at the same slot, valid_k = AND_{i<=k} LM_i;
+    tau_sim = 1 + sum_k sum(hit_k) / max(1, sum(valid_k)).
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r}; expected one of {NORMALIZATIONS}")
+    if position_mask.dim() == 3:
+        position_mask = position_mask.squeeze(-1)
+    m0, lm0 = position_mask.bool(), loss_mask.bool()
+    bsz, seq_len = m0.shape
+    hit = torch.ones_like(m0)
+    valid = torch.ones_like(m0)
+    total = weights = None
+    losses, counts, correct_counts, tau_terms = [], [], [], []
+    for k, logits in enumerate(step_logits):
+        n = max(seq_len - k, 0)  # slots whose target is still inside the row
+        m, lm = m0[:, k:], lm0[:, k:]
+        if doc_remaining is not None:
+            in_doc = doc_remaining[:, :n] > k
+            m, lm = m & in_doc, lm & in_doc
+        step_logits_k = logits[:, :n]
+        probs = target_probs[:, k:]
+        per_slot = soft_cross_entropy(step_logits_k, probs)
+        masked_sum = (per_slot * m).sum()
+        count = m.sum()
+        denom = count.clamp_min(1) if normalization == "masked_mean" else bsz * seq_len
+        step_loss = masked_sum / denom
+        w = decay**k
+        total = step_loss * w if total is None else total + step_loss * w
+        weights = w if weights is None else weights + w
+        with torch.no_grad():
+            correct = (step_logits_k.argmax(-1) == probs.argmax(-1)) & m
+            hit[:, :n] &= correct
+            hit[:, n:] = False
+            valid[:, :n] &= lm
+            valid[:, n:] = False
+            tau_terms.append(hit.sum() / valid.sum().clamp_min(1))
+            losses.append(step_loss.detach())
+            counts.append(count)
+            correct_counts.append(correct.sum())
+    if total is None:
+        raise ValueError("eagle3_ttt_loss got no step logits (ttt_steps must be >= 1)")
+    loss = total / weights if normalization == "masked_mean" else total
+    counts_t = torch.stack(counts)
+    correct_t = torch.stack(correct_counts)
+    return Eagle3Loss(
+        loss=loss,
+        step_losses=torch.stack(losses),
+        step_counts=counts_t,
+        step_accuracies=correct_t / counts_t.clamp_min(1),
+        accuracy=correct_t.sum() / counts_t.sum().clamp_min(1),
+        tau_sim=1 + torch.stack(tau_terms).sum(),
+    )
+
+
+def eagle3_batch_loss(
+    draft: Eagle3DraftModel,
+    inputs: Mapping[str, torch.Tensor],
+    ttt_steps: int,
+    normalization: str = "masked_mean",
+    decay: float = 0.8,
+) -> Eagle3Loss:
+    """Unroll `draft` on one `Eagle3TargetBatch.to_trainer_inputs()` dict and score it.
+
+    Supervision is `target_probs` + `position_mask`, or full `target` logits (projected with the
+    draft's own d2t/t2d when its vocab is smaller than the target's, see `target_distribution`).
+    A packed batch without `doc_remaining` gets it from `position_ids` / `seq_lens`. The logits of
+    each step are consumed as they are produced.
+    """
+    if "target" in inputs:
+        logits = inputs["target"]
+        if draft.config.draft_vocab_size == logits.shape[-1]:
+            probs, mask = target_distribution(logits, inputs["loss_mask"])
+        else:
+            probs, mask = target_distribution(
+                logits, inputs["loss_mask"], draft.selected_token_ids(), draft.t2d
+            )
+    else:
+        probs, mask = inputs["target_probs"], inputs["position_mask"]
+    doc_remaining = inputs.get("doc_remaining")
+    if doc_remaining is None and ("position_ids" in inputs or "seq_lens" in inputs):
+        docs = document_ids(inputs["input_ids"].shape[1], inputs.get("position_ids"), inputs.get("seq_lens"))
+        doc_remaining = tokens_left_in_document(docs)
+    steps = draft.unroll(
+        inputs["hidden_states"],
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        ttt_steps,
+        position_ids=inputs.get("position_ids"),
+        seq_lens=inputs.get("seq_lens"),
+    )
+    return eagle3_ttt_loss(
+        steps,
+        probs,
+        mask,
+        inputs["loss_mask"],
+        doc_remaining,
+        normalization=normalization,
+        decay=decay,
+    )

@@ -1,0 +1,441 @@
+"""The EAGLE-3 draft model and its training-time-test (TTT) unrolled forward. Math only.
+
+Architecture (ALGORITHMS.md section 1): frozen `embed_tokens` [V,H] copied from the target;
+`fc` (3H -> H) over the target's aux hidden states; one decoder layer `midlayer` whose attention
+reads cat(input_layernorm(emb), hidden_norm(g)) [2H] and whose residual is the un-normed g; final
+`norm`; `lm_head` (H -> Vd). Buffers `d2t` int64 [Vd] (target id = i + d2t[i]) and `t2d` bool [V].
+State-dict keys are the export names SGLang / vLLM load (`fc.weight`, `midlayer.self_attn.q_proj.weight`, ...).
+
+TTT unroll, K steps: g_0 = fc(A); at step k the layer runs at positions t+k on the ids shifted k
+times, attending to the step-0 keys under the causal + padding (+ per-document) mask plus, at its own
+slot t, the keys of steps 1..k (one softmax over S+k columns); logits_k = lm_head(norm(h));
+g_{k+1} = h (or norm(h) with `norm_output`, EAGLE-3.1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Eagle3DraftConfig",
+    "Eagle3DraftModel",
+    "RMSNorm",
+    "rope_inv_freq",
+    "rope_cos_sin",
+    "apply_rope",
+    "shift_left",
+    "document_ids",
+    "tokens_left_in_document",
+    "attention_allowed",
+]
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+@dataclass
+class Eagle3DraftConfig:
+    """Dimensions of an EAGLE-3 draft; `from_target_config` copies them from the target's text config.
+
+    `rope_scaling` is None (default RoPE) or a dict with `rope_type` "linear" (`factor`) or "llama3"
+    (`factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`).
+    """
+
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    draft_vocab_size: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    max_position_embeddings: int = 2048
+    hidden_act: str = "silu"
+    target_hidden_size: int | None = None
+    num_aux_layers: int = 3
+    norm_output: bool = False
+    fc_norm: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.draft_vocab_size is None:
+            self.draft_vocab_size = self.vocab_size
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.target_hidden_size is None:
+            self.target_hidden_size = self.hidden_size
+        if not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(
+                f"draft_vocab_size={self.draft_vocab_size} must be in [1, vocab_size={self.vocab_size}]"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}"
+            )
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type in (None, "default"):
+                self.rope_scaling = None
+            elif rope_type not in ("linear", "llama3"):
+                raise ValueError(
+                    f"rope_scaling rope_type={rope_type!r} is not supported by the EAGLE-3 draft; "
+                    "expected 'default', 'linear' or 'llama3'"
+                )
+
+    @classmethod
+    def from_target_config(
+        cls, config, draft_vocab_size: int | None = None, **overrides
+    ) -> Eagle3DraftConfig:
+        """Build from a transformers config (the text config is used when the config nests one)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        rope_theta = getattr(text, "rope_theta", None)
+        rope_scaling = getattr(text, "rope_scaling", None)
+        params = getattr(text, "rope_parameters", None)
+        if isinstance(params, dict) and "rope_theta" in params:  # transformers >= 5 layout
+            rope_theta = params["rope_theta"]
+            rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        values = dict(
+            hidden_size=text.hidden_size,
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            intermediate_size=text.intermediate_size,
+            vocab_size=text.vocab_size,
+            draft_vocab_size=draft_vocab_size,
+            head_dim=head_dim,
+            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+            rope_theta=10000.0 if rope_theta is None else float(rope_theta),
+            rope_scaling=dict(rope_scaling) if rope_scaling else None,
+            attention_bias=bool(getattr(text, "attention_bias", False)),
+            max_position_embeddings=getattr(text, "max_position_embeddings", 2048),
+            hidden_act=getattr(text, "hidden_act", "silu"),
+        )
+        names = {f.name for f in fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown Eagle3DraftConfig fields: {sorted(unknown)}")
+        values.update(overrides)
+        return cls(**values)
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: computed in fp32, weight applied in the input dtype."""
+
+    def __init__(self, size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] (fp32): default, linear or llama3 rope scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths divided by factor, short ones kept, a smooth blend in between
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [B,1,S,head_dim] for integer `positions` [B,S] (computed in fp32)."""
+    freqs = positions.float()[..., None] * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B,heads,S,d]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def shift_left(t: torch.Tensor) -> torch.Tensor:
+    """cat(t[:, 1:], zeros): the next position's value at each slot, zero at the tail."""
+    return torch.cat((t[:, 1:], torch.zeros_like(t[:, :1])), dim=1)
+
+
+def document_ids(
+    seq_len: int, position_ids: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Document index [B,S] of each slot in a packed batch, or None when the batch is not packed.
+
+    From `seq_lens` [B,D] (zero-padded, rows summing to S) when given, else from `position_ids`: a
+    new document starts wherever the position is not the previous one plus one.
+    """
+    if seq_lens is not None:
+        bounds = seq_lens.long().cumsum(-1)
+        slots = torch.arange(seq_len, device=seq_lens.device).expand(seq_lens.shape[0], seq_len).contiguous()
+        return torch.searchsorted(bounds, slots, right=True)
+    if position_ids is not None:
+        restart = torch.ones_like(position_ids, dtype=torch.bool)
+        restart[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        return restart.long().cumsum(-1)
+    return None
+
+
+def tokens_left_in_document(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_remaining [B,S] from document ids [B,S]: how many slots of the same document follow each slot."""
+    slots = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    last = torch.zeros(doc_ids.shape[0], int(doc_ids.max()) + 1, dtype=torch.long, device=doc_ids.device)
+    last = last.scatter_reduce(1, doc_ids, slots, reduce="amax")
+    return last.gather(1, doc_ids) - slots
+
+
+def attention_allowed(attention_mask: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [B,1,S,S]: query t may see key j iff j <= t, key j is not padding, and same document."""
+    seq_len = attention_mask.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    return allowed[:, None]
+
+
+class Eagle3Attention(nn.Module):
+    """GQA attention over the [2H] input with the TTT cached-KV pattern."""
+
+    def __init__(self, cfg: Eagle3DraftConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(2 * cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(2 * cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(2 * cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        allowed: torch.Tensor,
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """x [B,S,2H]; `cache` holds (K_i, V_i) of earlier steps (post-RoPE, heads expanded) and gets
+        this step's appended. Step 0 is causal attention under `allowed`; step k adds, per slot t,
+        the columns Q_k[t].K_i[t] for i = 1..k to the same softmax."""
+        bsz, seq_len, _ = x.shape
+        groups = self.num_heads // self.num_kv_heads
+        q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        cache.append((k, v))
+        scale = self.head_dim**-0.5
+        k0, v0 = cache[0]
+        scores = torch.matmul(q, k0.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        if len(cache) > 1:
+            diag = torch.stack([(q * ki).sum(-1) for ki, _ in cache[1:]], dim=-1) * scale  # [B,h,S,k]
+            scores = torch.cat((scores, diag), dim=-1)
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+        out = torch.matmul(probs[..., :seq_len], v0)
+        for i, (_, vi) in enumerate(cache[1:]):
+            out = out + probs[..., seq_len + i, None] * vi
+        out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class Eagle3MLP(nn.Module):
+    def __init__(self, cfg: Eagle3DraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Eagle3DecoderLayer(nn.Module):
+    """The draft's single layer: attention over [input_layernorm(emb), hidden_norm(g)], residual on g."""
+
+    def __init__(self, cfg: Eagle3DraftConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Eagle3Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Eagle3MLP(cfg)
+
+    def forward(self, emb, g, cos, sin, allowed, cache) -> torch.Tensor:
+        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(g)), dim=-1)
+        h = g + self.self_attn(x, cos, sin, allowed, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3DraftModel(nn.Module):
+    """EAGLE-3 draft. `forward` returns the per-step draft-vocab logits of the TTT unroll."""
+
+    def __init__(self, cfg: Eagle3DraftConfig, embed_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        if cfg.fc_norm:
+            self.fc_norm = nn.ModuleList(
+                RMSNorm(cfg.target_hidden_size, cfg.rms_norm_eps) for _ in range(cfg.num_aux_layers)
+            )
+        self.fc = nn.Linear(cfg.num_aux_layers * cfg.target_hidden_size, cfg.hidden_size, bias=False)
+        self.midlayer = Eagle3DecoderLayer(cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
+        self.register_buffer("t2d", torch.arange(cfg.vocab_size) < cfg.draft_vocab_size)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
+        )
+        self.reset_parameters()
+        if embed_weight is not None:
+            self.load_embeddings(embed_weight)
+
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for every linear layer, zero biases, ones for the norms."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=self.config.initializer_range)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    @torch.no_grad()
+    def load_embeddings(self, weight: torch.Tensor) -> None:
+        """Copy the target's token embedding [V,H] into the frozen `embed_tokens`."""
+        expected = tuple(self.embed_tokens.weight.shape)
+        if tuple(weight.shape) != expected:
+            raise ValueError(
+                f"embedding weight has shape {tuple(weight.shape)}, expected {expected} (vocab, hidden)"
+            )
+        self.embed_tokens.weight.copy_(
+            weight.to(self.embed_tokens.weight.device, self.embed_tokens.weight.dtype)
+        )
+
+    @torch.no_grad()
+    def set_vocab_mapping(self, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor) -> None:
+        """Set `d2t`/`t2d` from the token map (`selected_token_ids` int64 [Vd], `selected_token_mask` bool [V])."""
+        vd, v = self.config.draft_vocab_size, self.config.vocab_size
+        if tuple(selected_token_ids.shape) != (vd,):
+            raise ValueError(
+                f"selected_token_ids has shape {tuple(selected_token_ids.shape)}, expected ({vd},)"
+            )
+        if tuple(selected_token_mask.shape) != (v,):
+            raise ValueError(
+                f"selected_token_mask has shape {tuple(selected_token_mask.shape)}, expected ({v},)"
+            )
+        ids = selected_token_ids.long().cpu()
+        mask = selected_token_mask.bool().cpu()
+        if int(mask.sum()) != vd or not bool(mask[ids].all()):
+            raise ValueError("selected_token_mask must be True exactly at the selected_token_ids")
+        self.d2t.copy_(ids - torch.arange(vd))
+        self.t2d.copy_(mask)
+
+    def selected_token_ids(self) -> torch.Tensor:
+        """Draft index -> target id, int64 [Vd]."""
+        return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
+
+    def project_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """g_0 = fc(A) for the aux hidden states A [B,S,3H] (per-chunk `fc_norm` first when enabled)."""
+        x = hidden_states.to(self.fc.weight.dtype)
+        if self.config.fc_norm:
+            x = torch.cat(
+                [norm(c) for norm, c in zip(self.fc_norm, x.chunk(len(self.fc_norm), -1), strict=True)], -1
+            )
+        return self.fc(x)
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab logits [B,S,Vd] of a raw layer output h."""
+        return self.lm_head(self.norm(h))
+
+    def unroll(
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        ttt_steps: int,
+        position_ids: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield logits_k [B,S,Vd] for k = 0..ttt_steps-1 (lets a loss consume each step as it comes).
+
+        `input_ids` are the service's already-shifted ids (slot t holds token t+1); `attention_mask`
+        is unshifted and fixed across steps. With `position_ids` / `seq_lens` the batch is packed:
+        RoPE uses position_ids + k and attention is block-causal per document.
+        """
+        if ttt_steps < 1:
+            raise ValueError(f"ttt_steps={ttt_steps} must be >= 1")
+        bsz, seq_len = input_ids.shape
+        if position_ids is None:
+            positions = torch.arange(seq_len, device=input_ids.device).expand(bsz, seq_len)
+        else:
+            positions = position_ids.long()
+        allowed = attention_allowed(attention_mask, document_ids(seq_len, position_ids, seq_lens))
+        g = self.project_hidden_states(hidden_states)
+        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        ids = input_ids
+        for k in range(ttt_steps):
+            cos, sin = rope_cos_sin(self.inv_freq, positions + k, g.dtype)
+            emb = self.embed_tokens(ids).to(g.dtype)
+            h = self.midlayer(emb, g, cos, sin, allowed, cache)
+            normed = self.norm(h)
+            yield self.lm_head(normed)
+            if k + 1 < ttt_steps:
+                g = normed if self.config.norm_output else h
+                ids = shift_left(ids)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        ttt_steps: int,
+        position_ids: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The TTT unroll's per-step logits as a list (see `unroll`)."""
+        return list(self.unroll(hidden_states, input_ids, attention_mask, ttt_steps, position_ids, seq_lens))
