@@ -22,6 +22,7 @@ from draftfeed.client.encodings import (
     encoded_nbytes,
     fidelity,
     latent_target_probs,
+    supported_encodings,
 )
 from draftfeed.client.layers import default_eagle3_layer_ids
 
@@ -179,7 +180,12 @@ def run_encoding_bench(
     rows = []
     for field, (kind, names) in _CASES.items():
         for name in names:
-            rows.append(_bench_one(field, kind, name, tensors[field], layers, devices, repeats, tokens))
+            if name.startswith("zstd") and not any(n.startswith("zstd") for n in supported_encodings()[kind]):
+                continue  # zstandard is not installed here
+            valid = attention_mask if field == "aux_hidden_states" else tensors["loss_mask"]
+            rows.append(
+                _bench_one(field, kind, name, tensors[field], valid, layers, devices, repeats, tokens)
+            )
     for name in _LATENT:
         rows.append(_bench_latent(name, tensors, lm_head_rows, softcap, devices, repeats, tokens))
 
@@ -205,7 +211,8 @@ def run_encoding_bench(
     return result
 
 
-def _bench_one(field, kind, name, ref, layers, devices, repeats, tokens) -> dict:
+def _bench_one(field, kind, name, ref, valid, layers, devices, repeats, tokens) -> dict:
+    """One tensor, one encoding; fidelity over the `valid` [B,S] rows (real or supervised tokens)."""
     row = {"tensor": field, "encoding": name}
     nbytes = ref.numel() * ref.element_size()
     for device in devices:
@@ -218,9 +225,15 @@ def _bench_one(field, kind, name, ref, layers, devices, repeats, tokens) -> dict
         row[f"dec_GBps_{device.type}"] = nbytes / t_dec / 1e9
         if device.type == "cpu":
             row["bytes_per_token"] = encoded_nbytes(enc) / tokens
+            valid = valid.cpu().bool()
             if field == "aux_hidden_states":  # per (token, layer) rows: an outlier layer hides nothing
                 split = (*ref.shape[:-1], layers, ref.shape[-1] // layers)
-                row["fidelity"] = fidelity(ref.reshape(split), dec.cpu().reshape(split), kind)
+                per_layer = valid.unsqueeze(-1).expand(*valid.shape, layers)
+                row["fidelity"] = fidelity(
+                    ref.cpu().reshape(split), dec.cpu().reshape(split), kind, per_layer
+                )
+            elif kind in ("hidden", "probs"):
+                row["fidelity"] = fidelity(ref.cpu(), dec.cpu(), kind, valid)
             else:
                 row["fidelity"] = fidelity(ref.cpu(), dec.cpu(), kind)
     return row
@@ -243,7 +256,9 @@ def _bench_latent(name, tensors, lm_head_rows, softcap, devices, repeats, tokens
         row[f"dec_us_per_token_{device.type}"] = t_dec / tokens * 1e6
         if device.type == "cpu":
             row["bytes_per_token"] = encoded_nbytes(enc) / tokens
-            row["fidelity"] = fidelity(ref_probs.cpu(), probs, "probs")
+            row["fidelity"] = fidelity(
+                ref_probs.cpu(), probs.cpu(), "probs", tensors["loss_mask"].cpu().bool()
+            )
     return row
 
 
@@ -257,7 +272,9 @@ def _markdown(model, tokens, draft_vocab, devices, result) -> str:
         "",
         f"- model dtype {dtype}, hidden size {cfg.hidden_size}, vocab {cfg.vocab_size}, draft vocab {draft_vocab}",
         f"- {tokens} tokens; devices: {', '.join(d.type for d in devices)} (GPU: {gpu}); torch {torch.__version__}",
-        "- hidden-state fidelity is per row; for aux_hidden_states a row is one token of one layer [H].",
+        "- fidelity over supervised positions (shifted loss mask; attention mask for aux hidden states);",
+        "  hidden-state errors are per row, and for aux_hidden_states a row is one token of one layer [H]:",
+        "  `fp8` scales each token's [3H] row once, `fp8/layer` encodes aux as [B,S,3,H] (a scale per layer).",
         "- GB/s = bytes of the original tensor / best-of-N wall time (encode includes the NaN/inf check);",
         "  latent decode = fp8/bf16 decode + `latent_target_probs`, rated on the fp32 target_probs it rebuilds.",
         "",

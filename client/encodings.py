@@ -22,13 +22,14 @@ a codec: the server ships the final-norm hidden state (with a `hidden` encoding)
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import zstandard
 
 from .errors import InvalidArgument
 
@@ -135,17 +136,30 @@ def _decode_bits(enc: Encoded, device=None) -> torch.Tensor:
 
 
 def _encode_narrow(t: torch.Tensor) -> Encoded:
+    """A plain cast when the values fit the dtype; else, when only their span fits, `x - base + min`
+    (`base` = the smallest value, in `info`), e.g. ids of a 49k vocab in int16."""
     info = _base_info(t, "narrow")
+    info["base"] = None
     if t.dtype == torch.bool or t.numel() == 0:
-        wire = torch.bool if t.dtype == torch.bool else torch.uint8
-    else:
-        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device sync
-        wire = _smallest_int_dtype(lo, hi)
-    return Encoded({"data": t.to(wire).contiguous()}, info)
+        return Encoded(
+            {"data": t.to(torch.bool if t.dtype == torch.bool else torch.uint8).contiguous()}, info
+        )
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device sync
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        bounds = torch.iinfo(dtype)
+        if bounds.min <= lo and hi <= bounds.max:
+            return Encoded({"data": t.to(dtype).contiguous()}, info)
+        if hi - lo <= bounds.max - bounds.min:
+            info["base"] = lo
+            shifted = (t.long() - lo).add_(bounds.min)  # x - lo is in [0, span]: no overflow
+            return Encoded({"data": shifted.to(dtype).contiguous()}, info)
+    return Encoded({"data": t.to(torch.int64).contiguous()}, info)
 
 
 def _decode_narrow(enc: Encoded, device=None) -> torch.Tensor:
     data = enc.parts["data"].to(device)
+    if enc.info.get("base") is not None:
+        data = (data.long() - torch.iinfo(data.dtype).min).add_(enc.info["base"])
     return data.to(_dtype_from_name(enc.info["dtype"])).reshape(enc.info["shape"])
 
 
@@ -163,10 +177,10 @@ def _encode_fp8(t: torch.Tensor) -> Encoded:
     else:
         finite = x.isfinite()
         amax = torch.where(finite, x.abs(), 0.0).amax(-1)  # inf/NaN (when allowed) do not set the scale
-        scale = amax / FP8_MAX
+        scale = amax * (1.0 / FP8_MAX)  # a multiply rounds the same on every device; CUDA's `/ 448` does not
         scale = torch.where(scale > 0, scale, 1.0)  # all-zero rows (and fp32 underflow) get scale 1
         q = (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return Encoded({"data": q.reshape(shape), "scale": scale}, _base_info(t, "fp8"))
+    return Encoded({"data": q.reshape(shape).contiguous(), "scale": scale}, _base_info(t, "fp8"))
 
 
 def _decode_fp8(enc: Encoded, device=None) -> torch.Tensor:
@@ -234,7 +248,7 @@ def _decode_topk(enc: Encoded, device=None) -> torch.Tensor:
 def _encode_zstd(t: torch.Tensor, level: int = 1) -> Encoded:
     x = t.detach().cpu().contiguous().reshape(-1)
     planes = x.view(torch.uint8).reshape(-1, t.element_size())
-    compressor = zstandard.ZstdCompressor(level=level)
+    compressor = importlib.import_module("zstandard").ZstdCompressor(level=level)
     parts = {}
     for i in range(planes.shape[1]):
         blob = compressor.compress(planes[:, i].contiguous().numpy())
@@ -247,7 +261,7 @@ def _encode_zstd(t: torch.Tensor, level: int = 1) -> Encoded:
 def _decode_zstd(enc: Encoded, device=None) -> torch.Tensor:
     dtype, shape = _dtype_from_name(enc.info["dtype"]), enc.info["shape"]
     n = math.prod(shape)
-    decompressor = zstandard.ZstdDecompressor()
+    decompressor = importlib.import_module("zstandard").ZstdDecompressor()
     planes = []
     for i in range(enc.info["planes"]):
         blob = enc.parts[f"plane{i}"].cpu().contiguous().numpy()
@@ -286,6 +300,10 @@ class Codec:
     param: str | None = None  # name of the integer parameter after ':'
     default: int | None = None  # None with a param: the parameter is required
     param_range: tuple[int, int] = (1, 2**31 - 1)
+    requires: str | None = None  # a Python package it needs; offered only where it is installed
+
+    def available(self) -> bool:
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
 
     def spelling(self, name: str) -> str:
         if self.param is None:
@@ -304,7 +322,7 @@ CODECS: dict[str, Codec] = {
     "topk": Codec(_encode_topk, _decode_topk, ("probs",), False, _floating, "float32/float16/bfloat16", "k"),
     "zstd": Codec(
         _encode_zstd, _decode_zstd, ("hidden", "probs"), True, _floating, "float32/float16/bfloat16",
-        "level", 1, (1, 22),
+        "level", 1, (1, 22), "zstandard",
     ),
 }  # fmt: skip
 SUPERVISION_MODES = {"latent": ("probs",)}  # negotiated like an encoding, but no per-tensor codec
@@ -312,7 +330,10 @@ SUPERVISION_MODES = {"latent": ("probs",)}  # negotiated like an encoding, but n
 
 def supported_encodings() -> dict[str, list[str]]:
     """Per tensor kind, the encoding names a session may ask for (`topk:K` takes an integer K)."""
-    out = {kind: [c.spelling(n) for n, c in CODECS.items() if kind in c.kinds] for kind in KINDS}
+    out = {
+        kind: [c.spelling(n) for n, c in CODECS.items() if kind in c.kinds and c.available()]
+        for kind in KINDS
+    }
     for name, kinds in SUPERVISION_MODES.items():
         for kind in kinds:
             out[kind].append(name)
@@ -405,6 +426,11 @@ def get_encoding(name: str, kind: str) -> Encoding:
     if kind not in kinds:
         raise InvalidArgument(
             f"encoding {name!r} is not supported for tensor kind '{kind}'; supported: {supported}"
+        )
+    if base in CODECS and not CODECS[base].available():
+        raise InvalidArgument(
+            f"encoding {name!r} needs the Python package '{CODECS[base].requires}', which is not installed "
+            f"here; supported for tensor kind '{kind}': {supported}"
         )
     return Encoding(canonical, kind, base, params)
 
@@ -567,18 +593,31 @@ _FIDELITY = {
 }
 
 
-def fidelity(reference: torch.Tensor, decoded: torch.Tensor, kind: str) -> dict:
+def fidelity(
+    reference: torch.Tensor, decoded: torch.Tensor, kind: str, rows: torch.Tensor | None = None
+) -> dict:
     """How close `decoded` is to `reference`, as a flat dict of floats (keys depend on `kind`).
 
     hidden: max/mean relative error per row (||x-y|| / ||x||), min cosine, max abs error.
     probs: KL(p||q) mean/max (residual mass spread uniformly over q's zeros), retained mass of p on
     q's support (min/mean), top-1 agreement, max abs error, max |sum(q) - 1|.
     mask/ids: fraction of equal elements, and whether dtype, shape and values are all exact.
+    `rows` (hidden/probs): a bool tensor over the leading dims selecting the rows that count, e.g.
+    the supervised positions (the shifted tail row of target_probs is uniform by construction).
     """
     if kind not in _FIDELITY:
         raise InvalidArgument(f"unknown tensor kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if kind in ("hidden", "probs") and list(reference.shape) != list(decoded.shape):
-        raise InvalidArgument(
-            f"fidelity: decoded shape {list(decoded.shape)} differs from reference {list(reference.shape)}"
-        )
+    if kind in ("hidden", "probs"):
+        if list(reference.shape) != list(decoded.shape):
+            raise InvalidArgument(
+                f"fidelity: decoded shape {list(decoded.shape)} differs from reference {list(reference.shape)}"
+            )
+        if rows is not None:
+            if list(rows.shape) != list(reference.shape[:-1]):
+                raise InvalidArgument(
+                    f"fidelity: rows has shape {list(rows.shape)}; expected the leading dims "
+                    f"{list(reference.shape[:-1])} of the reference"
+                )
+            keep = rows.to(reference.device).bool()
+            reference, decoded = reference[keep], decoded.to(reference.device)[keep]
     return _FIDELITY[kind](reference, decoded)
