@@ -487,6 +487,7 @@ def test_export_load_dflash_identical(target, tmp_path):
         "block_size": 4,
     }
     assert cfg["layer_types"] == ["full_attention"] * 2 and cfg["tie_word_embeddings"] is False
+    assert cfg["dtype"] == cfg["torch_dtype"] == "float32"
     assert Qwen3Config.from_pretrained(tmp_path).num_hidden_layers == 2  # a Qwen3 config to HF
     from safetensors.torch import load_file
 
@@ -519,6 +520,7 @@ def test_export_load_dspark_identical(target, tmp_path):
         confidence_head_with_markov=True, final_logit_softcapping=20.0,
     )  # fmt: skip
     assert {k: cfg[k] for k in expected} == expected
+    assert cfg["dtype"] == "bfloat16"
     from safetensors.torch import load_file
 
     tensors = load_file(tmp_path / "model.safetensors")
@@ -546,3 +548,38 @@ def test_export_load_dspark_identical(target, tmp_path):
         dspark.propose_block(bf16, feats[:, :7], ids[:, 7]),
     )
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.confidence, b.confidence)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_cuda_training_matches_inference_and_trains(target):
+    torch.manual_seed(13)
+    gpu_target = AutoModelForCausalLM.from_config(tiny_qwen3_config(initializer_range=0.2)).cuda().eval()
+    draft = make_dspark(gpu_target, block_size=7).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 47, (2, 40), device="cuda")
+    feats, last = features(gpu_target, ids)
+    feats, last = feats.to(torch.bfloat16), last.to(torch.bfloat16)
+    anchors = torch.tensor([[3, 17, 30], [0, 12, 25]], device="cuda")
+    blocks = Blocks(
+        anchors,
+        torch.ones(2, 3, dtype=torch.bool, device="cuda"),
+        7,
+        torch.arange(40, device="cuda").expand(2, 40),
+    )
+    with torch.no_grad():
+        trained = block_hidden(draft, feats, ids, blocks).float()
+        for b in range(2):
+            for i, a in enumerate(anchors[b].tolist()):
+                inferred = run_block(draft, feats[b : b + 1, :a], ids[b : b + 1, a])[0].float()
+                assert torch.allclose(trained[b, i], inferred, atol=0.05, rtol=0.05), (b, a)
+    batch = DSparkTargetBatch(
+        target_hidden_states=feats,
+        target_last_hidden_states=last,
+        input_ids=ids,
+        loss_mask=torch.ones_like(ids),
+    )
+    out = dspark_loss(draft, batch, num_anchors=16, chunk_rows=32)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(
+        torch.isfinite(p.grad).all() for p in draft.parameters() if p.requires_grad and p.grad is not None
+    )

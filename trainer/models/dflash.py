@@ -455,8 +455,8 @@ def _write(model: nn.Module, config_dict: dict, out_dir: str | Path, dtype: torc
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         tensors[k] = v.cpu().contiguous().clone()
-    if dtype is not None:
-        config_dict["torch_dtype"] = config_dict["dtype"] = str(dtype).removeprefix("torch.")
+    saved = dtype or next(v.dtype for v in tensors.values() if v.is_floating_point())
+    config_dict["torch_dtype"] = config_dict["dtype"] = str(saved).removeprefix("torch.")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     return out
