@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+)
 
 from draftfeed.client.errors import FailedPrecondition, InvalidArgument
 
@@ -227,8 +233,6 @@ def _remove_stale_partials(root: Path) -> None:
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize the GGUF into a fresh float32 LlamaForCausalLM and save it with its tokenizer."""
-    from transformers import LlamaForCausalLM
-
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if not isinstance(loaded, LlamaForCausalLM):
         raise FailedPrecondition(f"{gguf} loaded as {type(loaded).__name__}, expected LlamaForCausalLM")
