@@ -170,16 +170,15 @@ def _encode_fp8(t: torch.Tensor) -> Encoded:
     shape = list(t.shape)
     rows = _rows(shape)
     width = shape[-1] if shape else 1
-    x = t.reshape(rows, width).float()
+    x = t.reshape(rows, width)
     if x.numel() == 0:
         scale = torch.ones(rows, dtype=torch.float32, device=t.device)
         q = torch.empty(rows, width, dtype=torch.float8_e4m3fn, device=t.device)
-    else:
-        finite = x.isfinite()
-        amax = torch.where(finite, x.abs(), 0.0).amax(-1)  # inf/NaN (when allowed) do not set the scale
+    else:  # inf/NaN (when allowed) do not set the scale; inf then saturates, NaN stays NaN
+        amax = torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0).amax(-1).float()
         scale = amax * (1.0 / FP8_MAX)  # a multiply rounds the same on every device; CUDA's `/ 448` does not
         scale = torch.where(scale > 0, scale, 1.0)  # all-zero rows (and fp32 underflow) get scale 1
-        q = (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        q = torch.div(x, scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # fp32 math
     return Encoded({"data": q.reshape(shape).contiguous(), "scale": scale}, _base_info(t, "fp8"))
 
 
@@ -372,8 +371,8 @@ class Encoding:
             )
         t = t.detach()
         if not codec.exact and not allow_nonfinite and t.is_floating_point() and t.numel():
-            bad = int((~t.isfinite()).sum().item())
-            if bad:
+            if not bool(t.isfinite().all()):  # one device sync
+                bad = int((~t.isfinite()).sum())
                 raise InvalidArgument(
                     f"encoding '{self.name}' refuses non-finite values: this '{self.kind}' tensor of shape "
                     f"{list(t.shape)} holds {bad} NaN/inf value(s) out of {t.numel()}; pass "
