@@ -6,6 +6,7 @@ raises; it never uses `output_hidden_states=True`, which keeps all N layer outpu
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -133,24 +134,30 @@ def _first(x):
 def _hooks(
     layout: TargetLayout, layer_ids: Iterable[int], want_first_input: bool, want_final: bool, out: Captured
 ):
+    # Hooks live on the shared modules; a forward of the same model in another thread (an
+    # in-process backend next to a server) must not write into this capture.
+    me = threading.get_ident()
     handles = []
     try:
         for i in sorted(set(layer_ids)):
 
             def keep(_mod, _args, output, i=i):
-                out.layers[i] = _first(output)
+                if threading.get_ident() == me:
+                    out.layers[i] = _first(output)
 
             handles.append(layout.layers[i].register_forward_hook(keep))
         if want_first_input:
 
             def keep_input(_mod, args, kwargs):
-                out.first_input = args[0] if args else kwargs["hidden_states"]
+                if threading.get_ident() == me:
+                    out.first_input = args[0] if args else kwargs["hidden_states"]
 
             handles.append(layout.layers[0].register_forward_pre_hook(keep_input, with_kwargs=True))
         if want_final:
 
             def keep_final(_mod, _args, output):
-                out.final = _first(output)
+                if threading.get_ident() == me:
+                    out.final = _first(output)
 
             handles.append(layout.final_norm.register_forward_hook(keep_final))
         yield out

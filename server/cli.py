@@ -13,7 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the built-in default target and show what each algorithm gets")
-    demo.add_argument("--model", default=None, help="local HF checkpoint (default: built-in SmolLM2-135M-Instruct)")
+    demo.add_argument(
+        "--model", default=None, help="local HF checkpoint (default: built-in SmolLM2-135M-Instruct)"
+    )
     demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     return p
 

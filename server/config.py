@@ -23,6 +23,8 @@ class ServeConfig:
     max_chunk_bytes: int = 1 << 20
     max_batch_tokens: int = 16384
     max_queue: int = 256
+    max_queued_per_session: int = 32
+    grpc_workers: int = 32
     grace_seconds: float = 30.0
 
     def __post_init__(self):

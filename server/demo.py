@@ -14,7 +14,10 @@ from .loading import load_target, load_tokenizer
 __all__ = ["DEMO_PROMPTS", "chat_batch", "run_inprocess_demo"]
 
 DEMO_PROMPTS = [
-    ("What is speculative decoding?", "A small draft model proposes tokens and the large model verifies them."),
+    (
+        "What is speculative decoding?",
+        "A small draft model proposes tokens and the large model verifies them.",
+    ),
     ("Write a haiku about GPUs.", "Silicon rivers / thousands of cores hum at once / matrices bloom bright."),
     ("Name three prime numbers.", "Two, three and five are prime numbers."),
     ("How do I reverse a list in Python?", "Use `my_list[::-1]` for a copy or `my_list.reverse()` in place."),
@@ -25,7 +28,9 @@ def chat_batch(tokenizer, prompts=DEMO_PROMPTS) -> dict[str, torch.Tensor]:
     """Right-padded token batch of chats, with the loss mask on the assistant replies."""
     rows, masks = [], []
     for user, reply in prompts:
-        prefix = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+        prefix = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True
+        )
         full = tokenizer.apply_chat_template(
             [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         )
@@ -49,11 +54,18 @@ def run_inprocess_demo(model_path: str | None, device: str, draft_vocab: int = 8
     model = load_target(model_path, device=device, dtype="bfloat16" if device.startswith("cuda") else None)
     batch = chat_batch(tokenizer)
     b, s = batch["input_ids"].shape
-    print(f"target: {type(model).__name__}, {model.config.num_hidden_layers} layers, dtype {model.dtype}, {device}")
+    print(
+        f"target: {type(model).__name__}, {model.config.num_hidden_layers} layers, dtype {model.dtype}, {device}"
+    )
     print(f"batch: {b} chats x {s} tokens, {int(batch['loss_mask'].sum())} supervised tokens")
     counter = TokenCounter(model.get_output_embeddings().weight.shape[0])
     counter.update(batch["input_ids"], batch["loss_mask"])
-    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
+    specials = [
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.unk_token_id,
+    ]
     eagle = HFEagle3TargetModel(model)
     eagle.set_vocab_mapping(*build_token_map(counter.counts, draft_vocab, specials))
     backends = {
@@ -69,5 +81,7 @@ def run_inprocess_demo(model_path: str | None, device: str, draft_vocab: int = 8
             torch.cuda.synchronize()
         ms = (time.perf_counter() - start) * 1e3
         ids = getattr(backend, "aux_layer_ids", None) or backend.target_layer_ids
-        shapes = ", ".join(f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in out.tensors().items())
+        shapes = ", ".join(
+            f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in out.tensors().items()
+        )
         print(f"{name:7s} layers {ids}: {ms:7.1f} ms ({b * s / ms * 1e3:,.0f} tok/s)\n        {shapes}")

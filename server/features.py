@@ -91,12 +91,16 @@ class Eagle3Features:
     aux_layer_ids: list[int]
     mapping: VocabMapping | None = None
     require_mapping: bool = False
+    latent: bool = False  # ship the shifted final-norm state instead of target_probs (client recomputes)
 
     @property
     def needs(self) -> Needs:
-        return Needs(layers=frozenset(self.aux_layer_ids), logits=True)
+        return Needs(layers=frozenset(self.aux_layer_ids), final=self.latent, logits=True)
 
     def build(self, cap: Captured, tb: TokenBatch) -> Eagle3TargetBatch:
+        return Eagle3TargetBatch(**self.fields(cap, tb))
+
+    def fields(self, cap: Captured, tb: TokenBatch) -> dict[str, torch.Tensor]:
         if self.mapping is None and self.require_mapping:
             raise FailedPrecondition(
                 "generate_batch was called before set_vocab_mapping on a backend that projects onto a draft vocab; "
@@ -111,9 +115,12 @@ class Eagle3Features:
             **tb.packing(),
         )
         if self.mapping is None:
-            return Eagle3TargetBatch(logits=shift_left(cap.logits), **common)
+            return {**common, "logits": shift_left(cap.logits)}
+        if self.latent:
+            pmask = draft_position_mask(cap.logits, tb.loss_mask, self.mapping)
+            return {**common, "final_hidden": shift_left(cap.final), "position_mask": pmask}
         probs, pmask = draft_supervision(cap.logits, tb.loss_mask, self.mapping)
-        return Eagle3TargetBatch(target_probs=probs, position_mask=pmask, **common)
+        return {**common, "target_probs": probs, "position_mask": pmask}
 
 
 def draft_supervision(
@@ -123,14 +130,20 @@ def draft_supervision(
     the shifted [B,S,V] logits: project the unshifted logits, shift the small results, and give the
     zero-logit tail row what the shifted reference gives it."""
     ids = mapping.selected_token_ids.to(logits.device)
-    mask = mapping.selected_token_mask.to(logits.device)
     probs = torch.softmax(logits[..., ids].float(), dim=-1)
     tail = torch.softmax(torch.zeros_like(logits[:, :1, :1]).expand(-1, -1, len(ids)).float(), dim=-1)
     probs = torch.cat([probs[:, 1:], tail], dim=1)
+    return probs, draft_position_mask(logits, loss_mask, mapping)
+
+
+def draft_position_mask(logits: torch.Tensor, loss_mask: torch.Tensor, mapping: VocabMapping) -> torch.Tensor:
+    """Shifted `position_mask` [B,S,1]: the full-vocab argmax of the next position is a draft token
+    and the next position is supervised (the zero-logit tail row argmaxes to id 0)."""
+    mask = mapping.selected_token_mask.to(logits.device)
     hit = mask[logits.argmax(dim=-1)]
     tail_hit = mask[torch.zeros_like(hit[:, :1], dtype=torch.long)]
     pmask = torch.cat([hit[:, 1:], tail_hit], dim=1) & shift_left(loss_mask).bool()
-    return probs, pmask.unsqueeze(-1)
+    return pmask.unsqueeze(-1)
 
 
 @dataclass
@@ -145,14 +158,19 @@ class DFlashFeatures:
         return Needs(layers=frozenset(self.target_layer_ids), logits=self.capture_logits)
 
     def build(self, cap: Captured, tb: TokenBatch) -> DFlashTargetBatch:
-        return DFlashTargetBatch(
+        return DFlashTargetBatch(**self.fields(cap, tb))
+
+    def fields(self, cap: Captured, tb: TokenBatch) -> dict[str, torch.Tensor]:
+        out = dict(
             hidden_states=_concat(cap, self.target_layer_ids),
             input_ids=tb.input_ids,
             attention_mask=tb.attention_mask,
             loss_mask=tb.loss_mask,
-            logits=cap.logits if self.capture_logits else None,
             **tb.packing(),
         )
+        if self.capture_logits:
+            out["logits"] = cap.logits
+        return out
 
 
 @dataclass
@@ -172,7 +190,10 @@ class DSparkFeatures:
         return Needs(layers=self._layers, first_input=-1 in self.target_layer_ids, final=True)
 
     def build(self, cap: Captured, tb: TokenBatch) -> DSparkTargetBatch:
-        return DSparkTargetBatch(
+        return DSparkTargetBatch(**self.fields(cap, tb))
+
+    def fields(self, cap: Captured, tb: TokenBatch) -> dict[str, torch.Tensor]:
+        return dict(
             target_hidden_states=_concat(cap, self.target_layer_ids, self.num_layers),
             target_last_hidden_states=cap.final,
             input_ids=tb.input_ids,

@@ -1,0 +1,468 @@
+"""Remote target backends: the same interfaces as the in-process ones, served over gRPC.
+
+`RemoteEagle3TargetModel.from_urls(["grpc://gpu-box:50051"], device="cuda")` checks the server's
+model info against what it was asked for, opens a session per server and remembers the session's
+state, so a server that restarted (NOT_FOUND) gets the session re-opened and the request retried
+once. UNAVAILABLE is retried with backoff and then failed over to the next server; every other
+error (INVALID_ARGUMENT above all) is raised as is. Several URLs are used round-robin, and a dead
+server is skipped with a warning. `generate_batch_async` keeps up to `max_in_flight` requests in
+flight over one bidirectional stream per server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+
+import grpc
+import torch
+from torch import nn
+
+from .backend import DFlashTargetBackend, DSparkTargetBackend, Eagle3TargetBackend
+from .batches import DFlashTargetBatch, DSparkTargetBatch, Eagle3TargetBatch
+from .encodings import latent_target_probs
+from .errors import DraftfeedError, InvalidArgument, NotFound, Unavailable, error_for_code
+from .layers import LAYER_IDS
+from .payload import decode_fields, resolve_encodings
+from .pb import draftfeed_pb2 as pb
+from .wire import ReplyAssembler, TargetStub, grpc_options, tensor_to_proto
+
+__all__ = ["RemoteEagle3TargetModel", "RemoteDFlashTargetModel", "RemoteDSparkTargetModel", "parse_url"]
+
+log = logging.getLogger("draftfeed.client")
+
+_BATCHES = {"eagle3": Eagle3TargetBatch, "dflash": DFlashTargetBatch, "dspark": DSparkTargetBatch}
+_INPUTS = ("input_ids", "attention_mask", "loss_mask", "position_ids", "seq_lens", "doc_remaining")
+_BACKOFF_S = (0.5, 1.0, 2.0)
+
+
+def parse_url(url: str) -> str:
+    """`grpc://host:port` (or `host:port`) -> the gRPC target `host:port`."""
+    target = url.removeprefix("grpc://")
+    if "://" in target:
+        raise InvalidArgument(f"server URL {url!r}: only grpc://HOST:PORT is supported here")
+    if not target or ":" not in target:
+        raise InvalidArgument(f"server URL {url!r} has no port; expected grpc://HOST:PORT")
+    return target
+
+
+def _raise(err: grpc.RpcError) -> DraftfeedError:
+    return error_for_code(err.code(), err.details() or str(err.code()))
+
+
+class _Server:
+    """One server: its channel, its model info, and this client's session on it."""
+
+    def __init__(self, url: str, timeout: float):
+        self.url = url
+        self.channel = grpc.insecure_channel(parse_url(url), options=grpc_options())
+        self.stub = TargetStub(self.channel)
+        self.timeout = timeout
+        self.info: pb.ModelInfo = self.call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
+        self.session_id: str | None = None
+        self.stream: _Stream | None = None
+
+    def call(self, method, request, timeout=None):
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise _raise(err) from None
+
+    def close(self):
+        if self.stream is not None:
+            self.stream.close()
+        self.channel.close()
+
+
+class _RemoteTarget:
+    algorithm: str
+
+    def __init__(
+        self,
+        urls: list[str] | str,
+        *,
+        device: str | torch.device = "cpu",
+        layer_ids: list[int] | None = None,
+        job_name: str = "",
+        encodings: dict[str, str] | None = None,
+        capture_logits: bool = False,
+        weight: float = 1.0,
+        timeout: float = 120.0,
+        max_in_flight: int = 2,
+        cache_dir: str | Path | None = "~/.cache/draftfeed/weights",
+    ):
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        if not urls:
+            raise InvalidArgument("from_urls needs at least one server URL (grpc://HOST:PORT)")
+        self.device = torch.device(device)
+        self.job_name = job_name
+        self.encodings = resolve_encodings(encodings)
+        self.capture_logits = capture_logits
+        self.weight = weight
+        self.timeout = timeout
+        self.max_in_flight = max(1, max_in_flight)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self._mapping: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._weights: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.servers: list[_Server] = []
+        for url in urls:
+            try:
+                self.servers.append(_Server(url, timeout))
+            except Unavailable as err:
+                warnings.warn(f"draftfeed: skipping server {url}: {err}", stacklevel=3)
+        if not self.servers:
+            raise Unavailable(f"none of the target servers answered: {', '.join(urls)}")
+        self.info = self.servers[0].info
+        self._check_info(layer_ids)
+        self._turn = itertools.cycle(range(len(self.servers)))
+        for server in self.servers:
+            self._open(server)
+
+    @classmethod
+    def from_urls(cls, urls, device="cpu", **kwargs):
+        return cls(urls, device=device, **kwargs)
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _check_info(self, layer_ids):
+        info = self.info
+        for s in self.servers[1:]:
+            if s.info.fingerprint != info.fingerprint:
+                raise InvalidArgument(
+                    f"servers serve different targets: {self.servers[0].url} has fingerprint {info.fingerprint}, "
+                    f"{s.url} has {s.info.fingerprint}; point one job at servers of the same model"
+                )
+        if self.algorithm not in info.algorithms:
+            raise InvalidArgument(
+                f"server {self.servers[0].url} does not serve {self.algorithm} (it serves {', '.join(info.algorithms)})"
+            )
+        offered = set(info.encodings)
+        for kind, name in self.encodings.items():
+            if f"{kind}/{name.split(':')[0]}" not in {e.split(":")[0] for e in offered} and name != "raw":
+                raise InvalidArgument(
+                    f"server does not offer encoding {name!r} for {kind}; it offers {sorted(offered)}"
+                )
+        n = info.num_hidden_layers
+        default, validate = LAYER_IDS[self.algorithm]
+        self.layer_ids = validate(layer_ids, n) if layer_ids else None
+
+    def _open(self, server: _Server) -> None:
+        req = pb.OpenSessionRequest(
+            algorithm=self.algorithm,
+            layer_ids=self.layer_ids or [],
+            job_name=self.job_name,
+            capture_logits=self.capture_logits,
+            encodings=self.encodings,
+            weight=self.weight,
+        )
+        if self._mapping is not None:
+            req.selected_token_ids.CopyFrom(tensor_to_proto(self._mapping[0]))
+            req.selected_token_mask.CopyFrom(tensor_to_proto(self._mapping[1]))
+        resp = server.call(server.stub.OpenSession, req)
+        server.session_id = resp.session_id
+        self.layer_ids = list(resp.layer_ids)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _request(self, server: _Server, inputs: dict[str, torch.Tensor | None]) -> pb.GenerateRequest:
+        req = pb.GenerateRequest(session_id=server.session_id, request_id=next(self._ids))
+        for name in _INPUTS:
+            t = inputs.get(name)
+            if t is not None:
+                getattr(req, name).CopyFrom(tensor_to_proto(t.detach().cpu()))
+        return req
+
+    def _with_retries(self, fn):
+        """Run `fn(server)`: re-open the session once on NOT_FOUND, back off and fail over on UNAVAILABLE."""
+        last = None
+        for attempt in range(len(_BACKOFF_S) + 1):
+            server = self.servers[next(self._turn)]
+            reopened = False
+            while True:
+                try:
+                    return fn(server)
+                except NotFound:
+                    if reopened:
+                        raise
+                    log.warning("session unknown on %s (server restarted?): re-opening it", server.url)
+                    self._open(server)
+                    reopened = True
+                except Unavailable as err:
+                    last = err
+                    break
+            if attempt < len(_BACKOFF_S):
+                log.warning("%s unavailable (%s); retrying in %.1f s", server.url, last, _BACKOFF_S[attempt])
+                time.sleep(_BACKOFF_S[attempt])
+        raise last
+
+    def _generate_on(self, server: _Server, inputs) -> object:
+        req = self._request(server, inputs)
+        assembler = ReplyAssembler()
+        try:
+            frames = server.stub.Generate(req, timeout=self.timeout)
+            replies = list(assembler.replies(frames))
+        except grpc.RpcError as err:
+            raise _raise(err) from None
+        return self._batch(replies[0])
+
+    def _batch(self, reply):
+        fields = decode_fields(reply.tensors, reply.meta["fields"], self.device)
+        if "final_hidden" in fields:  # latent EAGLE-3 supervision: rebuild target_probs here
+            h = fields.pop("final_hidden")
+            fields["target_probs"] = latent_target_probs(
+                h, self._lm_head_rows().to(self.device), final_logit_softcapping=self._softcap()
+            )
+        return _BATCHES[self.algorithm](**fields)
+
+    def _softcap(self):
+        return self.info.final_logit_softcapping if self.info.HasField("final_logit_softcapping") else None
+
+    def generate_batch(
+        self, input_ids, attention_mask, loss_mask, position_ids=None, seq_lens=None, doc_remaining=None
+    ):
+        inputs = dict(
+            zip(
+                _INPUTS,
+                (input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining),
+                strict=True,
+            )
+        )
+        return self._with_retries(lambda server: self._generate_on(server, inputs))
+
+    @property
+    def supports_async(self) -> bool:
+        return True
+
+    def generate_batch_async(
+        self, input_ids, attention_mask, loss_mask, position_ids=None, seq_lens=None, doc_remaining=None
+    ) -> Future:
+        inputs = dict(
+            zip(
+                _INPUTS,
+                (input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining),
+                strict=True,
+            )
+        )
+        server = self.servers[next(self._turn)]
+        with self._lock:
+            if server.stream is None or server.stream.broken:
+                server.stream = _Stream(self, server)
+        return server.stream.submit(inputs)
+
+    @property
+    def num_remote_servers(self) -> int:
+        return len(self.servers)
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def _weight(self, name: str) -> torch.Tensor:
+        with self._lock:
+            if name in self._weights:
+                return self._weights[name]
+            path = self.cache_dir / self.info.fingerprint / f"{name}.pt" if self.cache_dir else None
+            if path is not None and path.is_file():
+                w = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                server = self.servers[0]
+                try:
+                    frames = server.stub.StreamWeights(
+                        pb.StreamWeightsRequest(name=name), timeout=self.timeout * 10
+                    )
+                    (reply,) = list(ReplyAssembler().replies(frames))
+                except grpc.RpcError as err:
+                    raise _raise(err) from None
+                w = reply.tensors[name].clone()
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".partial")
+                    torch.save(w, tmp)
+                    tmp.replace(path)
+            self._weights[name] = w
+            return w
+
+    def get_input_embeddings(self) -> nn.Module:
+        return nn.Embedding.from_pretrained(self._weight("embed_tokens").to(self.device), freeze=True)
+
+    def get_output_embeddings(self) -> nn.Module:
+        w = self._weight("lm_head").to(self.device)
+        head = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        head.weight = nn.Parameter(w, requires_grad=False)
+        return head
+
+    def _lm_head_rows(self) -> torch.Tensor:
+        if self._mapping is None:
+            raise InvalidArgument("latent supervision needs a vocab mapping; call set_vocab_mapping first")
+        if "lm_head_rows" not in self._weights:
+            self._weights["lm_head_rows"] = self._weight("lm_head")[self._mapping[0]].to(self.device)
+        return self._weights["lm_head_rows"]
+
+    def close(self) -> None:
+        for server in self.servers:
+            if server.session_id is not None:
+                try:
+                    server.call(
+                        server.stub.CloseSession, pb.CloseSessionRequest(session_id=server.session_id), 10
+                    )
+                except DraftfeedError as err:
+                    log.info("closing session on %s: %s", server.url, err)
+                server.session_id = None
+            server.close()
+
+    def __del__(self):
+        try:
+            for server in getattr(self, "servers", []):
+                server.channel.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class _Stream:
+    """One GenerateStream call: up to `max_in_flight` requests outstanding, replies in order."""
+
+    def __init__(self, target: _RemoteTarget, server: _Server):
+        self.target = target
+        self.server = server
+        self.window = threading.Semaphore(target.max_in_flight)
+        self.requests: queue.Queue = queue.Queue()
+        self.pending: queue.Queue = queue.Queue()  # (future, inputs) in request order
+        self.broken = False
+        self.call = server.stub.GenerateStream(iter(self.requests.get, None))
+        self.reader = threading.Thread(target=self._read, name="draftfeed-stream", daemon=True)
+        self.reader.start()
+
+    def submit(self, inputs) -> Future:
+        self.window.acquire()
+        fut: Future = Future()
+        self.pending.put((fut, inputs))
+        self.requests.put(self.target._request(self.server, inputs))
+        return fut
+
+    def _read(self):
+        assembler = ReplyAssembler()
+        try:
+            for frame in self.call:
+                try:
+                    reply = assembler.feed(frame)
+                except DraftfeedError as err:  # this request failed alone
+                    if getattr(err, "request_id", None) is None:
+                        raise
+                    self._resolve(None, err)
+                    continue
+                if reply is not None:
+                    self._resolve(reply, None)
+        except grpc.RpcError as err:
+            log.warning("generate stream to %s broke: %s", self.server.url, err.details())
+        except DraftfeedError as err:
+            log.warning("generate stream to %s broke: %s", self.server.url, err)
+        finally:
+            self.broken = True
+            self._retry_pending()
+
+    def _resolve(self, reply, err):
+        fut, inputs = self.pending.get()
+        self.window.release()
+        if not fut.set_running_or_notify_cancel():
+            return
+        if isinstance(err, NotFound) or isinstance(err, Unavailable):
+            self._retry(fut, inputs)
+            return
+        if err is not None:
+            fut.set_exception(err)
+            return
+        try:
+            fut.set_result(self.target._batch(reply))
+        except Exception as exc:  # noqa: BLE001 - delivered through the future
+            fut.set_exception(exc)
+
+    def _retry(self, fut, inputs):
+        try:
+            fut.set_result(self.target.generate_batch(**inputs))
+        except Exception as exc:  # noqa: BLE001 - delivered through the future
+            fut.set_exception(exc)
+
+    def _retry_pending(self):
+        while True:
+            try:
+                fut, inputs = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            self.window.release()
+            if fut.set_running_or_notify_cancel():
+                self._retry(fut, inputs)
+
+    def close(self):
+        self.requests.put(None)
+        self.call.cancel()
+
+
+class RemoteEagle3TargetModel(_RemoteTarget, Eagle3TargetBackend):
+    """EAGLE-3 supervision from a draftfeed server. `aux_layer_ids` default to the server's."""
+
+    algorithm = "eagle3"
+
+    def __init__(self, urls, *, aux_layer_ids: list[int] | None = None, **kwargs):
+        super().__init__(urls, layer_ids=aux_layer_ids, **kwargs)
+
+    @property
+    def aux_layer_ids(self) -> list[int]:
+        return self.layer_ids
+
+    def set_vocab_mapping(self, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor) -> None:
+        ids = selected_token_ids.detach().cpu().long()
+        mask = selected_token_mask.detach().cpu().bool()
+        if mask.numel() != self.info.vocab_size:
+            raise InvalidArgument(
+                f"selected_token_mask has {mask.numel()} entries but the server's target has a vocab of "
+                f"{self.info.vocab_size}; build the mapping from this target's tokenizer"
+            )
+        for server in self.servers:
+            req = pb.SetVocabMappingRequest(
+                session_id=server.session_id,
+                selected_token_ids=tensor_to_proto(ids),
+                selected_token_mask=tensor_to_proto(mask),
+            )
+            try:
+                server.call(server.stub.SetVocabMapping, req)
+            except NotFound:
+                self._mapping = (ids, mask)
+                self._open(server)
+        self._mapping = (ids, mask)
+        self._weights.pop("lm_head_rows", None)
+
+
+class RemoteDFlashTargetModel(_RemoteTarget, DFlashTargetBackend):
+    """DFlash features from a draftfeed server."""
+
+    algorithm = "dflash"
+
+    def __init__(self, urls, *, target_layer_ids: list[int] | None = None, **kwargs):
+        super().__init__(urls, layer_ids=target_layer_ids, **kwargs)
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        return self.layer_ids
+
+
+class RemoteDSparkTargetModel(_RemoteTarget, DSparkTargetBackend):
+    """DSpark features from a draftfeed server."""
+
+    algorithm = "dspark"
+
+    def __init__(self, urls, *, target_layer_ids: list[int] | None = None, **kwargs):
+        super().__init__(urls, layer_ids=target_layer_ids, **kwargs)
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        return self.layer_ids
+
+    @property
+    def final_logit_softcapping(self) -> float | None:
+        return self._softcap()

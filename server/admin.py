@@ -1,0 +1,150 @@
+"""The admin HTTP app (fastapi on its own port): health, readiness, Prometheus metrics, sessions."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+__all__ = ["build_admin_app", "AdminServer", "prometheus_text", "sessions_json"]
+
+
+def sessions_json(server) -> list[dict]:
+    out = []
+    for s in server.sessions.list():
+        st = s.stats
+        out.append(
+            {
+                "session_id": s.id,
+                "job_name": s.job_name,
+                "algorithm": s.algorithm,
+                "layer_ids": s.layer_ids,
+                "encodings": s.encodings,
+                "weight": s.weight,
+                "requests": st.requests,
+                "tokens": st.tokens,
+                "bytes_sent": st.bytes_sent,
+                "bytes_per_token": st.bytes_sent / st.tokens if st.tokens else 0.0,
+                "queue_wait_s": st.queue_wait_s,
+                "in_flight": st.in_flight,
+                "created": s.created,
+                "last_seen": s.last_seen,
+            }
+        )
+    return out
+
+
+def _label(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+def prometheus_text(server) -> str:
+    m = server.metrics
+    lines = []
+
+    def metric(name, kind, help_, samples):
+        lines.append(f"# HELP draftfeed_{name} {help_}")
+        lines.append(f"# TYPE draftfeed_{name} {kind}")
+        for labels, value in samples:
+            lab = "{" + ",".join(f'{k}="{_label(str(v))}"' for k, v in labels.items()) + "}" if labels else ""
+            lines.append(f"draftfeed_{name}{lab} {value}")
+
+    metric("requests_total", "counter", "Generate requests answered.", [({}, m.requests)])
+    metric("requests_failed_total", "counter", "Generate requests that failed.", [({}, m.requests_failed)])
+    metric("tokens_total", "counter", "Tokens served.", [({}, m.tokens)])
+    metric(
+        "bytes_sent_total",
+        "counter",
+        "Reply payload bytes by encoding.",
+        [({"encoding": k}, v) for k, v in sorted(m.bytes_by_encoding.items())],
+    )
+    metric("queue_depth", "gauge", "Requests waiting for the GPU.", [({}, m.queue_depth)])
+    metric("forwards_total", "counter", "Target forwards run.", [({}, m.forwards)])
+    metric("forward_seconds_total", "counter", "Time in target forwards.", [({}, m.forward_s)])
+    metric("encode_seconds_total", "counter", "Time in per-session post-processing.", [({}, m.encode_s)])
+    metric(
+        "queue_wait_seconds_total", "counter", "Time requests waited in the queue.", [({}, m.queue_wait_s)]
+    )
+    metric(
+        "gpu_busy_fraction", "gauge", "Fraction of uptime the worker ran batches.", [({}, m.busy_fraction)]
+    )
+    metric(
+        "batch_fill",
+        "gauge",
+        "Mean tokens per forward over the budget (last minute).",
+        [({}, m.window()["batch_fill"])],
+    )
+    metric("oom_splits_total", "counter", "Batches split after out-of-memory.", [({}, m.oom_splits)])
+    sessions = server.sessions.list()
+    metric("sessions", "gauge", "Open sessions.", [({}, len(sessions))])
+    for field, help_ in (
+        ("tokens", "Tokens served"),
+        ("requests", "Requests answered"),
+        ("bytes_sent", "Bytes sent"),
+    ):
+        metric(
+            f"session_{field}_total",
+            "counter",
+            f"{help_} per session.",
+            [
+                ({"session": s.id[:8], "job": s.job_name, "algorithm": s.algorithm}, getattr(s.stats, field))
+                for s in sessions
+            ],
+        )
+    return "\n".join(lines) + "\n"
+
+
+def build_admin_app(server) -> FastAPI:
+    app = FastAPI(title="draftfeed admin", docs_url=None, redoc_url=None)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        ready = server.ready
+        return JSONResponse(
+            {"ready": ready, "draining": server.servicer.draining}, status_code=200 if ready else 503
+        )
+
+    @app.get("/metrics")
+    def metrics():
+        return PlainTextResponse(prometheus_text(server), media_type="text/plain; version=0.0.4")
+
+    @app.get("/sessions")
+    def sessions():
+        return {"time": time.time(), "sessions": sessions_json(server)}
+
+    @app.get("/favicon.ico")
+    def favicon():
+        return Response(status_code=204)
+
+    return app
+
+
+class AdminServer:
+    """uvicorn in a background thread; `port` is the bound port (0 picks a free one)."""
+
+    def __init__(self, server, host: str, port: int):
+        self.config = uvicorn.Config(build_admin_app(server), host=host, port=port, log_level="warning")
+        self.uvicorn = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.uvicorn.run, name="draftfeed-admin", daemon=True)
+        self.port = port
+
+    def start(self) -> AdminServer:
+        self.thread.start()
+        deadline = time.time() + 15
+        while not self.uvicorn.started and time.time() < deadline and self.thread.is_alive():
+            time.sleep(0.02)
+        if not self.uvicorn.started:
+            raise OSError(f"the admin HTTP server did not start on {self.config.host}:{self.config.port}")
+        self.port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(10)

@@ -1,0 +1,68 @@
+"""What a server tells clients about its target: shape, dtype, a fingerprint, limits, what it supports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from draftfeed.client.encodings import supported_encodings
+from draftfeed.client.layers import default_eagle3_layer_ids
+from draftfeed.client.pb import draftfeed_pb2 as pb
+from draftfeed.client.wire import dtype_name
+
+from .capture import TargetLayout
+from .config import ServeConfig
+from .sessions import ALGORITHMS
+
+__all__ = ["fingerprint", "build_model_info", "SERVER_VERSION"]
+
+SERVER_VERSION = "0.1.0"
+
+
+@torch.inference_mode()
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the config and, per parameter, its name, shape, dtype and two on-device sums.
+
+    Cheap on a GPU (no host copy of the weights) and different for different weights or configs.
+    """
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, p in model.state_dict().items():
+        x = p.detach().double()
+        stats = torch.stack(
+            [x.sum(), (x * torch.arange(1, x.numel() + 1, device=x.device).view_as(x) % 7).sum()]
+        )
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(stats.cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def build_model_info(model: torch.nn.Module, layout: TargetLayout, cfg: ServeConfig, fp: str) -> pb.ModelInfo:
+    n = layout.num_layers
+    try:
+        eagle_default = default_eagle3_layer_ids(n)
+    except ValueError:
+        eagle_default = []
+    encodings = [f"{kind}/{name}" for kind, names in supported_encodings().items() for name in names]
+    info = pb.ModelInfo(
+        num_hidden_layers=n,
+        hidden_size=layout.hidden_size,
+        vocab_size=layout.vocab_size,
+        dtype=dtype_name(model.dtype),
+        architectures=list(getattr(model.config, "architectures", None) or [type(model).__name__]),
+        fingerprint=fp,
+        limits=pb.Limits(
+            max_batch_size=cfg.limits.max_batch_size,
+            max_seq_len=cfg.limits.max_seq_len,
+            max_batch_tokens=cfg.limits.max_batch_tokens,
+            max_chunk_bytes=cfg.max_chunk_bytes,
+        ),
+        algorithms=list(ALGORITHMS),
+        encodings=encodings,
+        eagle3_default_layer_ids=eagle_default,
+        server_version=SERVER_VERSION,
+    )
+    if layout.final_logit_softcapping is not None:
+        info.final_logit_softcapping = float(layout.final_logit_softcapping)
+    return info

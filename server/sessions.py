@@ -1,0 +1,177 @@
+"""Sessions: one per training job, each with its own algorithm, layer ids, vocab mapping and encodings.
+
+Closing one session releases only that session; the table never touches the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from draftfeed.client.errors import FailedPrecondition, InvalidArgument, NotFound
+from draftfeed.client.layers import (
+    default_dflash_layer_ids,
+    default_dspark_layer_ids,
+    default_eagle3_layer_ids,
+    validate_dflash_layer_ids,
+    validate_dspark_layer_ids,
+    validate_eagle3_layer_ids,
+)
+from draftfeed.client.payload import resolve_encodings
+
+from .features import DFlashFeatures, DSparkFeatures, Eagle3Features, VocabMapping
+from .supervision import check_vocab_mapping
+
+__all__ = ["Session", "SessionTable", "ALGORITHMS"]
+
+log = logging.getLogger("draftfeed.sessions")
+
+
+def _eagle3(ids, n, capture_logits, latent):
+    ids = default_eagle3_layer_ids(n) if not ids else validate_eagle3_layer_ids(ids, n)
+    return Eagle3Features(ids, require_mapping=True, latent=latent)
+
+
+def _dflash(ids, n, capture_logits, latent):
+    ids = default_dflash_layer_ids(n) if not ids else validate_dflash_layer_ids(ids, n)
+    return DFlashFeatures(ids, capture_logits)
+
+
+def _dspark(ids, n, capture_logits, latent):
+    ids = default_dspark_layer_ids(n) if not ids else validate_dspark_layer_ids(ids, n)
+    return DSparkFeatures(ids, n)
+
+
+# algorithm -> features builder (layer ids, N, capture_logits, latent)
+ALGORITHMS = {"eagle3": _eagle3, "dflash": _dflash, "dspark": _dspark}
+
+
+@dataclass
+class SessionStats:
+    requests: int = 0
+    tokens: int = 0
+    bytes_sent: int = 0
+    queue_wait_s: float = 0.0
+    forward_s: float = 0.0
+    encode_s: float = 0.0
+    in_flight: int = 0
+
+
+@dataclass
+class Session:
+    id: str
+    job_name: str
+    algorithm: str
+    features: Eagle3Features | DFlashFeatures | DSparkFeatures
+    encodings: dict[str, str]
+    weight: float = 1.0
+    created: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    closed: bool = False
+    stats: SessionStats = field(default_factory=SessionStats)
+
+    @property
+    def layer_ids(self) -> list[int]:
+        f = self.features
+        return list(getattr(f, "aux_layer_ids", None) or f.target_layer_ids)
+
+    def check_ready(self) -> None:
+        if isinstance(self.features, Eagle3Features) and self.features.mapping is None:
+            raise FailedPrecondition(
+                f"session {self.id} ({self.job_name}): generate before a vocab mapping; "
+                "call SetVocabMapping (set_vocab_mapping) first"
+            )
+
+
+class SessionTable:
+    """The live sessions of one server, by id (thread-safe)."""
+
+    def __init__(self, num_layers: int, vocab_size: int, device: torch.device | str = "cpu"):
+        self.num_layers = num_layers
+        self.vocab_size = vocab_size
+        self.device = device
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def open(
+        self,
+        algorithm: str,
+        layer_ids: list[int] | None = None,
+        job_name: str = "",
+        capture_logits: bool = False,
+        encodings: dict[str, str] | None = None,
+        weight: float = 1.0,
+        mapping: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Session:
+        build = ALGORITHMS.get(algorithm)
+        if build is None:
+            raise InvalidArgument(f"unknown algorithm {algorithm!r}; supported: {', '.join(ALGORITHMS)}")
+        if not weight > 0:
+            raise InvalidArgument(f"session weight must be > 0, got {weight}")
+        enc = resolve_encodings(encodings)
+        latent = enc["probs"] == "latent"
+        if latent and algorithm != "eagle3":
+            raise InvalidArgument("the 'latent' probs encoding is for EAGLE-3 sessions only")
+        features = build(list(layer_ids or []), self.num_layers, capture_logits, latent)
+        session = Session(uuid.uuid4().hex, job_name or "anonymous", algorithm, features, enc, weight)
+        if mapping is not None:
+            self.set_mapping(session, *mapping)
+        with self._lock:
+            self._sessions[session.id] = session
+        log.info(
+            "session opened: %s job=%s algorithm=%s layers=%s encodings=%s",
+            session.id[:8],
+            session.job_name,
+            algorithm,
+            session.layer_ids,
+            enc,
+        )
+        return session
+
+    def set_mapping(
+        self, session: Session, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor
+    ):
+        if not isinstance(session.features, Eagle3Features):
+            raise InvalidArgument(
+                f"a vocab mapping is for EAGLE-3 sessions; session {session.id} is {session.algorithm}"
+            )
+        check_vocab_mapping(selected_token_ids, selected_token_mask, self.vocab_size)
+        session.features.mapping = VocabMapping(selected_token_ids, selected_token_mask).to(self.device)
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(
+                f"unknown session {session_id!r}: the server restarted or the session was closed; open a new session"
+            )
+        session.last_seen = time.time()
+        return session
+
+    def close(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise NotFound(f"unknown session {session_id!r}: already closed or never opened")
+        session.closed = True
+        log.info(
+            "session closed: %s job=%s tokens=%d requests=%d",
+            session_id[:8],
+            session.job_name,
+            session.stats.tokens,
+            session.stats.requests,
+        )
+        return session
+
+    def list(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def close_all(self) -> None:
+        for s in self.list():
+            self.close(s.id)

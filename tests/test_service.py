@@ -1,0 +1,252 @@
+"""A real gRPC server on an ephemeral localhost port, real clients, tiny models: remote == in-process."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import requests
+import torch
+from test_backends import inputs, mapping
+from test_packing import packed_inputs
+
+from draftfeed.client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from draftfeed.client.remote import RemoteDFlashTargetModel, RemoteDSparkTargetModel, RemoteEagle3TargetModel
+from draftfeed.server.app import TargetServer
+from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
+from draftfeed.server.checks import Limits
+from draftfeed.server.config import ServeConfig
+
+
+def start_server(model, **cfg):
+    cfg = ServeConfig(**{"port": 0, **cfg})
+    return TargetServer(cfg, model=model).start()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    srv = start_server(
+        model, admin_port=0, limits=Limits(max_batch_size=8, max_seq_len=64, max_batch_tokens=256)
+    )
+    yield srv
+    srv.stop(grace=1)
+
+
+def assert_same(a, b):
+    ta, tb = a.tensors(), b.tensors()
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype, k
+        assert torch.equal(ta[k], tb[k]), k
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_remote_equals_inprocess(server, model, packed):
+    args = packed_inputs() if packed else inputs()
+    sel, mask = mapping(160)
+    local = HFEagle3TargetModel(model)
+    local.set_vocab_mapping(sel, mask)
+    with RemoteEagle3TargetModel.from_urls([server.url], job_name="eagle") as remote:
+        assert remote.aux_layer_ids == local.aux_layer_ids
+        with pytest.raises(FailedPrecondition, match="vocab mapping"):
+            remote.generate_batch(*args)
+        remote.set_vocab_mapping(sel, mask)
+        assert_same(remote.generate_batch(*args), local.generate_batch(*args))
+        assert torch.equal(remote.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    with RemoteDFlashTargetModel.from_urls(
+        [server.url], target_layer_ids=[1, 4, 6], capture_logits=True
+    ) as remote:
+        assert_same(
+            remote.generate_batch(*args), HFDFlashTargetModel(model, [1, 4, 6], True).generate_batch(*args)
+        )
+        assert torch.equal(remote.get_output_embeddings().weight, model.get_output_embeddings().weight)
+    with RemoteDSparkTargetModel.from_urls([server.url]) as remote:
+        local = HFDSparkTargetModel(model)
+        assert remote.target_layer_ids == local.target_layer_ids
+        assert_same(remote.generate_batch(*args), local.generate_batch(*args))
+
+
+def test_async_keeps_several_in_flight(server, model):
+    local = HFDSparkTargetModel(model, [0, 3])
+    with RemoteDSparkTargetModel.from_urls([server.url], target_layer_ids=[0, 3], max_in_flight=3) as remote:
+        assert remote.supports_async
+        batches = [inputs(seed=i) for i in range(6)]
+        futures = [remote.generate_batch_async(*b) for b in batches]
+        # the in-process forward of the same model runs while the server's worker does (hooks must not mix)
+        for fut, b in zip(futures, batches, strict=True):
+            assert_same(fut.result(timeout=60), local.generate_batch(*b))
+
+
+def test_concurrent_sessions_get_their_own_answers(server, model):
+    maps = [mapping(160, vd=30, seed=1), mapping(160, vd=50, seed=2)]
+    results, errors = {}, []
+
+    def job(i):
+        try:
+            with RemoteEagle3TargetModel.from_urls(
+                [server.url], aux_layer_ids=[[1, 3, 4], [0, 2, 5]][i]
+            ) as remote:
+                remote.set_vocab_mapping(*maps[i])
+                results[i] = [remote.generate_batch(*inputs(seed=s)) for s in range(3)]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    def dflash_job():
+        try:
+            with RemoteDFlashTargetModel.from_urls([server.url]) as remote:
+                results["dflash"] = [remote.generate_batch(*inputs(seed=s)) for s in range(3)]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in (0, 1)] + [
+        threading.Thread(target=dflash_job)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i in (0, 1):
+        local = HFEagle3TargetModel(model, [[1, 3, 4], [0, 2, 5]][i])
+        local.set_vocab_mapping(*maps[i])
+        for s, got in enumerate(results[i]):
+            assert_same(got, local.generate_batch(*inputs(seed=s)))
+    local = HFDFlashTargetModel(model)
+    for s, got in enumerate(results["dflash"]):
+        assert_same(got, local.generate_batch(*inputs(seed=s)))
+
+
+def test_client_survives_a_server_restart(model):
+    first = start_server(model)
+    port = first.port
+    remote = RemoteEagle3TargetModel.from_urls([first.url])
+    sel, mask = mapping(160)
+    remote.set_vocab_mapping(sel, mask)
+    before = remote.generate_batch(*inputs())
+    first.stop(grace=0)
+    second = start_server(model, port=port)
+    try:
+        after = remote.generate_batch(*inputs())  # NOT_FOUND -> re-open with the kept mapping -> retry
+        assert_same(before, after)
+    finally:
+        remote.close()
+        second.stop(grace=0)
+
+
+def _stub_call(server, method, request):
+    from draftfeed.client.wire import ReplyAssembler, TargetStub
+
+    stub = TargetStub(grpc.insecure_channel(server.url.removeprefix("grpc://")))
+    call = getattr(stub, method)
+    out = call(request, timeout=30)
+    return list(ReplyAssembler().replies(out)) if method == "Generate" else out
+
+
+def test_bad_inputs_get_their_status(server, model):
+    from draftfeed.client.pb import draftfeed_pb2 as pb
+    from draftfeed.client.wire import tensor_to_proto
+
+    remote = RemoteEagle3TargetModel.from_urls([server.url])
+    remote.set_vocab_mapping(*mapping(160))
+    ids, attn, loss = inputs()
+    cases = [
+        ((ids.float(), attn, loss), InvalidArgument, "input_ids has dtype float32"),
+        ((ids[0], attn, loss), InvalidArgument, "rank 2"),
+        ((ids, attn[:, :4], loss), InvalidArgument, "attention_mask has shape"),
+        ((ids.clone().fill_(999), attn, loss), InvalidArgument, "token id 999, outside the target vocab"),
+        (
+            (torch.zeros(9, 4, dtype=torch.long),) + (torch.ones(9, 4, dtype=torch.long),) * 2,
+            ResourceExhausted,
+            "batch size 9",
+        ),
+        (
+            (torch.zeros(1, 65, dtype=torch.long),) + (torch.ones(1, 65, dtype=torch.long),) * 2,
+            ResourceExhausted,
+            "sequence length 65",
+        ),
+    ]
+    for args, cls, message in cases:
+        with pytest.raises(cls, match=message):
+            remote.generate_batch(*args)
+    with pytest.raises(InvalidArgument, match="aux layer id 40 is out of range"):
+        RemoteEagle3TargetModel.from_urls([server.url], aux_layer_ids=[1, 2, 40])
+    with pytest.raises(InvalidArgument, match="unknown encoding"):
+        RemoteEagle3TargetModel.from_urls([server.url], encodings={"hidden": "gzip"})
+    with pytest.raises(InvalidArgument, match="vocab of 160"):
+        remote.set_vocab_mapping(torch.arange(5), torch.zeros(100, dtype=torch.bool))
+    # raw protocol: unknown session, unknown algorithm, layer ids
+    req = pb.GenerateRequest(
+        session_id="nope",
+        input_ids=tensor_to_proto(ids),
+        attention_mask=tensor_to_proto(attn),
+        loss_mask=tensor_to_proto(loss),
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        _stub_call(server, "Generate", req)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown session" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        _stub_call(server, "OpenSession", pb.OpenSessionRequest(algorithm="medusa"))
+    assert (
+        e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "eagle3, dflash, dspark" in e.value.details()
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        _stub_call(server, "OpenSession", pb.OpenSessionRequest(algorithm="dspark", layer_ids=[5, 2]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "strictly increasing" in e.value.details()
+    # the server keeps serving
+    assert remote.generate_batch(ids, attn, loss).target_probs is not None
+    remote.close()
+    with pytest.raises(grpc.RpcError) as e:
+        _stub_call(server, "CloseSession", pb.CloseSessionRequest(session_id="gone"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_tiny_chunks_round_trip(model):
+    srv = start_server(model, max_chunk_bytes=1024)
+    try:
+        with RemoteDFlashTargetModel.from_urls([srv.url], capture_logits=True) as remote:
+            got = remote.generate_batch(*inputs())  # logits: 2x12x160 fp32 = 15 KiB -> 15+ chunks
+        assert_same(got, HFDFlashTargetModel(model, capture_logits=True).generate_batch(*inputs()))
+    finally:
+        srv.stop(grace=0)
+
+
+def test_health_reflection_and_admin(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(server.url.removeprefix("grpc://"))
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="draftfeed.v1.TargetService")).status == 1
+    base = f"http://127.0.0.1:{server.admin.port}"
+    assert requests.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
+    assert requests.get(f"{base}/readyz", timeout=5).json()["ready"] is True
+    before = requests.get(f"{base}/metrics", timeout=5).text
+    with RemoteDSparkTargetModel.from_urls([server.url], job_name="metrics-job") as remote:
+        remote.generate_batch(*inputs())
+        sessions = requests.get(f"{base}/sessions", timeout=5).json()["sessions"]
+        mine = [s for s in sessions if s["job_name"] == "metrics-job"]
+        assert len(mine) == 1 and mine[0]["tokens"] == 24 and mine[0]["algorithm"] == "dspark"
+        assert mine[0]["bytes_per_token"] > 0
+    after = requests.get(f"{base}/metrics", timeout=5).text
+
+    def value(text, name):
+        line = next(
+            line for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{")
+        )
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value(after, "draftfeed_tokens_total") - value(before, "draftfeed_tokens_total") == 24
+    assert 'draftfeed_bytes_sent_total{encoding="raw"}' in after
+
+
+def test_dead_server_is_skipped(server, model):
+    with pytest.warns(UserWarning, match="skipping server"):
+        remote = RemoteDSparkTargetModel.from_urls(["grpc://127.0.0.1:1", server.url])
+    with remote:
+        assert remote.num_remote_servers == 1
+        assert_same(remote.generate_batch(*inputs()), HFDSparkTargetModel(model).generate_batch(*inputs()))
