@@ -334,6 +334,7 @@ class _Stream:
         self.requests: queue.Queue = queue.Queue()
         self.pending: queue.Queue = queue.Queue()  # (future, inputs) in request order
         self.broken = False
+        self.closing = False
         self.call = server.stub.GenerateStream(iter(self.requests.get, None))
         self.reader = threading.Thread(target=self._read, name="draftfeed-stream", daemon=True)
         self.reader.start()
@@ -359,7 +360,8 @@ class _Stream:
                 if reply is not None:
                     self._resolve(reply, None)
         except grpc.RpcError as err:
-            log.warning("generate stream to %s broke: %s", self.server.url, err.details())
+            if not self.closing:
+                log.warning("generate stream to %s broke: %s", self.server.url, err.details())
         except DraftfeedError as err:
             log.warning("generate stream to %s broke: %s", self.server.url, err)
         finally:
@@ -399,6 +401,7 @@ class _Stream:
                 self._retry(fut, inputs)
 
     def close(self):
+        self.closing = True
         self.requests.put(None)
         self.call.cancel()
 

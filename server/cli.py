@@ -1,37 +1,106 @@
-"""The `draftfeed` command: parses flags into one config per process, then runs it."""
+"""The `draftfeed` command: parses flags into one config per process, then runs it.
+
+Each subcommand registers its parser with `set_defaults(run=...)`; the trainer package adds its
+own (`train`, `eval`) through `draftfeed.trainer.cli.register`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 __all__ = ["main", "build_parser"]
 
 
+def _serve_config(args):
+    from .checks import Limits
+    from .config import ServeConfig
+
+    return ServeConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        admin_port=args.admin_port,
+        device=args.device,
+        dtype=args.dtype,
+        limits=Limits(args.max_batch_size, args.max_seq_len, args.max_request_tokens),
+        max_chunk_bytes=args.max_chunk_bytes,
+        max_batch_tokens=args.max_batch_tokens,
+        max_queue=args.max_queue,
+        max_queued_per_session=args.max_queued_per_job,
+        grace_seconds=args.grace_seconds,
+    )
+
+
+def _run_serve(args) -> int:
+    from .app import serve
+
+    if args.host in ("0.0.0.0", "::", "[::]"):
+        print(f"draftfeed: listening on all interfaces ({args.host}) as asked", file=sys.stderr)
+    return serve(_serve_config(args))
+
+
+def _run_demo(args) -> int:
+    from .config import ServeConfig
+    from .demo import run_demo
+
+    cfg = ServeConfig(model=args.model, device=args.device, port=0)
+    return run_demo(cfg, steps=args.requests)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="draftfeed", description="Serve a frozen target LLM to draft trainers.")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the built-in default target and show what each algorithm gets")
+    serve = sub.add_parser("serve", help="serve a target over gRPC")
+    serve.add_argument(
+        "--model", default=None, help="local HF checkpoint (default: built-in SmolLM2-135M-Instruct)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 binds all interfaces")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument(
+        "--admin-port", type=int, default=None, help="HTTP /healthz /readyz /metrics /sessions"
+    )
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    serve.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    serve.add_argument("--max-batch-size", type=int, default=256, help="per-request limit on B")
+    serve.add_argument("--max-seq-len", type=int, default=32768, help="per-request limit on S")
+    serve.add_argument("--max-request-tokens", type=int, default=262144, help="per-request limit on B*S")
+    serve.add_argument(
+        "--max-batch-tokens", type=int, default=16384, help="token budget of one batched forward"
+    )
+    serve.add_argument("--max-chunk-bytes", type=int, default=1 << 20, help="reply chunk size")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests waiting for the GPU, all jobs")
+    serve.add_argument("--max-queued-per-job", type=int, default=32, help="requests waiting, per session")
+    serve.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on SIGTERM")
+    serve.set_defaults(run=_run_serve)
+
+    demo = sub.add_parser("demo", help="serve the default target and run two training-style jobs against it")
     demo.add_argument(
         "--model", default=None, help="local HF checkpoint (default: built-in SmolLM2-135M-Instruct)"
     )
     demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    demo.add_argument("--requests", type=int, default=4, help="requests per job")
+    demo.set_defaults(run=_run_demo)
+
+    try:
+        from draftfeed.trainer.cli import register
+    except ImportError:
+        register = None
+    if register is not None:
+        register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from draftfeed.client.errors import DraftfeedError
 
     try:
-        if args.command == "demo":
-            from .config import ServeConfig
-            from .demo import run_inprocess_demo
-
-            cfg = ServeConfig(model=args.model, device=args.device)
-            run_inprocess_demo(cfg.model, cfg.resolved_device())
-        return 0
+        return args.run(args) or 0
     except DraftfeedError as err:
         print(f"draftfeed: error: {err}", file=sys.stderr)
         return 2

@@ -1,17 +1,20 @@
-"""`draftfeed demo`: the default target in-process on a few chat prompts, per algorithm."""
+"""`draftfeed demo`: a server on the default target and two jobs (EAGLE-3, DSpark) sharing it."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
 
+from draftfeed.client.remote import RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.client.vocab import TokenCounter, build_token_map
 
-from .backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
+from .app import TargetServer
+from .config import ServeConfig
 from .loading import load_target, load_tokenizer
 
-__all__ = ["DEMO_PROMPTS", "chat_batch", "run_inprocess_demo"]
+__all__ = ["DEMO_PROMPTS", "chat_batch", "run_demo"]
 
 DEMO_PROMPTS = [
     (
@@ -49,16 +52,18 @@ def _ids(out):
     return out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
 
 
-def run_inprocess_demo(model_path: str | None, device: str, draft_vocab: int = 8192) -> None:
-    tokenizer = load_tokenizer(model_path)
-    model = load_target(model_path, device=device, dtype="bfloat16" if device.startswith("cuda") else None)
+def run_demo(cfg: ServeConfig, steps: int = 4, draft_vocab: int = 8192) -> int:
+    """Serve the target on a free local port and run an EAGLE-3 and a DSpark job against it at once."""
+    device = cfg.resolved_device()
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_target(cfg.model, device=device, dtype="bfloat16" if device.startswith("cuda") else None)
+    server = TargetServer(cfg, model=model).start()
+    print(
+        f"server: {type(model).__name__} ({server.info.num_hidden_layers} layers, {server.info.dtype}) on {server.url}"
+    )
     batch = chat_batch(tokenizer)
     b, s = batch["input_ids"].shape
-    print(
-        f"target: {type(model).__name__}, {model.config.num_hidden_layers} layers, dtype {model.dtype}, {device}"
-    )
-    print(f"batch: {b} chats x {s} tokens, {int(batch['loss_mask'].sum())} supervised tokens")
-    counter = TokenCounter(model.get_output_embeddings().weight.shape[0])
+    counter = TokenCounter(server.info.vocab_size)
     counter.update(batch["input_ids"], batch["loss_mask"])
     specials = [
         tokenizer.bos_token_id,
@@ -66,22 +71,34 @@ def run_inprocess_demo(model_path: str | None, device: str, draft_vocab: int = 8
         tokenizer.pad_token_id,
         tokenizer.unk_token_id,
     ]
-    eagle = HFEagle3TargetModel(model)
-    eagle.set_vocab_mapping(*build_token_map(counter.counts, draft_vocab, specials))
-    backends = {
-        "eagle3": eagle,
-        "dflash": HFDFlashTargetModel(model),
-        "dspark": HFDSparkTargetModel(model),
+    mapping = build_token_map(counter.counts, draft_vocab, specials)
+    results: dict[str, tuple] = {}
+
+    def job(name: str, backend) -> None:
+        with backend:
+            if name == "eagle3":
+                backend.set_vocab_mapping(*mapping)
+            backend.generate_batch(**batch)  # warm-up
+            start = time.perf_counter()
+            futures = [backend.generate_batch_async(**batch) for _ in range(steps)]
+            out = [f.result() for f in futures][-1]
+            st = server.sessions.get(backend.servers[0].session_id).stats
+            results[name] = (time.perf_counter() - start, out, backend.layer_ids, st.bytes_sent / max(st.tokens, 1))
+
+    jobs = {
+        "eagle3": RemoteEagle3TargetModel.from_urls([server.url], job_name="demo-eagle3", max_in_flight=2),
+        "dspark": RemoteDSparkTargetModel.from_urls([server.url], job_name="demo-dspark", max_in_flight=2),
     }
-    for name, backend in backends.items():
-        backend.generate_batch(**batch)  # warm-up
-        start = time.perf_counter()
-        out = backend.generate_batch(**batch)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        ms = (time.perf_counter() - start) * 1e3
-        ids = getattr(backend, "aux_layer_ids", None) or backend.target_layer_ids
-        shapes = ", ".join(
-            f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in out.tensors().items()
+    threads = [threading.Thread(target=job, args=item) for item in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"{steps} requests of {b} chats x {s} tokens per job, both jobs at once:")
+    for name, (secs, out, layers, per_tok) in results.items():
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in out.tensors().items())
+        print(
+            f"  {name:7s} layers {layers}: {steps * b * s / secs:8,.0f} tok/s, {per_tok:,.0f} bytes/token\n          {shapes}"
         )
-        print(f"{name:7s} layers {ids}: {ms:7.1f} ms ({b * s / ms * 1e3:,.0f} tok/s)\n        {shapes}")
+    server.stop(grace=1)
+    return 0 if len(results) == len(jobs) else 1
