@@ -323,17 +323,18 @@ def _markdown(model, tokens, draft_vocab, devices, result) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="path or hub id of a HF causal LM")
+    parser.add_argument("--model", default=None, help="local HF checkpoint (default: the built-in SmolLM2-135M-Instruct)")
     parser.add_argument(
         "--out", default=None, help="markdown output (default bench/results/encodings_<name>.md)"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from draftfeed.server.loading import DEFAULT_TARGET_NAME, load_target, load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    out = args.out or Path(__file__).parent / "results" / f"encodings_{Path(args.model).name}.md"
+    model = load_target(args.model, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    name = Path(args.model).name if args.model else DEFAULT_TARGET_NAME
+    out = args.out or Path("bench") / "results" / f"encodings_{name}.md"
     run_encoding_bench(model, tokenizer, DEFAULT_PROMPTS, out)
 
 

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=4, help="requests per job")
     demo.set_defaults(run=_run_demo)
 
+    bench = sub.add_parser("bench", help="benchmarks (bench/): encodings")
+    bench.add_argument("which", choices=["encodings"], help="encodings: bytes/token, speed and fidelity per encoding")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (--model PATH, --out FILE)")
+    bench.set_defaults(run=lambda a: __import__("draftfeed.bench.encodings", fromlist=["main"]).main(a.rest) or 0)
+
     try:
         from draftfeed.trainer.cli import register
     except ImportError:
