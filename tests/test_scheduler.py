@@ -1,0 +1,154 @@
+"""The batch scheduler on a real model: exact answers across mixed jobs, fairness, OOM splitting,
+cancellation of a closed session's queued requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from draftfeed.client.payload import decode_fields
+from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel, forward_for
+from draftfeed.server.capture import discover
+from draftfeed.server.features import TokenBatch
+from draftfeed.server.scheduler import BatchScheduler
+from draftfeed.server.sessions import SessionTable
+
+from test_backends import inputs, mapping
+from test_packing import packed_inputs
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("llama")
+
+
+def tb(args):
+    return TokenBatch(*args)
+
+
+def fields_of(fut):
+    reply = fut.result(timeout=60)
+    reply.wait()
+    return decode_fields(reply.tensors, reply.meta)
+
+
+class Gate:
+    """A forward that waits for `open()` on its first call, so requests pile up behind it."""
+
+    def __init__(self, fail_over_rows: int | None = None):
+        self.event = threading.Event()
+        self.rows: list[int] = []
+        self.fail_over_rows = fail_over_rows
+
+    def __call__(self, model, layout, batch, needs):
+        self.event.wait(30)
+        rows = batch.input_ids.shape[0]
+        self.rows.append(rows)
+        if self.fail_over_rows is not None and rows > self.fail_over_rows:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return forward_for(model, layout, batch, needs)
+
+
+def test_mixed_jobs_in_one_forward_get_their_own_exact_answers(model):
+    layout = discover(model)
+    table = SessionTable(layout.num_layers, layout.vocab_size)
+    gate = Gate()
+    sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
+    sel, mask = mapping(160)
+    e = table.open("eagle3", [1, 3, 4], "e", mapping=(sel, mask))
+    f = table.open("dflash", [2, 6], "f", capture_logits=True)
+    s = table.open("dspark", [-1, 2, 7], "s")
+    blocker = sched.submit(f, tb(inputs(seed=9, s=5)))  # holds the worker at the gate
+    time.sleep(0.2)
+    reqs = [
+        (e, inputs(seed=0)),
+        (f, inputs(seed=1)),
+        (s, inputs(seed=2)),
+        (e, inputs(seed=3, s=7)),  # another length: its own forward
+        (s, packed_inputs(seed=4)),  # packed: its own forward
+        (f, packed_inputs(seed=5)),
+    ]
+    futures = [sched.submit(sess, tb(args)) for sess, args in reqs]
+    gate.event.set()
+    blocker.result(timeout=60)
+    local = {
+        "e": HFEagle3TargetModel(model, [1, 3, 4]),
+        "f": HFDFlashTargetModel(model, [2, 6], capture_logits=True),
+        "s": HFDSparkTargetModel(model, [-1, 2, 7]),
+    }
+    local["e"].set_vocab_mapping(sel, mask)
+    for (sess, args), fut in zip(reqs, futures, strict=True):
+        got = fields_of(fut)
+        want = local[sess.job_name].generate_batch(*args).tensors()
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), (sess.job_name, k)
+    assert max(gate.rows) == 6  # the three same-shape unpacked requests (2 rows each) ran as one forward
+    sched.stop()
+
+
+def test_a_flooding_job_does_not_starve_a_light_one(model):
+    layout = discover(model)
+    table = SessionTable(layout.num_layers, layout.vocab_size)
+    gate = Gate()
+    sched = BatchScheduler(model, layout, max_batch_tokens=24, max_queued_per_session=64, forward=gate)
+    heavy = table.open("dspark", [1, 2], "heavy")
+    light = table.open("dspark", [1, 2], "light")
+    done: list[str] = []
+    flood = [sched.submit(heavy, tb(inputs(seed=i))) for i in range(20)]  # 24 tokens each: one per forward
+    for fut in flood:
+        fut.add_done_callback(lambda _f: done.append("heavy"))
+    time.sleep(0.1)
+    mine = sched.submit(light, tb(inputs(seed=99)))
+    mine.add_done_callback(lambda _f: done.append("light"))
+    gate.event.set()
+    mine.result(timeout=60)
+    for fut in flood:
+        fut.result(timeout=60)
+    # served after at most the heavy request already running and one more, not after the 20 queued
+    assert done.index("light") <= 2, done
+    sched.stop()
+
+
+def test_out_of_memory_splits_the_batch(model):
+    layout = discover(model)
+    table = SessionTable(layout.num_layers, layout.vocab_size)
+    gate = Gate(fail_over_rows=2)
+    sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
+    jobs = [table.open("dflash", [1, 5], f"job{i}") for i in range(4)]
+    first = sched.submit(jobs[0], tb(inputs(seed=0)))
+    time.sleep(0.2)
+    futures = [sched.submit(j, tb(inputs(seed=i))) for i, j in enumerate(jobs)]
+    gate.event.set()
+    first.result(timeout=60)
+    local = HFDFlashTargetModel(model, [1, 5])
+    for i, fut in enumerate(futures):
+        got = fields_of(fut)
+        assert torch.equal(got["hidden_states"], local.generate_batch(*inputs(seed=i)).hidden_states)
+    assert 8 in gate.rows and sched.metrics.oom_splits >= 1  # 4x2 rows failed, then halves ran
+    sched.stop()
+
+
+def test_closing_a_session_cancels_only_its_queued_requests(model):
+    layout = discover(model)
+    table = SessionTable(layout.num_layers, layout.vocab_size)
+    gate = Gate()
+    sched = BatchScheduler(model, layout, max_batch_tokens=24, forward=gate)
+    a = table.open("dspark", [1, 2], "a")
+    b = table.open("dspark", [1, 2], "b")
+    running = sched.submit(a, tb(inputs(seed=0)))
+    time.sleep(0.2)
+    queued_a = [sched.submit(a, tb(inputs(seed=i))) for i in range(3)]
+    queued_b = [sched.submit(b, tb(inputs(seed=i))) for i in range(3)]
+    table.close(a.id)
+    assert sched.cancel_session(a.id) == 3
+    gate.event.set()
+    assert all(f.cancelled() for f in queued_a)
+    for fut in queued_b:
+        assert fields_of(fut)["target_hidden_states"].shape == (2, 12, 64)
+    running.result(timeout=60)  # already on the GPU: finishes
+    assert a.stats.in_flight == 0 and b.stats.in_flight == 0
+    sched.stop()
