@@ -44,7 +44,9 @@ def build_model_info(model: torch.nn.Module, layout: TargetLayout, cfg: ServeCon
         eagle_default = default_eagle3_layer_ids(n)
     except ValueError:
         eagle_default = []
-    encodings = [f"{kind}/{name}" for kind, names in supported_encodings().items() for name in names]
+    by_kind = supported_encodings()
+    by_kind["final"] = by_kind["hidden"]  # the latent final-norm state takes the hidden-state codecs
+    encodings = [f"{kind}/{name}" for kind, names in by_kind.items() for name in names]
     info = pb.ModelInfo(
         num_hidden_layers=n,
         hidden_size=layout.hidden_size,

@@ -235,7 +235,7 @@ class BatchScheduler:
             row = rows.stop
             e0 = time.perf_counter()
             fields = w.session.features.fields(_slice(cap, rows), tb)
-            tensors, meta = encode_fields(fields, w.session.encodings)
+            tensors, meta = encode_fields(fields, w.session.encodings, self.layout.hidden_size)
             reply = self._to_host(tensors, meta, w.tokens)
             now = time.perf_counter()
             st = w.session.stats

