@@ -92,6 +92,7 @@ class BatchScheduler:
         self._cv = threading.Condition()
         self._stopping = False
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._gpu_spans: deque = deque()  # (start, end) CUDA events of batches not yet accounted
         self._thread = threading.Thread(target=self._loop, name="draftfeed-gpu-worker", daemon=True)
         self._thread.start()
 
@@ -220,8 +221,19 @@ class BatchScheduler:
         if not w.future.done():
             w.future.set_exception(err)
 
+    def _account_gpu_time(self) -> None:
+        """Add the GPU time of finished batches to busy_s (CUDA events; no synchronisation)."""
+        while self._gpu_spans and self._gpu_spans[0][1].query():
+            start, end = self._gpu_spans.popleft()
+            self.metrics.busy_s += start.elapsed_time(end) / 1e3
+
     def _serve(self, works: list[_Work]) -> None:
         t0 = time.perf_counter()
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            self._account_gpu_time()
+            start_ev = torch.cuda.Event(enable_timing=True)
+            start_ev.record()
         tbs = [w.tb.to(self.device) for w in works]
         stacked = _stack(tbs)
         needs = works[0].session.features.needs
@@ -247,7 +259,12 @@ class BatchScheduler:
             st.in_flight -= 1
             w.future.set_result(reply)
         tokens = sum(w.tokens for w in works)
-        self.metrics.record_forward(tokens, self.max_batch_tokens, t1 - t0, time.perf_counter() - t0)
+        if on_gpu:
+            end_ev = torch.cuda.Event(enable_timing=True)
+            end_ev.record()
+            self._gpu_spans.append((start_ev, end_ev))
+        busy = 0.0 if on_gpu else time.perf_counter() - t0
+        self.metrics.record_forward(tokens, self.max_batch_tokens, t1 - t0, busy)
 
     def _to_host(self, tensors: dict[str, torch.Tensor], meta: dict, tokens: int) -> Reply:
         if self._copy_stream is None:

@@ -1,0 +1,216 @@
+"""Serving throughput: aggregate supervision tokens/s for 1-8 concurrent jobs against one server.
+
+Each job is a separate client process that streams EAGLE-3 requests (B=1, S tokens, draft vocab
+32000) and receives the full reply (no decode: this measures what the server delivers). Compared,
+in the same run: one job alone; the lock-per-request design (all jobs share one lock around each
+request, so the server serves one request at a time and the GPU waits while it is sent); and the
+plain forward of the same target at the same batch shape. Targets use random weights (speed does
+not depend on the values): SmolLM2-135M dims (the default target's shape) and Llama-3.2-1B dims.
+
+    python bench/serving.py --out bench/results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing as mp
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DRAFT_VOCAB = 32000
+TARGETS = {
+    "smollm2-135m-dims": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+    ),
+    "llama-3.2-1b-dims": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b-dims": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+ENCODINGS = {
+    "raw": {},
+    "latent+fp8": {"hidden": "fp8", "final": "bf16", "probs": "latent", "mask": "bits", "ids": "narrow"},
+}
+
+
+def build_target(name: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**TARGETS[name], max_position_embeddings=8192)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def plain_forward_tps(model, batch: int, seq: int, iters: int = 5) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=model.device)
+    for _ in range(2):
+        model(ids)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        model(ids)
+    torch.cuda.synchronize()
+    return batch * seq * iters / (time.perf_counter() - start)
+
+
+def _job(url, vocab, seq, requests, encodings, window, lock, barrier, out):
+    """One training job: open a session, stream `requests` batches, report (tokens, seconds, bytes)."""
+    import grpc
+
+    from draftfeed.client.pb import draftfeed_pb2 as pb
+    from draftfeed.client.wire import ReplyAssembler, TargetStub, grpc_options, tensor_to_proto
+
+    stub = TargetStub(grpc.insecure_channel(url.removeprefix("grpc://"), options=grpc_options()))
+    ids = torch.randperm(vocab)[:DRAFT_VOCAB].sort().values
+    mask = torch.zeros(vocab, dtype=torch.bool)
+    mask[ids] = True
+    sess = stub.OpenSession(
+        pb.OpenSessionRequest(
+            algorithm="eagle3",
+            encodings=encodings,
+            selected_token_ids=tensor_to_proto(ids),
+            selected_token_mask=tensor_to_proto(mask),
+        )
+    ).session_id
+    g = torch.Generator().manual_seed(hash(url) % 1000)
+
+    def request(i):
+        x = torch.randint(0, vocab, (1, seq), generator=g)
+        ones = torch.ones(1, seq, dtype=torch.long)
+        return pb.GenerateRequest(
+            session_id=sess, request_id=i, input_ids=tensor_to_proto(x),
+            attention_mask=tensor_to_proto(ones), loss_mask=tensor_to_proto(ones),
+        )  # fmt: skip
+
+    asm = ReplyAssembler(reuse_buffers=2)
+    list(asm.replies(stub.Generate(request(0))))  # warm-up
+    barrier.wait()
+    start, nbytes = time.perf_counter(), 0
+    if lock is not None:  # lock-per-request: one request in the whole system at a time
+        for i in range(requests):
+            with lock:
+                for reply in asm.replies(stub.Generate(request(i + 1))):
+                    nbytes += sum(t.nbytes for t in reply.tensors.values())
+    else:
+        reqs = [request(i + 1) for i in range(requests)]
+        for reply in asm.replies(stub.GenerateStream(iter(reqs))):
+            nbytes += sum(t.nbytes for t in reply.tensors.values())
+    out.put((requests * seq, time.perf_counter() - start, nbytes))
+    stub.CloseSession(pb.CloseSessionRequest(session_id=sess))
+
+
+def run_jobs(server, vocab, seq, jobs, requests, encodings, lockstep=False):
+    ctx = mp.get_context("spawn")
+    out, barrier = ctx.Queue(), ctx.Barrier(jobs + 1)
+    lock = ctx.Lock() if lockstep else None
+    procs = [
+        ctx.Process(target=_job, args=(server.url, vocab, seq, requests, encodings, 2, lock, barrier, out))
+        for _ in range(jobs)
+    ]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    busy0, t0 = server.metrics.busy_s, time.perf_counter()
+    results = [out.get(timeout=600) for _ in procs]
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    tokens = sum(r[0] for r in results)
+    return {
+        "tok_s": tokens / wall,
+        "busy": (server.metrics.busy_s - busy0) / wall,
+        "bytes_per_token": sum(r[2] for r in results) / tokens,
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--targets", default="smollm2-135m-dims,llama-3.2-1b-dims")
+    ap.add_argument("--seqs", default="1024,4096")
+    ap.add_argument("--jobs", default="1,2,4,8")
+    ap.add_argument("--encodings", default="raw,latent+fp8")
+    ap.add_argument("--tokens-per-job", type=int, default=16384, help="tokens each job requests per run")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    from draftfeed.server.app import TargetServer
+    from draftfeed.server.checks import Limits
+    from draftfeed.server.config import ServeConfig
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    rows = []
+    jobs_list = [int(j) for j in args.jobs.split(",")]
+    for tname in args.targets.split(","):
+        model = build_target(tname, "cuda")
+        vocab = model.config.vocab_size
+        for seq in (int(s) for s in args.seqs.split(",")):
+            requests = max(2, args.tokens_per_job // seq)
+            cfg = ServeConfig(port=0, max_batch_tokens=max(jobs_list) * seq, limits=Limits(max_seq_len=8192))
+            server = TargetServer(cfg, model=model).start()
+            try:
+                fwd = {j: plain_forward_tps(model, j, seq) for j in sorted({1, *jobs_list})}
+                for enc in args.encodings.split(","):
+                    base = run_jobs(server, vocab, seq, 1, requests, ENCODINGS[enc], lockstep=True)
+                    for jobs in jobs_list:
+                        r = run_jobs(server, vocab, seq, jobs, requests, ENCODINGS[enc])
+                        lock = run_jobs(server, vocab, seq, jobs, requests, ENCODINGS[enc], lockstep=True)
+                        row = dict(
+                            target=tname, seq=seq, enc=enc, jobs=jobs, tok_s=r["tok_s"], busy=r["busy"],
+                            bpt=r["bytes_per_token"], vs_one=r["tok_s"] / base["tok_s"], lock_tok_s=lock["tok_s"],
+                            fwd1=fwd[1], fwdj=fwd[jobs], frac=r["tok_s"] / fwd[jobs],
+                        )  # fmt: skip
+                        rows.append(row)
+                        print(
+                            f"{tname:18s} S={seq:5d} {enc:10s} jobs={jobs}: {r['tok_s']:9,.0f} tok/s "
+                            f"({row['vs_one']:.2f}x one job, lock-per-request {lock['tok_s']:8,.0f}), busy {r['busy']:.2f}, "
+                            f"{row['bpt']:8,.0f} B/tok, plain fwd B={jobs} {fwd[jobs]:9,.0f} -> {row['frac']:.2f}x",
+                            flush=True,
+                        )
+            finally:
+                server.stop(grace=1)
+        del model
+        torch.cuda.empty_cache()
+    write(rows, device, args)
+
+
+def write(rows, device, args) -> None:
+    cmd = "python bench/serving.py " + " ".join(sys.argv[1:])
+    date = datetime.date.today().isoformat()
+    lines = [
+        f"# Serving throughput ({date})",
+        "",
+        f"Device: {device}. Command: `{cmd}`.",
+        "Each job: B=1 x S tokens per request, EAGLE-3 with a 32000-token draft vocab, separate client process,",
+        "replies received in full (no decode). `vs one` = aggregate tok/s over one job alone (lock-per-request run",
+        "of 1 job); `lock` = the same jobs sharing one lock around each request; `plain fwd` = the target's",
+        "forward with logits at B=jobs, S, in the same run; `frac` = served tok/s / plain fwd tok/s; `busy` = GPU",
+        "worker busy fraction.",
+        "",
+        "| target | S | encoding | jobs | tok/s | vs one | lock tok/s | busy | bytes/tok | plain fwd tok/s | frac |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['target']} | {r['seq']} | {r['enc']} | {r['jobs']} | {r['tok_s']:,.0f} | {r['vs_one']:.2f}x | "
+            f"{r['lock_tok_s']:,.0f} | {r['busy']:.2f} | {r['bpt']:,.0f} | {r['fwdj']:,.0f} | {r['frac']:.2f} |"
+        )
+    out = Path(args.out) / f"serving-{device.replace(' ', '_')}-{date}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
