@@ -26,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from draftfeed.client.layers import LAYER_IDS
 
+from .common import ACTIVATIONS, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
 __all__ = [
     "DFlashConfig",
     "BlockDraftBackbone",
@@ -36,12 +38,6 @@ __all__ = [
     "load_dflash",
     "text_config_dict",
 ]
-
-_ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
 
 # target-config keys that describe the target's own stack, not the draft's
 _DROPPED_TARGET_KEYS = ("architectures", "auto_map", "_name_or_path", "layer_types", "max_window_layers")
@@ -121,9 +117,9 @@ class DFlashConfig:
             raise ValueError(
                 f"mask_token_id={self.mask_token_id} is outside the vocab [0, {self.vocab_size})"
             )
-        if self.hidden_act not in _ACTIVATIONS:
+        if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
-                f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}"
+                f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}"
             )
         self.rope_parameters = _rope_parameters(
             {"rope_parameters": self.rope_parameters, "rope_theta": self.rope_theta}
@@ -232,36 +228,11 @@ class DFlashConfig:
         )
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B,h,L,d]; cos/sin [B,L,d]."""
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
-
-
 def _inv_freq(config: DFlashConfig, device: torch.device) -> tuple[torch.Tensor, float]:
     """RoPE inverse frequencies, always fp32, and the attention scaling of the rope type."""
     rope = config.rope_parameters
     if rope.get("rope_type", "default") == "default":
-        dim = config.head_dim
-        exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-        return 1.0 / (config.rope_theta**exponent), 1.0
+        return rope_inv_freq(config.head_dim, config.rope_theta, device=device), 1.0
     from transformers import Qwen3Config  # scaled rope types: the target's own formulas
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -302,7 +273,7 @@ class BlockAttention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(b, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(kv_in).view(b, kv_len, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(kv_in).view(b, kv_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _apply_rope(q, *rope_q), _apply_rope(k, *rope_k)
+        q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_k)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -316,7 +287,7 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -370,9 +341,7 @@ class BlockDraftBackbone(nn.Module):
         if key not in self._rope_cache:
             self._rope_cache[key] = _inv_freq(self.config, positions.device)
         inv_freq, scaling = self._rope_cache[key]
-        freqs = positions.float().unsqueeze(-1) * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+        return rope_cos_sin(inv_freq, positions, dtype, scaling)
 
     def context(self, context_features: torch.Tensor) -> torch.Tensor:
         """C = hidden_norm(fc(F)) [B,S,H]."""

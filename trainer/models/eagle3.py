@@ -14,13 +14,21 @@ g_{k+1} = h (or norm(h) with `norm_output`, EAGLE-3.1).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .common import (
+    ACTIVATIONS,
+    RMSNorm,
+    apply_rope,
+    document_ids,
+    rope_cos_sin,
+    rope_inv_freq,
+    tokens_left_in_document,
+)
 
 __all__ = [
     "Eagle3DraftConfig",
@@ -34,12 +42,6 @@ __all__ = [
     "tokens_left_in_document",
     "attention_allowed",
 ]
-
-_ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
 
 
 @dataclass
@@ -85,9 +87,9 @@ class Eagle3DraftConfig:
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if self.hidden_act not in _ACTIVATIONS:
+        if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
-                f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}"
+                f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}"
             )
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
@@ -135,88 +137,9 @@ class Eagle3DraftConfig:
         return cls(**values)
 
 
-class RMSNorm(nn.Module):
-    """Llama RMSNorm: computed in fp32, weight applied in the input dtype."""
-
-    def __init__(self, size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2] (fp32): default, linear or llama3 rope scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if scaling is None:
-        return inv_freq
-    rope_type = scaling.get("rope_type", scaling.get("type"))
-    factor = float(scaling["factor"])
-    if rope_type == "linear":
-        return inv_freq / factor
-    # llama3: long wavelengths divided by factor, short ones kept, a smooth blend in between
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_len = float(scaling["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, blended, scaled)
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [B,1,S,head_dim] for integer `positions` [B,S] (computed in fp32)."""
-    freqs = positions.float()[..., None] * inv_freq.float()
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [B,heads,S,d]."""
-    return x * cos + _rotate_half(x) * sin
-
-
 def shift_left(t: torch.Tensor) -> torch.Tensor:
     """cat(t[:, 1:], zeros): the next position's value at each slot, zero at the tail."""
     return torch.cat((t[:, 1:], torch.zeros_like(t[:, :1])), dim=1)
-
-
-def document_ids(
-    seq_len: int, position_ids: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """Document index [B,S] of each slot in a packed batch, or None when the batch is not packed.
-
-    From `seq_lens` [B,D] (zero-padded, rows summing to S) when given, else from `position_ids`: a
-    new document starts wherever the position is not the previous one plus one.
-    """
-    if seq_lens is not None:
-        bounds = seq_lens.long().cumsum(-1)
-        slots = torch.arange(seq_len, device=seq_lens.device).expand(seq_lens.shape[0], seq_len).contiguous()
-        return torch.searchsorted(bounds, slots, right=True)
-    if position_ids is not None:
-        restart = torch.ones_like(position_ids, dtype=torch.bool)
-        restart[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-        return restart.long().cumsum(-1)
-    return None
-
-
-def tokens_left_in_document(doc_ids: torch.Tensor) -> torch.Tensor:
-    """doc_remaining [B,S] from document ids [B,S]: how many slots of the same document follow each slot."""
-    slots = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
-    last = torch.zeros(doc_ids.shape[0], int(doc_ids.max()) + 1, dtype=torch.long, device=doc_ids.device)
-    last = last.scatter_reduce(1, doc_ids, slots, reduce="amax")
-    return last.gather(1, doc_ids) - slots
 
 
 def attention_allowed(attention_mask: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -286,7 +209,7 @@ class Eagle3MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
