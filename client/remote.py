@@ -3,10 +3,16 @@
 `RemoteEagle3TargetModel.from_urls(["grpc://gpu-box:50051"], device="cuda")` checks the server's
 model info against what it was asked for, opens a session per server and remembers the session's
 state, so a server that restarted (NOT_FOUND) gets the session re-opened and the request retried
-once. UNAVAILABLE is retried with backoff and then failed over to the next server; every other
-error (INVALID_ARGUMENT above all) is raised as is. Several URLs are used round-robin, and a dead
-server is skipped with a warning. `generate_batch_async` keeps up to `max_in_flight` requests in
-flight over one bidirectional stream per server.
+once. UNAVAILABLE is retried with backoff and then failed over to the next server; a job over its
+quota (RESOURCE_EXHAUSTED with a retry hint) waits as told and tries again; every other error
+(INVALID_ARGUMENT above all) is raised as is. Several URLs are used round-robin, and a dead server
+is skipped with a warning. `generate_batch_async` keeps up to `max_in_flight` requests in flight
+over one bidirectional stream per server.
+
+TLS, mutual TLS and job tokens: `grpcs://` URLs with `ca_file=`, `client_cert=`/`client_key=` and
+`token=` (see client/channel.py). One URL may also name several servers behind one balanced
+channel (`grpc://dns:///NAME:PORT`, `ipv4:A:P,B:P`); every session call then carries the session's
+spec so whichever replica answers can serve it.
 """
 
 from __future__ import annotations
@@ -26,8 +32,18 @@ from torch import nn
 
 from .backend import DFlashTargetBackend, DSparkTargetBackend, Eagle3TargetBackend
 from .batches import DFlashTargetBatch, DSparkTargetBatch, Eagle3TargetBatch
+from .channel import (
+    RETRY_AFTER_KEY,
+    ChannelSecurity,
+    explain_unavailable,
+    open_channel,
+    parse_target,
+    parse_url,
+    retry_after_s,
+    session_spec_metadata,
+)
 from .encodings import latent_target_probs
-from .errors import DraftfeedError, InvalidArgument, NotFound, Unavailable, error_for_code
+from .errors import DraftfeedError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, error_for_code
 from .layers import LAYER_IDS
 from .payload import decode_fields, resolve_encodings
 from .pb import draftfeed_pb2 as pb
@@ -42,35 +58,43 @@ _INPUTS = ("input_ids", "attention_mask", "loss_mask", "position_ids", "seq_lens
 _BACKOFF_S = (0.5, 1.0, 2.0)
 
 
-def parse_url(url: str) -> str:
-    """`grpc://host:port` (or `host:port`) -> the gRPC target `host:port`."""
-    target = url.removeprefix("grpc://")
-    if "://" in target:
-        raise InvalidArgument(f"server URL {url!r}: only grpc://HOST:PORT is supported here")
-    if not target or ":" not in target:
-        raise InvalidArgument(f"server URL {url!r} has no port; expected grpc://HOST:PORT")
-    return target
-
-
 def _raise(err: grpc.RpcError) -> DraftfeedError:
-    return error_for_code(err.code(), err.details() or str(err.code()))
+    out = error_for_code(err.code(), err.details() or str(err.code()))
+    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == RETRY_AFTER_KEY:
+            out.retry_after_s = int(value) / 1000
+    return out
 
 
 class _Server:
     """One server: its channel, its model info, and this client's session on it."""
 
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, url: str, timeout: float, security: ChannelSecurity):
         self.url = url
-        self.channel = grpc.insecure_channel(parse_url(url), options=grpc_options())
+        self.target = parse_target(url)
+        self.security = security
+        self.channel = open_channel(self.target, security, grpc_options())
         self.stub = TargetStub(self.channel)
         self.timeout = timeout
-        self.info: pb.ModelInfo = self.call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
         self.session_id: str | None = None
         self.stream: _Stream | None = None
-
-    def call(self, method, request, timeout=None):
         try:
-            return method(request, timeout=timeout or self.timeout)
+            self.info: pb.ModelInfo = self.call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
+        except Unavailable as err:
+            self.channel.close()
+            raise explain_unavailable(self.target, security, err) from None
+
+    @property
+    def balanced(self) -> bool:
+        """Several replicas behind this one channel: session calls carry the session's spec."""
+        return self.target.balanced
+
+    def call(self, method, request, timeout=None, metadata=()):
+        try:
+            return method(
+                request, timeout=timeout or self.timeout, metadata=self.security.metadata + metadata
+            )
         except grpc.RpcError as err:
             raise _raise(err) from None
 
@@ -96,6 +120,11 @@ class _RemoteTarget:
         timeout: float = 120.0,
         max_in_flight: int = 2,
         cache_dir: str | Path | None = "~/.cache/draftfeed/weights",
+        ca_file: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
     ):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
@@ -110,12 +139,14 @@ class _RemoteTarget:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._mapping: tuple[torch.Tensor, torch.Tensor] | None = None
         self._weights: dict[str, torch.Tensor] = {}
+        self._spec_md: tuple | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self.security = ChannelSecurity(ca_file, client_cert, client_key, token, server_name)
         self.servers: list[_Server] = []
         for url in urls:
             try:
-                self.servers.append(_Server(url, timeout))
+                self.servers.append(_Server(url, timeout, self.security))
             except Unavailable as err:
                 warnings.warn(f"draftfeed: skipping server {url}: {err}", stacklevel=3)
         if not self.servers:
@@ -154,7 +185,8 @@ class _RemoteTarget:
         default, validate = LAYER_IDS[self.algorithm]
         self.layer_ids = validate(layer_ids, n) if layer_ids else None
 
-    def _open(self, server: _Server) -> None:
+    def _spec(self) -> pb.OpenSessionRequest:
+        """What this client opens a session with (and what a replica adopts it from)."""
         req = pb.OpenSessionRequest(
             algorithm=self.algorithm,
             layer_ids=self.layer_ids or [],
@@ -166,9 +198,22 @@ class _RemoteTarget:
         if self._mapping is not None:
             req.selected_token_ids.CopyFrom(tensor_to_proto(self._mapping[0]))
             req.selected_token_mask.CopyFrom(tensor_to_proto(self._mapping[1]))
-        resp = server.call(server.stub.OpenSession, req)
+        return req
+
+    def _session_metadata(self, server: _Server) -> tuple:
+        """Extra metadata of a session call: the spec on a balanced channel, else nothing."""
+        if not server.balanced:
+            return ()
+        md = self._spec_md
+        if md is None:
+            md = self._spec_md = session_spec_metadata(self._spec())
+        return md
+
+    def _open(self, server: _Server) -> None:
+        resp = server.call(server.stub.OpenSession, self._spec())
         server.session_id = resp.session_id
         self.layer_ids = list(resp.layer_ids)
+        self._spec_md = None
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -181,8 +226,10 @@ class _RemoteTarget:
         return req
 
     def _with_retries(self, fn):
-        """Run `fn(server)`: re-open the session once on NOT_FOUND, back off and fail over on UNAVAILABLE."""
+        """Run `fn(server)`: re-open the session once on NOT_FOUND, back off and fail over on
+        UNAVAILABLE, wait out a quota (RESOURCE_EXHAUSTED with a retry hint) for up to `timeout`."""
         last = None
+        throttled = 0.0
         for attempt in range(len(_BACKOFF_S) + 1):
             server = self.servers[next(self._turn)]
             reopened = False
@@ -190,11 +237,18 @@ class _RemoteTarget:
                 try:
                     return fn(server)
                 except NotFound:
-                    if reopened:
+                    if reopened or server.balanced:
                         raise
                     log.warning("session unknown on %s (server restarted?): re-opening it", server.url)
                     self._open(server)
                     reopened = True
+                except ResourceExhausted as err:
+                    wait = retry_after_s(err)
+                    if wait is None or throttled + wait > self.timeout:
+                        raise
+                    log.info("%s: %s; waiting %.2f s", server.url, err, wait)
+                    time.sleep(wait)
+                    throttled += wait
                 except Unavailable as err:
                     last = err
                     break
@@ -207,7 +261,8 @@ class _RemoteTarget:
         req = self._request(server, inputs)
         assembler = ReplyAssembler()
         try:
-            frames = server.stub.Generate(req, timeout=self.timeout)
+            metadata = server.security.metadata + self._session_metadata(server)
+            frames = server.stub.Generate(req, timeout=self.timeout, metadata=metadata)
             replies = list(assembler.replies(frames))
         except grpc.RpcError as err:
             raise _raise(err) from None
@@ -274,7 +329,9 @@ class _RemoteTarget:
                 server = self.servers[0]
                 try:
                     frames = server.stub.StreamWeights(
-                        pb.StreamWeightsRequest(name=name), timeout=self.timeout * 10
+                        pb.StreamWeightsRequest(name=name),
+                        timeout=self.timeout * 10,
+                        metadata=server.security.metadata,
                     )
                     (reply,) = list(ReplyAssembler().replies(frames))
                 except grpc.RpcError as err:
@@ -309,7 +366,10 @@ class _RemoteTarget:
             if server.session_id is not None:
                 try:
                     server.call(
-                        server.stub.CloseSession, pb.CloseSessionRequest(session_id=server.session_id), 10
+                        server.stub.CloseSession,
+                        pb.CloseSessionRequest(session_id=server.session_id),
+                        10,
+                        self._session_metadata(server),
                     )
                 except DraftfeedError as err:
                     log.info("closing session on %s: %s", server.url, err)
@@ -335,7 +395,8 @@ class _Stream:
         self.pending: queue.Queue = queue.Queue()  # (future, inputs) in request order
         self.broken = False
         self.closing = False
-        self.call = server.stub.GenerateStream(iter(self.requests.get, None))
+        metadata = server.security.metadata + target._session_metadata(server)
+        self.call = server.stub.GenerateStream(iter(self.requests.get, None), metadata=metadata)
         self.reader = threading.Thread(target=self._read, name="draftfeed-stream", daemon=True)
         self.reader.start()
 
@@ -373,7 +434,9 @@ class _Stream:
         self.window.release()
         if not fut.set_running_or_notify_cancel():
             return
-        if isinstance(err, NotFound) or isinstance(err, Unavailable):
+        if isinstance(err, NotFound | Unavailable) or (
+            isinstance(err, ResourceExhausted) and retry_after_s(err) is not None
+        ):
             self._retry(fut, inputs)
             return
         if err is not None:
@@ -426,6 +489,8 @@ class RemoteEagle3TargetModel(_RemoteTarget, Eagle3TargetBackend):
                 f"selected_token_mask has {mask.numel()} entries but the server's target has a vocab of "
                 f"{self.info.vocab_size}; build the mapping from this target's tokenizer"
             )
+        with self._lock:
+            previous, self._mapping, self._spec_md = self._mapping, (ids, mask), None
         for server in self.servers:
             req = pb.SetVocabMappingRequest(
                 session_id=server.session_id,
@@ -433,11 +498,15 @@ class RemoteEagle3TargetModel(_RemoteTarget, Eagle3TargetBackend):
                 selected_token_mask=tensor_to_proto(mask),
             )
             try:
-                server.call(server.stub.SetVocabMapping, req)
+                server.call(server.stub.SetVocabMapping, req, metadata=self._session_metadata(server))
             except NotFound:
-                self._mapping = (ids, mask)
                 self._open(server)
-        self._mapping = (ids, mask)
+            except DraftfeedError:
+                self._mapping, self._spec_md = previous, None
+                raise
+            if server.balanced and server.stream is not None:  # its replica took the old spec
+                server.stream.close()
+                server.stream = None
         self._weights.pop("lm_head_rows", None)
 
 

@@ -1,20 +1,36 @@
 """One server process: the target, the session table, the scheduler, gRPC (with health and
-reflection) and the admin HTTP app, started and stopped together."""
+reflection) and the admin HTTP app, started and stopped together.
+
+Lifecycle (`serve`): the first SIGTERM/SIGINT drains: health turns NOT_SERVING and /readyz false,
+new requests and sessions get UNAVAILABLE (clients fail over), every request already queued is
+answered, sessions are closed, and the process exits 0 within `--grace-seconds`. A second signal
+exits at once (status 1).
+
+Under `torchrun --nproc-per-node K` (cfg.tensor_parallel > 1) every rank loads its shard of the
+target (server/tensor_parallel.py); rank 0 runs this server and the other ranks follow its batches.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import ssl
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from draftfeed.client.channel import MAX_METADATA_BYTES
 from draftfeed.client.wire import SERVICE_NAME, add_to_server, grpc_options
 
+from .auth import AccessControl, load_token_file
 from .capture import discover
 from .config import ServeConfig
 from .metrics import ServerMetrics
@@ -23,25 +39,55 @@ from .scheduler import BatchScheduler
 from .service import TargetServicer
 from .sessions import SessionTable
 
-__all__ = ["TargetServer", "serve"]
+__all__ = ["TargetServer", "serve", "server_credentials"]
 
 log = logging.getLogger("draftfeed.server")
 
 
-class TargetServer:
-    """Build with a config (and optionally an already loaded model), then `start()` / `stop()`."""
+def server_credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials for the gRPC port (None: plaintext); with a client CA, mutual TLS."""
+    if not cfg.tls:
+        return None
+    ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
-    def __init__(self, cfg: ServeConfig, model: torch.nn.Module | None = None):
+
+def _admin_tls(uvicorn_config, cfg: ServeConfig) -> None:
+    """The same certificate (and client CA) on the admin port. uvicorn builds its SSL context from
+    these attributes when the server starts."""
+    if not cfg.tls:
+        return
+    uvicorn_config.ssl_certfile = cfg.tls_cert
+    uvicorn_config.ssl_keyfile = cfg.tls_key
+    if cfg.tls_client_ca:
+        uvicorn_config.ssl_ca_certs = cfg.tls_client_ca
+        uvicorn_config.ssl_cert_reqs = ssl.CERT_REQUIRED
+
+
+class TargetServer:
+    """Build with a config (and optionally an already loaded model), then `start()` / `stop()`.
+
+    tp: a `TensorParallel` group when the model is sharded (rank 0 only): the scheduler's forward
+    and weight gathers then go through it, and `stop()` releases the other ranks.
+    """
+
+    def __init__(self, cfg: ServeConfig, model: torch.nn.Module | None = None, tp=None):
         self.cfg = cfg
         if model is None:
             from .loading import load_target
 
             model = load_target(cfg.model, dtype=cfg.dtype, device=cfg.resolved_device())
         self.model = model
+        self.tp = tp
         self.layout = discover(model)
         self.metrics = ServerMetrics()
         device = next(model.parameters()).device
         self.sessions = SessionTable(self.layout.num_layers, self.layout.vocab_size, device)
+        extra = {"forward": tp.forward} if tp is not None else {}
         self.scheduler = BatchScheduler(
             model,
             self.layout,
@@ -49,28 +95,48 @@ class TargetServer:
             max_queue=cfg.max_queue,
             max_queued_per_session=cfg.max_queued_per_session,
             metrics=self.metrics,
+            **extra,
         )
-        self.info = build_model_info(model, self.layout, cfg, fingerprint(model))
+        fp = tp.fingerprint if tp is not None else fingerprint(model)
+        self.info = build_model_info(model, self.layout, cfg, fp)
+        jobs = load_token_file(cfg.token_file) if cfg.token_file else None
+        self.access = AccessControl(jobs, allow_remote=cfg.insecure_allow_remote)
         self.servicer = TargetServicer(
-            model, self.info, self.sessions, self.scheduler, cfg.limits, cfg.max_chunk_bytes
+            model,
+            self.info,
+            self.sessions,
+            self.scheduler,
+            cfg.limits,
+            cfg.max_chunk_bytes,
+            access=self.access,
+            gather=tp.gather if tp is not None else None,
         )
-        self.grpc = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers), options=grpc_options())
+        options = grpc_options() + [
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+        ]
+        self.grpc = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers), options=options)
         add_to_server(self.servicer, self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
-        self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        creds = server_credentials(cfg)
+        self.port = (
+            self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
+        )
         if self.port == 0:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (address in use or not local)")
+            raise OSError(f"cannot listen on {address} (address in use or not local)")
         self.admin = None
         self._stopped = threading.Event()
+        self._stopping = threading.Lock()
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "::", "[::]") else self.cfg.host
-        return f"grpc://{host}:{self.port}"
+        return f"{'grpcs' if self.cfg.tls else 'grpc'}://{host}:{self.port}"
 
     @property
     def ready(self) -> bool:
@@ -81,56 +147,90 @@ class TargetServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.cfg.admin_port is not None:
-            from .admin import AdminServer
-
-            self.admin = AdminServer(self, self.cfg.host, self.cfg.admin_port).start()
+            self._start_admin()
         log.info(
-            "serving %s (%d layers, hidden %d, vocab %d, %s) on %s",
+            "serving %s (%d layers, hidden %d, vocab %d, %s) on %s%s; %s",
             self.info.architectures[0],
             self.info.num_hidden_layers,
             self.info.hidden_size,
             self.info.vocab_size,
             self.info.dtype,
             self.url,
+            f" (tensor parallel x{self.tp.world_size})" if self.tp is not None else "",
+            self.access.describe,
         )
         return self
 
-    def stop(self, grace: float | None = None) -> None:
-        """Stop admitting work, finish what is in flight (up to `grace` seconds), then close."""
-        if self._stopped.is_set():
-            return
-        grace = self.cfg.grace_seconds if grace is None else grace
-        self.servicer.draining = True
-        self.health.enter_graceful_shutdown()
-        self.scheduler.stop(drain=True, timeout=grace)
-        self.grpc.stop(grace).wait()
-        self.sessions.close_all()
-        if self.admin is not None:
-            self.admin.stop()
-        self._stopped.set()
+    def _start_admin(self) -> None:
+        from .admin import AdminServer
 
-    def wait(self) -> None:
-        self._stopped.wait()
+        admin = AdminServer(self, self.cfg.host, self.cfg.admin_port)
+        _admin_tls(admin.config, self.cfg)
+        self.admin = admin.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop admitting work, finish what is in flight (all within `grace` seconds), then close.
+
+        Steps, in order: refuse new work (health NOT_SERVING, /readyz false, UNAVAILABLE), answer the
+        queued requests, let the reply streams finish, close the sessions, release tensor-parallel
+        followers, stop the admin port.
+        """
+        with self._stopping:
+            if self._stopped.is_set():
+                return
+            grace = self.cfg.grace_seconds if grace is None else grace
+            deadline = time.monotonic() + grace
+            self.servicer.drain()
+            self.health.enter_graceful_shutdown()
+            self.scheduler.stop(drain=True, timeout=grace)
+            self.grpc.stop(max(0.0, deadline - time.monotonic())).wait()
+            self.sessions.close_all()
+            if self.tp is not None:
+                self.tp.release()
+            if self.admin is not None:
+                self.admin.stop()
+            self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+
+def _banner(server: TargetServer) -> str:
+    admin = ""
+    if server.admin is not None:
+        admin = f", admin on {'https' if server.cfg.tls else 'http'}://{server.cfg.host}:{server.admin.port}"
+    tls = " (mutual TLS)" if server.cfg.tls_client_ca else (" (TLS)" if server.cfg.tls else "")
+    return f"draftfeed: serving on {server.url}{tls}{admin}; {server.access.describe}"
 
 
 def serve(cfg: ServeConfig) -> int:
-    """Run until SIGTERM/SIGINT: the first drains gracefully, a second exits at once."""
-    server = TargetServer(cfg).start()
-    print(
-        f"draftfeed: serving on {server.url}" + (f", admin on :{server.admin.port}" if server.admin else ""),
-        flush=True,
-    )
+    """Run until SIGTERM/SIGINT: the first drains gracefully (exit 0), a second exits at once (1)."""
+    tp = model = None
+    if cfg.tensor_parallel > 1:
+        from .tensor_parallel import TensorParallel
+
+        tp, model = TensorParallel.load(cfg)
+        if tp.rank != 0:
+            return tp.follow(model)
+    server = TargetServer(cfg, model=model, tp=tp).start()
+    print(_banner(server), flush=True)
     signals = {"n": 0}
 
     def on_signal(signum, _frame):
         signals["n"] += 1
         if signals["n"] > 1:
-            log.warning("second signal: exiting now")
-            raise SystemExit(1)
-        log.info("signal %d: draining (grace %.0f s)", signum, cfg.grace_seconds)
-        threading.Thread(target=server.stop, daemon=True).start()
+            print("draftfeed: second signal: exiting now", file=sys.stderr, flush=True)
+            os._exit(1)
+        print(
+            f"draftfeed: signal {signum}: draining (up to {cfg.grace_seconds:g} s; signal again to exit now)",
+            file=sys.stderr,
+            flush=True,
+        )
+        threading.Thread(target=server.stop, name="draftfeed-drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.wait()
+    while not server.wait(0.5):  # wake up regularly so signal handlers run promptly
+        pass
+    print("draftfeed: drained and stopped", file=sys.stderr, flush=True)
     return 0

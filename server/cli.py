@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -30,6 +31,13 @@ def _serve_config(args):
         max_queue=args.max_queue,
         max_queued_per_session=args.max_queued_per_job,
         grace_seconds=args.grace_seconds,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        token_file=args.token_file,
+        insecure_allow_remote=args.insecure_allow_remote,
+        tensor_parallel=int(os.environ.get("WORLD_SIZE", "1")),  # set by torchrun
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
 
 
@@ -39,6 +47,35 @@ def _run_serve(args) -> int:
     if args.host in ("0.0.0.0", "::", "[::]"):
         print(f"draftfeed: listening on all interfaces ({args.host}) as asked", file=sys.stderr)
     return serve(_serve_config(args))
+
+
+def _run_health(args) -> int:
+    from draftfeed.client.channel import ChannelSecurity, check_health
+
+    security = ChannelSecurity(args.ca_file, args.client_cert, args.client_key, server_name=args.server_name)
+    status = check_health(args.target, security, args.service, args.timeout)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _add_serve_security(serve) -> None:
+    serve.add_argument(
+        "--tls-cert", default=None, help="PEM certificate chain: TLS on the gRPC and admin ports"
+    )
+    serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mutual TLS)"
+    )
+    serve.add_argument(
+        "--token-file",
+        default=None,
+        help="YAML/JSON job name -> token (and quotas); clients send 'authorization: Bearer <token>'",
+    )
+    serve.add_argument(
+        "--insecure-allow-remote",
+        action="store_true",
+        help="without --token-file, answer clients beyond loopback too (trusted networks only)",
+    )
 
 
 def _run_demo(args) -> int:
@@ -75,7 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=256, help="requests waiting for the GPU, all jobs")
     serve.add_argument("--max-queued-per-job", type=int, default=32, help="requests waiting, per session")
     serve.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on SIGTERM")
+    _add_serve_security(serve)
     serve.set_defaults(run=_run_serve)
+
+    health = sub.add_parser(
+        "health", help="check a server through the gRPC health service (exit 0 = SERVING)"
+    )
+    health.add_argument(
+        "--target", default="grpc://127.0.0.1:50051", help="grpc://HOST:PORT or grpcs://HOST:PORT"
+    )
+    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    health.add_argument("--ca-file", default=None, help="PEM CA of the server's certificate (grpcs://)")
+    health.add_argument("--client-cert", default=None, help="PEM client certificate (mutual TLS)")
+    health.add_argument("--client-key", default=None, help="PEM key of --client-cert")
+    health.add_argument("--server-name", default=None, help="name to verify in the server's certificate")
+    health.add_argument("--timeout", type=float, default=5.0)
+    health.set_defaults(run=_run_health)
 
     demo = sub.add_parser("demo", help="serve the default target and run two training-style jobs against it")
     demo.add_argument(
@@ -86,9 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (bench/): encodings")
-    bench.add_argument("which", choices=["encodings"], help="encodings: bytes/token, speed and fidelity per encoding")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (--model PATH, --out FILE)")
-    bench.set_defaults(run=lambda a: __import__("draftfeed.bench.encodings", fromlist=["main"]).main(a.rest) or 0)
+    bench.add_argument(
+        "which", choices=["encodings"], help="encodings: bytes/token, speed and fidelity per encoding"
+    )
+    bench.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (--model PATH, --out FILE)"
+    )
+    bench.set_defaults(
+        run=lambda a: __import__("draftfeed.bench.encodings", fromlist=["main"]).main(a.rest) or 0
+    )
 
     try:
         from draftfeed.trainer.cli import register

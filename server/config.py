@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from draftfeed.client.errors import InvalidArgument
 
@@ -26,6 +27,15 @@ class ServeConfig:
     max_queued_per_session: int = 32
     grpc_workers: int = 32
     grace_seconds: float = 30.0
+    # security: TLS on the gRPC and admin ports, mutual TLS with a client CA, per-job tokens
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    token_file: str | None = None
+    insecure_allow_remote: bool = False  # without a token file: answer clients beyond loopback
+    # tensor parallel under torchrun (cli.py reads WORLD_SIZE / LOCAL_RANK)
+    tensor_parallel: int = 1
+    local_rank: int = 0
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -34,6 +44,26 @@ class ServeConfig:
             raise InvalidArgument(f"--max-chunk-bytes {self.max_chunk_bytes} is too small; use at least 1024")
         if self.max_batch_tokens < 1:
             raise InvalidArgument("--max-batch-tokens must be >= 1")
+        if self.grace_seconds < 0:
+            raise InvalidArgument(f"--grace-seconds {self.grace_seconds} must be >= 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("--tls-cert and --tls-key go together (the certificate chain and its key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgument("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+        for flag, path in (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+            ("--token-file", self.token_file),
+        ):
+            if path is not None and not Path(path).is_file():
+                raise InvalidArgument(f"{flag} {path!r} is not a readable file")
+        if self.tensor_parallel < 1:
+            raise InvalidArgument(f"tensor parallel size {self.tensor_parallel} must be >= 1")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -1,8 +1,11 @@
 """The gRPC servicer: translates wire <-> domain and makes one domain call per RPC.
 
-Validation lives in server/checks.py, batching in server/scheduler.py, math in features/supervision.
-Errors are draftfeed errors carrying their gRPC code; `_rpc` maps them to `abort(code, message)`,
-and anything else to INTERNAL, logged with the RPC name, without stopping the server.
+Validation lives in server/checks.py, batching in server/scheduler.py, math in features/supervision,
+who-may-do-what in server/auth.py, session ids (and adoption across replicas) in server/directory.py.
+`_rpc` authenticates every call and maps draftfeed errors to `abort(code, message)` (a quota error
+also sends its retry hint as trailing metadata), and anything else to INTERNAL, logged with the RPC
+name, without stopping the server. While draining, new work gets UNAVAILABLE and open streams end
+once the requests they already queued are answered.
 """
 
 from __future__ import annotations
@@ -16,27 +19,35 @@ import threading
 import grpc
 import torch
 
+from draftfeed.client.channel import RETRY_AFTER_KEY, session_spec_from_metadata
 from draftfeed.client.errors import DraftfeedError, InvalidArgument, Unavailable
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import encode_error_reply, encode_reply, tensor_from_proto
 
+from .auth import AccessControl, Caller
 from .checks import Limits, check_generate_inputs
+from .directory import SessionDirectory
 from .features import TokenBatch
 from .scheduler import BatchScheduler
-from .sessions import SessionTable
+from .sessions import Session, SessionTable
 
 __all__ = ["TargetServicer"]
 
 log = logging.getLogger("draftfeed.service")
 
 _WEIGHTS = {"embed_tokens": "get_input_embeddings", "lm_head": "get_output_embeddings"}
+_DRAIN = object()  # put into a stream's queue when the server starts draining
 
 
 def _rpc(fn):
-    """Map draftfeed errors to their status; log and report anything else as INTERNAL."""
+    """Authenticate the caller, then run `fn(self, request, context, caller)`; map draftfeed errors
+    to their status; log and report anything else as INTERNAL."""
 
     def fail(context, name, err):
         if isinstance(err, DraftfeedError):
+            retry = getattr(err, "retry_after_s", None)
+            if retry is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(round(retry * 1000))),))
             context.abort(err.code, str(err))
         log.exception("%s failed", name)
         context.abort(
@@ -48,7 +59,8 @@ def _rpc(fn):
         @functools.wraps(fn)
         def stream(self, request, context):
             try:
-                yield from fn(self, request, context)
+                caller = self.access.authenticate(context)
+                yield from fn(self, request, context, caller)
             except Exception as err:  # noqa: BLE001 - mapped to a status
                 fail(context, fn.__name__, err)
 
@@ -57,7 +69,7 @@ def _rpc(fn):
     @functools.wraps(fn)
     def unary(self, request, context):
         try:
-            return fn(self, request, context)
+            return fn(self, request, context, self.access.authenticate(context))
         except Exception as err:  # noqa: BLE001 - mapped to a status
             fail(context, fn.__name__, err)
 
@@ -66,6 +78,10 @@ def _rpc(fn):
 
 def _opt(msg, name):
     return tensor_from_proto(getattr(msg, name), name) if msg.HasField(name) else None
+
+
+def _spec(context) -> pb.OpenSessionRequest | None:
+    return session_spec_from_metadata(context.invocation_metadata())
 
 
 class TargetServicer:
@@ -77,49 +93,72 @@ class TargetServicer:
         scheduler: BatchScheduler,
         limits: Limits,
         chunk_bytes: int,
+        access: AccessControl | None = None,
+        gather=None,
     ):
+        """`gather(getter) -> tensor`: a full host copy of `model.<getter>().weight` (the tensor-parallel
+        group's gather when the weights are sharded)."""
         self.model = model
         self.info = info
         self.sessions = sessions
         self.scheduler = scheduler
         self.limits = limits
         self.chunk_bytes = chunk_bytes
+        self.access = access or AccessControl()
+        self.directory = SessionDirectory(sessions, self.access, self._open, scheduler.cancel_session)
+        self.gather = gather or (lambda getter: getattr(model, getter)().weight.detach().cpu().contiguous())
         self.draining = False
         self._weights: dict[str, torch.Tensor] = {}
         self._weights_lock = threading.Lock()
+        self._streams: dict[int, tuple[queue.Queue, threading.Lock]] = {}
+        self._streams_lock = threading.Lock()
+
+    def drain(self) -> None:
+        """Stop admitting work: new requests and sessions get UNAVAILABLE; each open stream ends
+        after answering the requests it had already queued."""
+        self.draining = True
+        with self._streams_lock:
+            streams = list(self._streams.values())
+        for pending, gate in streams:
+            with gate:  # a reader between its draining check and its put finishes first
+                pending.put(_DRAIN)
 
     # -- control ------------------------------------------------------------------------------
 
     @_rpc
-    def GetModelInfo(self, request, context):
+    def GetModelInfo(self, request, context, caller):
         return self.info
 
-    @_rpc
-    def OpenSession(self, request, context):
+    def _open(self, request: pb.OpenSessionRequest, caller: Caller) -> Session:
         if self.draining:
             raise Unavailable("the server is draining and opens no new sessions; use another server")
+        self.access.check_algorithm(caller, request.algorithm)
         mapping = None
         if request.HasField("selected_token_ids") or request.HasField("selected_token_mask"):
             mapping = (
                 tensor_from_proto(request.selected_token_ids, "selected_token_ids"),
                 tensor_from_proto(request.selected_token_mask, "selected_token_mask"),
             )
-        session = self.sessions.open(
+        return self.sessions.open(
             request.algorithm,
             list(request.layer_ids),
-            request.job_name,
+            self.access.job_name(caller, request.job_name),
             request.capture_logits,
             dict(request.encodings),
             request.weight or 1.0,
             mapping,
         )
+
+    @_rpc
+    def OpenSession(self, request, context, caller):
+        session = self._open(request, caller)
         return pb.OpenSessionResponse(
             session_id=session.id, layer_ids=session.layer_ids, encodings=session.encodings
         )
 
     @_rpc
-    def SetVocabMapping(self, request, context):
-        session = self.sessions.get(request.session_id)
+    def SetVocabMapping(self, request, context, caller):
+        session = self.directory.get(request.session_id, caller, _spec(context))
         self.sessions.set_mapping(
             session,
             tensor_from_proto(request.selected_token_ids, "selected_token_ids"),
@@ -128,18 +167,18 @@ class TargetServicer:
         return pb.SetVocabMappingResponse()
 
     @_rpc
-    def CloseSession(self, request, context):
-        self.sessions.close(request.session_id)
-        self.scheduler.cancel_session(request.session_id)
+    def CloseSession(self, request, context, caller):
+        self.directory.close(request.session_id, caller)
         return pb.CloseSessionResponse()
 
     # -- data ---------------------------------------------------------------------------------
 
-    def _submit(self, request):
-        """Validate one GenerateRequest on the CPU and queue it; a bad request never reaches the GPU."""
+    def _submit(self, request, caller: Caller, spec: pb.OpenSessionRequest | None):
+        """Validate one GenerateRequest on the CPU, charge it to its job's quota and queue it; a bad
+        request never reaches the GPU."""
         if self.draining:
             raise Unavailable("the server is draining and takes no new requests; use another server")
-        session = self.sessions.get(request.session_id)
+        session = self.directory.get(request.session_id, caller, spec)
         session.check_ready()
         for name in ("input_ids", "attention_mask", "loss_mask"):
             if not request.HasField(name):
@@ -164,7 +203,14 @@ class TargetServicer:
             vocab_size=self.info.vocab_size,
             limits=self.limits,
         )
-        return session, self.scheduler.submit(session, tb)
+        release = self.access.admit(caller, tb.input_ids.numel())
+        try:
+            future = self.scheduler.submit(session, tb)
+        except BaseException:
+            release(refund=True)
+            raise
+        future.add_done_callback(lambda _f: release())
+        return session, future
 
     def _frames(self, request_id, session, future):
         reply = future.result()
@@ -180,48 +226,72 @@ class TargetServicer:
         return encode_reply(request_id, reply.tensors, {"fields": reply.meta}, self.chunk_bytes)
 
     @_rpc
-    def Generate(self, request, context):
-        session, future = self._submit(request)
+    def Generate(self, request, context, caller):
+        session, future = self._submit(request, caller, _spec(context))
         context.add_callback(future.cancel)
         yield from self._frames(request.request_id, session, future)
 
     @_rpc
-    def GenerateStream(self, request_iterator, context):
+    def GenerateStream(self, request_iterator, context, caller):
         """Requests are read and queued as they arrive (several in flight); replies go back in
-        request order. A request that fails alone gets an error frame; the stream goes on."""
+        request order. A request that fails alone gets an error frame; the stream goes on. When
+        the server drains, the stream ends after the requests it already queued."""
         pending: queue.Queue = queue.Queue()
+        gate = threading.Lock()
+        spec = _spec(context)
 
         def read():
             try:
                 for request in request_iterator:
-                    try:
-                        pending.put((request.request_id, *self._submit(request)))
-                    except DraftfeedError as err:
-                        pending.put((request.request_id, None, err))
+                    with gate:
+                        try:
+                            pending.put((request.request_id, *self._submit(request, caller, spec)))
+                        except DraftfeedError as err:
+                            pending.put((request.request_id, None, err))
             except Exception as err:  # noqa: BLE001 - the client went away
                 log.debug("GenerateStream reader ended: %s", err)
             finally:
                 pending.put(None)
 
-        threading.Thread(target=read, name="draftfeed-stream-reader", daemon=True).start()
-        while (item := pending.get()) is not None:
-            request_id, session, outcome = item
-            if session is None:
-                yield encode_error_reply(request_id, outcome)
-                continue
-            try:
-                yield from self._frames(request_id, session, outcome)
-            except DraftfeedError as err:
-                yield encode_error_reply(request_id, err)
+        with self._streams_lock:
+            self._streams[id(pending)] = (pending, gate)
+        try:
+            threading.Thread(target=read, name="draftfeed-stream-reader", daemon=True).start()
+            draining = False
+            while True:
+                if draining:
+                    try:
+                        item = pending.get_nowait()
+                    except queue.Empty:
+                        return
+                else:
+                    item = pending.get()
+                if item is None:
+                    return
+                if item is _DRAIN:
+                    draining = True
+                    continue
+                yield from self._answer(*item)
+        finally:
+            with self._streams_lock:
+                self._streams.pop(id(pending), None)
+
+    def _answer(self, request_id, session, outcome):
+        if session is None:
+            yield encode_error_reply(request_id, outcome)
+            return
+        try:
+            yield from self._frames(request_id, session, outcome)
+        except DraftfeedError as err:
+            yield encode_error_reply(request_id, err)
 
     @_rpc
-    def StreamWeights(self, request, context):
+    def StreamWeights(self, request, context, caller):
         getter = _WEIGHTS.get(request.name)
         if getter is None:
             raise InvalidArgument(f"unknown weight {request.name!r}; available: {', '.join(_WEIGHTS)}")
         with self._weights_lock:
             if request.name not in self._weights:
-                w = getattr(self.model, getter)().weight.detach()
-                self._weights[request.name] = w.to("cpu").contiguous()
+                self._weights[request.name] = self.gather(getter)
         meta = {"fingerprint": self.info.fingerprint, "name": request.name}
         yield from encode_reply(0, {request.name: self._weights[request.name]}, meta, self.chunk_bytes)
