@@ -7,6 +7,7 @@ its own copy. RoPE is rotate-half (Llama / Qwen layout) with angles in fp32 what
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ __all__ = [
     "apply_rope",
     "document_ids",
     "tokens_left_in_document",
+    "text_config_dict",
 ]
 
 ACTIVATIONS = {
@@ -116,3 +118,13 @@ def tokens_left_in_document(doc_ids: torch.Tensor) -> torch.Tensor:
     last = torch.zeros(doc_ids.shape[0], int(doc_ids.max()) + 1, dtype=torch.long, device=doc_ids.device)
     last = last.scatter_reduce(1, doc_ids, slots, reduce="amax")
     return last.gather(1, doc_ids) - slots
+
+
+def text_config_dict(config: Any) -> dict:
+    """The target's text config as a plain dict (a nested `text_config` is unwrapped)."""
+    if isinstance(config, dict):
+        d = dict(config)
+        return dict(d["text_config"]) if isinstance(d.get("text_config"), dict) else d
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config.to_dict()

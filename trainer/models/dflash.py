@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from draftfeed.client.layers import LAYER_IDS
 
-from .common import ACTIVATIONS, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from .common import ACTIVATIONS, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, text_config_dict
 
 __all__ = [
     "DFlashConfig",
@@ -41,16 +41,6 @@ __all__ = [
 
 # target-config keys that describe the target's own stack, not the draft's
 _DROPPED_TARGET_KEYS = ("architectures", "auto_map", "_name_or_path", "layer_types", "max_window_layers")
-
-
-def text_config_dict(config: Any) -> dict:
-    """The target's text config as a plain dict (a nested `text_config` is unwrapped)."""
-    if isinstance(config, dict):
-        d = dict(config)
-        return dict(d["text_config"]) if isinstance(d.get("text_config"), dict) else d
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    return config.to_dict()
 
 
 def _rope_parameters(d: dict) -> dict:

@@ -202,6 +202,34 @@ class Eagle3Attention(nn.Module):
         out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
+    def decode(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past_k: torch.Tensor | None,
+        past_v: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inference with a KV cache: new rows x [B,m,2H] attend to every cached row and causally to each
+        other. Returns (out [B,m,H], k, v) with k/v [B,heads,m,d] of the new rows (post-RoPE, expanded)."""
+        bsz, m, _ = x.shape
+        groups = self.num_heads // self.num_kv_heads
+        q = self.q_proj(x).view(bsz, m, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        keys = k if past_k is None else torch.cat((past_k, k), dim=2)
+        values = v if past_v is None else torch.cat((past_v, v), dim=2)
+        past = keys.shape[2] - m
+        allowed = torch.ones(m, keys.shape[2], dtype=torch.bool, device=x.device).tril(past)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.head_dim**-0.5
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, values).transpose(1, 2).reshape(bsz, m, self.num_heads * self.head_dim)
+        return self.o_proj(out), k, v
+
 
 class Eagle3MLP(nn.Module):
     def __init__(self, cfg: Eagle3DraftConfig):
@@ -230,6 +258,13 @@ class Eagle3DecoderLayer(nn.Module):
         x = torch.cat((self.input_layernorm(emb), self.hidden_norm(g)), dim=-1)
         h = g + self.self_attn(x, cos, sin, allowed, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def decode(self, emb, g, cos, sin, past_k, past_v):
+        """The layer over new rows with a KV cache (see `Eagle3Attention.decode`): (h, k, v)."""
+        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(g)), dim=-1)
+        attn, k, v = self.self_attn.decode(x, cos, sin, past_k, past_v)
+        h = g + attn
+        return h + self.mlp(self.post_attention_layernorm(h)), k, v
 
 
 class Eagle3DraftModel(nn.Module):
@@ -350,6 +385,29 @@ class Eagle3DraftModel(nn.Module):
             if k + 1 < ttt_steps:
                 g = normed if self.config.norm_output else h
                 ids = shift_left(ids)
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        g: torch.Tensor,
+        positions: torch.Tensor,
+        past_k: torch.Tensor | None = None,
+        past_v: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inference rows with a KV cache (chain drafting, ALGORITHMS.md section 1 "Inference").
+
+        Row i gets (g[:, i], embed(input_ids[:, i])) at `positions[:, i]`: g = fc(A_t) with the token
+        x_{t+1} for a committed row t, or the previous raw layer output h (no fc) with the last draft for a
+        chain row. It attends to every cached row and causally to the new ones. Returns the raw layer
+        output h [B,m,H] and the new rows' k/v (to append to the cache when the rows are kept).
+        """
+        cos, sin = rope_cos_sin(self.inv_freq, positions, g.dtype)
+        emb = self.embed_tokens(input_ids).to(g.dtype)
+        return self.midlayer.decode(emb, g, cos, sin, past_k, past_v)
+
+    def next_input(self, h: torch.Tensor) -> torch.Tensor:
+        """g of the next chain step from a layer output h: h, or norm(h) with `norm_output`."""
+        return self.norm(h) if self.config.norm_output else h
 
     def forward(
         self,

@@ -1,0 +1,152 @@
+"""Acceptance-length evaluation (trainer/evaluate.py): tau = K+1 for a drafter that reproduces the target's
+greedy tokens, 1 for one that is always wrong, and the EAGLE-3 drafter's KV cache equals the training forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from draftfeed.trainer.evaluate import Eagle3ChainDrafter, TargetVerifier, measure_tau
+from draftfeed.trainer.models.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model):
+    return tiny_model("llama")
+
+
+def prompts(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(3, 150, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
+
+
+@torch.no_grad()
+def greedy(model, ids, n):
+    """The target's own greedy continuation, recomputed from scratch (no cache)."""
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+class OracleDrafter:
+    """Test drafter: proposes the target's greedy tokens (or, `wrong`, a token that is never them)."""
+
+    def __init__(self, model, wrong=False):
+        self.model, self.wrong = model, wrong
+
+    def reset(self, prompt):
+        self.ids = [prompt[0]]
+
+    def extend(self, aux, next_ids):
+        self.ids += next_ids.tolist()
+
+    def propose(self, k):
+        out = greedy(self.model, self.ids, k)
+        return [(t + 1) % 160 for t in out] if self.wrong else out
+
+
+def test_tau_is_k_plus_one_for_the_greedy_oracle_and_one_for_a_wrong_drafter(target):
+    verifier = TargetVerifier(target)
+    good = measure_tau(verifier, OracleDrafter(target), prompts(), K, max_new_tokens=14)
+    assert good.tau == K + 1 and good.rounds == 3 * 3  # 1 prefill token + 3 rounds of 5 >= 14
+    bad = measure_tau(verifier, OracleDrafter(target, wrong=True), prompts(), K, max_new_tokens=14)
+    assert bad.tau == 1.0 and bad.rounds == 3 * 13
+
+
+def test_committed_text_is_the_targets_greedy_text(target):
+    """Verification on the cropped KV cache commits exactly what plain greedy decoding produces."""
+
+    class Recorder(OracleDrafter):
+        def reset(self, prompt):
+            super().reset(prompt)
+            self.prompt = list(prompt)
+
+    for wrong in (False, True):
+        rec = Recorder(target, wrong=wrong)
+        p = prompts(1, seed=3)[0]
+        measure_tau(TargetVerifier(target), rec, [p], K, max_new_tokens=11)
+        text = rec.ids[len(p) :]  # committed after the prompt (minus the last round's bonus)
+        assert text == greedy(target, p, len(text))
+
+
+def test_eos_among_accepted_drafts_ends_the_round_without_bonus(target):
+    p = prompts(1, seed=4)[0]
+    cont = greedy(target, p, 8)
+    eos = cont[2]  # the 3rd generated token: prefill gives cont[0], round 1 accepts cont[1], cont[2]=eos
+    r = measure_tau(TargetVerifier(target), OracleDrafter(target), [p], K, max_new_tokens=50, eos_ids=[eos])
+    assert cont.index(eos) == 2 and r.rounds == 1 and r.committed == 2
+
+
+def constant_target(tiny_model):
+    """The tiny target with a zero final norm: all logits are 0, so its greedy token is always id 0."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_config(tiny_model("llama").config, dtype=torch.float32).eval()
+    m.load_state_dict(tiny_model("llama").state_dict())
+    with torch.no_grad():
+        m.model.norm.weight.zero_()
+    return m.requires_grad_(False)
+
+
+def eagle3_draft(target, vd=None, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    cfg = Eagle3DraftConfig.from_target_config(target.config, draft_vocab_size=vd)
+    d = Eagle3DraftModel(cfg, embed_weight=target.get_input_embeddings().weight).to(dtype)
+    with torch.no_grad():
+        for name, p in d.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return d
+
+
+def test_eagle3_drafter_tau_through_the_real_draft(tiny_model):
+    target = constant_target(tiny_model)
+    draft = eagle3_draft(target, dtype=torch.float32)
+    with torch.no_grad():
+        draft.lm_head.weight.zero_()  # argmax = draft index 0 = target id 0: always right
+    r = measure_tau(TargetVerifier(target), Eagle3ChainDrafter(draft), prompts(), K, max_new_tokens=11)
+    assert r.tau == K + 1
+    ids = torch.arange(5, 5 + 32)  # a draft vocab without id 0: always wrong
+    mask = torch.zeros(160, dtype=torch.bool)
+    mask[ids] = True
+    wrong = eagle3_draft(target, vd=32, dtype=torch.float32)
+    wrong.set_vocab_mapping(ids, mask)
+    r = measure_tau(TargetVerifier(target), Eagle3ChainDrafter(wrong), prompts(), K, max_new_tokens=11)
+    assert r.tau == 1.0 and r.rounds == 3 * 10
+
+
+@pytest.mark.parametrize("norm_output", [False, True])
+def test_cached_chain_equals_the_training_unroll(target, norm_output):
+    """Committed rows added in pieces to the KV cache, then a chain of K steps fed the true next tokens,
+    give the logits of the TTT unroll at the last committed slot (same attention pattern, same positions)."""
+    torch.manual_seed(1)
+    draft = eagle3_draft(target, vd=48)
+    if norm_output:
+        draft.config.norm_output = True
+    ids = torch.randperm(160)[:48]
+    mask = torch.zeros(160, dtype=torch.bool)
+    mask[ids] = True
+    draft.set_vocab_mapping(ids, mask)
+    s, n = 14, 9  # sequence length; committed rows 0..n-1
+    x = torch.randint(0, 160, (1, s + 1))
+    aux = torch.randn(1, s, 3 * 32, dtype=torch.float64)
+    shifted = x[:, 1:]  # slot t holds x_{t+1}
+    unrolled = draft(aux, shifted, torch.ones(1, s, dtype=torch.long), ttt_steps=K)
+    drafter = Eagle3ChainDrafter(draft)
+    drafter.reset(x[0].tolist())
+    drafter.extend(aux[0, :4], shifted[0, :4])
+    drafter.extend(aux[0, 4:n], shifted[0, 4:n])
+    # step k at slot n-1 embeds x_{n+k}: the chain after d_1 is fed x_{n+1}, x_{n+2}, ...
+    forced = [int(t) for t in x[0, n + 1 : n + 1 + K]]
+    _, logits = drafter.chain(K, forced=forced)
+    for k in range(K):
+        torch.testing.assert_close(logits[k], unrolled[k][0, n - 1], rtol=1e-10, atol=1e-10)
+    # and the committed rows' own logits equal step 0 at every slot
+    h = drafter.last_h
+    torch.testing.assert_close(draft.compute_logits(h)[0, -1], unrolled[0][0, n - 1])

@@ -1,0 +1,272 @@
+"""Real acceptance length tau of a chain draft against the target: speculative decoding, batch 1, greedy.
+
+Protocol (ALGORITHMS.md sections 1 "Inference (chain)" and 4): the target prefills the prompt x_0..x_{n-1}
+(aux states A_t, bonus x_n = argmax). Each round the drafter proposes K tokens d_1..d_K; the target runs
+[x_n, d_1..d_K] once on its KV cache; a = the longest prefix with d_i = the target's argmax at the previous
+position; d_1..d_a and the target's next token are committed (a + 1 tokens; an eos among the accepted drafts
+ends the round and the prompt without the bonus). tau = committed tokens / rounds, pooled over all prompts
+(sum(a+1) / rounds). Generation of a prompt stops at eos or after `max_new_tokens`.
+
+The EAGLE-3 drafter keeps a KV cache of committed rows (row t = (fc(A_t), emb(x_{t+1})) at position t).
+A proposal runs d_1 from the last committed row's output, then K-1 chain rows (previous raw output,
+emb(d_{j-1})) at the next positions on a temporary extension of the cache, which is discarded; after
+verification the rows of the newly committed tokens are appended with the target's aux states from the
+verify pass. Any object with `reset` / `extend` / `propose` can be measured (`ChainDrafter`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+
+from draftfeed.client.layers import default_eagle3_layer_ids
+
+from .models.eagle3 import Eagle3DraftModel
+
+__all__ = [
+    "ChainDrafter",
+    "Eagle3ChainDrafter",
+    "TargetVerifier",
+    "TauResult",
+    "measure_tau",
+    "prompt_token_ids",
+    "load_prompt_sets",
+    "run_eval",
+]
+
+
+class ChainDrafter(Protocol):
+    def reset(self, prompt: Sequence[int]) -> None:
+        """Start a new prompt (its token ids; the rows come with `extend`)."""
+
+    def extend(self, aux: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """Commit rows: aux [m,3H] are the target's aux states of the next m positions t, next_ids [m] the
+        tokens x_{t+1} that follow them."""
+
+    def propose(self, k: int) -> list[int]:
+        """k draft tokens (target ids) continuing the committed text."""
+
+
+class Eagle3ChainDrafter:
+    """Chain drafting with an `Eagle3DraftModel` and a KV cache of the committed rows."""
+
+    def __init__(self, draft: Eagle3DraftModel):
+        self.draft = draft.eval()
+        self.reset(())
+
+    def reset(self, prompt: Sequence[int] = ()) -> None:
+        self.past_k = self.past_v = None
+        self.last_h: torch.Tensor | None = None  # raw layer output of the last committed row [1,1,H]
+        self.rows = 0
+
+    @torch.no_grad()
+    def extend(self, aux: torch.Tensor, next_ids: torch.Tensor) -> None:
+        d = self.draft
+        m = aux.shape[0]
+        g = d.project_hidden_states(aux[None].to(d.fc.weight.device))
+        pos = torch.arange(self.rows, self.rows + m, device=g.device)[None]
+        h, k, v = d.decode(next_ids[None].to(g.device), g, pos, self.past_k, self.past_v)
+        self.past_k = k if self.past_k is None else torch.cat((self.past_k, k), 2)
+        self.past_v = v if self.past_v is None else torch.cat((self.past_v, v), 2)
+        self.last_h = h[:, -1:]
+        self.rows += m
+
+    @torch.no_grad()
+    def chain(self, k: int, forced: Sequence[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+        """(draft tokens, draft-vocab logits [Vd] per step); `forced` feeds given tokens instead of the
+        draft's own (a test compares this with the training-time unroll)."""
+        d = self.draft
+        ids = d.selected_token_ids()
+        h, pk, pv = self.last_h, self.past_k, self.past_v
+        tokens, logits = [], []
+        for j in range(k):
+            lg = d.compute_logits(h)[0, -1]
+            logits.append(lg)
+            tokens.append(int(ids[lg.argmax()]) if forced is None else int(forced[j]))
+            if j == k - 1:
+                break
+            pos = torch.tensor([[self.rows + j]], device=h.device)
+            tok = torch.tensor([[tokens[-1]]], device=h.device)
+            h, kk, vv = d.decode(tok, d.next_input(h), pos, pk, pv)
+            pk, pv = torch.cat((pk, kk), 2), torch.cat((pv, vv), 2)
+        return tokens, logits
+
+    def propose(self, k: int) -> list[int]:
+        return self.chain(k)[0]
+
+
+class TargetVerifier:
+    """The in-process target on a KV cache: prefill, verify a block, crop back to the committed text."""
+
+    def __init__(self, model, aux_layer_ids: Sequence[int] | None = None):
+        from draftfeed.server.capture import discover
+
+        self.model = model.eval()
+        self.num_layers = discover(model).num_layers
+        self.aux_layer_ids = list(aux_layer_ids or default_eagle3_layer_ids(self.num_layers))
+        self.device = next(model.parameters()).device
+        self.cache = None
+        self.length = 0
+
+    @torch.no_grad()
+    def run(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `ids` after the cached prefix: (aux [m,3H], argmax [m])."""
+        x = torch.tensor([list(ids)], device=self.device)
+        out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, output_hidden_states=True)
+        self.cache = out.past_key_values
+        self.length += len(ids)
+        aux = torch.cat([out.hidden_states[i + 1][0] for i in self.aux_layer_ids], dim=-1)
+        return aux, out.logits[0].argmax(-1)
+
+    def reset(self) -> None:
+        self.cache, self.length = None, 0
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions (a negative `crop` removes that many in every transformers 5.x)."""
+        if length < self.length:
+            self.cache.crop(length - self.length)
+            self.length = length
+
+
+@dataclass
+class TauResult:
+    name: str
+    prompts: int = 0
+    rounds: int = 0
+    committed: int = 0  # tokens committed by verification rounds (the prefill's bonus token not included)
+    seconds: float = 0.0
+    accept_hist: list[int] = field(default_factory=list)  # rounds by tokens committed (index = a + 1)
+
+    @property
+    def tau(self) -> float:
+        return self.committed / max(1, self.rounds)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tau": self.tau}
+
+
+def measure_tau(
+    target: TargetVerifier,
+    drafter: ChainDrafter,
+    prompts: Sequence[Sequence[int]],
+    k: int,
+    max_new_tokens: int,
+    eos_ids: Sequence[int] = (),
+    name: str = "",
+    log=None,
+) -> TauResult:
+    """Pooled tau of `drafter` over token-id `prompts` (greedy verification, K = `k` drafts per round)."""
+    eos = set(eos_ids)
+    res = TauResult(name=name, accept_hist=[0] * (k + 2))
+    start = time.perf_counter()
+    for n, prompt in enumerate(prompts):
+        target.reset()
+        drafter.reset(prompt)
+        aux, pred = target.run(prompt)
+        committed = list(prompt) + [int(pred[-1])]
+        drafter.extend(aux, torch.tensor(committed[1:]))
+        new = 1
+        while new < max_new_tokens and committed[-1] not in eos:
+            drafts = drafter.propose(k)
+            p = len(committed) - 1
+            aux, pred = target.run([committed[-1]] + list(drafts))
+            a = 0
+            while a < k and drafts[a] == int(pred[a]):
+                a += 1
+            stop = next((i for i in range(a) if drafts[i] in eos), None)
+            got = drafts[: stop + 1] if stop is not None else list(drafts[:a]) + [int(pred[a])]
+            committed += got
+            new += len(got)
+            res.rounds += 1
+            res.committed += len(got)
+            res.accept_hist[len(got)] += 1
+            if stop is not None:
+                break
+            target.crop(p + a + 1)
+            drafter.extend(aux[: a + 1], torch.tensor(committed[p + 1 : p + a + 2]))
+        res.prompts += 1
+        if log is not None and (n + 1) % 10 == 0:
+            log(f"{name}: {n + 1}/{len(prompts)} prompts, tau {res.tau:.3f}")
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def prompt_token_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """A chat prompt rendered with the template and the generation prompt, as token ids."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def load_prompt_sets(names: Sequence[str], tokenizer, limit: int | None = None) -> dict[str, list[list[int]]]:
+    """name -> prompts as token ids: "mtbench" (first turns), "humaneval", or a chat file (its first user turn)."""
+    from .data import load_humaneval, load_mtbench, read_chat_file
+
+    out = {}
+    for name in names:
+        if name == "mtbench":
+            msgs = [p.first_turn_messages() for p in load_mtbench()]
+        elif name == "humaneval":
+            msgs = [p.first_turn_messages() for p in load_humaneval()]
+        else:
+            msgs = []
+            for conv in read_chat_file(name):
+                first = next(i for i, m in enumerate(conv) if m["role"] == "user")
+                msgs.append(conv[: first + 1])
+        out[name] = [prompt_token_ids(tokenizer, m) for m in msgs[:limit]]
+    return out
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids |= set(extra) if isinstance(extra, list) else {extra}
+    return sorted(i for i in ids if i is not None)
+
+
+def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
+    """`draftfeed eval`: tau of the exported draft `cfg.draft` on each prompt set (an `EvalConfig`)."""
+    from draftfeed.server.loading import load_target, load_tokenizer
+
+    from .export import load_eagle3, read_eagle3_config
+    from .loop import resolve_device
+
+    device = resolve_device(cfg.device)
+    dtype = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "bfloat16": torch.bfloat16,
+    }.get(cfg.dtype, torch.float32)
+    if model is None:
+        model = load_target(cfg.target_model, device=device, dtype=dtype)
+    tokenizer = tokenizer or load_tokenizer(cfg.target_model)
+    _, raw = read_eagle3_config(cfg.draft)
+    aux_ids = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    draft = load_eagle3(cfg.draft, model.get_input_embeddings().weight, device=device, dtype=model.dtype)
+    target = TargetVerifier(model, aux_ids)
+    drafter = Eagle3ChainDrafter(draft)
+    eos = eos_token_ids(tokenizer, model)
+
+    def say(m):
+        print(m, file=sys.stderr, flush=True)
+
+    results = {}
+    for name, prompts in load_prompt_sets(cfg.prompts, tokenizer, cfg.limit).items():
+        r = measure_tau(
+            target, drafter, prompts, cfg.num_draft_tokens, cfg.max_new_tokens, eos, name, log=say
+        )
+        results[name] = r
+        print(
+            f"{name}: tau {r.tau:.3f} over {r.rounds} rounds, {r.prompts} prompts, K={cfg.num_draft_tokens} "
+            f"({r.seconds:.0f} s)",
+            flush=True,
+        )
+    if cfg.out:
+        with open(cfg.out, "w", encoding="utf-8") as f:
+            json.dump({k: v.as_dict() for k, v in results.items()}, f, indent=2)
+    return results
