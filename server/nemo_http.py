@@ -1,0 +1,489 @@
+"""NeMo AutoModel's remote-target HTTP protocol (shared/NEMO_PROTOCOL.md) on its own port, so a NeMo
+recipe with `target_model_backend: remote` can point `remote_urls` at a draftfeed server unchanged.
+
+Endpoints, the NMET blob (server/nemo_blob.py) and the reply dtypes are theirs. What differs, on purpose:
+
+- Each HTTP client gets its OWN EAGLE-3 session (the server's default aux layer ids, raw encodings) on
+  the shared scheduler, so its requests batch with the gRPC jobs and its vocab mapping never reaches
+  another client. `/disconnect` closes only that session; the server keeps serving.
+- `/init_nccl` answers `disabled`, so clients stay on the HTTP path.
+- Errors: malformed input is 4xx, the rest 500, with the message in the JSON body
+  (`{"detail": ...}`); uvicorn always sends the standard reason phrase, so the message cannot travel
+  as the reason as in NeMo's server. Their client calls `raise_for_status()` and retries only
+  connection errors and timeouts, so every 4xx/5xx fails the call the same way as their 500 did.
+
+Which client is which. ASGI gives a handler no connection object: `scope["client"]` (peer host, port)
+is one TCP connection, but a NeMo client does not keep one connection. uvicorn closes a connection
+idle for `timeout_keep_alive`, their `generate_batch_async` pool (2 threads) can hold two pooled
+connections of one `requests.Session`, and a retry after a connection error reconnects; each of
+these arrives from a new port (checked: after an idle timeout and after `Session.close()` the port
+changed). A `requests.Session` does keep cookies across all its connections and threads, so the key
+is, first that is present:
+  1. the `X-Draftfeed-Client` header (a client that names itself; also its job name);
+  2. the `draftfeed_client` cookie this server sets on its first answer to a client;
+  3. the connection (host, port) for clients that keep no cookies: bound to the id minted for it
+     and forgotten once idle longer than the keep-alive timeout (then the connection is closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from draftfeed.client.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from draftfeed.client.payload import decode_fields
+
+from .checks import check_generate_inputs
+from .features import TokenBatch
+from .nemo_blob import BlobLimits, BlobTooLarge, blob_segments, decode_blob
+from .sessions import Session
+
+__all__ = ["NemoHTTPServer", "NemoClients", "build_nemo_app", "CLIENT_HEADER", "CLIENT_COOKIE"]
+
+log = logging.getLogger("draftfeed.nemo_http")
+
+CLIENT_HEADER = "X-Draftfeed-Client"
+CLIENT_COOKIE = "draftfeed_client"
+_HEADER_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_COOKIE_ID = re.compile(r"[0-9a-f]{32}")
+_GENERATE_KEYS = ("input_ids", "attention_mask", "loss_mask")
+_SMALL_BODY = 64 << 10
+_DRAIN_CAP = 64 << 20  # read and drop up to this much of an oversize body, so the 413 reaches the client
+_CHUNK = 1 << 20  # measured (2-core VM, loopback, 277 MiB reply): 2.3-2.6 GB/s sent at 1 MiB, 1-1.9 at 4 MiB
+
+# error class -> HTTP status (the first matching base wins; anything else is 500)
+_STATUS = (
+    (BlobTooLarge, 413),
+    (InvalidArgument, 400),
+    (FailedPrecondition, 409),
+    (NotFound, 404),
+    (ResourceExhausted, 413),
+    (Unauthenticated, 401),
+    (PermissionDenied, 403),
+    (Unavailable, 503),
+)
+
+
+@dataclass
+class _Client:
+    key: str
+    how: str  # how the client was identified, for messages
+    session: Session
+    last_seen: float
+
+
+class NemoClients:
+    """Who each HTTP client is, and its own EAGLE-3 session (thread-safe)."""
+
+    def __init__(self, server, keep_alive_s: float = 75.0, max_clients: int = 256):
+        self.server = server
+        self.keep_alive_s = keep_alive_s
+        self.max_clients = max_clients
+        self._clients: dict[str, _Client] = {}
+        self._by_conn: dict[tuple, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def identify(self, request: Request) -> tuple[str, str, str | None]:
+        """(key, how it was identified, a cookie value to set or None)."""
+        named = request.headers.get(CLIENT_HEADER)
+        if named is not None:
+            if not _HEADER_ID.fullmatch(named):
+                raise InvalidArgument(
+                    f"{CLIENT_HEADER} must be 1-128 visible ASCII characters without spaces, got {named[:40]!r}"
+                )
+            return f"header:{named}", f"header {CLIENT_HEADER}={named}", None
+        cookie = request.cookies.get(CLIENT_COOKIE)
+        if cookie is not None and _COOKIE_ID.fullmatch(cookie):
+            return f"cookie:{cookie}", f"cookie {CLIENT_COOKIE}={cookie[:8]}...", None
+        peer = request.scope.get("client")
+        now = time.monotonic()
+        with self._lock:
+            bound = self._by_conn.get(peer) if peer else None
+            cid = bound[0] if bound and now - bound[1] <= self.keep_alive_s else uuid.uuid4().hex
+            if peer:
+                self._by_conn[peer] = (cid, now)
+                if len(self._by_conn) > 4096:
+                    self._by_conn = {
+                        p: b for p, b in self._by_conn.items() if now - b[1] <= self.keep_alive_s
+                    }
+        how = (
+            f"its connection {peer[0]}:{peer[1]} (it sent no {CLIENT_HEADER} header and did not send back "
+            f"the {CLIENT_COOKIE} cookie, so a new connection is a new client)"
+            if peer
+            else "nothing stable (no header, no cookie, no peer address)"
+        )
+        return f"cookie:{cid}", how, cid
+
+    def session(self, key: str) -> Session | None:
+        with self._lock:
+            c = self._clients.get(key)
+            if c is None:
+                return None
+            if c.session.closed:  # closed elsewhere (server stopping, admin)
+                del self._clients[key]
+                return None
+            c.last_seen = time.monotonic()
+            return c.session
+
+    def set_mapping(
+        self, key: str, how: str, job_name: str, ids: torch.Tensor, mask: torch.Tensor
+    ) -> Session:
+        """Set the client's vocab mapping, opening its session on first use."""
+        with self._lock:
+            c = self._clients.get(key)
+            if c is not None and not c.session.closed:
+                self.server.sessions.set_mapping(c.session, ids, mask)
+                c.last_seen = time.monotonic()
+                return c.session
+            if len(self._clients) >= self.max_clients:
+                self._evict_locked()
+            session = self.server.sessions.open("eagle3", None, job_name, False, None, 1.0, (ids, mask))
+            self._clients[key] = _Client(key, how, session, time.monotonic())
+            return session
+
+    def _evict_locked(self) -> None:
+        idle = [c for c in self._clients.values() if c.session.stats.in_flight == 0]
+        if not idle:
+            raise ResourceExhausted(
+                f"this server already serves {self.max_clients} NeMo HTTP clients, all busy; retry later"
+            )
+        old = min(idle, key=lambda c: c.last_seen)
+        log.warning(
+            "NeMo HTTP clients at the cap of %d: closing the least recent, %s", self.max_clients, old.how
+        )
+        del self._clients[old.key]
+        self._close_session(old.session)
+
+    def disconnect(self, key: str) -> bool:
+        with self._lock:
+            c = self._clients.pop(key, None)
+        if c is None:
+            return False
+        self._close_session(c.session)
+        return True
+
+    def close_all(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for c in clients:
+            self._close_session(c.session)
+
+    def _close_session(self, session: Session) -> None:
+        try:
+            self.server.sessions.close(session.id)
+        except NotFound:
+            pass
+        self.server.scheduler.cancel_session(session.id)
+
+
+def _status_of(err: BaseException) -> int:
+    for cls, status in _STATUS:
+        if isinstance(err, cls):
+            return status
+    return 500
+
+
+def _endpoint(fn):
+    """Run a handler; draftfeed errors become their 4xx/5xx, anything else 500, each with the message
+    as JSON `detail`. A cookie minted for a new client is set on every answer, errors included."""
+
+    @functools.wraps(fn)
+    async def handler(request: Request) -> Response:
+        try:
+            response = await fn(request)
+        except Exception as err:  # noqa: BLE001 - mapped to a status; the server keeps serving
+            status = _status_of(err)
+            name = fn.__name__.removeprefix("_")
+            if status == 500:
+                log.exception("/%s failed", name)
+                msg = f"/{name} failed inside the server: {type(err).__name__}: {err}"
+            else:
+                log.info("/%s: %d %s", name, status, err)
+                msg = str(err)
+            response = JSONResponse({"detail": msg}, status_code=status)
+            if status == 503:
+                response.headers["Retry-After"] = "1"
+        cookie = getattr(request.state, "mint_cookie", None)
+        if cookie:
+            response.set_cookie(CLIENT_COOKIE, cookie, path="/", httponly=True, samesite="strict")
+        return response
+
+    return handler
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or BlobTooLarge past `limit` bytes (after reading and dropping up to
+    `_DRAIN_CAP` more, so the client can finish sending and read the answer)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and not declared.isdigit():
+        raise InvalidArgument(f"Content-Length {declared!r} is not a byte count")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total <= limit:
+            chunks.append(chunk)
+        elif total > limit + _DRAIN_CAP:
+            break
+    if total > limit:
+        raise BlobTooLarge(
+            f"request body of {declared or total} bytes is over this endpoint's limit of {limit} bytes"
+        )
+    return b"".join(chunks)
+
+
+async def _chunks(parts: list[memoryview]) -> AsyncIterator[memoryview]:
+    for p in parts:
+        for i in range(0, len(p), _CHUNK):
+            yield p[i : i + _CHUNK]
+
+
+def _blob_response(tensors: dict[str, torch.Tensor | None]) -> tuple[Response, int]:
+    total, parts = blob_segments(tensors)
+    headers = {"content-length": str(total)}
+    return StreamingResponse(_chunks(parts), media_type="application/octet-stream", headers=headers), total
+
+
+def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> FastAPI:
+    """The FastAPI app for `server` (a TargetServer: sessions, scheduler, info, model, cfg)."""
+    app = FastAPI(
+        title="draftfeed NeMo remote-target protocol", docs_url=None, redoc_url=None, openapi_url=None
+    )
+    info, limits = server.info, server.cfg.limits
+    generate_limit = 3 * 8 * limits.max_batch_tokens + 4096
+    mapping_limit = 9 * info.vocab_size + 4096
+
+    def identify(request: Request) -> tuple[str, str]:
+        key, how, mint = clients.identify(request)
+        request.state.mint_cookie = mint
+        return key, how
+
+    def ok(body: dict | None = None) -> Response:
+        return JSONResponse(body or {"status": "ok"})
+
+    def check_serving() -> None:
+        if not server.ready:
+            raise Unavailable("the server is draining and takes no new work; use another server")
+
+    async def _health(request: Request):
+        if not server.ready:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return ok()
+
+    async def _heartbeat(request: Request):
+        key, _ = identify(request)
+        await _read_body(request, _SMALL_BODY)
+        clients.session(key)  # refreshes last_seen
+        return ok()
+
+    async def _model_info(request: Request):
+        identify(request)
+        await _read_body(request, _SMALL_BODY)
+        return ok(
+            {
+                "num_hidden_layers": info.num_hidden_layers,
+                "hidden_size": info.hidden_size,
+                "vocab_size": info.vocab_size,
+                "aux_layer_ids": list(info.eagle3_default_layer_ids),
+            },
+        )
+
+    def embeddings() -> torch.Tensor:  # not kept: NeMo's client asks once and caches it
+        return server.model.get_input_embeddings().weight.detach().to("cpu").contiguous()
+
+    async def _input_embeddings(request: Request):
+        identify(request)
+        await _read_body(request, _SMALL_BODY)
+        return _blob_response({"weight": await run_in_threadpool(embeddings)})[0]
+
+    async def _set_vocab_mapping(request: Request):
+        key, how = identify(request)
+        check_serving()
+        blob = decode_blob(await _read_body(request, mapping_limit), BlobLimits(mapping_limit, max_entries=4))
+        _expect_keys(blob, ("selected_token_ids", "selected_token_mask"), "set_vocab_mapping")
+        job = key.removeprefix("header:") if key.startswith("header:") else _job_name(request, key)
+        clients.set_mapping(key, how, job, blob["selected_token_ids"], blob["selected_token_mask"])
+        return ok()
+
+    async def _init_nccl(request: Request):
+        identify(request)
+        await _read_body(request, _SMALL_BODY)
+        return ok({"status": "disabled"})
+
+    async def _disconnect(request: Request):
+        key, _ = identify(request)
+        await _read_body(request, _SMALL_BODY)
+        clients.disconnect(key)
+        return ok()
+
+    async def _generate(request: Request):
+        key, how = identify(request)
+        check_serving()
+        blob = decode_blob(
+            await _read_body(request, generate_limit), BlobLimits(generate_limit, max_entries=8)
+        )
+        _expect_keys(blob, _GENERATE_KEYS, "generate")
+        session = clients.session(key)
+        if session is None:
+            raise FailedPrecondition(
+                "no vocab mapping for this client yet: POST /set_vocab_mapping first. Each client has its "
+                f"own mapping on this server; this one is identified by {how}"
+            )
+        session.check_ready()
+        tb = TokenBatch(*(blob[k] for k in _GENERATE_KEYS))
+        check_generate_inputs(
+            tb.input_ids, tb.attention_mask, tb.loss_mask, vocab_size=info.vocab_size, limits=limits
+        )
+        reply = await _result(session, await _submit(server.scheduler, session, tb, queue_wait_s))
+        if reply.ready is not None:
+            await run_in_threadpool(reply.wait)
+        fields = decode_fields(reply.tensors, reply.meta)
+        response, nbytes = _blob_response(
+            {
+                "aux_hidden_states": fields["aux_hidden_states"],
+                "target_probs": fields["target_probs"].float(),
+                "position_mask": fields["position_mask"].bool(),
+                "input_ids": fields["input_ids"].long(),
+                "loss_mask": fields["loss_mask"].long(),
+            }
+        )
+        session.stats.requests += 1
+        session.stats.tokens += reply.tokens
+        session.stats.bytes_sent += nbytes
+        server.scheduler.metrics.record_reply(reply.tokens, {"raw": nbytes})
+        return response
+
+    routes = {
+        "/health": (["GET", "POST"], _health),
+        "/heartbeat": (["GET", "POST"], _heartbeat),
+        "/model_info": (["GET", "POST"], _model_info),
+        "/input_embeddings": (["POST"], _input_embeddings),
+        "/set_vocab_mapping": (["POST"], _set_vocab_mapping),
+        "/init_nccl": (["POST"], _init_nccl),
+        "/generate": (["POST"], _generate),
+        "/disconnect": (["POST"], _disconnect),
+    }
+    for path, (methods, fn) in routes.items():
+        app.add_api_route(path, _endpoint(fn), methods=methods, include_in_schema=False)
+    return app
+
+
+def _job_name(request: Request, key: str) -> str:
+    peer = request.scope.get("client")
+    return f"nemo-http {peer[0] if peer else '?'} {key.removeprefix('cookie:')[:8]}"
+
+
+def _expect_keys(blob: dict, keys: tuple[str, ...], endpoint: str) -> None:
+    missing = [k for k in keys if blob.get(k) is None]
+    extra = [k for k in blob if k not in keys]
+    if missing or extra:
+        problems = [
+            f"{what} {names}" for what, names in (("missing", missing), ("unexpected", extra)) if names
+        ]
+        raise InvalidArgument(
+            f"the /{endpoint} blob must hold exactly {', '.join(keys)} as tensors; {'; '.join(problems)}"
+        )
+
+
+async def _submit(scheduler, session: Session, tb: TokenBatch, wait_s: float):
+    """Queue the request; while the shared queue is full, wait (their client does not retry a refusal)."""
+    loop = asyncio.get_running_loop()
+    deadline, delay = loop.time() + wait_s, 0.01
+    while True:
+        try:
+            return scheduler.submit(session, tb)
+        except ResourceExhausted as err:
+            if loop.time() + delay > deadline:
+                raise Unavailable(f"the server's queue stayed full for {wait_s:.0f} s ({err})") from None
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
+
+
+async def _result(session: Session, future):
+    """The scheduler's reply, without blocking the event loop; fails if the session closes meanwhile."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=1.0)
+        if done:
+            if waiting.cancelled():
+                break
+            return waiting.result()
+        if session.closed:
+            future.cancel()
+            break
+    raise FailedPrecondition(
+        "this client's session was closed (/disconnect or shutdown) while its request waited"
+    )
+
+
+class NemoHTTPServer:
+    """uvicorn serving the NeMo protocol for `target_server` in a background thread; `port` is the
+    bound port after `start()` (0 picks a free one). `stop()` closes the sessions it opened."""
+
+    def __init__(
+        self,
+        target_server,
+        host: str,
+        port: int,
+        *,
+        keep_alive_s: float = 75.0,
+        max_clients: int = 256,
+        queue_wait_s: float = 60.0,
+        grace_s: float = 10.0,
+    ):
+        self.clients = NemoClients(target_server, keep_alive_s, max_clients)
+        self.app = build_nemo_app(target_server, self.clients, queue_wait_s)
+        self.config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_keep_alive=int(keep_alive_s),
+            timeout_graceful_shutdown=int(grace_s),
+        )
+        self.uvicorn = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.uvicorn.run, name="draftfeed-nemo-http", daemon=True)
+        self.host = host
+        self.port = port
+        self.grace_s = grace_s
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]") else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> NemoHTTPServer:
+        self.thread.start()
+        deadline = time.time() + 15
+        while not self.uvicorn.started and time.time() < deadline and self.thread.is_alive():
+            time.sleep(0.02)
+        if not self.uvicorn.started:
+            raise OSError(f"the NeMo HTTP server did not start on {self.config.host}:{self.config.port}")
+        self.port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
+        log.info("NeMo remote-target HTTP protocol on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(self.grace_s + 5)
+        self.clients.close_all()
