@@ -263,15 +263,18 @@ def explain_unavailable(target: Target, security: ChannelSecurity, err: Draftfee
             f"server with --tls-cert/--tls-key ({err})"
         )
     if target.tls:
-        hint = (
-            "the server may require a client certificate (client_cert=, client_key=)"
-            if security.client_cert is None
-            else "check that the server trusts this client certificate's CA (--tls-client-ca)"
-        )
-        return Unavailable(
-            f"{target.url}: the TLS handshake failed: check ca_file= (the CA that signed the server's "
-            f"certificate) and the name it was issued for (server_name=); {hint} ({err})"
-        )
+        text = str(err)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "BAD_SIGNATURE" in text:
+            hint = (
+                "this client does not trust the server's certificate: pass ca_file= (the CA that signed it)"
+            )
+        elif "Hostname Verification" in text:
+            hint = "the server's certificate is not issued for this name: pass server_name= (a name it lists)"
+        elif security.client_cert is None:
+            hint = "the server may require a client certificate (client_cert=, client_key=)"
+        else:
+            hint = "the server did not accept this client certificate (is it signed by its --tls-client-ca?)"
+        return Unavailable(f"{target.url}: the TLS handshake failed: {hint} ({err})")
     return err
 
 

@@ -144,13 +144,20 @@ class _RemoteTarget:
         self._ids = itertools.count(1)
         self.security = ChannelSecurity(ca_file, client_cert, client_key, token, server_name)
         self.servers: list[_Server] = []
+        failures: list[tuple[str, Unavailable]] = []
         for url in urls:
             try:
                 self.servers.append(_Server(url, timeout, self.security))
             except Unavailable as err:
-                warnings.warn(f"draftfeed: skipping server {url}: {err}", stacklevel=3)
+                failures.append((url, err))
         if not self.servers:
-            raise Unavailable(f"none of the target servers answered: {', '.join(urls)}")
+            if len(failures) == 1:
+                raise failures[0][1]
+            raise Unavailable(
+                "none of the target servers answered: " + "; ".join(f"{u}: {e}" for u, e in failures)
+            )
+        for url, err in failures:
+            warnings.warn(f"draftfeed: skipping server {url}: {err}", stacklevel=3)
         self.info = self.servers[0].info
         self._check_info(layer_ids)
         self._turn = itertools.cycle(range(len(self.servers)))
