@@ -1,13 +1,17 @@
-"""The admin HTTP app (fastapi on its own port): health, readiness, Prometheus metrics, sessions."""
+"""The admin HTTP app (fastapi on its own port): health, readiness, Prometheus metrics, sessions,
+and the status page (`/` or `/status`, polling `/status.json`)."""
 
 from __future__ import annotations
 
 import threading
 import time
+from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+
+from .status import StatusHistory, status_json, status_page, status_page_csp
 
 __all__ = ["build_admin_app", "AdminServer", "prometheus_text", "sessions_json"]
 
@@ -98,7 +102,25 @@ def prometheus_text(server) -> str:
 
 
 def build_admin_app(server) -> FastAPI:
-    app = FastAPI(title="draftfeed admin", docs_url=None, redoc_url=None)
+    history = StatusHistory(server)
+    page = status_page()
+    page_headers = {
+        "Content-Security-Policy": status_page_csp(page),
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        history.start()
+        try:
+            yield
+        finally:
+            history.stop()
+
+    app = FastAPI(title="draftfeed admin", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.status_history = history
 
     @app.get("/healthz")
     def healthz():
@@ -118,6 +140,15 @@ def build_admin_app(server) -> FastAPI:
     @app.get("/sessions")
     def sessions():
         return {"time": time.time(), "sessions": sessions_json(server)}
+
+    @app.get("/", response_class=HTMLResponse)
+    @app.get("/status", response_class=HTMLResponse)
+    def status():
+        return HTMLResponse(page, headers=page_headers)
+
+    @app.get("/status.json")
+    def status_document():
+        return JSONResponse(status_json(server, history), headers={"Cache-Control": "no-store"})
 
     @app.get("/favicon.ico")
     def favicon():
