@@ -439,12 +439,24 @@ _KINDS = {
 }
 
 
-def grpc_options(max_message_bytes: int = 256 << 20) -> list[tuple[str, int]]:
-    """Channel/server options both ends should use: requests (token ids, masks) may exceed gRPC's 4 MiB default."""
-    return [
+def grpc_options(
+    max_message_bytes: int = 256 << 20, window_bytes: int | None = None
+) -> list[tuple[str, int]]:
+    """Channel/server options both ends should use.
+
+    max_message_bytes: requests (token ids, masks) may exceed gRPC's 4 MiB default, and a chunk
+        frame is a few bytes longer than `max_chunk_bytes`.
+    window_bytes: None keeps gRPC's adaptive HTTP/2 flow-control window (BDP probing: best across
+        hosts); a number fixes the receive window (BDP probing off), which bounds how many bytes
+        gRPC buffers ahead of the reader (lower peak memory on loopback).
+    """
+    options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    if window_bytes is not None:
+        options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window_bytes)]
+    return options
 
 
 def _methods():
