@@ -34,9 +34,9 @@ def model(tiny_model):
 class Served:
     """`draftfeed serve` in a subprocess; stdout/stderr collected by threads."""
 
-    def __init__(self, model_dir, *args):
+    def __init__(self, model_dir, *args, launcher=(sys.executable,), timeout=60):
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "draftfeed.server.cli", "serve", "--model", model_dir, "--port", "0"]
+        cmd = [*launcher, "-m", "draftfeed.server.cli", "serve", "--model", model_dir, "--port", "0"]
         self.proc = subprocess.Popen(
             [*cmd, "--device", "cpu", *args],
             env=env,
@@ -50,7 +50,7 @@ class Served:
             threading.Thread(
                 target=lambda s=stream, k=sink: k.extend(iter(s.readline, "")), daemon=True
             ).start()
-        deadline = time.time() + 60
+        deadline = time.time() + timeout
         while not any("serving on" in line for line in self.out):
             assert self.proc.poll() is None and time.time() < deadline, "".join(self.err)[-3000:]
             time.sleep(0.05)
