@@ -12,7 +12,7 @@ Sessions live on one server. On a balanced channel each call can land on another
 client sends its session's spec (what it opened: algorithm, layer ids, encodings, vocab mapping)
 as binary metadata with every session call; a replica that does not know the session id opens it
 under that id from the spec (server/directory.py). The spec travels compressed (a vocab mapping
-of 32k draft ids compresses to about 60 KiB); servers accept metadata of up to `MAX_METADATA_BYTES`.
+of 32k draft ids compresses to about 100-130 KiB); servers accept metadata of up to `MAX_METADATA_BYTES`.
 """
 
 from __future__ import annotations
