@@ -454,3 +454,26 @@ def test_draining_server_answers_503(model):
     finally:
         nemo.stop()
         target.stop(grace=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_reply_equals_inprocess(tiny_dirs):
+    """On a GPU the reply comes from pinned host buffers after an event; bf16 aux travels as bf16."""
+    from transformers import AutoModelForCausalLM
+
+    gpu = AutoModelForCausalLM.from_pretrained(tiny_dirs("llama"), dtype=torch.bfloat16).to("cuda").eval()
+    target = TargetServer(ServeConfig(port=0, limits=LIMITS), model=gpu).start()
+    nemo = NemoHTTPServer(target, "127.0.0.1", 0).start()
+    try:
+        c = Client(nemo.url)
+        sel_mask = mapping(160)
+        c.set_vocab_mapping(*sel_mask)
+        got = c.generate(*inputs())
+        want = {k: v.cpu() for k, v in expected(gpu, sel_mask, inputs()).items()}
+        assert got["aux_hidden_states"].dtype == torch.bfloat16
+        assert_exact(got, want)
+        assert unpack(c.call("input_embeddings"))["weight"].dtype == torch.bfloat16
+    finally:
+        nemo.stop()
+        target.stop(grace=0)
