@@ -180,9 +180,13 @@ class BatchScheduler:
             if batch is None:
                 return
             try:
-                live = [w for w in batch if not w.session.closed and w.future.set_running_or_notify_cancel()]
+                live = []
                 for w in batch:
-                    if w not in live:
+                    if w.session.closed:
+                        w.future.cancel()  # closed after it was taken: cancel_session no longer sees it
+                    if not w.future.cancelled() and w.future.set_running_or_notify_cancel():
+                        live.append(w)
+                    else:
                         w.session.stats.in_flight -= 1
                 if live:
                     self._run(live)
