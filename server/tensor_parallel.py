@@ -27,13 +27,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from draftfeed.client.errors import InvalidArgument
+
 from .backends import forward_for
 from .capture import TargetLayout, discover
 from .config import ServeConfig
 from .features import Needs, TokenBatch
 from .model_info import fingerprint
 
-__all__ = ["TensorParallel"]
+__all__ = ["TensorParallel", "check_shardable"]
 
 log = logging.getLogger("draftfeed.tp")
 
@@ -64,6 +66,19 @@ class _Gathered:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def check_shardable(config, world_size: int) -> None:
+    """InvalidArgument unless the attention heads, KV heads and MLP width divide by `world_size`
+    (transformers' plans shard them evenly; an uneven split fails only at the first forward)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for what in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        n = getattr(text, what, None)
+        if isinstance(n, int) and n % world_size:
+            raise InvalidArgument(
+                f"tensor parallel x{world_size} needs {what} ({n}) to divide by {world_size}; "
+                f"this target cannot be sharded that way: serve it on one GPU, or pick a size that divides it"
+            )
 
 
 class TensorParallel:
@@ -106,6 +121,9 @@ class TensorParallel:
                 path = str(default_target_path())
             dist.barrier()
             path = path or str(default_target_path())
+        from transformers import AutoConfig
+
+        check_shardable(AutoConfig.from_pretrained(path, local_files_only=True), world)
         dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=dtype, local_files_only=True)
         model.requires_grad_(False)

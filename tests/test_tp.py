@@ -17,6 +17,22 @@ from draftfeed.client.remote import RemoteDFlashTargetModel, RemoteDSparkTargetM
 from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
 from draftfeed.server.model_info import fingerprint
 
+
+def test_uneven_shards_are_refused_before_loading():
+    import transformers as tf
+
+    from draftfeed.client.errors import InvalidArgument
+    from draftfeed.server.tensor_parallel import check_shardable
+
+    smollm2 = tf.LlamaConfig(
+        hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
+    )
+    with pytest.raises(InvalidArgument, match=r"num_attention_heads \(9\) to divide by 2"):
+        check_shardable(smollm2, 2)
+    check_shardable(smollm2, 3)
+    check_shardable(tf.LlamaConfig(num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192), 2)
+
+
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
 
 
