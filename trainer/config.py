@@ -1,0 +1,438 @@
+"""The trainer's configuration: one `TrainConfig` (nested sections) per training process, one `EvalConfig`
+per evaluation, validated in `__post_init__`.
+
+Sources, later ones winning: the dataclass defaults, a YAML file (sections as nested mappings, e.g.
+`optim: {lr: 3e-4}`), then command-line flags. Each field that has a flag names it in its metadata
+(`flag(...)`), so `add_flags` builds the parser from the dataclasses and `build_config` merges the three
+sources; nothing else reads flags, files or the environment for settings.
+
+Optimiser defaults are NeMo AutoModel's EAGLE-3 recipe (ALGORITHMS.md section 1): AdamW lr 1e-4, betas
+(0.9, 0.95), no weight decay, linear warmup over 5% of the steps, cosine to 0.1 * lr, clip 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TargetConfig",
+    "DataConfig",
+    "Eagle3Config",
+    "OptimConfig",
+    "LoopConfig",
+    "DistConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "ConfigError",
+    "flag",
+    "add_flags",
+    "build_config",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+PROMPT_SETS = ("mtbench", "humaneval")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the flag / key, the value and what is expected."""
+
+
+def flag(name: str | None, help: str, default: Any = dataclasses.MISSING, **kw) -> Any:
+    """A dataclass field with its command-line flag (None: YAML only) and help text."""
+    meta = {"flag": name, "help": help}
+    if "default_factory" in kw:
+        return field(default_factory=kw.pop("default_factory"), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class TargetConfig:
+    """Where the target runs: a server (`url`) or in this process (`model`)."""
+
+    url: list[str] = flag(
+        "--target",
+        "grpc://HOST:PORT of a draftfeed server (repeat or comma-separate for several)",
+        default_factory=list,
+    )
+    model: str | None = flag(
+        "--target-model",
+        "local HF checkpoint: the in-process target when no --target is given, else the local copy whose "
+        "tokenizer and config.json describe the served target (default: built-in SmolLM2-135M-Instruct)",
+        None,
+    )
+    dtype: str = flag(
+        "--target-dtype", "in-process target dtype: auto (bf16 on GPU), bfloat16, float32", "auto"
+    )
+    layer_ids: list[int] | None = flag(
+        "--layer-ids", "target layer ids to capture (default: the algorithm's)", None
+    )
+    encodings: dict[str, str] | None = flag(None, "per tensor kind encoding for a remote target", None)
+    job_name: str = flag("--job-name", "label of this job on the server", "draftfeed-train")
+    timeout: float = flag(None, "seconds per remote request", 120.0)
+
+    def __post_init__(self):
+        urls = []
+        for u in self.url:
+            urls += [p.strip() for p in str(u).split(",") if p.strip()]
+        self.url = urls
+        for u in self.url:
+            _check(
+                "://" not in u or u.startswith("grpc://"),
+                f"--target {u!r}: expected grpc://HOST:PORT",
+            )
+        _check(
+            self.dtype in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"),
+            f"--target-dtype {self.dtype!r}: expected auto, bfloat16, float16 or float32",
+        )
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass
+class DataConfig:
+    """Training conversations and how they become token batches (trainer/data.py)."""
+
+    path: str | None = flag(
+        "--data", "chat JSON/JSONL file (ShareGPT or OpenAI records); default: the packaged ShareGPT", None
+    )
+    limit: int | None = flag("--data-limit", "use at most this many conversations", None)
+    seq_len: int = flag("--seq-len", "tokens per row", 1024)
+    batch_size: int = flag("--batch-size", "rows per micro-batch per rank", 1)
+    pack: bool = flag("--pack", "pack conversations end to end (position_ids / seq_lens)", False)
+    regenerate: bool = flag(
+        "--regenerate", "regenerate the assistant turns with the target itself before training", False
+    )
+    regen_max_new_tokens: int = flag("--regen-max-new-tokens", "tokens per regenerated turn", 256)
+    regen_temperature: float = flag("--regen-temperature", "0 = greedy, else sampled", 0.0)
+    regen_batch_size: int = flag("--regen-batch-size", "prompts per generate call", 16)
+    regen_max_turns: int | None = flag("--regen-max-turns", "regenerate at most this many turns", None)
+    regen_max_prompt_tokens: int = flag(
+        "--regen-max-prompt-tokens", "stop a conversation at a prompt longer than this", 1024
+    )
+    regen_cache: str | None = flag(
+        "--regen-cache", "regenerated data file (default: OUT/regenerated.jsonl)", None
+    )
+
+    def __post_init__(self):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "regen_max_new_tokens",
+            "regen_batch_size",
+            "regen_max_prompt_tokens",
+        ):
+            _check(getattr(self, name) >= 1, f"data.{name}={getattr(self, name)} must be >= 1")
+        _check(self.seq_len >= 2, f"--seq-len {self.seq_len} must be >= 2")
+        _check(self.limit is None or self.limit >= 1, f"--data-limit {self.limit} must be >= 1")
+        _check(self.regen_temperature >= 0, f"--regen-temperature {self.regen_temperature} must be >= 0")
+        _check(
+            self.path is None or Path(self.path).expanduser().is_file(),
+            f"--data {self.path!r}: no such file",
+        )
+
+
+@dataclass
+class Eagle3Config:
+    """The EAGLE-3 draft and its loss (ALGORITHMS.md section 1)."""
+
+    draft_vocab_size: int = flag("--draft-vocab-size", "draft vocab Vd (>= target vocab: identity)", 8192)
+    ttt_steps: int = flag("--ttt-steps", "training-time-test unroll steps K", 4)
+    normalization: str = flag(
+        "--normalization", "masked_mean (AutoModel, default) or full_mean (EAGLE/SpecForge)", "masked_mean"
+    )
+    decay: float = flag("--step-decay", "weight of TTT step k is decay**k", 0.8)
+    norm_output: bool = flag(None, "EAGLE-3.1: feed norm(h) to the next step", False)
+    fc_norm: bool = flag(None, "EAGLE-3.1: RMSNorm per aux chunk before fc", False)
+
+    def __post_init__(self):
+        from .losses import NORMALIZATIONS
+
+        _check(self.draft_vocab_size >= 1, f"--draft-vocab-size {self.draft_vocab_size} must be >= 1")
+        _check(self.ttt_steps >= 1, f"--ttt-steps {self.ttt_steps} must be >= 1")
+        _check(
+            self.normalization in NORMALIZATIONS,
+            f"--normalization {self.normalization!r}: expected one of {', '.join(NORMALIZATIONS)}",
+        )
+        _check(0 < self.decay <= 1, f"--step-decay {self.decay} must be in (0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = flag("--lr", "peak learning rate", 1e-4)
+    betas: list[float] = flag("--betas", "AdamW betas, e.g. 0.9,0.95", default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = flag("--weight-decay", "AdamW weight decay", 0.0)
+    warmup_ratio: float = flag("--warmup-ratio", "linear warmup over this fraction of the steps", 0.05)
+    min_lr_ratio: float = flag("--min-lr-ratio", "cosine decays to this fraction of lr", 0.1)
+    grad_clip: float = flag("--grad-clip", "max gradient norm (0 = off)", 1.0)
+    grad_accum: int = flag("--grad-accum", "micro-batches per optimizer step", 1)
+
+    def __post_init__(self):
+        self.betas = [float(b) for b in self.betas]
+        _check(self.lr > 0, f"--lr {self.lr} must be > 0")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"--betas {self.betas}: two values in [0, 1)",
+        )
+        _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)")
+        _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio {self.min_lr_ratio} must be in [0, 1]")
+        _check(self.grad_clip >= 0, f"--grad-clip {self.grad_clip} must be >= 0")
+        _check(self.grad_accum >= 1, f"--grad-accum {self.grad_accum} must be >= 1")
+        _check(self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
+
+
+@dataclass
+class LoopConfig:
+    steps: int | None = flag("--steps", "optimizer steps (default: --epochs over the data)", None)
+    epochs: int = flag("--epochs", "passes over the data when --steps is not given", 1)
+    prefetch: int = flag("--prefetch", "target batches in flight ahead of training", 2)
+    bf16: bool = flag("--bf16", "bf16 autocast for the draft on GPU", True)
+    device: str = flag(
+        "--device", "trainer device: auto (cuda:LOCAL_RANK when available), cpu, cuda:N", "auto"
+    )
+    log_every: int = flag("--log-every", "optimizer steps between progress lines / metrics", 10)
+    save_every: int = flag("--save-every", "optimizer steps between checkpoints (0: only at the end)", 0)
+    keep_checkpoints: int = flag("--keep-checkpoints", "checkpoints kept on disk", 2)
+    resume: str | None = flag("--resume", "a checkpoint directory, or 'auto' (the latest in OUT)", None)
+    export: bool = flag("--export", "write the SGLang/vLLM draft to OUT/export at the end", True)
+    tensorboard: bool = flag("--tensorboard", "also log to TensorBoard when it is installed", True)
+
+    def __post_init__(self):
+        _check(self.steps is None or self.steps >= 1, f"--steps {self.steps} must be >= 1")
+        _check(self.epochs >= 1, f"--epochs {self.epochs} must be >= 1")
+        _check(self.prefetch >= 1, f"--prefetch {self.prefetch} must be >= 1")
+        _check(self.log_every >= 1, f"--log-every {self.log_every} must be >= 1")
+        _check(self.save_every >= 0, f"--save-every {self.save_every} must be >= 0")
+        _check(self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints} must be >= 1")
+
+
+@dataclass
+class DistConfig:
+    """Filled from torchrun's RANK / WORLD_SIZE / LOCAL_RANK by the CLI (the only place that reads them)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+    def __post_init__(self):
+        _check(self.world_size >= 1, f"WORLD_SIZE={self.world_size} must be >= 1")
+        _check(
+            0 <= self.rank < self.world_size, f"RANK={self.rank} must be in [0, WORLD_SIZE={self.world_size})"
+        )
+        _check(self.backend in ("auto", "gloo", "nccl"), f"dist backend {self.backend!r}: auto, gloo or nccl")
+
+
+@dataclass
+class TrainConfig:
+    out: str = flag("--out", "output directory: checkpoints, metrics, export")
+    algorithm: str = flag(None, "draft algorithm (the positional argument of `draftfeed train`)", "eagle3")
+    seed: int = flag("--seed", "seed of the draft init and the data order", 0)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eagle3: Eagle3Config = field(default_factory=Eagle3Config)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self):
+        from .algorithms import ALGORITHMS
+
+        _check(bool(self.out), "--out DIR is required")
+        _check(
+            self.algorithm in ALGORITHMS,
+            f"algorithm {self.algorithm!r} is not known; expected one of {', '.join(sorted(ALGORITHMS))}",
+        )
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out).expanduser()
+
+    def regen_cache_path(self) -> Path:
+        return (
+            Path(self.data.regen_cache).expanduser()
+            if self.data.regen_cache
+            else self.out_dir / "regenerated.jsonl"
+        )
+
+
+@dataclass
+class EvalConfig:
+    """`draftfeed eval`: acceptance length of an exported draft against the in-process target."""
+
+    draft: str = flag("--draft", "exported EAGLE-3 draft directory (config.json + model.safetensors)")
+    target_model: str | None = flag(
+        "--target-model", "target checkpoint (default: built-in SmolLM2-135M-Instruct)", None
+    )
+    prompts: list[str] = flag(
+        "--prompts",
+        "prompt sets: mtbench, humaneval, or a chat JSON/JSONL file",
+        default_factory=lambda: ["mtbench"],
+    )
+    limit: int | None = flag("--limit", "prompts per set", None)
+    num_draft_tokens: int = flag("--num-draft-tokens", "K: chain drafting steps per verification", 4)
+    max_new_tokens: int = flag("--max-new-tokens", "tokens generated per prompt", 256)
+    device: str = flag("--device", "auto (cuda when available), cpu, cuda:N", "auto")
+    dtype: str = flag(
+        "--dtype", "target and draft dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32", "auto"
+    )
+    out: str | None = flag("--out", "also write the results as JSON here", None)
+
+    def __post_init__(self):
+        _check(bool(self.draft), "--draft DIR is required")
+        _check(Path(self.draft).expanduser().is_dir(), f"--draft {self.draft!r}: no such directory")
+        _check(self.num_draft_tokens >= 1, f"--num-draft-tokens {self.num_draft_tokens} must be >= 1")
+        _check(self.max_new_tokens >= 1, f"--max-new-tokens {self.max_new_tokens} must be >= 1")
+        _check(self.limit is None or self.limit >= 1, f"--limit {self.limit} must be >= 1")
+        prompts = []
+        for p in self.prompts:
+            prompts += [x.strip() for x in str(p).split(",") if x.strip()]
+        self.prompts = prompts
+        for p in self.prompts:
+            _check(
+                p in PROMPT_SETS or Path(p).expanduser().is_file(),
+                f"--prompts {p!r}: expected {' or '.join(PROMPT_SETS)} or an existing file",
+            )
+
+
+# ---------------------------------------------------------------- building from sources
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _base_type(tp):
+    """int for `int | None`, list for `list[int]`, ..."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return _base_type(args[0])
+    return typing.get_origin(tp) or tp
+
+
+def _item_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return _item_type(args[0])
+    inner = typing.get_args(tp)
+    return inner[0] if inner else str
+
+
+def _list_parser(item):
+    def parse(text: str):
+        return [item(x) for x in text.split(",") if x.strip()]
+
+    return parse
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """One option per field that names a flag (nested sections recursively); dest = dotted path.
+
+    Defaults are SUPPRESS, so the namespace holds only the flags the user gave."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = f"{prefix}{f.name}"
+        if _is_section(tp):
+            add_flags(parser, tp, path + ".")
+            continue
+        name = f.metadata.get("flag")
+        if not name:
+            continue
+        help_text = f.metadata.get("help", "")
+        if f.default is not dataclasses.MISSING and f.default is not None:
+            help_text += f" (default {f.default})"
+        base = _base_type(tp)
+        kw = dict(dest=path, default=argparse.SUPPRESS, help=help_text)
+        if base is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+        elif base is list:
+            item = _item_type(tp)
+            if name == "--target":
+                parser.add_argument(name, action="append", metavar="URL", **kw)
+            else:
+                parser.add_argument(name, type=_list_parser(item), metavar="A,B,..", **kw)
+        else:
+            parser.add_argument(
+                name, type=base if base in (int, float) else str, metavar=f.name.upper(), **kw
+            )
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[parts[-1]] = value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(cls, values: dict, where: str = ""):
+    """Build `cls` from a nested mapping; unknown keys are an error that lists the valid ones."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {where or cls.__name__!r} must be a mapping, got {values!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+            f"valid keys{' in ' + where.rstrip('.') if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        kwargs[name] = config_from_dict(tp, value, f"{where}{name}.") if _is_section(tp) else value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{cls.__name__}: {err}") from err
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def build_config(cls, args: argparse.Namespace, yaml_path: str | None = None, extra: dict | None = None):
+    """defaults <- YAML file <- `extra` (e.g. the positional algorithm, torchrun's ranks) <- flags."""
+    values: dict = {}
+    if yaml_path:
+        import yaml
+
+        path = Path(yaml_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config {yaml_path!r}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"--config {yaml_path!r}: expected a mapping of sections, got {type(loaded).__name__}"
+            )
+        values = loaded
+    values = _merge(values, extra or {})
+    flags: dict = {}
+    for dest, value in vars(args).items():
+        if "." in dest or dest in {f.name for f in dataclasses.fields(cls)}:
+            _set(flags, dest, value)
+    return config_from_dict(cls, _merge(values, flags))

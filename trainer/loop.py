@@ -1,0 +1,384 @@
+"""The training loop: one for every draft algorithm (`algorithms.py`) and every target backend.
+
+Per optimizer step: `grad_accum` micro-batches, each a target batch that was requested `prefetch`
+batches ahead with `generate_batch_async` (a remote target computes the next batches while the draft
+trains on this one; an in-process target runs them when they are asked for), scored by the algorithm
+under bf16 autocast on GPU; then gradient clipping, AdamW, and the learning-rate schedule (linear warmup,
+cosine to `min_lr_ratio * lr`). Under torchrun the scoring module is wrapped in DDP (gloo on CPU, nccl on
+GPU); each rank has its own backend and its own shard of the data.
+
+Checkpoints (`OUT/checkpoints/step_NNNNNNN/`): `trainer.pt` (rank 0: the draft's trainable weights and
+buffers, optimizer, scheduler, step, algorithm state) and `rank_R.pt` per rank (the data iterator's
+position after the last batch trained on, and the RNG states). Resuming loads them, re-sends the
+algorithm's session state (EAGLE-3: the vocab mapping) and re-requests the batches that were in flight,
+so the run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .algorithms import DistContext, DraftAlgorithm
+from .config import DistConfig, TrainConfig, config_to_dict
+
+__all__ = [
+    "lr_lambda",
+    "resolve_device",
+    "init_distributed",
+    "TrainStep",
+    "TrainResult",
+    "Trainer",
+    "latest_checkpoint",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+_COMPLETE = "complete"
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float):
+    """Multiplier of the peak lr before optimizer step `s` (0-based): (s+1)/warmup during warmup, then a
+    cosine from 1 to `min_lr_ratio` over the remaining steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def init_distributed(dist_cfg: DistConfig, device: torch.device) -> DistContext:
+    """Join the process group torchrun set up (MASTER_ADDR / MASTER_PORT); nothing for one process."""
+    if dist_cfg.world_size > 1 and not tdist.is_initialized():
+        backend = dist_cfg.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        tdist.init_process_group(backend, rank=dist_cfg.rank, world_size=dist_cfg.world_size)
+    return DistContext(rank=dist_cfg.rank, world_size=dist_cfg.world_size)
+
+
+class TrainStep(nn.Module):
+    """The module DDP wraps: the draft plus its algorithm's loss. forward(batch) -> (loss, metrics)."""
+
+    def __init__(self, algorithm: DraftAlgorithm, draft: nn.Module, dist: DistContext):
+        super().__init__()
+        self.draft = draft
+        self.algorithm = algorithm
+        self.dist = dist
+
+    def forward(self, batch):
+        out = self.algorithm.loss(self.draft, batch, self.dist)
+        return out.loss, out.metrics
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    tokens: int
+    history: list[dict] = field(default_factory=list)  # one entry per optimizer step of this run
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under OUT/checkpoints, or None."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    done = sorted(p for p in root.glob("step_*") if (p / _COMPLETE).is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(t):
+    """A tensor that autograd may save: inference-mode outputs of an in-process target are cloned."""
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+
+
+class Trainer:
+    """Owns the optimisation of one draft. `batches` is a `TokenBatchIterator` (or any iterator of
+    `TokenBatch` with `state_dict` / `load_state_dict`); `total_steps` sizes the schedule."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        algorithm: DraftAlgorithm,
+        draft: nn.Module,
+        backend,
+        batches,
+        total_steps: int,
+        *,
+        device: torch.device,
+        dist: DistContext | None = None,
+    ):
+        self.cfg, self.algorithm, self.backend, self.batches = cfg, algorithm, backend, batches
+        self.total_steps = total_steps
+        self.device = device
+        self.dist = dist or DistContext()
+        self.draft = draft.to(device)
+        self.draft.train()
+        self.module: nn.Module = TrainStep(algorithm, self.draft, self.dist)
+        if self.dist.world_size > 1:
+            self.module = DistributedDataParallel(self.module, device_ids=None)
+        self.params = [p for p in self.draft.parameters() if p.requires_grad]
+        self.frozen = {n for n, p in self.draft.named_parameters() if not p.requires_grad}
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        )
+        warmup = int(o.warmup_ratio * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(total_steps, warmup, o.min_lr_ratio)
+        )
+        self.step = 0
+        self.data_state = batches.state_dict()
+        self.out_dir = cfg.out_dir
+        self.autocast = cfg.loop.bf16 and device.type == "cuda"
+        self._metrics_file = None
+        self._tb = None
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _barrier(self) -> None:
+        if self.dist.world_size > 1:
+            tdist.barrier()
+
+    def save_checkpoint(self) -> Path:
+        """Write OUT/checkpoints/step_NNNNNNN (all ranks call this) and prune old ones."""
+        root = self.out_dir / CHECKPOINT_DIR
+        path = root / f"step_{self.step:07d}"
+        if self.dist.rank == 0:
+            if path.exists():
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        self._barrier()
+        if self.dist.rank == 0:
+            draft_state = {k: v for k, v in self.draft.state_dict().items() if k not in self.frozen}
+            torch.save(
+                {
+                    "step": self.step,
+                    "total_steps": self.total_steps,
+                    "draft": draft_state,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "algorithm": self.algorithm.state_dict(),
+                    "config": config_to_dict(self.cfg),
+                },
+                path / "trainer.pt",
+            )
+        torch.save({"data": self.data_state, "rng": _rng_state()}, path / f"rank_{self.dist.rank}.pt")
+        self._barrier()
+        if self.dist.rank == 0:
+            (path / _COMPLETE).write_text(f"{self.step}\n")
+            done = sorted(p for p in root.glob("step_*") if (p / _COMPLETE).is_file())
+            for old in done[: -self.cfg.loop.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore the state `save_checkpoint` wrote (same world size and data settings)."""
+        path = Path(path)
+        if not (path / _COMPLETE).is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_COMPLETE!r} marker)")
+        mine = path / f"rank_{self.dist.rank}.pt"
+        if not mine.is_file():
+            raise FileNotFoundError(
+                f"{mine} is missing: the checkpoint was written by fewer ranks than this run has "
+                f"(resume with the same number of processes)"
+            )
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        missing, unexpected = self.draft.load_state_dict(state["draft"], strict=False)
+        if set(missing) - self.frozen or unexpected:
+            raise ValueError(f"{path}: draft weights do not fit (missing {missing}, unexpected {unexpected})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.step = int(state["step"])
+        rank_state = torch.load(mine, map_location="cpu", weights_only=False)
+        self.batches.load_state_dict(rank_state["data"])
+        self.data_state = rank_state["data"]
+        _set_rng_state(rank_state["rng"])
+
+    # -- logging ----------------------------------------------------------------------------
+
+    def _open_logs(self) -> None:
+        if self.dist.rank != 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics_file = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if self.cfg.loop.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: JSONL only
+                return
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _close_logs(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def _log(self, window: list[dict], seconds: float, tokens: int, wait: float) -> None:
+        """Average `window` (this rank's steps since the last log) over ranks; rank 0 writes it."""
+        keys = sorted(window[0])
+        local = torch.tensor(
+            [[sum(w[k] for w in window) / len(window) for k in keys] + [tokens]], dtype=torch.float64
+        )
+        if self.dist.world_size > 1:
+            local = local.to(self.device if self.device.type == "cuda" else "cpu")
+            tdist.all_reduce(local)
+            local = local.cpu()
+            local[0, : len(keys)] /= self.dist.world_size
+        if self.dist.rank != 0:
+            return
+        values = dict(zip(keys, local[0, : len(keys)].tolist(), strict=True))
+        record = {"step": self.step, **values, "tokens_per_s": float(local[0, -1]) / max(seconds, 1e-9)}
+        record["target_wait"] = wait / max(seconds, 1e-9)
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self._tb.add_scalar(f"train/{k}", v, self.step)
+        print(
+            f"step {self.step}/{self.total_steps}  loss {record['loss']:.4f}  acc {record.get('accuracy', 0):.3f}"
+            + (f"  tau_sim {record['tau_sim']:.2f}" if "tau_sim" in record else "")
+            + f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  target wait {100 * record['target_wait']:.0f}%",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    # -- training ---------------------------------------------------------------------------
+
+    def _micro_step(self, target, sync: bool) -> dict[str, float]:
+        """Forward + backward of one target batch (gradients all-reduced only when `sync`)."""
+        target = type(target)(**{k: _plain(v) for k, v in target.to(self.device).tensors().items()})
+        no_sync = self.dist.world_size > 1 and not sync
+        with self.module.no_sync() if no_sync else nullcontext():
+            with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext():
+                loss, metrics = self.module(target)
+            (loss / self.cfg.optim.grad_accum).backward()  # outside autocast, as torch recommends
+        values = torch.stack([m.detach().float().reshape(()) for m in metrics.values()]).tolist()
+        return dict(zip(metrics, values, strict=True))
+
+    def _optimizer_step(self) -> dict[str, float]:
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"lr": lr, "grad_norm": grad_norm}
+
+    def train(self) -> TrainResult:
+        """Run until `total_steps` optimizer steps (or the data ends); save a final checkpoint."""
+        cfg = self.cfg
+        self.algorithm.prepare_backend(self.backend, self.draft)
+        self._open_logs()
+        pending: deque = deque()
+        exhausted = False
+
+        def fill() -> None:
+            nonlocal exhausted
+            while not exhausted and len(pending) < cfg.loop.prefetch:
+                try:
+                    tb = next(self.batches)
+                except StopIteration:
+                    exhausted = True
+                    return
+                with torch.no_grad():
+                    future = self.backend.generate_batch_async(**tb.backend_kwargs())
+                pending.append((tb, future))
+
+        result = TrainResult(steps=0, seconds=0.0, tokens=0)
+        start = window_start = time.perf_counter()
+        window, window_tokens, window_wait = [], 0, 0.0
+        accum = cfg.optim.grad_accum
+        try:
+            while self.step < self.total_steps:
+                sums: dict[str, float] = {}
+                done = 0
+                while done < accum:
+                    t0 = time.perf_counter()
+                    fill()
+                    if not pending:
+                        break
+                    tb, future = pending.popleft()
+                    target = future.result()
+                    fill()  # keep the target busy while this batch trains
+                    window_wait += time.perf_counter() - t0  # in-process: the target's forwards themselves
+                    metrics = self._micro_step(target, sync=done == accum - 1)
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v / accum
+                    tokens = int(tb.attention_mask.sum())
+                    window_tokens += tokens
+                    result.tokens += tokens
+                    self.data_state = tb.data_state
+                    done += 1
+                if done < accum:  # the data ended inside an optimizer step: drop the partial step
+                    self.optimizer.zero_grad(set_to_none=True)
+                    break
+                entry = {"step": self.step + 1, **sums, **self._optimizer_step()}
+                self.step += 1
+                result.steps += 1
+                result.history.append(entry)
+                window.append({k: v for k, v in entry.items() if k != "step"})
+                if self.step % cfg.loop.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    self._log(window, now - window_start, window_tokens, window_wait)
+                    window, window_tokens, window_wait, window_start = [], 0, 0.0, now
+                if (
+                    cfg.loop.save_every
+                    and self.step % cfg.loop.save_every == 0
+                    and self.step < self.total_steps
+                ):
+                    self.save_checkpoint()
+            if result.steps:
+                self.save_checkpoint()
+        finally:
+            for _, future in pending:
+                future.cancel()
+            self._close_logs()
+        result.seconds = time.perf_counter() - start
+        return result

@@ -1,0 +1,185 @@
+"""Regenerate the assistant turns of chat data with the target itself, as draft-training practice does
+(a draft should learn the target's own distribution, not the one that wrote the dataset).
+
+Turn by turn: every conversation's user turn r is put after the target's own earlier answers, the
+prompts are rendered with the chat template, sorted by length, left-padded and run through HF `generate`
+in batches (greedy, or sampled at `temperature` with a seed per batch). A conversation stops at a turn
+whose prompt is longer than `max_prompt_tokens` or whose answer comes out empty; conversations without
+any answer are dropped. The result is cached as OpenAI-style JSONL (`{"messages": [...]}`) next to a
+`.meta.json` naming the source, the target and the settings; a later call with the same ones reads the
+cache instead of generating.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .data import read_chat_file
+
+__all__ = ["RegenerateSettings", "regenerate", "regenerate_cached", "write_chat_jsonl"]
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class RegenerateSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    batch_size: int = 16
+    max_turns: int | None = None
+    max_prompt_tokens: int = 1024
+    seed: int = 0
+
+
+def _prompt_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def _generate(
+    model, tokenizer, prompts: list[list[int]], settings: RegenerateSettings, seed: int
+) -> list[str]:
+    """Answers (decoded, stripped) for token-id prompts, one batch, left-padded."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    sampled = settings.temperature > 0
+    gen = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sampled,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **({"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if sampled else {}),
+    )
+    rng = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen)
+    finally:
+        torch.set_rng_state(rng)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.cpu()]
+
+
+def regenerate(
+    model,
+    tokenizer,
+    conversations: Sequence[Conversation],
+    settings: RegenerateSettings = RegenerateSettings(),
+    log=None,
+) -> list[Conversation]:
+    """Conversations whose assistant turns are the target's own answers (system and user turns kept)."""
+    states: list[Conversation] = []
+    users: list[list[str]] = []
+    for conv in conversations:
+        states.append([m for m in conv if m["role"] == "system"][:1])
+        users.append([m["content"] for m in conv if m["role"] == "user"])
+    active = [i for i, u in enumerate(users) if u]
+    turns = max((len(u) for u in users), default=0)
+    if settings.max_turns is not None:
+        turns = min(turns, settings.max_turns)
+    done_batches = 0
+    start = time.perf_counter()
+    for turn in range(turns):
+        items, prompts = [], []
+        for i in active:
+            if turn >= len(users[i]):
+                continue
+            messages = states[i] + [{"role": "user", "content": users[i][turn]}]
+            ids = _prompt_ids(tokenizer, messages)
+            if len(ids) <= settings.max_prompt_tokens:
+                items.append(i)
+                prompts.append(ids)
+        order = sorted(range(len(items)), key=lambda j: len(prompts[j]))
+        kept = []
+        for b in range(0, len(order), settings.batch_size):
+            chunk = order[b : b + settings.batch_size]
+            answers = _generate(
+                model,
+                tokenizer,
+                [prompts[j] for j in chunk],
+                settings,
+                seed=settings.seed * 100003 + done_batches,
+            )
+            done_batches += 1
+            for j, text in zip(chunk, answers, strict=True):
+                i = items[j]
+                if text:
+                    states[i] += [
+                        {"role": "user", "content": users[i][turn]},
+                        {"role": "assistant", "content": text},
+                    ]
+                    kept.append(i)
+            if log is not None:
+                log(
+                    f"regenerate: turn {turn + 1}/{turns}, {min(b + len(chunk), len(order))}/{len(order)} prompts "
+                    f"({time.perf_counter() - start:.0f} s)"
+                )
+        active = sorted(kept)
+    return [s for s in states if any(m["role"] == "assistant" for m in s)]
+
+
+def write_chat_jsonl(path: str | Path, conversations: Sequence[Conversation]) -> None:
+    """OpenAI-style JSONL, written to a temporary file and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for conv in conversations:
+            f.write(json.dumps({"messages": conv}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def regenerate_cached(
+    path: str | Path,
+    model,
+    tokenizer,
+    conversations: Sequence[Conversation],
+    *,
+    source: str,
+    target_id: str,
+    settings: RegenerateSettings = RegenerateSettings(),
+) -> list[Conversation]:
+    """`regenerate`, cached at `path`: reused when its meta file names the same source, target and settings.
+
+    `source` identifies the input conversations (e.g. the file and the limit); `target_id` the target (e.g.
+    its fingerprint)."""
+    path = Path(path).expanduser()
+    meta_path = path.with_name(path.name + ".meta.json")
+    meta = {
+        "source": source,
+        "target": target_id,
+        "num_input": len(conversations),
+        "settings": asdict(settings),
+    }
+    if path.is_file() and meta_path.is_file():
+        try:
+            same = json.loads(meta_path.read_text()) == meta
+        except json.JSONDecodeError:
+            same = False
+        if same:
+            print(f"regenerate: reusing {path}", file=sys.stderr, flush=True)
+            return read_chat_file(path)
+    out = regenerate(
+        model, tokenizer, conversations, settings, log=lambda m: print(m, file=sys.stderr, flush=True)
+    )
+    write_chat_jsonl(path, out)
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return out
