@@ -130,6 +130,7 @@ class TargetServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address} (address in use or not local)")
         self.admin = None
+        self.nemo_http = None
         self._stopped = threading.Event()
         self._stopping = threading.Lock()
 
@@ -148,6 +149,12 @@ class TargetServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.cfg.admin_port is not None:
             self._start_admin()
+        if self.cfg.nemo_http_port is not None:
+            from .nemo_http import NemoHTTPServer
+
+            self.nemo_http = NemoHTTPServer(
+                self, self.cfg.host, self.cfg.nemo_http_port, grace_s=self.cfg.grace_seconds
+            ).start()
         log.info(
             "serving %s (%d layers, hidden %d, vocab %d, %s) on %s%s; %s",
             self.info.architectures[0],
@@ -183,6 +190,8 @@ class TargetServer:
             self.servicer.drain()
             self.health.enter_graceful_shutdown()
             self.scheduler.stop(drain=True, timeout=grace)
+            if self.nemo_http is not None:
+                self.nemo_http.stop()
             self.grpc.stop(max(0.0, deadline - time.monotonic())).wait()
             self.sessions.close_all()
             if self.tp is not None:
@@ -200,7 +209,8 @@ def _banner(server: TargetServer) -> str:
     if server.admin is not None:
         admin = f", admin on {'https' if server.cfg.tls else 'http'}://{server.cfg.host}:{server.admin.port}"
     tls = " (mutual TLS)" if server.cfg.tls_client_ca else (" (TLS)" if server.cfg.tls else "")
-    return f"draftfeed: serving on {server.url}{tls}{admin}; {server.access.describe}"
+    nemo = f", NeMo HTTP on {server.nemo_http.url}" if server.nemo_http is not None else ""
+    return f"draftfeed: serving on {server.url}{tls}{admin}{nemo}; {server.access.describe}"
 
 
 def serve(cfg: ServeConfig) -> int:

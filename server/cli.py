@@ -23,6 +23,7 @@ def _serve_config(args):
         host=args.host,
         port=args.port,
         admin_port=args.admin_port,
+        nemo_http_port=args.nemo_http_port,
         device=args.device,
         dtype=args.dtype,
         limits=Limits(args.max_batch_size, args.max_seq_len, args.max_request_tokens),
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument(
         "--admin-port", type=int, default=None, help="HTTP /healthz /readyz /metrics /sessions"
+    )
+    serve.add_argument(
+        "--nemo-http-port",
+        type=int,
+        default=None,
+        help="also serve NeMo AutoModel's remote-target HTTP protocol (remote_urls: [http://HOST:PORT])",
     )
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     serve.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")

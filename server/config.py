@@ -18,6 +18,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     admin_port: int | None = None  # fastapi /healthz /readyz /metrics /sessions; None = off
+    nemo_http_port: int | None = None  # NeMo AutoModel's remote-target HTTP protocol; None = off
     device: str = "auto"
     dtype: str = "auto"
     limits: Limits = field(default_factory=Limits)
@@ -40,6 +41,8 @@ class ServeConfig:
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise InvalidArgument(f"--port {self.port} is not a TCP port (0..65535; 0 picks a free one)")
+        if self.nemo_http_port is not None and not 0 <= self.nemo_http_port < 65536:
+            raise InvalidArgument(f"--nemo-http-port {self.nemo_http_port} is not a TCP port")
         if self.max_chunk_bytes < 1024:
             raise InvalidArgument(f"--max-chunk-bytes {self.max_chunk_bytes} is too small; use at least 1024")
         if self.max_batch_tokens < 1:

@@ -477,3 +477,13 @@ def test_gpu_bf16_reply_equals_inprocess(tiny_dirs):
     finally:
         nemo.stop()
         target.stop(grace=0)
+
+
+def test_serve_config_starts_the_nemo_endpoint(model):
+    """`draftfeed serve --nemo-http-port` wiring: the endpoint starts and stops with the server."""
+    srv = TargetServer(ServeConfig(port=0, nemo_http_port=0), model=model).start()
+    try:
+        assert srv.nemo_http is not None
+        assert requests.get(f"{srv.nemo_http.url}/health", timeout=10).json() == {"status": "ok"}
+    finally:
+        srv.stop(grace=1)
