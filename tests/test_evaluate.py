@@ -150,3 +150,43 @@ def test_cached_chain_equals_the_training_unroll(target, norm_output):
     # and the committed rows' own logits equal step 0 at every slot
     h = drafter.last_h
     torch.testing.assert_close(draft.compute_logits(h)[0, -1], unrolled[0][0, n - 1])
+
+
+def test_draftfeed_eval_on_an_exported_draft(tmp_path, tiny_dirs):
+    """`draftfeed eval`: the exported draft against the target read from disk, prompts from an MT-Bench
+    style question file and a chat file; the JSON report matches the printed results."""
+    import json
+    import shutil
+
+    from test_loop import word_tokenizer
+
+    from draftfeed.server.cli import main
+    from draftfeed.server.loading import load_target
+    from draftfeed.trainer.export import export_eagle3
+
+    tdir = tmp_path / "target"
+    shutil.copytree(tiny_dirs("llama"), tdir)
+    word_tokenizer().save_pretrained(tdir)
+    target = load_target(tdir)
+    draft = eagle3_draft(target, dtype=torch.float32)
+    export_eagle3(draft, tmp_path / "draft", target.config, [1, 3, 4], 8)
+    (tmp_path / "q.jsonl").write_text(
+        "".join(
+            json.dumps({"question_id": i, "turns": [f"the quick fox {w}", "more"]}) + "\n"
+            for i, w in enumerate(["dog", "hex"])
+        )
+    )
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "brown jugs"}]}) + "\n"
+    )
+    out = tmp_path / "tau.json"
+    argv = ["eval", "--draft", str(tmp_path / "draft"), "--target-model", str(tdir), "--device", "cpu",
+            "--prompts", f"{tmp_path / 'q.jsonl'},{tmp_path / 'c.jsonl'}", "--max-new-tokens", "9",
+            "--num-draft-tokens", "3", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    got = json.loads(out.read_text())
+    q, c = got[str(tmp_path / "q.jsonl")], got[str(tmp_path / "c.jsonl")]
+    assert q["prompts"] == 2 and c["prompts"] == 1
+    assert 1.0 <= q["tau"] <= 4.0 and q["tau"] == q["committed"] / q["rounds"]
+    assert main(argv + ["--untrained", "--limit", "1"]) == 0
+    assert json.loads(out.read_text())[str(tmp_path / "q.jsonl")]["prompts"] == 1

@@ -289,6 +289,9 @@ class EvalConfig:
     dtype: str = flag(
         "--dtype", "target and draft dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32", "auto"
     )
+    untrained: bool = flag(
+        "--untrained", "measure the draft with re-initialised weights (the baseline)", False
+    )
     out: str | None = flag("--out", "also write the results as JSON here", None)
 
     def __post_init__(self):

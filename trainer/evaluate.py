@@ -203,9 +203,35 @@ def prompt_token_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _file_prompts(path: str) -> list[list[dict[str, str]]]:
+    """First-turn messages of a prompt file: MT-Bench questions (`turns`), HumanEval (`prompt`), or chats."""
+    from pathlib import Path
+
+    from .data import _iter_records, load_humaneval, load_mtbench
+
+    records = list(_iter_records(Path(path).expanduser()))
+    first = records[0] if records else None
+    if isinstance(first, dict) and "turns" in first:
+        return [p.first_turn_messages() for p in load_mtbench(path)]
+    if isinstance(first, dict) and "prompt" in first and "task_id" in first:
+        return [p.first_turn_messages() for p in load_humaneval(path)]
+    out = []
+    for r in records:  # ShareGPT or OpenAI records; no assistant turn needed
+        turns = r.get("messages") or r.get("conversations") or []
+        for t in turns:
+            role = str(t.get("role", t.get("from", ""))).lower()
+            if role in ("user", "human"):
+                out.append([{"role": "user", "content": t.get("content", t.get("value", ""))}])
+                break
+    if not out:
+        raise ValueError(f"{path}: no prompt found (expected MT-Bench questions, HumanEval, or chat records)")
+    return out
+
+
 def load_prompt_sets(names: Sequence[str], tokenizer, limit: int | None = None) -> dict[str, list[list[int]]]:
-    """name -> prompts as token ids: "mtbench" (first turns), "humaneval", or a chat file (its first user turn)."""
-    from .data import load_humaneval, load_mtbench, read_chat_file
+    """name -> prompts as token ids: "mtbench" (first turns), "humaneval" (the packaged files), or a file
+    (MT-Bench question.jsonl, HumanEval jsonl(.gz), or chats: the first user turn)."""
+    from .data import load_humaneval, load_mtbench
 
     out = {}
     for name in names:
@@ -214,10 +240,7 @@ def load_prompt_sets(names: Sequence[str], tokenizer, limit: int | None = None) 
         elif name == "humaneval":
             msgs = [p.first_turn_messages() for p in load_humaneval()]
         else:
-            msgs = []
-            for conv in read_chat_file(name):
-                first = next(i for i, m in enumerate(conv) if m["role"] == "user")
-                msgs.append(conv[: first + 1])
+            msgs = _file_prompts(name)
         out[name] = [prompt_token_ids(tokenizer, m) for m in msgs[:limit]]
     return out
 
@@ -248,6 +271,9 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
     _, raw = read_eagle3_config(cfg.draft)
     aux_ids = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
     draft = load_eagle3(cfg.draft, model.get_input_embeddings().weight, device=device, dtype=model.dtype)
+    if cfg.untrained:  # the baseline: same shapes and vocab map, fresh random weights
+        torch.manual_seed(0)
+        draft.reset_parameters()
     target = TargetVerifier(model, aux_ids)
     drafter = Eagle3ChainDrafter(draft)
     eos = eos_token_ids(tokenizer, model)
