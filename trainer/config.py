@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from draftfeed.client.errors import InvalidArgument
+
 __all__ = [
     "TargetConfig",
     "DataConfig",
@@ -40,7 +42,7 @@ __all__ = [
 PROMPT_SETS = ("mtbench", "humaneval")
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidArgument, ValueError):
     """A setting is invalid; the message names the flag / key, the value and what is expected."""
 
 
@@ -199,6 +201,9 @@ class LoopConfig:
     steps: int | None = flag("--steps", "optimizer steps (default: --epochs over the data)", None)
     epochs: int = flag("--epochs", "passes over the data when --steps is not given", 1)
     prefetch: int = flag("--prefetch", "target batches in flight ahead of training", 2)
+    time_limit: float | None = flag(
+        "--time-limit", "stop after this many seconds of training (checkpoint and export as usual)", None
+    )
     bf16: bool = flag("--bf16", "bf16 autocast for the draft on GPU", True)
     device: str = flag(
         "--device", "trainer device: auto (cuda:LOCAL_RANK when available), cpu, cuda:N", "auto"
@@ -214,6 +219,7 @@ class LoopConfig:
         _check(self.steps is None or self.steps >= 1, f"--steps {self.steps} must be >= 1")
         _check(self.epochs >= 1, f"--epochs {self.epochs} must be >= 1")
         _check(self.prefetch >= 1, f"--prefetch {self.prefetch} must be >= 1")
+        _check(self.time_limit is None or self.time_limit > 0, f"--time-limit {self.time_limit} must be > 0")
         _check(self.log_every >= 1, f"--log-every {self.log_every} must be >= 1")
         _check(self.save_every >= 0, f"--save-every {self.save_every} must be >= 0")
         _check(self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints} must be >= 1")

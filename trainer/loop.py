@@ -302,6 +302,18 @@ class Trainer:
         values = torch.stack([m.detach().float().reshape(()) for m in metrics.values()]).tolist()
         return dict(zip(metrics, values, strict=True))
 
+    def _time_is_up(self, start: float) -> bool:
+        """Past `loop.time_limit` on any rank (all ranks stop at the same step)."""
+        up = torch.tensor(float(time.perf_counter() - start > self.cfg.loop.time_limit))
+        if self.dist.world_size > 1:
+            up = up.to(self.device)
+            tdist.all_reduce(up, op=tdist.ReduceOp.MAX)
+        return bool(up.item())
+
+    def _say(self, msg: str) -> None:
+        if self.dist.rank == 0:
+            print(msg, file=sys.stderr, flush=True)
+
     def _optimizer_step(self) -> dict[str, float]:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
@@ -374,6 +386,11 @@ class Trainer:
                     and self.step < self.total_steps
                 ):
                     self.save_checkpoint()
+                if cfg.loop.time_limit is not None and self._time_is_up(start):
+                    if window:
+                        self._log(window, time.perf_counter() - window_start, window_tokens, window_wait)
+                    self._say(f"time limit of {cfg.loop.time_limit:.0f} s reached at step {self.step}")
+                    break
             if result.steps:
                 self.save_checkpoint()
         finally:
