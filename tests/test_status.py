@@ -320,7 +320,11 @@ def render_page(server, jobs, tmp_path, screenshot: Path):
             assert min(ys) < 38 - 1, f"{name}'s plot shows no tokens: {rows[name]['line']}"
             assert rows[name]["bpt"].endswith("B")
         assert browser.find_element("id", "state").text == "ready"
-        assert float(browser.execute_script("return document.body.dataset.updates")) >= 3
+        _wait(
+            browser,
+            lambda b: float(b.execute_script("return document.body.dataset.updates") or 0) >= 3,
+            "three page updates",
+        )
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(screenshot))
         return browser.get_log("browser")
