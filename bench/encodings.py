@@ -323,7 +323,9 @@ def _markdown(model, tokens, draft_vocab, devices, result) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="local HF checkpoint (default: the built-in SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model", default=None, help="local HF checkpoint (default: the built-in SmolLM2-135M-Instruct)"
+    )
     parser.add_argument(
         "--out", default=None, help="markdown output (default bench/results/encodings_<name>.md)"
     )

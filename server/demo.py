@@ -83,7 +83,12 @@ def run_demo(cfg: ServeConfig, steps: int = 4, draft_vocab: int = 8192) -> int:
             futures = [backend.generate_batch_async(**batch) for _ in range(steps)]
             out = [f.result() for f in futures][-1]
             st = server.sessions.get(backend.servers[0].session_id).stats
-            results[name] = (time.perf_counter() - start, out, backend.layer_ids, st.bytes_sent / max(st.tokens, 1))
+            results[name] = (
+                time.perf_counter() - start,
+                out,
+                backend.layer_ids,
+                st.bytes_sent / max(st.tokens, 1),
+            )
 
     jobs = {
         "eagle3": RemoteEagle3TargetModel.from_urls([server.url], job_name="demo-eagle3", max_in_flight=2),
