@@ -178,6 +178,19 @@ def test_loss_goes_down_on_a_tiny_overfit_set(tmp_path, target_dir):
     assert hist[-1]["accuracy"] > 0.8 > hist[0]["accuracy"]
 
 
+def test_epochs_size_the_schedule_and_the_time_limit_stops_early(tmp_path, target_dir, data_file):
+    """Without --steps, one epoch of 24 chats in batches of 2 is 12 steps and the data then ends; a time
+    limit stops at the first step past it and still checkpoints and exports."""
+    full = run_training(make_cfg(tmp_path / "e", target_dir, data_file, loop={"steps": None, "epochs": 1}))
+    assert [h["step"] for h in full.history] == list(range(1, 13))
+    assert full.history[-1]["lr"] == pytest.approx(3e-3 * lr_lambda(12, 0, 0.1)(11))
+    short = run_training(
+        make_cfg(tmp_path / "t", target_dir, data_file, loop={"steps": 50, "time_limit": 1e-6})
+    )
+    assert len(short.history) == 1
+    assert (tmp_path / "t/checkpoints/step_0000001/complete").is_file() and (tmp_path / "t/export").is_dir()
+
+
 def test_resume_continues_bit_identically(tmp_path, target_dir, data_file):
     straight = run_training(
         make_cfg(tmp_path / "a", target_dir, data_file, loop={"steps": 6, "save_every": 3})

@@ -55,13 +55,15 @@ def _run_regenerate(args) -> int:
     from draftfeed.server.loading import load_target, load_tokenizer
 
     from .loop import resolve_device
-    from .train import _target_id, load_training_conversations, target_dtype
+    from .train import load_training_conversations, target_dtype, target_fingerprint
 
     cfg = train_config_from_args(args)
     cfg.data.regenerate = True
     device = resolve_device(cfg.loop.device)
     model = load_target(cfg.target.model, device=device, dtype=target_dtype(cfg.target.dtype, device))
-    convs = load_training_conversations(cfg, load_tokenizer(cfg.target.model), model, _target_id(model))
+    convs = load_training_conversations(
+        cfg, load_tokenizer(cfg.target.model), model, target_fingerprint(model)
+    )
     print(f"{len(convs)} conversations regenerated at {cfg.regen_cache_path()}")
     return 0
 

@@ -88,14 +88,15 @@ class Eagle3ChainDrafter:
         for j in range(k):
             lg = d.compute_logits(h)[0, -1]
             logits.append(lg)
-            tokens.append(int(ids[lg.argmax()]) if forced is None else int(forced[j]))
+            # the token stays on the device until the end: no host sync per step
+            tok = ids[lg.argmax()] if forced is None else torch.tensor(int(forced[j]), device=h.device)
+            tokens.append(tok)
             if j == k - 1:
                 break
             pos = torch.tensor([[self.rows + j]], device=h.device)
-            tok = torch.tensor([[tokens[-1]]], device=h.device)
-            h, kk, vv = d.decode(tok, d.next_input(h), pos, pk, pv)
+            h, kk, vv = d.decode(tok.reshape(1, 1), d.next_input(h), pos, pk, pv)
             pk, pv = torch.cat((pk, kk), 2), torch.cat((pv, vv), 2)
-        return tokens, logits
+        return torch.stack(tokens).tolist(), logits
 
     def propose(self, k: int) -> list[int]:
         return self.chain(k)[0]
@@ -115,14 +116,14 @@ class TargetVerifier:
         self.length = 0
 
     @torch.no_grad()
-    def run(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run `ids` after the cached prefix: (aux [m,3H], argmax [m])."""
+    def run(self, ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+        """Run `ids` after the cached prefix: (aux [m,3H] on the device, the greedy next tokens [m])."""
         x = torch.tensor([list(ids)], device=self.device)
         out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, output_hidden_states=True)
         self.cache = out.past_key_values
         self.length += len(ids)
         aux = torch.cat([out.hidden_states[i + 1][0] for i in self.aux_layer_ids], dim=-1)
-        return aux, out.logits[0].argmax(-1)
+        return aux, out.logits[0].argmax(-1).tolist()
 
     def reset(self) -> None:
         self.cache, self.length = None, 0
@@ -169,7 +170,7 @@ def measure_tau(
         target.reset()
         drafter.reset(prompt)
         aux, pred = target.run(prompt)
-        committed = list(prompt) + [int(pred[-1])]
+        committed = list(prompt) + [pred[-1]]
         drafter.extend(aux, torch.tensor(committed[1:]))
         new = 1
         while new < max_new_tokens and committed[-1] not in eos:
@@ -177,10 +178,10 @@ def measure_tau(
             p = len(committed) - 1
             aux, pred = target.run([committed[-1]] + list(drafts))
             a = 0
-            while a < k and drafts[a] == int(pred[a]):
+            while a < k and drafts[a] == pred[a]:
                 a += 1
             stop = next((i for i in range(a) if drafts[i] in eos), None)
-            got = drafts[: stop + 1] if stop is not None else list(drafts[:a]) + [int(pred[a])]
+            got = drafts[: stop + 1] if stop is not None else list(drafts[:a]) + [pred[a]]
             committed += got
             new += len(got)
             res.rounds += 1

@@ -25,7 +25,15 @@ from .data import ChatDataset, TokenBatchIterator, load_sharegpt, read_chat_file
 from .loop import Trainer, TrainResult, init_distributed, latest_checkpoint, resolve_device
 from .regenerate import RegenerateSettings, regenerate_cached
 
-__all__ = ["TrainingRun", "build_run", "run_training", "load_training_conversations", "target_dtype"]
+__all__ = [
+    "TrainingRun",
+    "build_run",
+    "run_training",
+    "load_training_conversations",
+    "target_dtype",
+    "target_fingerprint",
+    "special_ids",
+]
 
 
 def _say(msg: str) -> None:
@@ -71,7 +79,7 @@ def load_training_conversations(cfg: TrainConfig, tokenizer, target=None, target
     )
 
 
-def _target_id(model) -> str:
+def target_fingerprint(model) -> str:
     from draftfeed.server.model_info import fingerprint
 
     return fingerprint(model)
@@ -143,7 +151,7 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
             "`draftfeed regenerate` with the same flags (one process), then train"
         )
     if target_id is None and model is not None and cfg.data.regenerate:
-        target_id = _target_id(model)
+        target_id = target_fingerprint(model)
     convs = load_training_conversations(cfg, tokenizer, model, target_id or "")
     dataset = ChatDataset(convs, tokenizer, cfg.data.seq_len)
     backend = algorithm.open_backend(None if cfg.target.remote else model, device)
