@@ -8,6 +8,7 @@ one-line entry in `ALGORITHMS`. EAGLE-3 is here; DFlash / DSpark (issue 8) add t
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,7 +49,7 @@ class DistContext:
         return t
 
 
-class DraftAlgorithm:
+class DraftAlgorithm(ABC):
     """What the loop needs from an algorithm. `cfg` is the whole `TrainConfig`."""
 
     name: ClassVar[str]
@@ -56,9 +57,9 @@ class DraftAlgorithm:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    @abstractmethod
     def open_backend(self, model: nn.Module | None, device: torch.device):
         """The in-process backend over `model` when given, else the remote client for `cfg.target.url`."""
-        raise NotImplementedError
 
     def needs_token_counts(self, vocab_size: int) -> bool:
         """True when `build_draft` needs the supervised-token counts of the training data."""
