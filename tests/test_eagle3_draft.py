@@ -463,7 +463,9 @@ def test_loss_goes_down_on_tiny_overfit_set():
     assert draft.embed_tokens.weight.grad is None
     assert losses[-1] < 0.6 * losses[0], losses
     assert out.step_accuracies[0] > 0.5
-    assert 1.0 <= out.tau_sim.item() <= 4.0
+    # tau_sim = 1 + sum over the 3 TTT steps of the hit rate: above 1 + step-0 accuracy's share, at most 4
+    tau = out.tau_sim.item()
+    assert tau > 1.5 and tau <= 1 + 3
 
 
 @pytest.mark.parametrize("mapped", [False, True])

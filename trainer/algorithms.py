@@ -65,22 +65,22 @@ class DraftAlgorithm(ABC):
         """True when `build_draft` needs the supervised-token counts of the training data."""
         return False
 
+    @abstractmethod
     def build_draft(
         self, backend, target_config: Any, token_counts: torch.Tensor | None, special_ids: list[int]
     ) -> nn.Module:
         """A freshly initialised draft (the caller seeds the RNG first)."""
-        raise NotImplementedError
 
     def prepare_backend(self, backend, draft: nn.Module) -> None:  # noqa: B027 - optional
         """Session state the backend needs before the first batch (called again after a resume)."""
 
+    @abstractmethod
     def loss(self, draft: nn.Module, batch, dist: DistContext) -> StepOutput:
         """Score one target batch."""
-        raise NotImplementedError
 
+    @abstractmethod
     def export(self, draft: nn.Module, out_dir: Path, target_config: Any, backend) -> Path:
         """Write the draft in the layout serving engines load."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict:
         """Algorithm-owned state to checkpoint (e.g. an anchor-sampling generator)."""
