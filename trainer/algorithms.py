@@ -107,10 +107,8 @@ class Eagle3Algorithm(DraftAlgorithm):
             t.url,
             device=device,
             aux_layer_ids=t.layer_ids,
-            job_name=t.job_name,
-            encodings=t.encodings,
-            timeout=t.timeout,
             max_in_flight=self.cfg.loop.prefetch,
+            **t.client_kwargs(),
         )
 
     def _draft_vocab(self, vocab_size: int) -> int:

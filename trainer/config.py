@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from draftfeed.client.channel import parse_target
 from draftfeed.client.errors import InvalidArgument
 
 __all__ = [
@@ -59,13 +60,24 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def split_target_urls(text: str) -> list[str]:
+    """`grpc://a:1,grpc://b:2` -> two URLs; a resolver target whose own syntax uses commas
+    (`ipv4:HOST:PORT,HOST:PORT`, optionally after grpc:// or grpcs://) stays one."""
+    text = text.strip()
+    if text.removeprefix("grpcs://").removeprefix("grpc://").startswith(("ipv4:", "ipv6:")):
+        return [text]
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
 @dataclass
 class TargetConfig:
     """Where the target runs: a server (`url`) or in this process (`model`)."""
 
     url: list[str] = flag(
         "--target",
-        "grpc://HOST:PORT of a draftfeed server (repeat or comma-separate for several)",
+        "the draftfeed server: grpc://HOST:PORT, grpcs://HOST:PORT (TLS), or a gRPC target naming several "
+        "replicas (grpc://dns:///NAME:PORT, ipv4:HOST:PORT,HOST:PORT); repeat, or comma-separate URLs, for "
+        "several servers",
         default_factory=list,
     )
     model: str | None = flag(
@@ -83,21 +95,70 @@ class TargetConfig:
     encodings: dict[str, str] | None = flag(None, "per tensor kind encoding for a remote target", None)
     job_name: str = flag("--job-name", "label of this job on the server", "draftfeed-train")
     timeout: float = flag(None, "seconds per remote request", 120.0)
+    token_file: str | None = flag(
+        "--target-token-file",
+        "file holding this job's token for a server started with --token-file (read once; never logged)",
+        None,
+    )
+    ca_file: str | None = flag(
+        "--target-ca-file", "PEM CA bundle that signed the server's certificate (grpcs:// URLs)", None
+    )
+    client_cert: str | None = flag(
+        "--target-client-cert", "PEM client certificate for a server that asks for one (mutual TLS)", None
+    )
+    client_key: str | None = flag("--target-client-key", "PEM key of --target-client-cert", None)
+    server_name: str | None = flag(
+        "--target-server-name",
+        "name to check the server's certificate against when it differs from the URL's host",
+        None,
+    )
 
     def __post_init__(self):
         urls = []
         for u in self.url:
-            urls += [p.strip() for p in str(u).split(",") if p.strip()]
+            urls += split_target_urls(str(u))
         self.url = urls
         for u in self.url:
-            _check(
-                "://" not in u or u.startswith("grpc://"),
-                f"--target {u!r}: expected grpc://HOST:PORT",
-            )
+            try:
+                parse_target(u)
+            except InvalidArgument as err:
+                raise ConfigError(f"--target: {err}") from None
         _check(
             self.dtype in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"),
             f"--target-dtype {self.dtype!r}: expected auto, bfloat16, float16 or float32",
         )
+        for name in ("token_file", "ca_file", "client_cert", "client_key"):
+            path = getattr(self, name)
+            flag_name = "--target-" + name.replace("_", "-")
+            _check(path is None or Path(path).is_file(), f"{flag_name} {path!r}: no such file")
+        _check(
+            (self.client_cert is None) == (self.client_key is None),
+            "--target-client-cert and --target-client-key go together: give both for mutual TLS, or neither",
+        )
+        tls = any(u.startswith("grpcs://") for u in self.url)
+        _check(
+            tls or not (self.ca_file or self.client_cert or self.server_name),
+            "--target-ca-file / --target-client-cert / --target-server-name are for TLS: use grpcs:// URLs",
+        )
+
+    def client_kwargs(self) -> dict:
+        """Connection keywords for `Remote*TargetModel.from_urls`: job name, timeout, TLS files, token."""
+        token = None
+        if self.token_file is not None:
+            token = Path(self.token_file).read_text().strip()
+            _check(
+                bool(token), f"--target-token-file {self.token_file!r} is empty; put the job's token in it"
+            )
+        return {
+            "job_name": self.job_name,
+            "encodings": self.encodings,
+            "timeout": self.timeout,
+            "token": token,
+            "ca_file": self.ca_file,
+            "client_cert": self.client_cert,
+            "client_key": self.client_key,
+            "server_name": self.server_name,
+        }
 
     @property
     def remote(self) -> bool:
