@@ -38,18 +38,20 @@ class ReplyError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ReplyHeader(_message.Message):
-    __slots__ = ("request_id", "tensors", "total_bytes", "meta", "error")
+    __slots__ = ("request_id", "tensors", "total_bytes", "meta", "error", "payload_on_data_plane")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_ON_DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
     total_bytes: int
     meta: bytes
     error: ReplyError
-    def __init__(self, request_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., meta: _Optional[bytes] = ..., error: _Optional[_Union[ReplyError, _Mapping]] = ...) -> None: ...
+    payload_on_data_plane: bool
+    def __init__(self, request_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., meta: _Optional[bytes] = ..., error: _Optional[_Union[ReplyError, _Mapping]] = ..., payload_on_data_plane: bool = ...) -> None: ...
 
 class ReplyFrame(_message.Message):
     __slots__ = ("header", "chunk")
@@ -104,7 +106,7 @@ class ModelInfo(_message.Message):
     def __init__(self, num_hidden_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., architectures: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., algorithms: _Optional[_Iterable[str]] = ..., encodings: _Optional[_Iterable[str]] = ..., eagle3_default_layer_ids: _Optional[_Iterable[int]] = ..., final_logit_softcapping: _Optional[float] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("algorithm", "layer_ids", "job_name", "capture_logits", "encodings", "weight", "selected_token_ids", "selected_token_mask")
+    __slots__ = ("algorithm", "layer_ids", "job_name", "capture_logits", "encodings", "weight", "selected_token_ids", "selected_token_mask", "data_plane")
     class EncodingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +122,7 @@ class OpenSessionRequest(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     SELECTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SELECTED_TOKEN_MASK_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     algorithm: str
     layer_ids: _containers.RepeatedScalarFieldContainer[int]
     job_name: str
@@ -128,10 +131,11 @@ class OpenSessionRequest(_message.Message):
     weight: float
     selected_token_ids: Tensor
     selected_token_mask: Tensor
-    def __init__(self, algorithm: _Optional[str] = ..., layer_ids: _Optional[_Iterable[int]] = ..., job_name: _Optional[str] = ..., capture_logits: bool = ..., encodings: _Optional[_Mapping[str, str]] = ..., weight: _Optional[float] = ..., selected_token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., selected_token_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    data_plane: bool
+    def __init__(self, algorithm: _Optional[str] = ..., layer_ids: _Optional[_Iterable[int]] = ..., job_name: _Optional[str] = ..., capture_logits: bool = ..., encodings: _Optional[_Mapping[str, str]] = ..., weight: _Optional[float] = ..., selected_token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., selected_token_mask: _Optional[_Union[Tensor, _Mapping]] = ..., data_plane: bool = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "layer_ids", "encodings")
+    __slots__ = ("session_id", "layer_ids", "encodings", "data_port", "data_ticket")
     class EncodingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,10 +146,14 @@ class OpenSessionResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
     ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    DATA_TICKET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     layer_ids: _containers.RepeatedScalarFieldContainer[int]
     encodings: _containers.ScalarMap[str, str]
-    def __init__(self, session_id: _Optional[str] = ..., layer_ids: _Optional[_Iterable[int]] = ..., encodings: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    data_port: int
+    data_ticket: bytes
+    def __init__(self, session_id: _Optional[str] = ..., layer_ids: _Optional[_Iterable[int]] = ..., encodings: _Optional[_Mapping[str, str]] = ..., data_port: _Optional[int] = ..., data_ticket: _Optional[bytes] = ...) -> None: ...
 
 class SetVocabMappingRequest(_message.Message):
     __slots__ = ("session_id", "selected_token_ids", "selected_token_mask")
@@ -172,7 +180,7 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "input_ids", "attention_mask", "loss_mask", "position_ids", "seq_lens", "doc_remaining")
+    __slots__ = ("session_id", "request_id", "input_ids", "attention_mask", "loss_mask", "position_ids", "seq_lens", "doc_remaining", "data_plane")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +189,7 @@ class GenerateRequest(_message.Message):
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     SEQ_LENS_FIELD_NUMBER: _ClassVar[int]
     DOC_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: int
     input_ids: Tensor
@@ -189,7 +198,8 @@ class GenerateRequest(_message.Message):
     position_ids: Tensor
     seq_lens: Tensor
     doc_remaining: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., loss_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., seq_lens: _Optional[_Union[Tensor, _Mapping]] = ..., doc_remaining: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    data_plane: bool
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., loss_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., seq_lens: _Optional[_Union[Tensor, _Mapping]] = ..., doc_remaining: _Optional[_Union[Tensor, _Mapping]] = ..., data_plane: bool = ...) -> None: ...
 
 class StreamWeightsRequest(_message.Message):
     __slots__ = ("name",)
