@@ -120,6 +120,18 @@ class ChannelSecurity:
             certificate_chain=read(self.client_cert),
         )
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same trust and client certificate for a plain socket (the session's data plane):
+        `ca_file` (else the system's roots), `client_cert`/`client_key` for mutual TLS."""
+
+        def path(p):
+            return str(Path(p).expanduser()) if p else None
+
+        ctx = ssl.create_default_context(cafile=path(self.ca_file))
+        if self.client_cert:
+            ctx.load_cert_chain(path(self.client_cert), path(self.client_key))
+        return ctx
+
 
 def _ip_literal(host: str) -> int | None:
     try:

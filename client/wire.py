@@ -12,6 +12,11 @@ both ends skip protobuf for it: `encode_reply` writes frames with one copy per c
 become the reply's tensors without a further copy. `add_to_server` and `TargetStub` bind the service
 with identity serializers for these frames and protobuf for everything else.
 
+A session with a data plane (client/dataplane.py, server/dataplane.py) gets a reply's payload as one
+frame on its TCP socket instead: the gRPC reply is then the header alone, marked
+`payload_on_data_plane`, and `ReplyAssembler(data_plane=...)` takes the payload from the data plane
+by request id.
+
 Byte order is little-endian (every machine draftfeed runs on).
 """
 
@@ -40,6 +45,9 @@ __all__ = [
     "tensor_to_proto",
     "tensor_from_proto",
     "encode_reply",
+    "reply_parts",
+    "header_frame",
+    "chunk_frames",
     "encode_error_reply",
     "Reply",
     "ReplyAssembler",
@@ -194,9 +202,34 @@ def _data_loss(message: str, request_id: int | None = None) -> DraftfeedError:
     return err
 
 
-def _header_frame(header: pb.ReplyHeader) -> bytes:
+def header_frame(header: pb.ReplyHeader) -> bytes:
+    """The frame that starts a reply (tag, varint length, the serialized header)."""
     body = header.SerializeToString()
     return _frame_prefix(_HEADER_TAG, len(body)) + body
+
+
+def reply_parts(
+    request_id: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
+) -> tuple[pb.ReplyHeader, list[memoryview]]:
+    """A reply's header and its tensors' bytes (zero-copy views, in header order).
+
+    The views go either as gRPC chunk frames (`chunk_frames`) or as one data-plane frame; dtypes and
+    `meta` (msgpack-able) are checked here. The tensors must not change until the views are sent.
+    """
+    headers, views = [], []
+    for name, t in tensors.items():
+        view = tensor_bytes(t)
+        headers.append(
+            pb.TensorHeader(name=name, dtype=dtype_name(t.dtype, name), shape=t.shape, nbytes=view.nbytes)
+        )
+        views.append(view)
+    header = pb.ReplyHeader(
+        request_id=request_id,
+        tensors=headers,
+        total_bytes=sum(v.nbytes for v in views),
+        meta=msgpack.packb(dict(meta), use_bin_type=True) if meta else b"",
+    )
+    return header, views
 
 
 def encode_reply(
@@ -214,23 +247,14 @@ def encode_reply(
     """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    headers, views = [], []
-    for name, t in tensors.items():
-        view = tensor_bytes(t)
-        headers.append(
-            pb.TensorHeader(name=name, dtype=dtype_name(t.dtype, name), shape=t.shape, nbytes=view.nbytes)
-        )
-        views.append(view)
-    header = pb.ReplyHeader(
-        request_id=request_id,
-        tensors=headers,
-        total_bytes=sum(v.nbytes for v in views),
-        meta=msgpack.packb(dict(meta), use_bin_type=True) if meta else b"",
-    )
-    return itertools.chain((_header_frame(header),), _chunk_frames(views, chunk_bytes))
+    header, views = reply_parts(request_id, tensors, meta)
+    return itertools.chain((header_frame(header),), chunk_frames(views, chunk_bytes))
 
 
-def _chunk_frames(views: list[memoryview], chunk_bytes: int) -> Iterator[bytes]:
+def chunk_frames(views: list[memoryview], chunk_bytes: int) -> Iterator[bytes]:
+    """The payload `views` (concatenated) as chunk frames of at most `chunk_bytes` bytes each."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     pieces: list[memoryview] = []
     filled = 0
     for view in views:
@@ -250,7 +274,7 @@ def _chunk_frames(views: list[memoryview], chunk_bytes: int) -> Iterator[bytes]:
 def encode_error_reply(request_id: int, error: DraftfeedError) -> bytes:
     """The single frame answering a request that failed alone (a header with `error`, no payload)."""
     code = error.code.value[0]
-    return _header_frame(
+    return header_frame(
         pb.ReplyHeader(request_id=request_id, error=pb.ReplyError(code=code, message=str(error)))
     )
 
@@ -278,6 +302,10 @@ class ReplyAssembler:
         larger): a reply's tensors are then overwritten once K more replies have been assembled,
         so the caller must consume or copy them before that.
     pin_memory: allocate page-locked buffers (fast, asynchronous copies to a GPU).
+    data_plane: where replies marked `payload_on_data_plane` get their payload: an object with
+        `take(request_id, sizes) -> list of uint8 tensors` (client/dataplane.py's `DataPlaneClient`,
+        which owns those buffers, so reuse_buffers/pin_memory are its own). Without one, such a
+        header is DATA_LOSS.
 
     Errors: a header carrying `error` raises that error (its class from the gRPC code, with
     `request_id` set) and leaves the assembler ready for the next reply. A stream that breaks the
@@ -286,11 +314,12 @@ class ReplyAssembler:
     DATA_LOSS; the call should then be abandoned.
     """
 
-    def __init__(self, reuse_buffers: int = 0, pin_memory: bool = False):
+    def __init__(self, reuse_buffers: int = 0, pin_memory: bool = False, data_plane: Any = None):
         if reuse_buffers < 0:
             raise ValueError(f"reuse_buffers must be >= 0, got {reuse_buffers}")
         self.reuse_buffers = reuse_buffers
         self.pin_memory = pin_memory
+        self.data_plane = data_plane
         self._ring: list[tuple[torch.Tensor, memoryview] | None] = [None] * reuse_buffers
         self._turn = 0
         self._reset()
@@ -348,6 +377,9 @@ class ReplyAssembler:
             meta = msgpack.unpackb(header.meta, raw=False, strict_map_key=False) if header.meta else {}
         except Exception as e:  # msgpack raises several unrelated types
             raise _data_loss(f"reply {rid} meta is not valid msgpack: {e}", rid) from None
+        meta = meta if isinstance(meta, dict) else {"meta": meta}
+        if header.payload_on_data_plane:
+            return self._from_data_plane(rid, layouts, meta)
         buf, self._view = self._buffer(offset) if offset else (None, memoryview(b""))
         for name, dtype, shape, start, off, nbytes in layouts:
             if nbytes == 0:
@@ -355,8 +387,18 @@ class ReplyAssembler:
             else:
                 self._tensors[name] = buf[off : off + nbytes].view(dtype).view(shape)
                 self._spans.append((start, start + nbytes, off))
-        self._header, self._meta = header, meta if isinstance(meta, dict) else {"meta": meta}
+        self._header, self._meta = header, meta
         return self._finish_reply() if header.total_bytes == 0 else None
+
+    def _from_data_plane(self, rid: int, layouts: list, meta: dict) -> Reply:
+        if self.data_plane is None:
+            raise _data_loss(f"reply {rid}: its payload went to a data plane this reader does not have", rid)
+        parts = self.data_plane.take(rid, [nbytes for *_, nbytes in layouts])
+        tensors = {
+            name: part.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
+            for (name, dtype, shape, _start, _off, nbytes), part in zip(layouts, parts, strict=True)
+        }
+        return Reply(rid, tensors, meta)
 
     def _finish_reply(self) -> Reply:
         reply = Reply(self._header.request_id, self._tensors, self._meta)

@@ -3,7 +3,8 @@ reflection) and the admin HTTP app, started and stopped together.
 
 Lifecycle (`serve`): the first SIGTERM/SIGINT drains: health turns NOT_SERVING and /readyz false,
 new requests and sessions get UNAVAILABLE (clients fail over), every request already queued is
-answered, sessions are closed, and the process exits 0 within `--grace-seconds`. A second signal
+answered, the data-plane sockets are closed after their replies, sessions are closed, and the
+process exits 0 within `--grace-seconds`. A second signal
 exits at once (status 1).
 
 Under `torchrun --nproc-per-node K` (cfg.tensor_parallel > 1) every rank loads its shard of the
@@ -33,6 +34,7 @@ from draftfeed.client.wire import SERVICE_NAME, add_to_server, grpc_options
 from .auth import AccessControl, load_token_file
 from .capture import discover
 from .config import ServeConfig
+from .dataplane import DataPlaneServer, data_ssl_context
 from .metrics import ServerMetrics
 from .model_info import build_model_info, fingerprint
 from .scheduler import BatchScheduler
@@ -101,6 +103,10 @@ class TargetServer:
         self.info = build_model_info(model, self.layout, cfg, fp)
         jobs = load_token_file(cfg.token_file) if cfg.token_file else None
         self.access = AccessControl(jobs, allow_remote=cfg.insecure_allow_remote)
+        self.dataplane = None
+        if cfg.data_port is not None:
+            ctx = data_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls else None
+            self.dataplane = DataPlaneServer(cfg.host, cfg.data_port, ctx, self.access)
         self.servicer = TargetServicer(
             model,
             self.info,
@@ -110,6 +116,7 @@ class TargetServer:
             cfg.max_chunk_bytes,
             access=self.access,
             gather=tp.gather if tp is not None else None,
+            dataplane=self.dataplane,
         )
         options = grpc_options() + [
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
@@ -128,6 +135,8 @@ class TargetServer:
             self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
         )
         if self.port == 0:
+            if self.dataplane is not None:
+                self.dataplane.close()
             raise OSError(f"cannot listen on {address} (address in use or not local)")
         self.admin = None
         self.nemo_http = None
@@ -179,8 +188,8 @@ class TargetServer:
         """Stop admitting work, finish what is in flight (all within `grace` seconds), then close.
 
         Steps, in order: refuse new work (health NOT_SERVING, /readyz false, UNAVAILABLE), answer the
-        queued requests, let the reply streams finish, close the sessions, release tensor-parallel
-        followers, stop the admin port.
+        queued requests, let the reply streams finish, close the data-plane sockets and the sessions,
+        release tensor-parallel followers, stop the admin port.
         """
         with self._stopping:
             if self._stopped.is_set():
@@ -193,6 +202,8 @@ class TargetServer:
             if self.nemo_http is not None:
                 self.nemo_http.stop()
             self.grpc.stop(max(0.0, deadline - time.monotonic())).wait()
+            if self.dataplane is not None:
+                self.dataplane.close()
             self.sessions.close_all()
             if self.tp is not None:
                 self.tp.release()
@@ -210,7 +221,8 @@ def _banner(server: TargetServer) -> str:
         admin = f", admin on {'https' if server.cfg.tls else 'http'}://{server.cfg.host}:{server.admin.port}"
     tls = " (mutual TLS)" if server.cfg.tls_client_ca else (" (TLS)" if server.cfg.tls else "")
     nemo = f", NeMo HTTP on {server.nemo_http.url}" if server.nemo_http is not None else ""
-    return f"draftfeed: serving on {server.url}{tls}{admin}{nemo}; {server.access.describe}"
+    data = f", data plane on port {server.dataplane.port}" if server.dataplane is not None else ""
+    return f"draftfeed: serving on {server.url}{tls}{admin}{nemo}{data}; {server.access.describe}"
 
 
 def serve(cfg: ServeConfig) -> int:

@@ -24,6 +24,7 @@ def _serve_config(args):
         port=args.port,
         admin_port=args.admin_port,
         nemo_http_port=args.nemo_http_port,
+        data_port=None if args.no_data_plane else args.data_port,
         device=args.device,
         dtype=args.dtype,
         limits=Limits(args.max_batch_size, args.max_seq_len, args.max_request_tokens),
@@ -106,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="also serve NeMo AutoModel's remote-target HTTP protocol (remote_urls: [http://HOST:PORT])",
+    )
+    serve.add_argument(
+        "--data-port",
+        type=int,
+        default=0,
+        help="TCP data plane for reply payloads, offered to sessions (on --host; default 0: a free port)",
+    )
+    serve.add_argument(
+        "--no-data-plane",
+        action="store_true",
+        help="offer no data plane: every reply goes on gRPC (e.g. when only the gRPC port is reachable)",
     )
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     serve.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")

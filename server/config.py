@@ -19,6 +19,8 @@ class ServeConfig:
     port: int = 50051
     admin_port: int | None = None  # fastapi /healthz /readyz /metrics /sessions; None = off
     nemo_http_port: int | None = None  # NeMo AutoModel's remote-target HTTP protocol; None = off
+    # TCP data plane for reply payloads (server/dataplane.py), on `host`: 0 = a free port, None = off
+    data_port: int | None = 0
     device: str = "auto"
     dtype: str = "auto"
     limits: Limits = field(default_factory=Limits)
@@ -43,6 +45,11 @@ class ServeConfig:
             raise InvalidArgument(f"--port {self.port} is not a TCP port (0..65535; 0 picks a free one)")
         if self.nemo_http_port is not None and not 0 <= self.nemo_http_port < 65536:
             raise InvalidArgument(f"--nemo-http-port {self.nemo_http_port} is not a TCP port")
+        if self.data_port is not None and not 0 <= self.data_port < 65536:
+            raise InvalidArgument(
+                f"--data-port {self.data_port} is not a TCP port (0..65535; 0 picks a free one; "
+                "--no-data-plane turns it off)"
+            )
         if self.max_chunk_bytes < 1024:
             raise InvalidArgument(f"--max-chunk-bytes {self.max_chunk_bytes} is too small; use at least 1024")
         if self.max_batch_tokens < 1:

@@ -1,7 +1,8 @@
 """The gRPC servicer: translates wire <-> domain and makes one domain call per RPC.
 
 Validation lives in server/checks.py, batching in server/scheduler.py, math in features/supervision,
-who-may-do-what in server/auth.py, session ids (and adoption across replicas) in server/directory.py.
+who-may-do-what in server/auth.py, session ids (and adoption across replicas) in server/directory.py,
+the optional TCP data plane for reply payloads in server/dataplane.py.
 `_rpc` authenticates every call and maps draftfeed errors to `abort(code, message)` (a quota error
 also sends its retry hint as trailing metadata), and anything else to INTERNAL, logged with the RPC
 name, without stopping the server. While draining, new work gets UNAVAILABLE and open streams end
@@ -26,6 +27,7 @@ from draftfeed.client.wire import encode_error_reply, encode_reply, tensor_from_
 
 from .auth import AccessControl, Caller
 from .checks import Limits, check_generate_inputs
+from .dataplane import DataPlaneServer, reply_frames
 from .directory import SessionDirectory
 from .features import TokenBatch
 from .scheduler import BatchScheduler
@@ -95,9 +97,10 @@ class TargetServicer:
         chunk_bytes: int,
         access: AccessControl | None = None,
         gather=None,
+        dataplane: DataPlaneServer | None = None,
     ):
         """`gather(getter) -> tensor`: a full host copy of `model.<getter>().weight` (the tensor-parallel
-        group's gather when the weights are sharded)."""
+        group's gather when the weights are sharded). `dataplane`: offered to sessions that ask."""
         self.model = model
         self.info = info
         self.sessions = sessions
@@ -105,6 +108,7 @@ class TargetServicer:
         self.limits = limits
         self.chunk_bytes = chunk_bytes
         self.access = access or AccessControl()
+        self.dataplane = dataplane
         self.directory = SessionDirectory(sessions, self.access, self._open, scheduler.cancel_session)
         self.gather = gather or (lambda getter: getattr(model, getter)().weight.detach().cpu().contiguous())
         self.draining = False
@@ -152,9 +156,12 @@ class TargetServicer:
     @_rpc
     def OpenSession(self, request, context, caller):
         session = self._open(request, caller)
-        return pb.OpenSessionResponse(
+        resp = pb.OpenSessionResponse(
             session_id=session.id, layer_ids=session.layer_ids, encodings=session.encodings
         )
+        if request.data_plane and self.dataplane is not None:
+            resp.data_port, resp.data_ticket = self.dataplane.port, self.dataplane.issue(session)
+        return resp
 
     @_rpc
     def SetVocabMapping(self, request, context, caller):
@@ -168,7 +175,9 @@ class TargetServicer:
 
     @_rpc
     def CloseSession(self, request, context, caller):
-        self.directory.close(request.session_id, caller)
+        session = self.directory.close(request.session_id, caller)
+        if self.dataplane is not None:
+            self.dataplane.close_session(session.id)
         return pb.CloseSessionResponse()
 
     # -- data ---------------------------------------------------------------------------------
@@ -212,7 +221,7 @@ class TargetServicer:
         future.add_done_callback(lambda _f: release())
         return session, future
 
-    def _frames(self, request_id, session, future):
+    def _frames(self, request_id, session, future, data_plane=False):
         reply = future.result()
         reply.wait()
         nbytes = {}
@@ -223,13 +232,16 @@ class TargetServicer:
         session.stats.tokens += reply.tokens
         session.stats.bytes_sent += sum(nbytes.values())
         self.scheduler.metrics.record_reply(reply.tokens, nbytes)
-        return encode_reply(request_id, reply.tensors, {"fields": reply.meta}, self.chunk_bytes)
+        meta = {"fields": reply.meta}
+        return reply_frames(
+            self.dataplane, session.id, request_id, reply.tensors, meta, self.chunk_bytes, data_plane
+        )
 
     @_rpc
     def Generate(self, request, context, caller):
         session, future = self._submit(request, caller, _spec(context))
         context.add_callback(future.cancel)
-        yield from self._frames(request.request_id, session, future)
+        yield from self._frames(request.request_id, session, future, request.data_plane)
 
     @_rpc
     def GenerateStream(self, request_iterator, context, caller):
@@ -245,9 +257,10 @@ class TargetServicer:
                 for request in request_iterator:
                     with gate:
                         try:
-                            pending.put((request.request_id, *self._submit(request, caller, spec)))
+                            submitted = self._submit(request, caller, spec)
+                            pending.put((request.request_id, *submitted, request.data_plane))
                         except DraftfeedError as err:
-                            pending.put((request.request_id, None, err))
+                            pending.put((request.request_id, None, err, False))
             except Exception as err:  # noqa: BLE001 - the client went away
                 log.debug("GenerateStream reader ended: %s", err)
             finally:
@@ -276,12 +289,12 @@ class TargetServicer:
             with self._streams_lock:
                 self._streams.pop(id(pending), None)
 
-    def _answer(self, request_id, session, outcome):
+    def _answer(self, request_id, session, outcome, data_plane):
         if session is None:
             yield encode_error_reply(request_id, outcome)
             return
         try:
-            yield from self._frames(request_id, session, outcome)
+            yield from self._frames(request_id, session, outcome, data_plane)
         except DraftfeedError as err:
             yield encode_error_reply(request_id, err)
 
