@@ -1,4 +1,5 @@
-"""Loopback transport benchmark: the gRPC tensor path of client/wire.py against plain TCP.
+"""Loopback transport benchmark: the gRPC tensor path of client/wire.py and the TCP data plane
+against plain TCP.
 
     python bench/transport.py --out bench/results/
 
@@ -10,11 +11,16 @@ reassembles with `wire.ReplyAssembler(reuse_buffers=1)`, the TCP client `recv_in
 buffer. gRPC runs with each chunk size and each flow-control window (`bdp`: gRPC's adaptive window;
 a number: a fixed window of that many KiB, see `wire.grpc_options`). A `grpc drain` client that only
 receives the frames (1 MiB chunks) shows what gRPC itself costs, before any reassembly.
+The `dataplane` rows go through the real data-plane code: the client opens a session with
+`data_plane=True`, connects `client.dataplane.DataPlaneClient(reuse_buffers=1)` with the ticket,
+and each unary Generate gets the header on gRPC while the server's `server.dataplane.reply_frames`
+sends the payload on the data socket, read by the client's reader thread (`recv_into` one buffer)
+and matched by `wire.ReplyAssembler(data_plane=...)`: one gRPC call per reply is included.
 
 Reported: median payload GB/s (1e9 bytes/s) over repeated fetches, the ratio to TCP in the same run,
 and the client's peak memory over the payload: peak RSS above the RSS just before the first payload
 fetch (after a 1 MiB warm-up call), read from /proc, so it counts the reply buffer, gRPC's receive
-buffers, chunk objects and allocator slack. Targets: gRPC >= 0.75x TCP, peak client memory < 1.3x.
+buffers, chunk objects and allocator slack. Targets: >= 0.75x TCP, peak client memory < 1.3x.
 """
 
 from __future__ import annotations
@@ -57,20 +63,42 @@ def _payload(nbytes: int):
     }
 
 
+class _Session:
+    """What the data plane needs of a session: an id and whether it closed."""
+
+    def __init__(self, sid: str):
+        self.id, self.closed = sid, False
+
+
 def _serve(sizes: list[int], conn) -> None:
-    """Serves the payloads over gRPC and TCP until the parent sends anything on `conn`."""
+    """Serves the payloads over gRPC, the data plane and TCP until the parent sends anything on `conn`."""
+    import uuid
+
     import grpc
 
     from draftfeed.client import wire
+    from draftfeed.client.pb import draftfeed_pb2 as pb
     from draftfeed.client.pb import draftfeed_pb2_grpc as pb_grpc
+    from draftfeed.server.dataplane import DataPlaneServer, reply_frames
 
     payloads = {n: _payload(n) for n in [*sizes, WARMUP]}
     flat = {n: b"".join(bytes(wire.tensor_bytes(t)) for t in p.values()) for n, p in payloads.items()}
+    plane = DataPlaneServer("127.0.0.1", 0)
 
     class Servicer(pb_grpc.TargetServiceServicer):
-        def Generate(self, request, context):
-            nbytes, chunk = map(int, request.session_id.split(":"))
-            yield from wire.encode_reply(request.request_id, payloads[nbytes], {"n": nbytes}, chunk)
+        def OpenSession(self, request, context):
+            session = _Session(uuid.uuid4().hex)
+            return pb.OpenSessionResponse(
+                session_id=session.id, data_port=plane.port, data_ticket=plane.issue(session)
+            )
+
+        def Generate(self, request, context):  # session_id: "NBYTES:CHUNK[:SESSION]"
+            nbytes, chunk, *session = request.session_id.split(":")
+            nbytes, chunk = int(nbytes), int(chunk)
+            meta = {"n": nbytes}
+            sid = session[0] if session else ""
+            want = request.data_plane
+            yield from reply_frames(plane, sid, request.request_id, payloads[nbytes], meta, chunk, want)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=wire.grpc_options())
     wire.add_to_server(Servicer(), server)
@@ -110,22 +138,31 @@ def _reset_peak() -> int:
 
 def _client(path: str, port: int, nbytes: int, chunk: int, window: int | None, seconds: float, conn) -> None:
     """Fetches the payload 3..30 times within about `seconds`; sends (GB/s of each fetch, peak / payload)."""
-    if path.startswith("grpc"):
+    if path.startswith("grpc") or path == "dataplane":
         import grpc
 
         from draftfeed.client import wire
+        from draftfeed.client.dataplane import DataPlaneClient
         from draftfeed.client.pb import draftfeed_pb2 as pb
 
         channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=wire.grpc_options(window_bytes=window))
         stub, assembler = wire.TargetStub(channel), wire.ReplyAssembler(reuse_buffers=1)
+        session, data = "", None
+        if path == "dataplane":
+            opened = stub.OpenSession(pb.OpenSessionRequest(algorithm="bench", data_plane=True))
+            data = DataPlaneClient("127.0.0.1", opened.data_port, opened.data_ticket, reuse_buffers=1)
+            assembler, session = wire.ReplyAssembler(data_plane=data), f":{opened.session_id}"
 
         def fetch(i: int, size: int = nbytes) -> None:
-            request = pb.GenerateRequest(session_id=f"{size}:{chunk}", request_id=i)
+            request = pb.GenerateRequest(
+                session_id=f"{size}:{chunk}{session}", request_id=i, data_plane=data is not None
+            )
             if path == "grpc drain":  # the gRPC ceiling: receive the frames, keep nothing
                 assert sum(len(frame) for frame in stub.Generate(request)) > size
                 return
             (reply,) = assembler.replies(stub.Generate(request))
             assert reply.request_id == i and sum(t.nbytes for t in reply.tensors.values()) == size
+            assert data is None or data.replies == i + 1  # the payload came on the data plane
 
         fetch(0, WARMUP)  # connects and runs every code path once
     else:
@@ -217,15 +254,16 @@ def _write(out_dir: Path, table: str, argv: list[str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"transport-{name}-{now:%Y-%m-%d}.md"
     out.write_text(
-        "# Transport benchmark: gRPC tensor path vs plain TCP (loopback)\n\n"
+        "# Transport benchmark: gRPC tensor path and TCP data plane vs plain TCP (loopback)\n\n"
         f"- date: {now:%Y-%m-%d %H:%M %Z}\n"
         f"- device: {_device()}\n"
         f"- software: Python {platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}\n"
         f"- command: `python {' '.join(argv)}`\n"
-        f"- targets: gRPC >= {TARGET_RATIO}x TCP, peak client memory < {TARGET_MEMORY}x payload\n\n"
+        f"- targets: >= {TARGET_RATIO}x TCP, peak client memory < {TARGET_MEMORY}x payload\n\n"
         f"{table}\n\n"
         "GB/s = 1e9 payload bytes per second, median over repeated fetches; client and server are separate "
-        "processes; window = the client's HTTP/2 flow-control window (bdp = gRPC's adaptive default); malloc "
+        "processes; dataplane = header on a unary gRPC call, payload on the session's data-plane socket "
+        "(server/dataplane.py -> client/dataplane.py); window = the client's HTTP/2 flow-control window (bdp = gRPC's adaptive default); malloc "
         "arenas = MALLOC_ARENA_MAX in the client's environment; peak memory = client peak RSS above its RSS "
         "before the first payload fetch.\n"
     )
@@ -250,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also measure a gRPC client that only receives the frames (the gRPC ceiling)",
     )
+    parser.add_argument(
+        "--paths",
+        default="grpc,dataplane",
+        help="paths to measure besides tcp: grpc (each chunk x window), dataplane (default grpc,dataplane)",
+    )
     parser.add_argument("--seconds", type=float, default=1.5, help="time per measurement (default 1.5)")
     parser.add_argument("--out", type=Path, default=None, help="folder for transport-<host>-<date>.md")
     args = parser.parse_args(argv)
@@ -257,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     chunks = [int(c) * 1024 for c in args.chunks.split(",")]
     windows = [None if w == "bdp" else int(w) * 1024 for w in args.windows.split(",")]
     arena_limits = [None if a == "default" else int(a) for a in args.arenas.split(",")]
+    paths = set(args.paths.split(","))
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -271,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def row(nbytes, path, chunk, window, arenas, rate, tcp, mem):
         chunk_text = f"{chunk // 1024} KiB" if chunk else "-"
-        window_text = "-" if path == "tcp" else "bdp" if window is None else f"{window // 1024} KiB"
-        verdict = _verdict(rate / tcp, mem) if path == "grpc" else ""
+        window_text = "-" if path in ("tcp", "dataplane") else "bdp" if window is None else f"{window // 1024} KiB"
+        verdict = _verdict(rate / tcp, mem) if path in ("grpc", "dataplane") else ""
         arenas_text = "default" if arenas is None else str(arenas)
         lines.append(
             f"| {nbytes // MiB} MiB | {path} | {chunk_text} | {window_text} | {arenas_text} | {rate:.2f} "
@@ -284,10 +328,14 @@ def main(argv: list[str] | None = None) -> int:
         for nbytes in sizes:
             tcp, mem = _measure(ctx, "tcp", tcp_port, nbytes, 0, None, None, args.seconds)
             row(nbytes, "tcp", 0, None, None, tcp, tcp, mem)
-            if args.drain:
+            if "dataplane" in paths:
+                rate, mem = _measure(ctx, "dataplane", grpc_port, nbytes, 0, None, None, args.seconds)
+                row(nbytes, "dataplane", 0, None, None, rate, tcp, mem)
+            if args.drain and "grpc" in paths:
                 rate, mem = _measure(ctx, "grpc drain", grpc_port, nbytes, MiB, None, None, args.seconds)
                 row(nbytes, "grpc drain", MiB, None, None, rate, tcp, mem)
-            for arenas, window, chunk in itertools.product(arena_limits, windows, chunks):
+            grpc_runs = itertools.product(arena_limits, windows, chunks) if "grpc" in paths else ()
+            for arenas, window, chunk in grpc_runs:
                 rate, mem = _measure(ctx, "grpc", grpc_port, nbytes, chunk, window, arenas, args.seconds)
                 row(nbytes, "grpc", chunk, window, arenas, rate, tcp, mem)
     finally:

@@ -1,0 +1,310 @@
+"""The TCP data plane for reply payloads (server/dataplane.py, client/dataplane.py) on a real server:
+remote == in-process with the payload on the data socket, several requests in flight, sessions of
+two jobs, tickets, TLS, and the fallback to gRPC frames when the socket cannot be opened or breaks."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import ssl
+import threading
+import time
+import warnings
+
+import grpc
+import pytest
+from test_auth import TOKENS, token_file  # noqa: F401 - fixture
+from test_backends import inputs, mapping
+from test_packing import packed_inputs
+from test_service import assert_same, start_server
+from test_tls import pki  # noqa: F401 - fixture
+
+from draftfeed.client.dataplane import ACCEPTED, REFUSED, DataPlaneClient, recv_exact
+from draftfeed.client.errors import PermissionDenied, Unavailable
+from draftfeed.client.pb import draftfeed_pb2 as pb
+from draftfeed.client.remote import RemoteDFlashTargetModel, RemoteDSparkTargetModel, RemoteEagle3TargetModel
+from draftfeed.client.wire import TargetStub, tensor_to_proto
+from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    srv = start_server(model)
+    yield srv
+    srv.stop(grace=1)
+
+
+def _data(remote):
+    """The remote's data-plane client on its only server (None: it uses gRPC frames)."""
+    return remote.servers[0].data
+
+
+def _wait(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_remote_equals_inprocess_over_the_data_plane(server, model, packed):
+    args = packed_inputs() if packed else inputs()
+    sel, mask = mapping(160)
+    local = HFEagle3TargetModel(model)
+    local.set_vocab_mapping(sel, mask)
+    with RemoteEagle3TargetModel.from_urls([server.url]) as remote:
+        remote.set_vocab_mapping(sel, mask)
+        assert _data(remote) is not None and not _data(remote).tls
+        assert_same(remote.generate_batch(*args), local.generate_batch(*args))
+        assert _data(remote).replies == 1  # the payload came on the data socket
+    with RemoteDFlashTargetModel.from_urls(
+        [server.url], target_layer_ids=[1, 4, 6], capture_logits=True
+    ) as r:
+        assert_same(
+            r.generate_batch(*args), HFDFlashTargetModel(model, [1, 4, 6], True).generate_batch(*args)
+        )
+        assert _data(r).replies == 1
+    with RemoteDSparkTargetModel.from_urls([server.url]) as remote:
+        assert_same(remote.generate_batch(*args), HFDSparkTargetModel(model).generate_batch(*args))
+        assert _data(remote).replies == 1
+        sid = remote.servers[0].session_id
+        assert server.dataplane.connected(sid)
+    _wait(lambda: not server.dataplane.connected(sid))  # closing the session closed its socket
+
+
+def test_several_in_flight_and_threads(server, model):
+    local = HFDSparkTargetModel(model, [0, 3])
+    batches = [inputs(seed=i) for i in range(6)]
+    with RemoteDSparkTargetModel.from_urls([server.url], target_layer_ids=[0, 3], max_in_flight=3) as remote:
+        futures = [remote.generate_batch_async(*b) for b in batches]  # GenerateStream, 3 in flight
+        got, errors = {}, []
+
+        def unary(i):
+            try:
+                got[i] = remote.generate_batch(*batches[i])
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=unary, args=(i,)) for i in range(len(batches))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        for i, (fut, b) in enumerate(zip(futures, batches, strict=True)):
+            want = local.generate_batch(*b)
+            assert_same(fut.result(timeout=60), want)
+            assert_same(got[i], want)
+        assert _data(remote).replies == 2 * len(batches)
+
+
+def test_sessions_of_two_jobs(model, token_file):  # noqa: F811
+    srv = start_server(model, token_file=token_file)
+    try:
+        sel, mask = mapping(160)
+        local_a = HFEagle3TargetModel(model)
+        local_a.set_vocab_mapping(sel, mask)
+        local_b = HFDSparkTargetModel(model)
+        a = RemoteEagle3TargetModel.from_urls([srv.url], token=TOKENS["eagle-a"])
+        b = RemoteDSparkTargetModel.from_urls([srv.url], token=TOKENS["dspark-b"])
+        a.set_vocab_mapping(sel, mask)
+        results, errors = {}, []
+
+        def job(name, remote):
+            try:
+                results[name] = [remote.generate_batch(*inputs(seed=s)) for s in range(3)]
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=job, args=x) for x in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        for s in range(3):
+            assert_same(results["a"][s], local_a.generate_batch(*inputs(seed=s)))
+            assert_same(results["b"][s], local_b.generate_batch(*inputs(seed=s)))
+        assert _data(a).replies == 3 and _data(b).replies == 3
+        # job b cannot use a's session, data plane or not; a's socket gets nothing from it
+        stub = TargetStub(grpc.insecure_channel(srv.url.removeprefix("grpc://")))
+        ids, attn, loss = inputs()
+        request = pb.GenerateRequest(
+            session_id=a.servers[0].session_id,
+            request_id=999,
+            data_plane=True,
+            input_ids=tensor_to_proto(ids),
+            attention_mask=tensor_to_proto(attn),
+            loss_mask=tensor_to_proto(loss),
+        )
+        md = (("authorization", f"Bearer {TOKENS['dspark-b']}"),)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(request, timeout=30, metadata=md))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(PermissionDenied, match="belongs to another job"):
+            _close_as(stub, a.servers[0].session_id, md)
+        assert _data(a).replies == 3
+        assert_same(a.generate_batch(*inputs()), local_a.generate_batch(*inputs()))
+        a.close()
+        b.close()
+    finally:
+        srv.stop(grace=0)
+
+
+def _close_as(stub, session_id, md):
+    from draftfeed.client.remote import _raise
+
+    try:
+        stub.CloseSession(pb.CloseSessionRequest(session_id=session_id), timeout=30, metadata=md)
+    except grpc.RpcError as err:
+        raise _raise(err) from None
+
+
+def _open_raw(server) -> tuple[str, int, bytes]:
+    stub = TargetStub(grpc.insecure_channel(server.url.removeprefix("grpc://")))
+    resp = stub.OpenSession(pb.OpenSessionRequest(algorithm="dspark", data_plane=True), timeout=30)
+    assert resp.data_port == server.dataplane.port and len(resp.data_ticket) == 32
+    return resp.session_id, resp.data_port, resp.data_ticket
+
+
+def test_bad_and_reused_tickets_are_refused_and_not_logged(server, caplog):
+    caplog.set_level(logging.INFO)
+    sid, port, ticket = _open_raw(server)
+    wrong = secrets.token_bytes(32)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(wrong)
+        assert recv_exact(sock, 1) == REFUSED
+        assert sock.recv(1) == b""  # and closed
+    with pytest.raises(Unavailable, match="refused this session's ticket"):
+        DataPlaneClient("127.0.0.1", port, wrong)
+    first = DataPlaneClient("127.0.0.1", port, ticket)
+    try:
+        assert server.dataplane.connected(sid)
+        with pytest.raises(Unavailable, match="refused"):
+            DataPlaneClient("127.0.0.1", port, ticket)  # one-time: a second use is refused
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"short")  # then hangs up: a broken handshake, refused
+    finally:
+        first.close()
+    _wait(lambda: not server.dataplane.connected(sid))
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) >= 3
+    for secret in (ticket, wrong):
+        for form in (secret.hex(), repr(secret), secret.hex().upper()):
+            assert form not in caplog.text
+
+
+def test_tls_and_mutual_tls(model, pki):  # noqa: F811
+    srv = start_server(
+        model,
+        tls_cert=pki["server_cert"],
+        tls_key=pki["server_key"],
+        tls_client_ca=pki["ca_cert"],
+    )
+    try:
+        mine = dict(ca_file=pki["ca_cert"], client_cert=pki["client_cert"], client_key=pki["client_key"])
+        with RemoteDSparkTargetModel.from_urls([srv.url], **mine) as remote:
+            assert _data(remote).tls and isinstance(_data(remote).sock, ssl.SSLSocket)
+            assert_same(
+                remote.generate_batch(*inputs()), HFDSparkTargetModel(model).generate_batch(*inputs())
+            )
+            assert _data(remote).replies == 1
+        # plaintext, or TLS without a client certificate, to the TLS data port: no session data
+        with socket.create_connection(("127.0.0.1", srv.dataplane.port), timeout=5) as sock:
+            sock.sendall(secrets.token_bytes(32))
+            with pytest.raises((ConnectionError, OSError)):
+                if recv_exact(sock, 1) != ACCEPTED:
+                    raise ConnectionError("refused")
+        ctx = ssl.create_default_context(cafile=pki["ca_cert"])
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            DataPlaneClient("127.0.0.1", srv.dataplane.port, secrets.token_bytes(32), ssl_context=ctx)
+    finally:
+        srv.stop(grace=0)
+
+
+def test_fallback_when_the_data_port_is_unreachable(model):
+    srv = start_server(model)
+    try:
+        srv.dataplane.close()  # the port is offered but nothing listens any more
+        with pytest.warns(UserWarning, match="cannot open its data plane"):
+            remote = RemoteDSparkTargetModel.from_urls([srv.url], max_in_flight=2)
+        with remote:
+            assert _data(remote) is None
+            local = HFDSparkTargetModel(model)
+            assert_same(remote.generate_batch(*inputs()), local.generate_batch(*inputs()))
+            futures = [remote.generate_batch_async(*inputs(seed=s)) for s in range(3)]
+            for s, fut in enumerate(futures):
+                assert_same(fut.result(timeout=60), local.generate_batch(*inputs(seed=s)))
+    finally:
+        srv.stop(grace=0)
+
+
+def test_fallback_when_the_data_plane_breaks(server, model):
+    local = HFDFlashTargetModel(model)
+    with RemoteDFlashTargetModel.from_urls([server.url]) as remote:
+        assert_same(remote.generate_batch(*inputs()), local.generate_batch(*inputs()))
+        data = _data(remote)
+        server.dataplane.close_session(remote.servers[0].session_id)  # the socket breaks mid-session
+        _wait(lambda: not data.usable)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for s in range(3):
+                assert_same(remote.generate_batch(*inputs(seed=s)), local.generate_batch(*inputs(seed=s)))
+        assert [str(w.message) for w in caught if "data plane broke" in str(w.message)] != []
+        assert len(caught) == 1, [str(w.message) for w in caught]  # one warning, then quietly on gRPC
+        assert data.replies == 1
+
+
+def test_server_restart_reopens_the_data_plane_and_drain_closes_it(model):
+    first = start_server(model)
+    port = first.port
+    remote = RemoteEagle3TargetModel.from_urls([first.url])
+    sel, mask = mapping(160)
+    remote.set_vocab_mapping(sel, mask)
+    before = remote.generate_batch(*inputs())
+    old = _data(remote)
+    assert old.replies == 1
+    first.stop(grace=5)  # the drain closes the data socket after the replies
+    _wait(lambda: not old.usable)
+    second = start_server(model, port=port)
+    try:
+        with pytest.warns(UserWarning, match="data plane broke"):
+            after = remote.generate_batch(*inputs())  # NOT_FOUND -> re-open (new data plane) -> retry
+        assert_same(before, after)
+        assert _data(remote) is not old and _data(remote).usable
+        assert_same(remote.generate_batch(*inputs()), before)
+        assert _data(remote).replies == 2
+    finally:
+        remote.close()
+        second.stop(grace=0)
+
+
+def test_off_switches(model):
+    srv = start_server(model, data_port=None)
+    try:
+        assert srv.dataplane is None
+        with RemoteDSparkTargetModel.from_urls([srv.url]) as remote:
+            assert _data(remote) is None
+            assert_same(
+                remote.generate_batch(*inputs()), HFDSparkTargetModel(model).generate_batch(*inputs())
+            )
+    finally:
+        srv.stop(grace=0)
+    from draftfeed.server.cli import _serve_config, build_parser
+
+    assert _serve_config(build_parser().parse_args(["serve", "--no-data-plane"])).data_port is None
+    assert _serve_config(build_parser().parse_args(["serve", "--data-port", "7001"])).data_port == 7001
+    assert _serve_config(build_parser().parse_args(["serve"])).data_port == 0
+
+
+def test_client_can_decline(server, model):
+    with RemoteDSparkTargetModel.from_urls([server.url], data_plane=False) as remote:
+        assert _data(remote) is None
+        got = remote.generate_batch(*inputs())
+    assert_same(got, HFDSparkTargetModel(model).generate_batch(*inputs()))
