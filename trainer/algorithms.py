@@ -2,8 +2,10 @@
 how one batch is scored, and how the result is exported.
 
 The loop (`loop.py`) is one for every algorithm; an algorithm is a `DraftAlgorithm` subclass and a
-one-line entry in `ALGORITHMS`. EAGLE-3 is here; DFlash / DSpark (issue 8) add theirs the same way
-(their losses take `den_reduce` / `world_size`, which `DistContext` provides).
+one-line entry in `ALGORITHMS`. EAGLE-3, DFlash and DSpark are here. The block drafts (DFlash, DSpark)
+share `BlockAlgorithm`: their backend's frozen embedding / lm_head are fetched once when the draft is
+built, anchors are drawn from a per-rank generator that checkpoints with the run, and their loss
+denominators are all-reduced over ranks (`DistContext`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,25 @@ from torch import nn
 
 from draftfeed.client.vocab import build_token_map
 
+from .block_drafting import NoValidAnchors, dflash_loss, dspark_loss
 from .export import export_eagle3
 from .losses import eagle3_batch_loss
 from .models.common import text_config_dict
+from .models.dflash import DFlashConfig, DFlashDraft, export_dflash
+from .models.dspark import DSparkConfig, DSparkDraft, export_dspark
 from .models.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 
-__all__ = ["StepOutput", "DistContext", "DraftAlgorithm", "Eagle3Algorithm", "ALGORITHMS"]
+__all__ = [
+    "StepOutput",
+    "DistContext",
+    "DraftAlgorithm",
+    "Eagle3Algorithm",
+    "BlockAlgorithm",
+    "DFlashAlgorithm",
+    "DSparkAlgorithm",
+    "block_layer_ids",
+    "ALGORITHMS",
+]
 
 
 @dataclass
@@ -154,6 +169,165 @@ class Eagle3Algorithm(DraftAlgorithm):
         return export_eagle3(draft, out_dir, target_config, list(backend.aux_layer_ids), num_layers)
 
 
+def block_layer_ids(num_layers: int, k: int) -> list[int]:
+    """Default target layers of a block draft: round(1 + i(N-4)/(K-1)) (K = 1: [N//2]), deduplicated.
+
+    DFlash's default (DESIGN.md), used for DSpark too: it equals DeepSpec's Qwen3-4B/8B ids
+    [1, 9, 17, 25, 33] and never picks N-1 (the final-norm output, which SGLang cannot capture)."""
+    if k == 1:
+        return [num_layers // 2]
+    return sorted({round(1 + i * (num_layers - 4) / (k - 1)) for i in range(k)})
+
+
+class BlockAlgorithm(DraftAlgorithm):
+    """What DFlash and DSpark share: backends, layer ids, the anchor generator, the zero-block step."""
+
+    backends: ClassVar[tuple[str, str]]  # (in-process class in draftfeed.server.backends, remote class)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.block_size = cfg.block.resolved_block_size(self.name)
+        self.gamma = cfg.block.gamma(self.name)
+        # anchors: a CPU generator per rank (same draws on any device), checkpointed with the run
+        self.generator = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + cfg.dist.rank)
+
+    def _layer_ids(self, num_layers: int) -> list[int]:
+        t = self.cfg.target
+        return (
+            list(t.layer_ids)
+            if t.layer_ids
+            else block_layer_ids(num_layers, self.cfg.block.num_target_layers)
+        )
+
+    def open_backend(self, model, device):
+        t = self.cfg.target
+        local_name, remote_name = self.backends
+        if model is not None:
+            from draftfeed.server import backends
+            from draftfeed.server.capture import discover
+
+            ids = self._layer_ids(discover(model).num_layers)
+            return getattr(backends, local_name)(model, target_layer_ids=ids)
+        from draftfeed.client import remote
+
+        cls = getattr(remote, remote_name)
+        probe_layers = t.layer_ids  # None: ask the server for N first, then pick our default
+        if probe_layers is None:
+            from transformers import AutoConfig
+
+            from draftfeed.server.loading import default_target_path
+
+            conf = AutoConfig.from_pretrained(t.model or default_target_path(), local_files_only=True)
+            probe_layers = self._layer_ids(int(text_config_dict(conf)["num_hidden_layers"]))
+        return cls.from_urls(
+            t.url,
+            device=device,
+            target_layer_ids=probe_layers,
+            max_in_flight=self.cfg.loop.prefetch,
+            **t.client_kwargs(),
+        )
+
+    def _draft_fields(self, backend, target_config) -> dict:
+        b = self.cfg.block
+        return dict(
+            target_layer_ids=list(backend.target_layer_ids),
+            mask_token_id=b.mask_token_id,
+            num_layers=b.num_layers,
+            block_size=self.block_size,
+        )
+
+    def export(self, draft, out_dir, target_config, backend):
+        return self.exporter(draft, out_dir)
+
+    def state_dict(self):
+        return {"anchor_generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        if "anchor_generator" in state:
+            self.generator.set_state(state["anchor_generator"])
+
+    def _empty_step(self, draft, keys) -> StepOutput:
+        """A batch without any valid anchor: a zero loss that still touches every trainable parameter (so
+        DDP's gradient all-reduce sees them all) and zero metrics."""
+        loss = sum(p.sum() for p in draft.parameters() if p.requires_grad) * 0.0
+        zero = torch.zeros((), device=loss.device)
+        return StepOutput(loss=loss, metrics={k: zero for k in keys})
+
+
+class DFlashAlgorithm(BlockAlgorithm):
+    """DFlash: block draft over the target's frozen embedding / lm_head, decayed CE (ALGORITHMS.md section 2)."""
+
+    name = "dflash"
+    backends = ("HFDFlashTargetModel", "RemoteDFlashTargetModel")
+    metric_keys = ("loss", "ce", "accuracy", "accept_len", "blocks")
+
+    def build_draft(self, backend, target_config, token_counts, special_ids):
+        dcfg = DFlashConfig.from_target_config(target_config, **self._draft_fields(backend, target_config))
+        return DFlashDraft(dcfg, backend.get_input_embeddings(), backend.get_output_embeddings())
+
+    @staticmethod
+    def exporter(draft, out_dir):
+        return export_dflash(draft, out_dir)
+
+    def loss(self, draft, batch, dist):
+        b = self.cfg.block
+        try:
+            out = dflash_loss(
+                draft, batch, num_anchors=b.num_anchors, gamma=self.gamma, generator=self.generator,
+                chunk_rows=b.chunk_rows, den_reduce=dist.all_reduce_sum, world_size=dist.world_size,
+            )  # fmt: skip
+        except NoValidAnchors:
+            return self._empty_step(draft, self.metric_keys)
+        m = out.metrics
+        metrics = {"loss": out.parts["ce"], "ce": out.parts["ce"], "accuracy": m["accuracy"]}
+        metrics.update(accept_len=m["accept_len"], blocks=m["blocks"])
+        return StepOutput(loss=out.loss, metrics=metrics)
+
+
+class DSparkAlgorithm(BlockAlgorithm):
+    """DSpark: the block draft plus Markov and confidence heads, 0.1 CE + 0.9 L1 + 1.0 BCE (section 3)."""
+
+    name = "dspark"
+    backends = ("HFDSparkTargetModel", "RemoteDSparkTargetModel")
+    metric_keys = ("loss", "ce", "tv", "conf", "accuracy", "tau_train", "conf_error", "blocks")
+
+    def build_draft(self, backend, target_config, token_counts, special_ids):
+        d = self.cfg.dspark
+        dcfg = DSparkConfig.from_target_config(
+            target_config,
+            **self._draft_fields(backend, target_config),
+            num_anchors=self.cfg.block.num_anchors,
+            markov_rank=d.markov_rank,
+            enable_confidence_head=d.confidence_head,
+            confidence_head_with_markov=d.confidence_head_with_markov and d.confidence_head,
+            final_logit_softcapping=backend.final_logit_softcapping,
+        )
+        draft = DSparkDraft(dcfg)
+        return draft.copy_target_weights(backend.get_input_embeddings(), backend.get_output_embeddings())
+
+    @staticmethod
+    def exporter(draft, out_dir):
+        return export_dspark(draft, out_dir)
+
+    def loss(self, draft, batch, dist):
+        b, d = self.cfg.block, self.cfg.dspark
+        try:
+            out = dspark_loss(
+                draft, batch, num_anchors=b.num_anchors, gamma=self.gamma, ce_weight=d.ce_weight,
+                tv_weight=d.tv_weight, conf_weight=d.conf_weight, generator=self.generator,
+                chunk_rows=b.chunk_rows, den_reduce=dist.all_reduce_sum, world_size=dist.world_size,
+            )  # fmt: skip
+        except NoValidAnchors:
+            return self._empty_step(draft, self.metric_keys)
+        p, m = out.parts, out.metrics
+        total = d.ce_weight * p["ce"] + d.tv_weight * p["tv"] + d.conf_weight * p["conf"]
+        metrics = {"loss": total, "ce": p["ce"], "tv": p["tv"], "conf": p["conf"]}
+        metrics.update({k: m[k] for k in ("accuracy", "tau_train", "conf_error", "blocks")})
+        return StepOutput(loss=out.loss, metrics=metrics)
+
+
 ALGORITHMS: dict[str, type[DraftAlgorithm]] = {
     "eagle3": Eagle3Algorithm,
+    "dflash": DFlashAlgorithm,
+    "dspark": DSparkAlgorithm,
 }

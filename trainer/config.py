@@ -6,8 +6,9 @@ Sources, later ones winning: the dataclass defaults, a YAML file (sections as ne
 (`flag(...)`), so `add_flags` builds the parser from the dataclasses and `build_config` merges the three
 sources; nothing else reads flags, files or the environment for settings.
 
-Optimiser defaults are NeMo AutoModel's EAGLE-3 recipe (ALGORITHMS.md section 1): AdamW lr 1e-4, betas
-(0.9, 0.95), no weight decay, linear warmup over 5% of the steps, cosine to 0.1 * lr, clip 1.0.
+Optimiser defaults are NeMo AutoModel's recipes (ALGORITHMS.md sections 1-3): AdamW betas (0.9, 0.95), no
+weight decay, cosine to 0.1 * lr, clip 1.0; lr 1e-4 with 5% warmup for EAGLE-3, lr 6e-4 with 4% warmup for
+DFlash / DSpark (`--lr` / `--warmup-ratio` unset = the algorithm's).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ __all__ = [
     "TargetConfig",
     "DataConfig",
     "Eagle3Config",
+    "BlockConfig",
+    "DSparkTrainConfig",
     "OptimConfig",
     "LoopConfig",
     "DistConfig",
@@ -234,23 +237,106 @@ class Eagle3Config:
 
 
 @dataclass
+class BlockConfig:
+    """The block drafts' shared settings (DFlash and DSpark, ALGORITHMS.md sections 2-3); unset fields take
+    the algorithm's default (DFlash: block 16, gamma 7; DSpark: block 7, gamma 4)."""
+
+    block_size: int | None = flag(
+        "--block-size", "tokens per block: DFlash drafts bs-1 of them, DSpark bs (default 16 / 7)", None
+    )
+    num_anchors: int = flag("--num-anchors", "blocks sampled per row and step", 512)
+    num_layers: int = flag("--draft-layers", "decoder layers of the block draft", 5)
+    decay: float | None = flag(
+        "--block-decay", "loss weight decay gamma of the block slots (0 = uniform; default 7 / 4)", None
+    )
+    mask_token_id: int | None = flag(
+        "--mask-token-id", "token id of the block's MASK slots (default: the last vocab id)", None
+    )
+    num_target_layers: int = flag(
+        "--num-target-layers", "K target layers feeding the draft when --layer-ids is not given", 5
+    )
+    chunk_rows: int = flag(None, "supervised rows per full-vocab logits chunk", 1024)
+
+    DEFAULTS = {"dflash": (16, 7.0), "dspark": (7, 4.0)}  # algorithm -> (block_size, gamma)
+
+    def __post_init__(self):
+        _check(
+            self.block_size is None or self.block_size >= 1, f"--block-size {self.block_size} must be >= 1"
+        )
+        _check(self.num_anchors >= 1, f"--num-anchors {self.num_anchors} must be >= 1")
+        _check(self.num_layers >= 1, f"--draft-layers {self.num_layers} must be >= 1")
+        _check(
+            self.decay is None or self.decay >= 0, f"--block-decay {self.decay} must be >= 0 (0 = uniform)"
+        )
+        _check(
+            self.mask_token_id is None or self.mask_token_id >= 0,
+            f"--mask-token-id {self.mask_token_id} must be >= 0",
+        )
+        _check(self.num_target_layers >= 1, f"--num-target-layers {self.num_target_layers} must be >= 1")
+        _check(self.chunk_rows >= 1, f"block.chunk_rows={self.chunk_rows} must be >= 1")
+
+    def resolved_block_size(self, algorithm: str) -> int:
+        return self.block_size if self.block_size is not None else self.DEFAULTS[algorithm][0]
+
+    def gamma(self, algorithm: str) -> float | None:
+        """The loss decay gamma; None = uniform weights."""
+        g = self.decay if self.decay is not None else self.DEFAULTS[algorithm][1]
+        return None if g == 0 else float(g)
+
+
+@dataclass
+class DSparkTrainConfig:
+    """DSpark's heads and loss weights (ALGORITHMS.md section 3): L = 0.1 CE + 0.9 L1 + 1.0 confidence BCE."""
+
+    ce_weight: float = flag("--ce-weight", "weight of the cross-entropy on the target's tokens", 0.1)
+    tv_weight: float = flag("--tv-weight", "weight of the L1 (2 TV) distance to the target distribution", 0.9)
+    conf_weight: float = flag("--conf-weight", "weight of the confidence head's BCE", 1.0)
+    markov_rank: int = flag("--markov-rank", "rank r of the Markov head (0 = no Markov head)", 256)
+    confidence_head: bool = flag("--confidence-head", "train the confidence head (early stop)", True)
+    confidence_head_with_markov: bool = flag(
+        None, "the confidence head also reads W1[prev] (needs markov_rank > 0)", True
+    )
+
+    def __post_init__(self):
+        for name in ("ce_weight", "tv_weight", "conf_weight"):
+            _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 0")
+        _check(self.markov_rank >= 0, f"--markov-rank {self.markov_rank} must be >= 0")
+        if not self.markov_rank:
+            self.confidence_head_with_markov = False
+
+
+@dataclass
 class OptimConfig:
-    lr: float = flag("--lr", "peak learning rate", 1e-4)
+    lr: float | None = flag("--lr", "peak learning rate (default: 1e-4 EAGLE-3, 6e-4 DFlash / DSpark)", None)
     betas: list[float] = flag("--betas", "AdamW betas, e.g. 0.9,0.95", default_factory=lambda: [0.9, 0.95])
     weight_decay: float = flag("--weight-decay", "AdamW weight decay", 0.0)
-    warmup_ratio: float = flag("--warmup-ratio", "linear warmup over this fraction of the steps", 0.05)
+    warmup_ratio: float | None = flag(
+        "--warmup-ratio", "linear warmup over this fraction of the steps (default 0.05 / 0.04)", None
+    )
     min_lr_ratio: float = flag("--min-lr-ratio", "cosine decays to this fraction of lr", 0.1)
     grad_clip: float = flag("--grad-clip", "max gradient norm (0 = off)", 1.0)
     grad_accum: int = flag("--grad-accum", "micro-batches per optimizer step", 1)
 
     def __post_init__(self):
         self.betas = [float(b) for b in self.betas]
-        _check(self.lr > 0, f"--lr {self.lr} must be > 0")
+        _check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be > 0")
         _check(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"--betas {self.betas}: two values in [0, 1)",
         )
-        _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)")
+        _check(
+            self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
+            f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)",
+        )
+
+    # algorithm -> (lr, warmup_ratio): AutoModel's EAGLE-3 / DFlash / DSpark recipes
+    DEFAULTS = {"eagle3": (1e-4, 0.05), "dflash": (6e-4, 0.04), "dspark": (6e-4, 0.04)}
+
+    def resolve(self, algorithm: str) -> None:
+        """Fill the unset lr / warmup with `algorithm`'s defaults."""
+        lr, warmup = self.DEFAULTS.get(algorithm, self.DEFAULTS["eagle3"])
+        self.lr = lr if self.lr is None else self.lr
+        self.warmup_ratio = warmup if self.warmup_ratio is None else self.warmup_ratio
         _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio {self.min_lr_ratio} must be in [0, 1]")
         _check(self.grad_clip >= 0, f"--grad-clip {self.grad_clip} must be >= 0")
         _check(self.grad_accum >= 1, f"--grad-accum {self.grad_accum} must be >= 1")
@@ -311,6 +397,8 @@ class TrainConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eagle3: Eagle3Config = field(default_factory=Eagle3Config)
+    block: BlockConfig = field(default_factory=BlockConfig)
+    dspark: DSparkTrainConfig = field(default_factory=DSparkTrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -323,6 +411,12 @@ class TrainConfig:
             self.algorithm in ALGORITHMS,
             f"algorithm {self.algorithm!r} is not known; expected one of {', '.join(sorted(ALGORITHMS))}",
         )
+        self.optim.resolve(self.algorithm)
+        if self.algorithm in BlockConfig.DEFAULTS:
+            _check(
+                self.block.resolved_block_size(self.algorithm) >= (2 if self.algorithm == "dflash" else 1),
+                f"--block-size {self.block.block_size}: DFlash needs >= 2 (slot 0 is the anchor)",
+            )
 
     @property
     def out_dir(self) -> Path:
@@ -340,7 +434,11 @@ class TrainConfig:
 class EvalConfig:
     """`draftfeed eval`: acceptance length of an exported draft against the in-process target."""
 
-    draft: str = flag("--draft", "exported EAGLE-3 draft directory (config.json + model.safetensors)")
+    draft: str = flag(
+        "--draft",
+        "exported draft directory (config.json + model.safetensors) of EAGLE-3, DFlash or DSpark; the "
+        "algorithm is read from its config.json",
+    )
     target_model: str | None = flag(
         "--target-model", "target checkpoint (default: built-in SmolLM2-135M-Instruct)", None
     )
@@ -350,7 +448,17 @@ class EvalConfig:
         default_factory=lambda: ["mtbench"],
     )
     limit: int | None = flag("--limit", "prompts per set", None)
-    num_draft_tokens: int = flag("--num-draft-tokens", "K: chain drafting steps per verification", 4)
+    num_draft_tokens: int = flag(
+        "--num-draft-tokens",
+        "K: EAGLE-3 chain drafting steps per verification (block drafts propose their block: DFlash bs-1, "
+        "DSpark bs tokens)",
+        4,
+    )
+    confidence_threshold: float = flag(
+        "--confidence-threshold",
+        "DSpark early stop theta: verify drafts up to the first with confidence < theta (0 = off)",
+        0.0,
+    )
     max_new_tokens: int = flag("--max-new-tokens", "tokens generated per prompt", 256)
     device: str = flag("--device", "auto (cuda when available), cpu, cuda:N", "auto")
     dtype: str = flag(
@@ -365,6 +473,10 @@ class EvalConfig:
         _check(bool(self.draft), "--draft DIR is required")
         _check(Path(self.draft).expanduser().is_dir(), f"--draft {self.draft!r}: no such directory")
         _check(self.num_draft_tokens >= 1, f"--num-draft-tokens {self.num_draft_tokens} must be >= 1")
+        _check(
+            0 <= self.confidence_threshold <= 1,
+            f"--confidence-threshold {self.confidence_threshold} must be in [0, 1]",
+        )
         _check(self.max_new_tokens >= 1, f"--max-new-tokens {self.max_new_tokens} must be >= 1")
         _check(self.limit is None or self.limit >= 1, f"--limit {self.limit} must be >= 1")
         prompts = []

@@ -1,17 +1,22 @@
-"""Real acceptance length tau of a chain draft against the target: speculative decoding, batch 1, greedy.
+"""Real acceptance length tau of a draft against the target: speculative decoding, batch 1, greedy.
 
-Protocol (ALGORITHMS.md sections 1 "Inference (chain)" and 4): the target prefills the prompt x_0..x_{n-1}
-(aux states A_t, bonus x_n = argmax). Each round the drafter proposes K tokens d_1..d_K; the target runs
-[x_n, d_1..d_K] once on its KV cache; a = the longest prefix with d_i = the target's argmax at the previous
-position; d_1..d_a and the target's next token are committed (a + 1 tokens; an eos among the accepted drafts
-ends the round and the prompt without the bonus). tau = committed tokens / rounds, pooled over all prompts
-(sum(a+1) / rounds). Generation of a prompt stops at eos or after `max_new_tokens`.
+Protocol (ALGORITHMS.md sections 1 "Inference (chain)", 2-3 "Inference" and 4): the target prefills the
+prompt x_0..x_{n-1} (features of its captured layers, bonus x_n = argmax). Each round the drafter proposes
+up to K tokens d_1..d_l; the target runs [x_n, d_1..d_l] once on its KV cache; a = the longest prefix with
+d_i = the target's argmax at the previous position; d_1..d_a and the target's next token are committed (a + 1
+tokens; an eos among the accepted drafts ends the round and the prompt without the bonus). tau = committed
+tokens / rounds, pooled over all prompts (sum(a+1) / rounds). Generation of a prompt stops at eos or after
+`max_new_tokens`. The maximum tau is K + 1: EAGLE-3 chains K = `--num-draft-tokens`; a DFlash block of bs
+slots proposes K = bs - 1 tokens at once, a DSpark block K = bs, or fewer with its confidence early stop
+(l = the first slot whose confidence is below theta; l = 0 verifies the anchor alone).
 
 The EAGLE-3 drafter keeps a KV cache of committed rows (row t = (fc(A_t), emb(x_{t+1})) at position t).
 A proposal runs d_1 from the last committed row's output, then K-1 chain rows (previous raw output,
 emb(d_{j-1})) at the next positions on a temporary extension of the cache, which is discarded; after
 verification the rows of the newly committed tokens are appended with the target's aux states from the
-verify pass. Any object with `reset` / `extend` / `propose` can be measured (`ChainDrafter`).
+verify pass. The block drafter (`BlockDrafter`, DFlash / DSpark) keeps the target features of the
+committed tokens and proposes one block at the last committed token. Any object with `reset` / `extend` /
+`propose` can be measured (`ChainDrafter`); `run_eval` reads which algorithm an export is from its config.
 """
 
 from __future__ import annotations
@@ -27,16 +32,21 @@ import torch
 
 from draftfeed.client.layers import default_eagle3_layer_ids
 
+from .models import dflash, dspark
 from .models.eagle3 import Eagle3DraftModel
 
 __all__ = [
     "ChainDrafter",
     "Eagle3ChainDrafter",
+    "BlockDrafter",
+    "make_drafter",
+    "reinitialize",
     "TargetVerifier",
     "TauResult",
     "measure_tau",
     "prompt_token_ids",
     "load_prompt_sets",
+    "tau_table",
     "run_eval",
 ]
 
@@ -50,7 +60,7 @@ class ChainDrafter(Protocol):
         tokens x_{t+1} that follow them."""
 
     def propose(self, k: int) -> list[int]:
-        """k draft tokens (target ids) continuing the committed text."""
+        """Up to k draft tokens (target ids) continuing the committed text."""
 
 
 class Eagle3ChainDrafter:
@@ -102,8 +112,71 @@ class Eagle3ChainDrafter:
         return self.chain(k)[0]
 
 
+class BlockDrafter:
+    """One-shot block proposals of a DFlash or DSpark draft (no draft KV cache: the block attends to the
+    context features of every committed token, recomputed each round)."""
+
+    def __init__(self, draft, confidence_threshold: float = 0.0):
+        self.draft = draft.eval()
+        self.is_dspark = isinstance(draft, dspark.DSparkDraft)
+        self.confidence_threshold = confidence_threshold
+        bs = draft.config.block_size
+        self.max_drafts = bs if self.is_dspark else bs - 1  # DSpark slot k predicts x_{s+k+1}
+        self.reset(())
+
+    def reset(self, prompt: Sequence[int] = ()) -> None:
+        self.features: torch.Tensor | None = None  # [s, K*H]: target features of x_0..x_{s-1}
+        self.anchor = 0  # x_s, the last committed token
+        self.last_confidence: torch.Tensor | None = None
+
+    def extend(self, aux: torch.Tensor, next_ids: torch.Tensor) -> None:
+        self.features = aux if self.features is None else torch.cat((self.features, aux))
+        self.anchor = int(next_ids[-1])
+
+    @torch.no_grad()
+    def propose(self, k: int) -> list[int]:
+        feats = self.features[None]
+        anchor = torch.tensor([self.anchor], device=feats.device)
+        if not self.is_dspark:
+            return dflash.propose_block(self.draft, feats, anchor)[0, :k].tolist()
+        prop = dspark.propose_block(self.draft, feats, anchor, confidence_threshold=self.confidence_threshold)
+        self.last_confidence = None if prop.confidence is None else prop.confidence[0]
+        return prop.tokens[0, : min(k, int(prop.lengths[0]))].tolist()
+
+
+def make_drafter(algorithm: str, draft, confidence_threshold: float = 0.0):
+    """The drafter that measures a draft of `algorithm` (eagle3, dflash, dspark)."""
+    if algorithm == "eagle3":
+        return Eagle3ChainDrafter(draft)
+    return BlockDrafter(draft, confidence_threshold)
+
+
+@torch.no_grad()
+def reinitialize(draft, seed: int = 0) -> None:
+    """The untrained baseline: fresh random trainable weights, same shapes (and vocab map); the frozen
+    target copies (EAGLE-3's / DSpark's embedding, DSpark's lm_head) are kept."""
+    torch.manual_seed(seed)
+    if isinstance(draft, Eagle3DraftModel):
+        draft.reset_parameters()
+        return
+    from .models.common import RMSNorm
+
+    for name, child in draft.named_children():
+        if name in ("embed_tokens", "lm_head"):
+            continue
+        child.apply(draft._init_weights)
+        for m in child.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+    draft.norm.weight.fill_(1.0)
+
+
 class TargetVerifier:
-    """The in-process target on a KV cache: prefill, verify a block, crop back to the committed text."""
+    """The in-process target on a KV cache: prefill, verify a block, crop back to the committed text.
+
+    `aux_layer_ids` are the layers whose outputs a round returns, concatenated (EAGLE-3's aux layers, or a
+    block draft's target layers; id i = HF hidden_states[i + 1], so DSpark's -1 is the embedding output and
+    N-1 the final-norm output)."""
 
     def __init__(self, model, aux_layer_ids: Sequence[int] | None = None):
         from draftfeed.server.capture import discover
@@ -117,7 +190,7 @@ class TargetVerifier:
 
     @torch.no_grad()
     def run(self, ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
-        """Run `ids` after the cached prefix: (aux [m,3H] on the device, the greedy next tokens [m])."""
+        """Run `ids` after the cached prefix: (aux [m,K*H] on the device, the greedy next tokens [m])."""
         x = torch.tensor([list(ids)], device=self.device)
         out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, output_hidden_states=True)
         self.cache = out.past_key_values
@@ -138,9 +211,12 @@ class TargetVerifier:
 @dataclass
 class TauResult:
     name: str
+    algorithm: str = ""
+    k: int = 0  # most drafts per round (max tau = k + 1)
     prompts: int = 0
     rounds: int = 0
     committed: int = 0  # tokens committed by verification rounds (the prefill's bonus token not included)
+    drafted: int = 0  # draft tokens verified (DSpark's early stop verifies fewer than k)
     seconds: float = 0.0
     accept_hist: list[int] = field(default_factory=list)  # rounds by tokens committed (index = a + 1)
 
@@ -161,10 +237,12 @@ def measure_tau(
     eos_ids: Sequence[int] = (),
     name: str = "",
     log=None,
+    algorithm: str = "",
 ) -> TauResult:
-    """Pooled tau of `drafter` over token-id `prompts` (greedy verification, K = `k` drafts per round)."""
+    """Pooled tau of `drafter` over token-id `prompts` (greedy verification, at most K = `k` drafts per
+    round; a drafter may propose fewer)."""
     eos = set(eos_ids)
-    res = TauResult(name=name, accept_hist=[0] * (k + 2))
+    res = TauResult(name=name, algorithm=algorithm, k=k, accept_hist=[0] * (k + 2))
     start = time.perf_counter()
     for n, prompt in enumerate(prompts):
         target.reset()
@@ -174,12 +252,13 @@ def measure_tau(
         drafter.extend(aux, torch.tensor(committed[1:]))
         new = 1
         while new < max_new_tokens and committed[-1] not in eos:
-            drafts = drafter.propose(k)
+            drafts = list(drafter.propose(k))[:k]
             p = len(committed) - 1
-            aux, pred = target.run([committed[-1]] + list(drafts))
+            aux, pred = target.run([committed[-1]] + drafts)
             a = 0
-            while a < k and drafts[a] == pred[a]:
+            while a < len(drafts) and drafts[a] == pred[a]:
                 a += 1
+            res.drafted += len(drafts)
             stop = next((i for i in range(a) if drafts[i] in eos), None)
             got = drafts[: stop + 1] if stop is not None else list(drafts[:a]) + [pred[a]]
             committed += got
@@ -254,11 +333,26 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def tau_table(results: Sequence[TauResult]) -> str:
+    """A markdown table of results (one row each): the three algorithms side by side."""
+    lines = [
+        "| draft | algorithm | prompts | max drafts/round | tau | max tau | rounds | drafted | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.algorithm} | {r.prompts} | {r.k} | **{r.tau:.3f}** | {r.k + 1} | {r.rounds} "
+            f"| {r.drafted} | {r.seconds:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
-    """`draftfeed eval`: tau of the exported draft `cfg.draft` on each prompt set (an `EvalConfig`)."""
+    """`draftfeed eval`: tau of the exported draft `cfg.draft` (EAGLE-3, DFlash or DSpark, read from its
+    config.json) on each prompt set (an `EvalConfig`)."""
     from draftfeed.server.loading import load_target, load_tokenizer
 
-    from .export import load_eagle3, read_eagle3_config
+    from .export import load_draft
     from .loop import resolve_device
 
     device = resolve_device(cfg.device)
@@ -269,14 +363,12 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
     if model is None:
         model = load_target(cfg.target_model, device=device, dtype=dtype)
     tokenizer = tokenizer or load_tokenizer(cfg.target_model)
-    _, raw = read_eagle3_config(cfg.draft)
-    aux_ids = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-    draft = load_eagle3(cfg.draft, model.get_input_embeddings().weight, device=device, dtype=model.dtype)
+    exported = load_draft(cfg.draft, model, device=device, dtype=model.dtype)
     if cfg.untrained:  # the baseline: same shapes and vocab map, fresh random weights
-        torch.manual_seed(0)
-        draft.reset_parameters()
-    target = TargetVerifier(model, aux_ids)
-    drafter = Eagle3ChainDrafter(draft)
+        reinitialize(exported.draft)
+    target = TargetVerifier(model, exported.layer_ids)
+    drafter = make_drafter(exported.algorithm, exported.draft, cfg.confidence_threshold)
+    k = cfg.num_draft_tokens if exported.algorithm == "eagle3" else drafter.max_drafts
     eos = eos_token_ids(tokenizer, model)
 
     def say(m):
@@ -285,12 +377,12 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
     results = {}
     for name, prompts in load_prompt_sets(cfg.prompts, tokenizer, cfg.limit).items():
         r = measure_tau(
-            target, drafter, prompts, cfg.num_draft_tokens, cfg.max_new_tokens, eos, name, log=say
+            target, drafter, prompts, k, cfg.max_new_tokens, eos, name, log=say, algorithm=exported.algorithm
         )
         results[name] = r
         print(
-            f"{name}: tau {r.tau:.3f} over {r.rounds} rounds, {r.prompts} prompts, K={cfg.num_draft_tokens} "
-            f"({r.seconds:.0f} s)",
+            f"{name}: {exported.algorithm} tau {r.tau:.3f} over {r.rounds} rounds, {r.prompts} prompts, "
+            f"K={k} ({r.seconds:.0f} s)",
             flush=True,
         )
     if cfg.out:

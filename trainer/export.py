@@ -14,12 +14,17 @@ A directory with
   `lm_head.weight`, `d2t` (int64), `t2d` (bool); `embed_tokens.weight` only when asked (SGLang always uses
   the target's embedding, vLLM uses it when the file has none).
 The loader also accepts AutoModel-style names (`model.` prefix, `layers.0.` for `midlayer.`).
+
+DFlash and DSpark write their own layouts (`models/dflash.py` `export_dflash`, `models/dspark.py`
+`export_dspark`). `load_draft` reads an export of any of the three: `draft_algorithm` tells which from
+config.json's `architectures` (a registry, one line per architecture string).
 """
 
 from __future__ import annotations
 
 import json
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,10 @@ __all__ = [
     "export_eagle3",
     "load_eagle3",
     "read_eagle3_config",
+    "DRAFT_ARCHITECTURES",
+    "draft_algorithm",
+    "ExportedDraft",
+    "load_draft",
 ]
 
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -185,3 +194,68 @@ def load_eagle3(
     model.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(model.inv_freq.device)
     model.embed_tokens.weight.requires_grad_(False)
     return model
+
+
+# config.json `architectures` entry -> algorithm (SGLang / vLLM / AutoModel / DeepSpec / SpecForge names)
+DRAFT_ARCHITECTURES = {
+    EAGLE3_ARCHITECTURE: "eagle3",
+    "Eagle3LlamaForCausalLM": "eagle3",
+    "LlamaEagle3DraftModel": "eagle3",
+    "DFlashDraftModel": "dflash",
+    "Qwen3DFlashDraftModel": "dflash",
+    "Qwen3DSparkModel": "dspark",
+    "DSparkDraftModel": "dspark",
+}
+
+
+def draft_algorithm(path: str | Path) -> str:
+    """eagle3, dflash or dspark, from an exported draft's config.json (SpecForge's DSpark writes a DFlash
+    config with `dflash_config.projector_type: "dspark"`)."""
+    file = Path(path).expanduser() / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file.parent}: no config.json (expected an exported draft directory)")
+    raw = json.loads(file.read_text())
+    archs = raw.get("architectures") or []
+    found = {DRAFT_ARCHITECTURES[a] for a in archs if a in DRAFT_ARCHITECTURES}
+    if len(found) != 1:
+        raise ValueError(
+            f"{file}: architectures {archs} name no single known draft; expected one of {sorted(DRAFT_ARCHITECTURES)}"
+        )
+    algorithm = found.pop()
+    if algorithm == "dflash" and (raw.get("dflash_config") or {}).get("projector_type") == "dspark":
+        return "dspark"
+    return algorithm
+
+
+@dataclass
+class ExportedDraft:
+    """A loaded export: its algorithm, the draft module, and the target layer ids it reads."""
+
+    algorithm: str
+    draft: torch.nn.Module
+    layer_ids: list[int]
+
+
+def load_draft(
+    path: str | Path, target, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> ExportedDraft:
+    """Load an EAGLE-3, DFlash or DSpark export for `target` (the HF model: EAGLE-3 and DFlash borrow its
+    embedding, DFlash its lm_head). `dtype` None keeps the saved dtype."""
+    from .models.dflash import load_dflash
+    from .models.dspark import load_dspark
+
+    algorithm = draft_algorithm(path)
+    if algorithm == "eagle3":
+        _, raw = read_eagle3_config(path)
+        layers = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        draft = load_eagle3(path, target.get_input_embeddings().weight, device=device, dtype=dtype)
+        return ExportedDraft("eagle3", draft, list(layers) if layers else None)
+    if algorithm == "dflash":
+        draft = load_dflash(
+            path, target.get_input_embeddings(), target.get_output_embeddings(), device=device
+        )
+    else:
+        draft = load_dspark(path, device=device)
+    if dtype is not None:
+        draft = draft.to(dtype)
+    return ExportedDraft(algorithm, draft.eval(), list(draft.config.target_layer_ids))

@@ -9,7 +9,8 @@ GPU); each rank has its own backend and its own shard of the data.
 
 Checkpoints (`OUT/checkpoints/step_NNNNNNN/`): `trainer.pt` (rank 0: the draft's trainable weights and
 buffers, optimizer, scheduler, step, algorithm state) and `rank_R.pt` per rank (the data iterator's
-position after the last batch trained on, and the RNG states). Resuming loads them, re-sends the
+position after the last batch trained on, the RNG states, and the rank's own algorithm state, e.g. the
+block drafts' anchor generator). Resuming loads them, re-sends the
 algorithm's session state (EAGLE-3: the vocab mapping) and re-requests the batches that were in flight,
 so the run continues exactly where it stopped.
 """
@@ -204,7 +205,10 @@ class Trainer:
                 },
                 path / "trainer.pt",
             )
-        torch.save({"data": self.data_state, "rng": _rng_state()}, path / f"rank_{self.dist.rank}.pt")
+        torch.save(
+            {"data": self.data_state, "rng": _rng_state(), "algorithm": self.algorithm.state_dict()},
+            path / f"rank_{self.dist.rank}.pt",
+        )
         self._barrier()
         if self.dist.rank == 0:
             (path / _COMPLETE).write_text(f"{self.step}\n")
@@ -230,9 +234,9 @@ class Trainer:
             raise ValueError(f"{path}: draft weights do not fit (missing {missing}, unexpected {unexpected})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.algorithm.load_state_dict(state["algorithm"])
         self.step = int(state["step"])
         rank_state = torch.load(mine, map_location="cpu", weights_only=False)
+        self.algorithm.load_state_dict(rank_state.get("algorithm", state["algorithm"]))
         self.batches.load_state_dict(rank_state["data"])
         self.data_state = rank_state["data"]
         _set_rng_state(rank_state["rng"])
@@ -281,9 +285,11 @@ class Trainer:
             for k, v in record.items():
                 if k != "step":
                     self._tb.add_scalar(f"train/{k}", v, self.step)
+        tau = next((k for k in ("tau_sim", "tau_train", "accept_len") if k in record), None)
         print(
-            f"step {self.step}/{self.total_steps}  loss {record['loss']:.4f}  acc {record.get('accuracy', 0):.3f}"
-            + (f"  tau_sim {record['tau_sim']:.2f}" if "tau_sim" in record else "")
+            f"{self.algorithm.name} step {self.step}/{self.total_steps}  loss {record['loss']:.4f}  "
+            f"acc {record.get('accuracy', 0):.3f}"
+            + (f"  {tau} {record[tau]:.2f}" if tau else "")
             + f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  target wait {100 * record['target_wait']:.0f}%",
             file=sys.stderr,
             flush=True,

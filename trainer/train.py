@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ __all__ = [
     "target_fingerprint",
     "special_ids",
 ]
+
+
+# Draft initialisation draws from torch's global RNG: runs started from several threads of one process
+# (demo-train, the tests) build their drafts one at a time so each gets exactly its seed's weights.
+_INIT_LOCK = threading.Lock()
 
 
 def _say(msg: str) -> None:
@@ -170,8 +176,9 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
                 ids, mask = dataset[i]
                 counter.update(torch.from_numpy(ids), torch.from_numpy(mask))
             counts = counter.counts
-        torch.manual_seed(cfg.seed)
-        draft = algorithm.build_draft(backend, target_config, counts, special_ids(tokenizer))
+        with _INIT_LOCK:
+            torch.manual_seed(cfg.seed)
+            draft = algorithm.build_draft(backend, target_config, counts, special_ids(tokenizer))
         pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         )

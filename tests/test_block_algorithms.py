@@ -1,0 +1,348 @@
+"""DFlash and DSpark through the shared loop (trainer/algorithms.py): one server feeding EAGLE-3, DFlash and
+DSpark sessions at once equals in-process training, the loss goes down, resume is identical, the block
+evaluator's tau bounds (and DSpark's early stop), export -> load, and `draftfeed train` / `eval` on them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+from test_loop import word_tokenizer, write_chats
+
+from draftfeed.server.app import TargetServer
+from draftfeed.server.config import ServeConfig
+from draftfeed.trainer.config import TrainConfig, config_from_dict
+from draftfeed.trainer.evaluate import BlockDrafter, TargetVerifier, measure_tau, reinitialize
+from draftfeed.trainer.export import draft_algorithm, load_draft
+from draftfeed.trainer.models.dflash import DFlashConfig, DFlashDraft
+from draftfeed.trainer.models.dspark import DSparkConfig, DSparkDraft
+from draftfeed.trainer.train import build_run, run_training
+
+BLOCK = ("dflash", "dspark")
+BS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def target_dir(tiny_dirs, tmp_path_factory):
+    d = tmp_path_factory.mktemp("target")
+    shutil.copytree(tiny_dirs("llama"), d, dirs_exist_ok=True)
+    word_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_chats(tmp_path_factory.mktemp("data") / "chats.jsonl", 16)
+
+
+@pytest.fixture(scope="module")
+def server(target_dir):
+    from draftfeed.server.loading import load_target
+
+    srv = TargetServer(ServeConfig(port=0), model=load_target(target_dir)).start()
+    yield srv
+    srv.stop(grace=1)
+
+
+def make_cfg(out, algorithm, target_dir, data_file, **sections) -> TrainConfig:
+    values = {
+        "out": str(out),
+        "algorithm": algorithm,
+        "target": {"model": target_dir},
+        "data": {"path": data_file, "seq_len": 48, "batch_size": 2},
+        "eagle3": {"draft_vocab_size": 24, "ttt_steps": 2},
+        "block": {"block_size": BS, "num_anchors": 6, "num_layers": 1, "chunk_rows": 16},
+        "dspark": {"markov_rank": 8},
+        "optim": {"lr": 3e-3},
+        "loop": {"steps": 3, "log_every": 3, "prefetch": 2, "device": "cpu", "export": False},
+    }
+    for name, over in sections.items():
+        values[name] = {**values.get(name, {}), **over} if isinstance(over, dict) else over
+    return config_from_dict(TrainConfig, values)
+
+
+def losses(result):
+    return [h["loss"] for h in result.history]
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_one_server_serves_eagle3_dflash_dspark_at_once_like_in_process(
+    tmp_path, target_dir, data_file, server
+):
+    """Three jobs open their sessions on one server, then train concurrently (threads); each one's losses,
+    gradient norms and weights equal the same job against its in-process target."""
+    algs = ("eagle3", "dflash", "dspark")
+    local = {a: run_training(make_cfg(tmp_path / f"l-{a}", a, target_dir, data_file)) for a in algs}
+    runs = {
+        a: build_run(
+            make_cfg(
+                tmp_path / f"r-{a}", a, target_dir, data_file, target={"url": [server.url], "job_name": a}
+            )
+        )
+        for a in algs
+    }
+    try:
+        sessions = {s.algorithm for s in server.sessions.list()}
+        assert sessions == set(algs), sessions
+        results, errors = {}, []
+
+        def train(a):
+            try:
+                results[a] = runs[a].trainer.train()
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append((a, err))
+
+        threads = [threading.Thread(target=train, args=(a,)) for a in algs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+    finally:
+        for run in runs.values():
+            run.close()
+    for a in algs:
+        assert len(results[a].history) == 3
+        assert losses(results[a]) == losses(local[a]), a
+        assert [h["grad_norm"] for h in results[a].history] == [h["grad_norm"] for h in local[a].history]
+        x = torch.load(tmp_path / f"l-{a}/checkpoints/step_0000003/trainer.pt", weights_only=False)["draft"]
+        y = torch.load(tmp_path / f"r-{a}/checkpoints/step_0000003/trainer.pt", weights_only=False)["draft"]
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), a
+    assert not server.sessions.list()  # closing the jobs released their sessions
+    keys = json.loads((tmp_path / "r-dspark/metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss", "ce", "tv", "conf", "tau_train", "accuracy", "conf_error"} <= set(keys)
+    keys = json.loads((tmp_path / "r-dflash/metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss", "ce", "accept_len", "accuracy"} <= set(keys)
+
+
+@pytest.fixture(scope="module")
+def sharp_target(target_dir, tmp_path_factory):
+    """The tiny target with its lm_head scaled up: peaked next-token distributions, like a trained model."""
+    from transformers import AutoModelForCausalLM
+
+    sharp = tmp_path_factory.mktemp("sharp")
+    model = AutoModelForCausalLM.from_pretrained(target_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    model.save_pretrained(sharp)
+    word_tokenizer().save_pretrained(sharp)
+    return str(sharp)
+
+
+@pytest.mark.parametrize("algorithm", BLOCK)
+def test_loss_goes_down_on_a_tiny_overfit_set(tmp_path, sharp_target, algorithm):
+    data = write_chats(tmp_path / "tiny.jsonl", 2, seed=3, turns=(1, 1))
+    cfg = make_cfg(
+        tmp_path / "o", algorithm, sharp_target, data,
+        block={"num_anchors": 32, "num_layers": 2}, optim={"lr": 1e-2, "warmup_ratio": 0.0},
+        loop={"steps": 80, "log_every": 80},
+    )  # fmt: skip
+    hist = run_training(cfg).history
+    assert hist[-1]["loss"] < 0.5 * hist[0]["loss"], [round(h["loss"], 3) for h in hist]
+    if algorithm == "dflash":  # CE on the data's tokens: the two chats are learnt
+        assert hist[-1]["accuracy"] > hist[0]["accuracy"] + 0.4
+        assert hist[-1]["accept_len"] > hist[0]["accept_len"] + 0.5
+    else:  # mostly L1 to the target's distribution (the data's random words are not the target's)
+        assert hist[-1]["tv"] < 0.5 * hist[0]["tv"] and hist[-1]["tau_train"] > hist[0]["tau_train"] + 0.5
+
+
+@pytest.mark.parametrize("algorithm", BLOCK)
+def test_resume_continues_identically(tmp_path, target_dir, data_file, algorithm):
+    """Anchors are redrawn every step from a generator that checkpoints per rank: a resumed run draws the
+    same blocks and gets the same losses as the straight one."""
+    straight = run_training(
+        make_cfg(tmp_path / "a", algorithm, target_dir, data_file, loop={"steps": 4, "save_every": 2})
+    )
+    ckpt = tmp_path / "a/checkpoints/step_0000002"
+    state = torch.load(ckpt / "rank_0.pt", weights_only=False)
+    assert "anchor_generator" in state["algorithm"]
+    shutil.copytree(ckpt, tmp_path / "b/checkpoints/step_0000002")
+    resumed = run_training(
+        make_cfg(tmp_path / "b", algorithm, target_dir, data_file, loop={"steps": 4, "resume": "auto"})
+    )
+    assert [h["step"] for h in resumed.history] == [3, 4]
+    assert losses(resumed) == losses(straight)[2:]
+    a = torch.load(tmp_path / "a/checkpoints/step_0000004/trainer.pt", weights_only=False)["draft"]
+    b = torch.load(tmp_path / "b/checkpoints/step_0000004/trainer.pt", weights_only=False)["draft"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = run_training(make_cfg(tmp_path / "c", algorithm, target_dir, data_file, loop={"steps": 4}))
+    assert losses(fresh) == losses(straight)  # a fixed seed gives the same anchors on a fresh run
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def prompts(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(3, 150, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def constant_target(tiny_model):
+    """The tiny target with a zero final norm: its logits are all 0, so its greedy token is always id 0,
+    whatever its lm_head; that lm_head gets rows 5 = +1, 6 = -1 (all else 0), so a draft scoring a nonzero
+    hidden state with it never picks 0, and one scoring a zero hidden state always does."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model("llama")
+    m = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32).eval()
+    m.load_state_dict(src.state_dict())
+    with torch.no_grad():
+        m.model.norm.weight.zero_()
+        m.lm_head.weight.zero_()
+        m.lm_head.weight[5] = 1.0
+        m.lm_head.weight[6] = -1.0
+    return m.requires_grad_(False)
+
+
+def block_draft(algorithm, target, right: bool, **kw):
+    torch.manual_seed(0)
+    fields = dict(target_layer_ids=[1, 3, 5], num_layers=1, block_size=BS)
+    if algorithm == "dflash":
+        cfg = DFlashConfig.from_target_config(target.config, **fields)
+        draft = DFlashDraft(cfg, target.get_input_embeddings(), target.get_output_embeddings())
+    else:
+        cfg = DSparkConfig.from_target_config(target.config, **fields, markov_rank=8, **kw)
+        draft = DSparkDraft(cfg).copy_target_weights(
+            target.get_input_embeddings(), target.get_output_embeddings()
+        )
+        with torch.no_grad():
+            draft.markov_head.markov_w2.weight.zero_()  # the Markov bias is 0: the lm_head decides
+    if right:
+        with torch.no_grad():
+            draft.norm.weight.zero_()  # hidden 0 -> all logits 0 -> argmax 0 = the target's token
+    return draft
+
+
+@pytest.mark.parametrize("algorithm", BLOCK)
+def test_block_tau_is_max_for_the_targets_tokens_and_one_for_wrong_ones(constant_target, algorithm):
+    k = BS - 1 if algorithm == "dflash" else BS  # DFlash drafts bs-1 tokens per block, DSpark bs
+    verifier = TargetVerifier(constant_target, [1, 3, 5])
+    right = BlockDrafter(block_draft(algorithm, constant_target, right=True))
+    assert right.max_drafts == k
+    good = measure_tau(verifier, right, prompts(), k, max_new_tokens=1 + 3 * (k + 1))
+    assert good.tau == k + 1 and good.rounds == 3 * 3 and good.drafted == 3 * 3 * k
+    wrong = BlockDrafter(block_draft(algorithm, constant_target, right=False))
+    bad = measure_tau(verifier, wrong, prompts(), k, max_new_tokens=9)
+    assert bad.tau == 1.0 and bad.rounds == 3 * 8
+
+
+def test_dspark_confidence_early_stop_truncates_the_block(constant_target):
+    """theta = 0: all bs drafts verified; otherwise each round verifies the drafts before the first one whose
+    confidence is below theta (and commits them plus the bonus, as they are the target's tokens); a theta
+    above every confidence verifies the anchor alone (tau 1)."""
+    draft = block_draft("dspark", constant_target, right=False)
+    with torch.no_grad():  # the draft's own lm_head copy zeroed: its drafts are 0, its hidden states vary
+        draft.lm_head.weight.zero_()
+        draft.confidence_head.proj.weight.normal_()
+
+    class Recorder(BlockDrafter):
+        def propose(self, k):
+            out = super().propose(k)
+            self.log.append((self.last_confidence.clone(), len(out)))
+            return out
+
+    verifier = TargetVerifier(constant_target, [1, 3, 5])
+    full = Recorder(draft)
+    full.log = []
+    r0 = measure_tau(verifier, full, prompts(), BS, max_new_tokens=13)
+    assert r0.tau == BS + 1 and all(n == BS for _, n in full.log)
+    theta = float(torch.cat([c for c, _ in full.log]).median())
+    cut = Recorder(draft, confidence_threshold=theta)
+    cut.log = []
+    r = measure_tau(verifier, cut, prompts(), BS, max_new_tokens=13)
+    lengths = []
+    for conf, n in cut.log:
+        below = (conf < theta).tolist()
+        lengths.append(below.index(True) if True in below else BS)
+        assert n == lengths[-1]
+    assert min(lengths) < BS  # the threshold bites
+    assert r.drafted == sum(lengths) and r.committed == sum(lengths) + r.rounds  # all drafts accepted
+    off = measure_tau(
+        verifier, BlockDrafter(draft, confidence_threshold=1.0), prompts(), BS, max_new_tokens=6
+    )
+    assert off.tau == 1.0 and off.drafted == 0 and off.rounds == 3 * 5
+
+
+def test_untrained_baseline_keeps_the_frozen_target_copies(constant_target):
+    draft = block_draft("dspark", constant_target, right=True)
+    embed, head = draft.embed_tokens.weight.clone(), draft.lm_head.weight.clone()
+    reinitialize(draft)
+    assert torch.equal(draft.embed_tokens.weight, embed) and torch.equal(draft.lm_head.weight, head)
+    assert torch.equal(draft.norm.weight, torch.ones_like(draft.norm.weight))
+    assert draft.markov_head.markov_w2.weight.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- export and the CLI
+
+
+@pytest.mark.parametrize("algorithm", BLOCK)
+def test_cli_train_export_load_and_eval(tmp_path, target_dir, data_file, algorithm):
+    """`draftfeed train ALGO` exports the layout of ALGORITHMS.md; `load_draft` detects the algorithm and
+    reads back the trained weights; `draftfeed eval` measures it (and its untrained baseline)."""
+    from safetensors.torch import load_file
+
+    from draftfeed.server.cli import main
+    from draftfeed.server.loading import load_target
+
+    out = tmp_path / "run"
+    argv = ["train", algorithm, "--target-model", target_dir, "--data", data_file, "--out", str(out),
+            "--steps", "2", "--seq-len", "48", "--batch-size", "2", "--device", "cpu", "--block-size", str(BS),
+            "--num-anchors", "4", "--draft-layers", "1", "--markov-rank", "8", "--layer-ids", "1,3,5"]  # fmt: skip
+    assert main(argv) == 0
+    export = out / "export"
+    raw = json.loads((export / "config.json").read_text())
+    keys = set(load_file(str(export / "model.safetensors")))
+    assert raw["num_hidden_layers"] == 1 and raw["num_target_layers"] == 8 and raw["block_size"] == BS
+    assert {"fc.weight", "hidden_norm.weight", "norm.weight", "layers.0.self_attn.q_norm.weight"} <= keys
+    if algorithm == "dflash":
+        assert raw["architectures"] == ["DFlashDraftModel"] and raw["model_type"] == "qwen3"
+        assert raw["dflash_config"]["target_layer_ids"] == [1, 3, 5] and "lm_head.weight" not in keys
+    else:
+        assert raw["architectures"] == ["Qwen3DSparkModel"] and raw["target_layer_ids"] == [1, 3, 5]
+        assert raw["markov_rank"] == 8 and raw["enable_confidence_head"] is True
+        assert {"embed_tokens.weight", "lm_head.weight", "markov_head.markov_w1.weight"} <= keys
+        assert {"confidence_head.proj.weight", "confidence_head.proj.bias"} <= keys
+    assert draft_algorithm(export) == algorithm
+    target = load_target(target_dir)
+    loaded = load_draft(export, target)
+    assert loaded.algorithm == algorithm and loaded.layer_ids == [1, 3, 5]
+    trained = torch.load(out / "checkpoints/step_0000002/trainer.pt", weights_only=False)["draft"]
+    state = loaded.draft.state_dict()
+    assert trained and all(torch.equal(state[k], v) for k, v in trained.items())
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question_id": 1, "turns": ["the quick fox", "x"]}) + "\n")
+    tau = tmp_path / "tau.json"
+    ev = ["eval", "--draft", str(export), "--target-model", target_dir, "--device", "cpu",
+          "--prompts", str(tmp_path / "q.jsonl"), "--max-new-tokens", "8", "--out", str(tau)]  # fmt: skip
+    assert main(ev + ["--confidence-threshold", "0.5"]) == 0
+    got = json.loads(tau.read_text())[str(tmp_path / "q.jsonl")]
+    k = BS - 1 if algorithm == "dflash" else BS
+    assert got["algorithm"] == algorithm and got["k"] == k and 1 <= got["tau"] <= k + 1
+    assert got["committed"] == sum(i * n for i, n in enumerate(got["accept_hist"]))
+    assert main(ev + ["--untrained"]) == 0
+
+
+def test_springforge_style_dspark_config_is_detected(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["DFlashDraftModel"], "dflash_config": {"projector_type": "dspark"}})
+    )
+    assert draft_algorithm(tmp_path) == "dspark"
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match="no single known draft"):
+        draft_algorithm(tmp_path)
