@@ -58,8 +58,9 @@ def data_ssl_context(cert: str, key: str, client_ca: str | None = None) -> ssl.S
 class _Connection:
     """One session's socket; frames are written whole, one at a time."""
 
-    def __init__(self, sock: socket.socket, session, peer: str, send_timeout_s: float):
+    def __init__(self, sock: socket.socket, session, peer: str, send_timeout_s: float, forget):
         self.sock = sock
+        self.forget = forget  # unregisters the socket from the listener's selector before it closes
         self.session = session
         self.peer = peer
         self.lock = threading.Lock()
@@ -96,6 +97,7 @@ class _Connection:
         if self.closed:
             return
         self.closed = True
+        self.forget(self)  # before close: a reused fd number must not find a stale registration
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -172,7 +174,6 @@ class DataPlaneServer:
         with self._lock:
             conn = self._conns.pop(session_id, None)
         if conn is not None:
-            self._forget(conn)
             conn.close()
 
     def close(self) -> None:
@@ -228,7 +229,7 @@ class DataPlaneServer:
         with self._lock:
             if self._conns.get(conn.session.id) is conn:
                 del self._conns[conn.session.id]
-        self._forget(conn)
+        self._forget(conn)  # now: a readable socket must not be reported again before it closes
         if not conn.closed:
             log.info("data plane of session %s (%s) closed: %s", conn.session.id[:8], conn.peer, why)
         threading.Thread(target=conn.close, name="draftfeed-dataplane-close", daemon=True).start()
@@ -267,17 +268,16 @@ class DataPlaneServer:
                 pass
             sock.close()
             return
-        conn = _Connection(sock, session, peer, self.send_timeout_s)
+        conn = _Connection(sock, session, peer, self.send_timeout_s, self._forget)
         with self._lock:
             old = self._conns.get(session.id)
             self._conns[session.id] = conn
         if old is not None:
-            self._forget(old)
             old.close()
         try:
             sock.sendall(ACCEPTED)
             self._selector.register(sock, selectors.EVENT_READ, conn)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, KeyError) as err:
             log.warning("data plane: %s went away during its handshake: %s", peer, err)
             self._drop(conn, "it went away")
             return
