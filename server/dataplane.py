@@ -28,6 +28,7 @@ import secrets
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -66,7 +67,12 @@ class _Connection:
         self.lock = threading.Lock()
         self.closed = False
         self.frames = 0
-        sock.settimeout(send_timeout_s)  # a client that stops reading cannot hold a handler forever
+        # Blocking sends (one syscall moves what the socket takes, no poll/GIL round trips between
+        # pieces), with a kernel send timeout so a client that stops reading cannot hold a handler.
+        sock.settimeout(None)
+        seconds = int(send_timeout_s)
+        usec = int((send_timeout_s - seconds) * 1e6)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, usec))
 
     def send(self, request_id: int, views: list[memoryview]) -> bool:
         with self.lock:
