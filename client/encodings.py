@@ -14,6 +14,14 @@ Tensor kinds and their encodings (DESIGN.md, Encodings):
 
 `raw`, `bits`, `narrow` and `zstd` are exact. `fp8` (e4m3fn, one fp32 scale per row), `bf16` and
 `topk` are lossy: they refuse NaN/inf unless `allow_nonfinite=True`; `fidelity` measures them.
+
+Encoding has two stages so the server never waits on the device. `Encoding.encode_on_device` runs
+only device work: no `.item()`, no data-dependent shapes or dtypes, no copies to the host. What it
+must verify (NaN/inf for the lossy codecs, 0/1 values for `bits`, the declared range for `narrow`)
+it computes as a `Check`, a few int64 values on the device that travel with the device-to-host
+copy and are verified on the host by `finish_encoded`, which also runs a codec's host stage (zstd
+compresses; topk fills its retained-mass statistics). `Encoding.encode` does both at once (one
+sync on a GPU tensor), for callers that want the tensor encoded now.
 A row is the last dim: encode a concatenation of K layers [B,S,K*H] as `t.unflatten(-1, (K, H))`
 to get a scale per layer (on SmolLM2-135M's aux layers: 3.2% max error per layer row instead of
 4.8%, since one layer's 2.5e4 massive activation otherwise sets the scale of the others).
@@ -42,11 +50,14 @@ __all__ = [
     "KINDS",
     "CODECS",
     "Codec",
+    "Check",
     "Encoded",
     "Encoding",
     "get_encoding",
     "supported_encodings",
     "encode",
+    "finish_encoded",
+    "check_errors",
     "decode",
     "encoded_nbytes",
     "pack_encoded",
@@ -61,11 +72,26 @@ _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass
+class Check:
+    """A condition on an encoded tensor computed on its device without a sync: `values` is a small
+    int64 vector that travels with the device-to-host copy; `verify(host_values)` returns an error
+    message, or None when the tensor passes."""
+
+    values: torch.Tensor
+    verify: Callable[[list[int]], str | None]
+
+
+@dataclass
 class Encoded:
-    """One encoded tensor: the contiguous `parts` the wire moves, and msgpack-able `info`."""
+    """One encoded tensor: the contiguous `parts` the wire moves, and msgpack-able `info`.
+
+    Straight from `encode_on_device` it may still carry `checks` to verify and a pending host stage
+    (`host_stage`); `finish_encoded` does both. Neither travels on the wire."""
 
     parts: dict[str, torch.Tensor]
     info: dict = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+    host_stage: bool = False
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -109,56 +135,105 @@ def _decode_raw(enc: Encoded, device=None) -> torch.Tensor:
 
 # ---- bits: masks bit-packed into uint8, LSB first, over the flattened tensor (exact) ----
 
-_BIT_WEIGHTS = [1 << i for i in range(8)]
+_BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """[1, 2, 4, ..., 128] uint8 on `device`, made there (a `torch.tensor([...], device=cuda)` is a
+    synchronous copy from the host)."""
+    weights = _BIT_WEIGHTS.get(device)
+    if weights is None:
+        weights = _BIT_WEIGHTS[device] = torch.bitwise_left_shift(
+            torch.ones(8, dtype=torch.uint8, device=device), torch.arange(8, dtype=torch.uint8, device=device)
+        )
+    return weights
 
 
 def _encode_bits(t: torch.Tensor) -> Encoded:
     flat = t.reshape(-1)
+    checks = []
     if t.dtype != torch.bool:
-        if flat.numel() and ((flat != 0) & (flat != 1)).any().item():
-            raise InvalidArgument(
-                f"encoding 'bits' packs masks of 0/1 values; this {_dtype_name(t.dtype)} tensor of shape "
-                f"{list(t.shape)} holds other values: use 'raw' for it"
+        if flat.numel():  # counted on the device, verified on the host after the copy
+            shape, dtype = list(t.shape), _dtype_name(t.dtype)
+            checks.append(
+                Check(
+                    ((flat != 0) & (flat != 1)).sum().reshape(1),
+                    lambda v: (
+                        None
+                        if v[0] == 0
+                        else f"encoding 'bits' packs masks of 0/1 values; this {dtype} tensor of shape {shape} "
+                        f"holds {v[0]} other value(s): use 'raw' for it"
+                    ),
+                )
             )
         flat = flat != 0
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=t.device)
-    packed = (flat.view(-1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
-    return Encoded({"bits": packed}, _base_info(t, "bits"))
+    packed = (flat.view(-1, 8).to(torch.uint8) * _bit_weights(t.device)).sum(-1, dtype=torch.uint8)
+    return Encoded({"bits": packed}, _base_info(t, "bits"), checks)
 
 
 def _decode_bits(enc: Encoded, device=None) -> torch.Tensor:
     packed = enc.parts["bits"].to(device)
     shape = enc.info["shape"]
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    weights = _bit_weights(packed.device)
     bits = (packed.unsqueeze(-1) & weights).ne(0).reshape(-1)[: math.prod(shape)]
     return bits.reshape(shape).to(_dtype_from_name(enc.info["dtype"]))
 
 
-# ---- narrow: integers in the smallest integer dtype that holds their actual range (exact) ----
+# ---- narrow: integers in the smallest integer dtype that holds their declared range (exact) ----
 
 
-def _encode_narrow(t: torch.Tensor) -> Encoded:
-    """A plain cast when the values fit the dtype; else, when only their span fits, `x - base + min`
-    (`base` = the smallest value, in `info`), e.g. ids of a 49k vocab in int16."""
+def _narrow_plan(lo: int, hi: int) -> tuple[torch.dtype, int | None]:
+    """(wire dtype, base) for values in [lo, hi]: a plain cast when they fit a dtype, else `x - lo + min`
+    when their span fits (ids of a 49k vocab in int16), else int64."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        bounds = torch.iinfo(dtype)
+        if bounds.min <= lo and hi <= bounds.max:
+            return dtype, None
+        if hi - lo <= bounds.max - bounds.min:
+            return dtype, lo
+    return torch.int64, None
+
+
+def _encode_narrow(t: torch.Tensor, value_range: tuple[int, int] | None = None) -> Encoded:
+    """Integers cast to the smallest dtype that holds `value_range` = (lo, hi), known without looking
+    at the data (ids of a V-token vocab: (0, V - 1); masks: (0, 1)), so nothing waits on the device.
+    A value outside the declared range fails a `Check` (never a silent wrap). Without a range the
+    data's own min/max choose it: one device sync, for callers that encode eagerly."""
     info = _base_info(t, "narrow")
     info["base"] = None
     if t.dtype == torch.bool or t.numel() == 0:
         return Encoded(
             {"data": t.to(torch.bool if t.dtype == torch.bool else torch.uint8).contiguous()}, info
         )
-    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device sync
-    for dtype in (torch.uint8, torch.int16, torch.int32):
-        bounds = torch.iinfo(dtype)
-        if bounds.min <= lo and hi <= bounds.max:
-            return Encoded({"data": t.to(dtype).contiguous()}, info)
-        if hi - lo <= bounds.max - bounds.min:
-            info["base"] = lo
-            shifted = (t.long() - lo).add_(bounds.min)  # x - lo is in [0, span]: no overflow
-            return Encoded({"data": shifted.to(dtype).contiguous()}, info)
-    return Encoded({"data": t.to(torch.int64).contiguous()}, info)
+    checks = []
+    if value_range is None:
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device sync (eager callers only)
+    else:
+        lo, hi = (int(v) for v in value_range)
+        if lo > hi:
+            raise InvalidArgument(f"encoding 'narrow': empty value range [{lo}, {hi}]")
+        shape = list(t.shape)
+        checks.append(
+            Check(
+                torch.stack(torch.aminmax(t)).to(torch.int64),
+                lambda v: (
+                    None
+                    if lo <= v[0] and v[1] <= hi
+                    else f"encoding 'narrow': this tensor of shape {shape} holds values in [{v[0]}, {v[1]}], "
+                    f"outside its declared range [{lo}, {hi}]"
+                ),
+            )
+        )
+    dtype, base = _narrow_plan(lo, hi)
+    if base is None:
+        data = t.to(dtype)
+    else:
+        info["base"] = base
+        data = (t.long() - base).add_(torch.iinfo(dtype).min).to(dtype)  # x - lo is in [0, span]: no overflow
+    return Encoded({"data": data.contiguous()}, info, checks)
 
 
 def _decode_narrow(enc: Encoded, device=None) -> torch.Tensor:
@@ -221,16 +296,24 @@ def _encode_topk(t: torch.Tensor, k: int) -> Encoded:
     retained = torch.where(total > 0, values.sum(-1) / torch.where(total > 0, total, 1.0), 1.0)
     info = _base_info(t, "topk")
     info["k"] = k
-    if rows:
-        info["retained_min"], info["retained_mean"] = torch.stack([retained.min(), retained.mean()]).tolist()
-    else:
-        info["retained_min"] = info["retained_mean"] = 1.0
     parts = {
         "index": index.to(_smallest_int_dtype(0, max(vocab - 1, 0))),
         "values": values.to(torch.float16),
         "retained": retained,
     }
-    return Encoded(parts, info)
+    return Encoded(parts, info, host_stage=True)
+
+
+def _finish_topk(enc: Encoded) -> Encoded:
+    """Host stage: the retained-mass statistics of the (copied) `retained` part."""
+    retained = enc.parts["retained"]
+    if retained.numel():
+        enc.info["retained_min"], enc.info["retained_mean"] = torch.stack(
+            [retained.min(), retained.mean()]
+        ).tolist()
+    else:
+        enc.info["retained_min"] = enc.info["retained_mean"] = 1.0
+    return enc
 
 
 def _decode_topk(enc: Encoded, device=None) -> torch.Tensor:
@@ -250,16 +333,23 @@ def _decode_topk(enc: Encoded, device=None) -> torch.Tensor:
 
 
 def _encode_zstd(t: torch.Tensor, level: int = 1) -> Encoded:
-    x = t.detach().cpu().contiguous().reshape(-1)
-    planes = x.view(torch.uint8).reshape(-1, t.element_size())
-    compressor = importlib.import_module("zstandard").ZstdCompressor(level=level)
+    """Device stage: the tensor as is; the host stage (`_finish_zstd`) compresses its copy."""
+    info = _base_info(t, f"zstd:{level}")
+    info["level"] = level
+    return Encoded({"data": t.contiguous()}, info, host_stage=True)
+
+
+def _finish_zstd(enc: Encoded) -> Encoded:
+    """Host stage: zstandard over each byte plane of the elements (CPU; runs where the copy landed)."""
+    x = enc.parts["data"].cpu().contiguous().reshape(-1)
+    planes = x.view(torch.uint8).reshape(-1, x.element_size())
+    compressor = importlib.import_module("zstandard").ZstdCompressor(level=enc.info.pop("level"))
     parts = {}
     for i in range(planes.shape[1]):
         blob = compressor.compress(planes[:, i].contiguous().numpy())
         parts[f"plane{i}"] = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy())
-    info = _base_info(t, f"zstd:{level}")
-    info["planes"] = planes.shape[1]
-    return Encoded(parts, info)
+    enc.info["planes"] = planes.shape[1]
+    return Encoded(parts, enc.info)
 
 
 def _decode_zstd(enc: Encoded, device=None) -> torch.Tensor:
@@ -305,6 +395,8 @@ class Codec:
     default: int | None = None  # None with a param: the parameter is required
     param_range: tuple[int, int] = (1, 2**31 - 1)
     requires: str | None = None  # a Python package it needs; offered only where it is installed
+    finish: Callable[[Encoded], Encoded] | None = None  # host stage, run on the copy (see finish_encoded)
+    ranged: bool = False  # takes a declared `value_range`
 
     def available(self) -> bool:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
@@ -320,13 +412,18 @@ class Codec:
 CODECS: dict[str, Codec] = {
     "raw": Codec(_encode_raw, _decode_raw, KINDS, True, _any, "any dtype"),
     "bits": Codec(_encode_bits, _decode_bits, ("mask",), True, _integer, "bool or 0/1 integers"),
-    "narrow": Codec(_encode_narrow, _decode_narrow, ("ids",), True, _integer, "integers or bool"),
+    "narrow": Codec(
+        _encode_narrow, _decode_narrow, ("ids",), True, _integer, "integers or bool", ranged=True
+    ),
     "fp8": Codec(_encode_fp8, _decode_fp8, ("hidden",), False, _floating, "float32/float16/bfloat16"),
     "bf16": Codec(_encode_bf16, _decode_bf16, ("hidden", "probs"), False, _floating, "float32/float16/bfloat16"),
-    "topk": Codec(_encode_topk, _decode_topk, ("probs",), False, _floating, "float32/float16/bfloat16", "k"),
+    "topk": Codec(
+        _encode_topk, _decode_topk, ("probs",), False, _floating, "float32/float16/bfloat16", "k",
+        finish=_finish_topk,
+    ),
     "zstd": Codec(
         _encode_zstd, _decode_zstd, ("hidden", "probs"), True, _floating, "float32/float16/bfloat16",
-        "level", 1, (1, 22), "zstandard",
+        "level", 1, (1, 22), "zstandard", _finish_zstd,
     ),
 }  # fmt: skip
 SUPERVISION_MODES = {"latent": ("probs",)}  # negotiated like an encoding, but no per-tensor codec
@@ -361,7 +458,27 @@ class Encoding:
     def exact(self) -> bool:
         return not self.latent and CODECS[self.base].exact
 
-    def encode(self, t: torch.Tensor, *, allow_nonfinite: bool = False) -> Encoded:
+    def encode(
+        self,
+        t: torch.Tensor,
+        *,
+        allow_nonfinite: bool = False,
+        value_range: tuple[int, int] | None = None,
+    ) -> Encoded:
+        """`t` encoded now: `encode_on_device` then `finish_encoded` (one sync for a GPU tensor)."""
+        return finish_encoded(
+            self.encode_on_device(t, allow_nonfinite=allow_nonfinite, value_range=value_range)
+        )
+
+    def encode_on_device(
+        self,
+        t: torch.Tensor,
+        *,
+        allow_nonfinite: bool = False,
+        value_range: tuple[int, int] | None = None,
+    ) -> Encoded:
+        """The device stage: parts on `t`'s device, checks not yet verified, no host synchronisation
+        (for `narrow`, pass `value_range`). Hand the copied result to `finish_encoded`."""
         if self.latent:
             raise InvalidArgument(
                 f"'{self.name}' is a supervision mode, not a tensor codec: ship the final-norm hidden state "
@@ -375,17 +492,32 @@ class Encoding:
                 f"got a {_dtype_name(t.dtype)} tensor of shape {list(t.shape)}"
             )
         t = t.detach()
+        checks = []
         if not codec.exact and not allow_nonfinite and t.is_floating_point() and t.numel():
-            if not bool(t.isfinite().all()):  # one device sync
-                bad = int((~t.isfinite()).sum())
-                raise InvalidArgument(
-                    f"encoding '{self.name}' refuses non-finite values: this '{self.kind}' tensor of shape "
-                    f"{list(t.shape)} holds {bad} NaN/inf value(s) out of {t.numel()}; pass "
-                    "allow_nonfinite=True to encode them anyway, or use 'raw', which passes them unchanged"
-                )
-        enc = codec.encode(t, **self.params)
+            checks.append(self._finite_check(t))
+        params = dict(self.params)
+        if codec.ranged:
+            params["value_range"] = value_range
+        enc = codec.encode(t, **params)
         enc.info["encoding"] = self.name
+        enc.checks = checks + enc.checks
+        enc.host_stage = codec.finish is not None
         return enc
+
+    def _finite_check(self, t: torch.Tensor) -> Check:
+        """The count of finite values, on the device; the host refuses the tensor if any is not."""
+        name, kind, shape, numel = self.name, self.kind, list(t.shape), t.numel()
+
+        def verify(v: list[int]) -> str | None:
+            if v[0] == numel:
+                return None
+            return (
+                f"encoding '{name}' refuses non-finite values: this '{kind}' tensor of shape {shape} holds "
+                f"{numel - v[0]} NaN/inf value(s) out of {numel}; pass allow_nonfinite=True to encode them "
+                "anyway, or use 'raw', which passes them unchanged"
+            )
+
+        return Check(t.isfinite().sum().reshape(1), verify)
 
     def decode(self, enc: Encoded, device: torch.device | str | None = None) -> torch.Tensor:
         return decode(enc, device)
@@ -439,9 +571,45 @@ def get_encoding(name: str, kind: str) -> Encoding:
     return Encoding(canonical, kind, base, params)
 
 
-def encode(t: torch.Tensor, name: str, kind: str, *, allow_nonfinite: bool = False) -> Encoded:
-    """Encode `t` (a tensor of kind `kind`) with encoding `name`."""
-    return get_encoding(name, kind).encode(t, allow_nonfinite=allow_nonfinite)
+def encode(
+    t: torch.Tensor,
+    name: str,
+    kind: str,
+    *,
+    allow_nonfinite: bool = False,
+    value_range: tuple[int, int] | None = None,
+) -> Encoded:
+    """Encode `t` (a tensor of kind `kind`) with encoding `name`, checks verified, host stage done."""
+    return get_encoding(name, kind).encode(t, allow_nonfinite=allow_nonfinite, value_range=value_range)
+
+
+def check_errors(checks: list[Check], values: list[int]) -> list[str]:
+    """The error messages of the `checks` that fail, given all their values (host ints, in order)."""
+    errors, at = [], 0
+    for check in checks:
+        n = check.values.numel()
+        message = check.verify(values[at : at + n])
+        at += n
+        if message is not None:
+            errors.append(message)
+    return errors
+
+
+def finish_encoded(enc: Encoded, check_values: list[int] | None = None) -> Encoded:
+    """The host side of an encode: verify `enc.checks` (their values as copied to the host, in
+    order; read from the tensors when not given) and run the codec's host stage. InvalidArgument
+    when a check fails. Returns the wire-ready `Encoded`."""
+    if check_values is None:
+        check_values = [v for c in enc.checks for v in c.values.tolist()]
+    errors = check_errors(enc.checks, check_values)
+    if errors:
+        raise InvalidArgument("; ".join(errors))
+    enc.checks = []
+    if enc.host_stage:
+        enc.host_stage = False
+        base = _parse(enc.info["encoding"])[0]
+        enc = CODECS[base].finish(enc)
+    return enc
 
 
 def decode(enc: Encoded, device: torch.device | str | None = None) -> torch.Tensor:

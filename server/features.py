@@ -39,8 +39,13 @@ class TokenBatch:
         names = ("position_ids", "seq_lens", "doc_remaining")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    def to(self, device) -> TokenBatch:
-        return TokenBatch(**{k: (v.to(device) if v is not None else None) for k, v in vars(self).items()})
+    def to(self, device, non_blocking: bool = False) -> TokenBatch:
+        return TokenBatch(
+            **{
+                k: (v.to(device, non_blocking=non_blocking) if v is not None else None)
+                for k, v in vars(self).items()
+            }
+        )
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,15 @@ Handlers `submit` validated requests. The worker takes requests from all session
 sequence length (and packing), up to a token budget, in weighted-fair order, runs ONE target
 forward for the union of the layers their sessions need, and gives each request its own slice:
 shift, draft-vocab projection and encoding run on the device, then an asynchronous copy into
-pinned host memory on a side stream. The reply writer waits on that copy's event; the worker has
-already moved on to the next batch.
+pinned host memory on a side stream. The reply writer waits on that copy's event, then verifies
+the encode's checks and runs host stages (`Reply.wait`); the worker has already moved on to the
+next batch. Nothing after the forward makes the worker wait on the device: no `.item()`, no
+data-dependent dtype or shape, no pageable copy (tests/test_host_syncs.py proves it), and request
+ids reach the GPU from pinned memory with non-blocking copies.
+
+GPU busy time is the union of the intervals between CUDA timing events (each batch on the compute
+stream, each reply's copy on the side stream), converted to the host clock and merged by
+`ServerMetrics.busy` (server/metrics.py): overlapping intervals count once.
 
 Stacking only requests of equal length keeps every answer bit-identical to serving it alone on
 CPU in fp32; padding to a common length changes sdpa's numerics (measured: 1.3e-6 max abs on
@@ -23,8 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from draftfeed.client.errors import ResourceExhausted, Unavailable
-from draftfeed.client.payload import encode_fields
+from draftfeed.client.errors import DraftfeedError, ResourceExhausted, Unavailable
+from draftfeed.client.payload import PendingFields, encode_fields_on_device
 
 from .backends import forward_for
 from .capture import Captured, TargetLayout
@@ -37,18 +44,50 @@ __all__ = ["BatchScheduler", "Reply"]
 log = logging.getLogger("draftfeed.scheduler")
 
 
-@dataclass
 class Reply:
-    """A request's encoded reply tensors on the host; wait on `ready` before reading them."""
+    """A request's encoded reply. `wait()` (or reading `tensors`/`meta`) waits for its copy to the
+    host, verifies what the encode checked on the device (NaN/inf refused, ids in range) and runs
+    host stages; a failed check raises InvalidArgument for this request alone, on every call."""
 
-    tensors: dict[str, torch.Tensor]
-    meta: dict
-    ready: torch.cuda.Event | None = None
-    tokens: int = 0
+    def __init__(
+        self,
+        pending: PendingFields,
+        ready: torch.cuda.Event | None = None,
+        tokens: int = 0,
+        on_error=None,
+    ):
+        self.ready = ready
+        self.tokens = tokens
+        self._pending: PendingFields | None = pending
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._result: tuple[dict[str, torch.Tensor], dict] | None = None
+        self._error: DraftfeedError | None = None
 
     def wait(self) -> None:
-        if self.ready is not None:
-            self.ready.synchronize()
+        with self._lock:
+            if self._pending is not None:
+                if self.ready is not None:
+                    self.ready.synchronize()
+                pending, self._pending = self._pending, None
+                try:
+                    self._result = pending.finish()
+                except DraftfeedError as err:
+                    self._error = err
+                    if self._on_error is not None:
+                        self._on_error()
+            if self._error is not None:
+                raise self._error
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        self.wait()
+        return self._result[0]
+
+    @property
+    def meta(self) -> dict:
+        self.wait()
+        return self._result[1]
 
 
 @dataclass(eq=False)
@@ -91,14 +130,25 @@ class BatchScheduler:
         self._vtime: dict[str, float] = {}
         self._cv = threading.Condition()
         self._stopping = False
-        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._gpu_spans: deque = deque()  # (start, end) CUDA events of batches not yet accounted
+        self.vocab_size = layout.vocab_size
+        on_gpu = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if on_gpu else None
+        self._gpu_spans: list = []  # (start, end) CUDA timing events not yet accounted as busy time
+        self._spans_lock = threading.Lock()
+        if on_gpu:  # the one host sync: pair a CUDA event with the host clock, before any request
+            anchor = torch.cuda.Event(enable_timing=True)
+            anchor.record(torch.cuda.current_stream(self.device))
+            anchor.synchronize()
+            self._clock = (anchor, time.perf_counter())
+            self.metrics.poll_busy = self._account_gpu_time
         self._thread = threading.Thread(target=self._loop, name="draftfeed-gpu-worker", daemon=True)
         self._thread.start()
 
     # -- handler side -------------------------------------------------------------------------
 
     def submit(self, session: Session, tb: TokenBatch) -> Future:
+        if self._copy_stream is not None:  # pinned on the handler's thread: the worker copies without waiting
+            tb = TokenBatch(**{k: (v.pin_memory() if v is not None else None) for k, v in vars(tb).items()})
         fut: Future = Future()
         with self._cv:
             if self._stopping:
@@ -225,20 +275,49 @@ class BatchScheduler:
         if not w.future.done():
             w.future.set_exception(err)
 
+    def _host_time(self, event: torch.cuda.Event) -> float:
+        """perf_counter time of a completed timing event, from the latest reference event."""
+        ref, ref_host = self._clock
+        return ref_host + ref.elapsed_time(event) / 1e3
+
     def _account_gpu_time(self) -> None:
-        """Add the GPU time of finished batches to busy_s (CUDA events; no synchronisation)."""
-        while self._gpu_spans and self._gpu_spans[0][1].query():
-            start, end = self._gpu_spans.popleft()
-            self.metrics.busy_s += start.elapsed_time(end) / 1e3
+        """Turn finished CUDA spans into busy intervals (a running one counts up to now). Only
+        `Event.query`: never waits on the device. Safe from any thread."""
+        with self._spans_lock:
+            left = []
+            for span in self._gpu_spans:
+                start, end = span
+                if end.query():
+                    self.metrics.busy.close(span, self._host_time(end))
+                    self.metrics.busy.add(self._host_time(start), self._host_time(end))
+                    self._clock = (end, self._host_time(end))  # keep the reference recent
+                elif start.query():
+                    self.metrics.busy.open(span, self._host_time(start))
+                    left.append(span)
+                else:
+                    left.append(span)
+            self._gpu_spans = left
+
+    def _gpu_span(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        return start
+
+    def _end_gpu_span(self, start: torch.cuda.Event, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(stream)
+        with self._spans_lock:
+            self._gpu_spans.append((start, end))
+        return end
 
     def _serve(self, works: list[_Work]) -> None:
         t0 = time.perf_counter()
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             self._account_gpu_time()
-            start_ev = torch.cuda.Event(enable_timing=True)
-            start_ev.record()
-        tbs = [w.tb.to(self.device) for w in works]
+            compute = torch.cuda.current_stream(self.device)
+            start_ev = self._gpu_span(compute)
+        tbs = [w.tb.to(self.device, non_blocking=True) for w in works]
         stacked = _stack(tbs)
         needs = works[0].session.features.needs
         for w in works[1:]:
@@ -251,8 +330,10 @@ class BatchScheduler:
             row = rows.stop
             e0 = time.perf_counter()
             fields = w.session.features.fields(_slice(cap, rows), tb)
-            tensors, meta = encode_fields(fields, w.session.encodings, self.layout.hidden_size)
-            reply = self._to_host(tensors, meta, w.tokens)
+            pending = encode_fields_on_device(
+                fields, w.session.encodings, self.layout.hidden_size, vocab_size=self.vocab_size
+            )
+            reply = self._to_host(pending, w)
             now = time.perf_counter()
             st = w.session.stats
             st.queue_wait_s += t0 - w.enqueued
@@ -262,29 +343,32 @@ class BatchScheduler:
             self.metrics.encode_s += now - e0
             st.in_flight -= 1
             w.future.set_result(reply)
-        tokens = sum(w.tokens for w in works)
         if on_gpu:
-            end_ev = torch.cuda.Event(enable_timing=True)
-            end_ev.record()
-            self._gpu_spans.append((start_ev, end_ev))
-        busy = 0.0 if on_gpu else time.perf_counter() - t0
-        self.metrics.record_forward(tokens, self.max_batch_tokens, t1 - t0, busy)
+            self._end_gpu_span(start_ev, compute)
+        else:
+            self.metrics.busy.add(t0, time.perf_counter())
+        self.metrics.record_forward(sum(w.tokens for w in works), self.max_batch_tokens, t1 - t0)
 
-    def _to_host(self, tensors: dict[str, torch.Tensor], meta: dict, tokens: int) -> Reply:
+    def _reply_failed(self) -> None:
+        self.metrics.requests_failed += 1
+
+    def _to_host(self, pending: PendingFields, w: _Work) -> Reply:
+        """The designated device-to-host step: copy the encoded parts (and the checks' values) into
+        pinned host buffers on the side stream; the reply's event marks the copy done."""
         if self._copy_stream is None:
-            return Reply({k: v.contiguous() for k, v in tensors.items()}, meta, None, tokens)
+            return Reply(pending, None, w.tokens, self._reply_failed)
         stream = self._copy_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         host = {}
         with torch.cuda.stream(stream):
-            for k, v in tensors.items():
+            copy_start = self._gpu_span(stream)
+            for k, v in pending.device_tensors().items():
                 v.record_stream(stream)
                 h = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
                 h.copy_(v, non_blocking=True)
                 host[k] = h
-            event = torch.cuda.Event()
-            event.record(stream)
-        return Reply(host, meta, event, tokens)
+            event = self._end_gpu_span(copy_start, stream)
+        return Reply(pending.rebind(host), event, w.tokens, self._reply_failed)
 
 
 def _stack(tbs: list[TokenBatch]) -> TokenBatch:

@@ -576,3 +576,43 @@ def test_gpu_encode_gives_the_same_parts_as_cpu():
     assert torch.allclose(
         latent_target_probs(h.cuda(), rows.cuda()).cpu(), latent_target_probs(h, rows), atol=1e-5
     )
+
+
+# ---- device stage without host syncs, checks verified on the host ----
+
+
+@pytest.mark.parametrize(
+    "value_range, wire, base",
+    [((0, 1), torch.uint8, None), ((0, 49151), torch.int16, 0), ((0, 128255), torch.int32, None),
+     ((0, 4096), torch.int16, None), ((-3, 250), torch.uint8, -3)],
+)  # fmt: skip
+def test_narrow_takes_its_dtype_from_the_declared_range_not_the_data(value_range, wire, base):
+    lo, hi = value_range
+    t = torch.tensor([[lo, hi, lo], [hi, lo, lo]])
+    enc, back = roundtrip(t, "narrow", "ids", value_range=value_range)
+    assert enc.parts["data"].dtype == wire and enc.info["base"] == base
+    assert_bitwise(back, t)
+    small = torch.full((2, 3), lo)  # the same dtype whatever the values: no data-dependent choice
+    assert encode(small, "narrow", "ids", value_range=value_range).parts["data"].dtype == wire
+
+
+def test_narrow_refuses_values_outside_the_declared_range():
+    with pytest.raises(InvalidArgument, match=r"outside its declared range \[0, 159\]"):
+        encode(torch.tensor([[0, 160]]), "narrow", "ids", value_range=(0, 159))
+
+
+def test_device_stage_defers_checks_and_host_stages_to_finish():
+    from draftfeed.client.encodings import finish_encoded
+
+    t = torch.rand(2, 3, 16)
+    t[1, 2, 3] = math.nan
+    enc = get_encoding("fp8", "hidden").encode_on_device(t)  # no error yet: nothing read on the host
+    assert len(enc.checks) == 1 and enc.checks[0].values.dtype == torch.int64
+    with pytest.raises(InvalidArgument, match="1 NaN/inf"):
+        finish_encoded(enc)
+    bits = get_encoding("bits", "mask").encode_on_device(torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(InvalidArgument, match="2 other value"):
+        finish_encoded(bits)
+    topk = get_encoding("topk:2", "probs").encode_on_device(torch.softmax(torch.randn(3, 5), -1))
+    assert topk.host_stage and "retained_min" not in topk.info
+    assert 0 < finish_encoded(topk).info["retained_min"] <= 1

@@ -156,3 +156,58 @@ def test_closing_a_session_cancels_only_its_queued_requests(model):
     running.result(timeout=60)  # already on the GPU: finishes
     assert a.stats.in_flight == 0 and b.stats.in_flight == 0
     sched.stop()
+
+
+def test_busy_time_is_the_union_of_intervals_never_above_wall_time():
+    from draftfeed.server.metrics import BusyTime
+
+    busy = BusyTime(since=0.0)
+    busy.add(1.0, 3.0)  # a batch on the compute stream
+    busy.add(2.5, 3.5)  # its reply's copy on the side stream, overlapping it
+    busy.add(2.0, 2.2)  # accounted late, inside what is already counted
+    busy.add(5.0, 6.0)
+    busy.add(3.5, 4.0)  # touches the first union
+    assert busy.between(0.0, 10.0) == pytest.approx(4.0)  # [1, 4] + [5, 6]: overlaps count once
+    assert busy.between(2.0, 5.5) == pytest.approx(2.5)
+    assert busy.between(3.9, 3.9) == 0.0
+    for t0 in (0.0, 0.5, 1.0, 2.9, 4.5):  # any window: busy <= its length
+        for t1 in (t0 + 0.1, t0 + 1.0, t0 + 3.0, 10.0):
+            assert busy.between(t0, t1) <= t1 - t0 + 1e-12
+    # the sum of the intervals would exceed the window; the union does not
+    crowded = BusyTime(since=0.0)
+    for i in range(100):
+        crowded.add(i * 0.01, i * 0.01 + 0.5)
+    assert crowded.between(0.0, 1.49) == pytest.approx(1.49)
+
+
+def test_busy_time_counts_a_running_interval_up_to_now_and_folds_old_ones():
+    from draftfeed.server.metrics import BusyTime
+
+    now = time.perf_counter()
+    busy = BusyTime(since=now - 10.0, keep_s=1.0)
+    busy.open("span", now - 2.0)
+    assert 1.9 <= busy.total() <= 2.0 + (time.perf_counter() - now)
+    busy.close("span", now - 1.0)
+    assert busy.total() == pytest.approx(1.0)
+    for k in range(5):  # old intervals fold into a total, the newest stay
+        busy.add(now - 9.0 + k * 0.5, now - 9.0 + k * 0.5 + 0.25)
+    assert busy.total() == pytest.approx(1.0 + 5 * 0.25)
+    assert len(busy._starts) <= 3
+
+
+def test_server_busy_fraction_stays_within_one(model):
+    layout = discover(model)
+    table = SessionTable(layout.num_layers, layout.vocab_size)
+    sched = BatchScheduler(model, layout, max_batch_tokens=10_000)
+    job = table.open("dflash", [1, 5], "j")
+    t0 = time.perf_counter()
+    futures = [sched.submit(job, tb(inputs(seed=i))) for i in range(6)]
+    for fut in futures:
+        fut.result(timeout=60).wait()
+    t1 = time.perf_counter()
+    m = sched.metrics
+    assert 0 < m.busy_between(t0, t1) <= t1 - t0
+    assert 0 < m.busy_fraction <= 1 and m.busy_s <= time.perf_counter() - m.busy.since
+    m.busy.add(t0 - 0.5, t1)  # an overlapping span accounted late adds only what it does not overlap
+    assert m.busy_between(t0, t1) == pytest.approx(t1 - t0) and m.busy_fraction <= 1
+    sched.stop()
