@@ -315,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def row(nbytes, path, chunk, window, arenas, rate, tcp, mem):
         chunk_text = f"{chunk // 1024} KiB" if chunk else "-"
-        window_text = "-" if path in ("tcp", "dataplane") else "bdp" if window is None else f"{window // 1024} KiB"
+        window_text = (
+            "-" if path in ("tcp", "dataplane") else "bdp" if window is None else f"{window // 1024} KiB"
+        )
         verdict = _verdict(rate / tcp, mem) if path in ("grpc", "dataplane") else ""
         arenas_text = "default" if arenas is None else str(arenas)
         lines.append(

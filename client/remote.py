@@ -128,7 +128,10 @@ class _Server:
                 timeout=self.timeout,
             )
         except (OSError, DraftfeedError) as err:
-            self._fall_back(f"cannot open its data plane {host}:{resp.data_port} ({err})")
+            self._fall_back(
+                f"cannot open its data plane {host}:{resp.data_port} ({err}; a server behind a firewall "
+                "can fix the port with --data-port N or turn it off with --no-data-plane)"
+            )
 
     def data_plane_usable(self) -> bool:
         """Whether new requests should ask for the data plane; warns once when it broke."""
