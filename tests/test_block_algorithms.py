@@ -346,3 +346,29 @@ def test_springforge_style_dspark_config_is_detected(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ValueError, match="no single known draft"):
         draft_algorithm(tmp_path)
+
+
+def test_demo_pieces_train_two_jobs_concurrently_and_measure_both(tmp_path, target_dir, data_file, server):
+    """What demo-train does (an EAGLE-3 and a DSpark job at once against one server, then tau of each export
+    and of its untrained copy), on the tiny target."""
+    from draftfeed.server.loading import load_target, load_tokenizer
+    from draftfeed.trainer.demo import measure_exports, train_concurrently
+
+    cfgs = {
+        a: make_cfg(
+            tmp_path / a, a, target_dir, data_file, target={"url": [server.url]}, loop={"export": True}
+        )
+        for a in ("eagle3", "dspark")
+    }
+    results = train_concurrently(cfgs, None, server.info.fingerprint, threads_per_job=1)
+    assert {a: r.steps for a, r in results.items()} == {"eagle3": 3, "dspark": 3}
+    target = load_target(target_dir)
+    rows = measure_exports(
+        target, load_tokenizer(target_dir), {a: tmp_path / a / "export" for a in cfgs}, prompts(2),
+        num_draft_tokens=3, max_new_tokens=6,
+    )  # fmt: skip
+    assert [(r.name, r.algorithm, r.k) for r in rows] == [
+        ("eagle3", "eagle3", 3), ("eagle3 untrained", "eagle3", 3),
+        ("dspark", "dspark", BS), ("dspark untrained", "dspark", BS),
+    ]  # fmt: skip
+    assert all(r.prompts == 2 and 1 <= r.tau <= r.k + 1 for r in rows)

@@ -110,7 +110,8 @@ def register(sub) -> None:
 
     demo = sub.add_parser(
         "demo-train",
-        help="serve the default target, train an EAGLE-3 draft on regenerated ShareGPT, print tau vs untrained",
+        help="serve the default target, train an EAGLE-3 and a DSpark draft on regenerated ShareGPT at the same "
+        "time against it, print both tau next to untrained drafts",
     )
     demo.add_argument("--gpu", action="store_true", help="the longer GPU setting (more data, more steps)")
     demo.add_argument("--out", default=None, help="output directory (default: a temporary one)")

@@ -1,10 +1,14 @@
 """`draftfeed demo-train`: what a new user runs first.
 
 It loads the built-in default target (SmolLM2-135M-Instruct), serves it on a free local port, regenerates
-the first turns of a few ShareGPT conversations with it, trains an EAGLE-3 draft against the server
-through the remote client (the same path as `draftfeed train eagle3 --target grpc://...`), exports it,
-and measures the real acceptance length tau on MT-Bench next to an untrained draft with the same vocab
-map. The default fits a 2-core CPU laptop in a few minutes; `--gpu` trains longer.
+the first turns of a few ShareGPT conversations with it, and trains an EAGLE-3 and a DSpark draft at the
+same time against that one server (two threads, each its own job and session, the same path as
+`draftfeed train eagle3|dspark --target grpc://...`), exports both, and measures the real acceptance
+length tau on MT-Bench for each, next to untrained drafts of the same shapes. The default fits a 2-core
+CPU in a few minutes; `--gpu` trains longer.
+
+`train_concurrently` and `measure_exports` are what `bench/tau_three_algorithms.py` reuses for its
+three-algorithm table.
 """
 
 from __future__ import annotations
@@ -12,35 +16,49 @@ from __future__ import annotations
 import dataclasses
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["DemoSettings", "run_demo_train"]
+__all__ = ["DemoSettings", "demo_configs", "train_concurrently", "measure_exports", "run_demo_train"]
+
+NAMES = {"eagle3": "EAGLE-3", "dflash": "DFlash", "dspark": "DSpark"}
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """CPU default: about 5 minutes on a 2-core VM (there, 40 conversations / 40 steps took 3.6 min: 32 s
-    regeneration, 72 s training at ~250 tok/s, 100 s evaluation; tau 1.15 vs 1.00 untrained). `gpu()`: the
-    recipe measured on an H100 (bench/results/eagle3_train_2026-11-23.md: 185 s regeneration, ~3 min of
-    training, tau 1.5 on MT-Bench)."""
+    """CPU default: a few minutes on a 2-core VM (measurements in bench/results/tau_three_algorithms_cpu_*.md).
+    `gpu()`: the EAGLE-3 recipe measured on an H100 (bench/results/eagle3_train_2026-11-23.md: 185 s
+    regeneration, ~3 min of training, tau 1.5 on MT-Bench) with DSpark at AutoModel's Qwen3-0.6B recipe
+    (5 layers, block 7, 512 anchors, Markov rank 256) beside it; both stop at `time_limit`."""
 
     conversations: int = 80  # ShareGPT conversations read (long prompts are dropped afterwards)
     regen_max_new_tokens: int = 96
     regen_max_prompt_tokens: int = 160
     regen_batch_size: int = 20
     seq_len: int = 512
+    steps: int = 40
+    time_limit: float | None = None  # seconds of training per job
+    prefetch: int = 2
+    # EAGLE-3
     draft_vocab_size: int = 2048
     ttt_steps: int = 3
-    steps: int = 70
     lr: float = 1e-3
-    prefetch: int = 2
-    eval_prompts: int = 6  # MT-Bench first turns
-    eval_max_new_tokens: int = 48
-    num_draft_tokens: int = 3
+    num_draft_tokens: int = 7  # chain K at evaluation (max tau K + 1)
+    # block drafts (DSpark; DFlash in the bench)
+    block_size: int = 7  # DSpark drafts bs tokens per block (max tau bs + 1); DFlash bs - 1
+    block_layers: int = 1
+    num_anchors: int = 32
+    markov_rank: int = 64
+    block_lr: float = 3e-3
+    # evaluation
+    eval_prompts: int = 5  # MT-Bench first turns
+    eval_max_new_tokens: int = 40
+    confidence_threshold: float = 0.0  # DSpark early stop (0 = off)
 
     @classmethod
     def gpu(cls) -> DemoSettings:
@@ -50,14 +68,18 @@ class DemoSettings:
             regen_max_prompt_tokens=512,
             regen_batch_size=256,
             seq_len=2048,
+            steps=1500,
+            time_limit=200.0,
+            prefetch=4,
             draft_vocab_size=8192,
             ttt_steps=4,
-            steps=1500,
             lr=5e-4,
-            prefetch=4,
+            block_layers=5,
+            num_anchors=512,
+            markov_rank=256,
+            block_lr=6e-4,
             eval_prompts=20,
             eval_max_new_tokens=128,
-            num_draft_tokens=4,
         )
 
     def replace(self, **changes) -> DemoSettings:
@@ -68,15 +90,130 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def demo_configs(s: DemoSettings, out_dir: Path, url: str, algorithms: Sequence[str], device: str) -> dict:
+    """algorithm -> TrainConfig: the same data (regenerated once, cached), steps and server for each job."""
+    from .config import (
+        BlockConfig,
+        DataConfig,
+        DSparkTrainConfig,
+        Eagle3Config,
+        LoopConfig,
+        OptimConfig,
+        TargetConfig,
+        TrainConfig,
+    )
+
+    data = DataConfig(
+        limit=s.conversations,
+        seq_len=s.seq_len,
+        pack=True,
+        regenerate=True,
+        regen_max_new_tokens=s.regen_max_new_tokens,
+        regen_max_prompt_tokens=s.regen_max_prompt_tokens,
+        regen_batch_size=s.regen_batch_size,
+        regen_max_turns=1,
+        regen_cache=str(
+            Path("~/.cache/draftfeed/demo").expanduser()
+            / f"sharegpt-{s.conversations}-{s.regen_max_new_tokens}-{device}.jsonl"
+        ),
+    )
+    out = {}
+    for alg in algorithms:
+        block = alg in ("dflash", "dspark")
+        out[alg] = TrainConfig(
+            out=str(out_dir / alg),
+            algorithm=alg,
+            target=TargetConfig(url=[url], job_name=f"demo-train-{alg}"),
+            data=dataclasses.replace(data),
+            eagle3=Eagle3Config(draft_vocab_size=s.draft_vocab_size, ttt_steps=s.ttt_steps),
+            block=BlockConfig(
+                block_size=s.block_size + (1 if alg == "dflash" else 0),  # the same number of drafts
+                num_anchors=s.num_anchors,
+                num_layers=s.block_layers,
+            ),
+            dspark=DSparkTrainConfig(markov_rank=s.markov_rank),
+            optim=OptimConfig(lr=s.block_lr if block else s.lr),
+            loop=LoopConfig(
+                steps=s.steps,
+                time_limit=s.time_limit,
+                prefetch=s.prefetch,
+                log_every=max(1, s.steps // 10),
+            ),
+        )
+    return out
+
+
+def train_concurrently(cfgs: dict, model, target_id: str, threads_per_job: int | None = None) -> dict:
+    """Run `run_training` for every config at once, one thread each (each its own session on the
+    server); the regenerated data are made once first. algorithm -> TrainResult; a failed job re-raises.
+    `threads_per_job` sets torch's intra-op threads meanwhile (1 keeps two CPU jobs off each other's cores)."""
+    from draftfeed.server.loading import load_tokenizer
+
+    from .train import load_training_conversations, run_training
+
+    first = next(iter(cfgs.values()))
+    if first.data.regenerate:
+        load_training_conversations(first, load_tokenizer(first.target.model), model, target_id)
+    results, errors = {}, {}
+
+    def job(alg, cfg):
+        try:
+            results[alg] = run_training(cfg, model=model, target_id=target_id)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            errors[alg] = err
+
+    before = torch.get_num_threads()
+    if threads_per_job:
+        torch.set_num_threads(threads_per_job)
+    try:
+        workers = [threading.Thread(target=job, args=item, name=f"train-{item[0]}") for item in cfgs.items()]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        torch.set_num_threads(before)
+    for alg, err in errors.items():
+        raise RuntimeError(f"the {alg} job failed: {err}") from err
+    return results
+
+
+def measure_exports(
+    model, tokenizer, exports: dict, prompts, *, num_draft_tokens: int, max_new_tokens: int,
+    untrained: bool = True, confidence_threshold: float = 0.0,
+) -> list:  # fmt: skip
+    """tau of each exported draft (label -> directory) on `prompts` (token ids), plus, with `untrained`,
+    each algorithm's draft re-initialised (same shapes). Returns TauResults named by label."""
+    from .evaluate import TargetVerifier, eos_token_ids, make_drafter, measure_tau, reinitialize
+    from .export import load_draft
+
+    device = next(model.parameters()).device
+    eos = eos_token_ids(tokenizer, model)
+    rows = []
+    for label, path in exports.items():
+        variants = [(label, False)] + ([(f"{label} untrained", True)] if untrained else [])
+        for name, fresh in variants:
+            exp = load_draft(path, model, device=device, dtype=model.dtype)
+            if fresh:
+                reinitialize(exp.draft)
+            drafter = make_drafter(exp.algorithm, exp.draft, confidence_threshold)
+            k = num_draft_tokens if exp.algorithm == "eagle3" else drafter.max_drafts
+            r = measure_tau(
+                TargetVerifier(model, exp.layer_ids), drafter, prompts, k, max_new_tokens, eos, name,
+                algorithm=exp.algorithm,
+            )  # fmt: skip
+            _say(f"{name}: tau {r.tau:.3f} ({r.rounds} rounds, {r.seconds:.0f} s)")
+            rows.append(r)
+            del exp, drafter
+    return rows
+
+
 def run_demo_train(s: DemoSettings = DemoSettings(), out: str | None = None) -> int:
     from draftfeed.server.app import TargetServer
     from draftfeed.server.config import ServeConfig
     from draftfeed.server.loading import load_target, load_tokenizer
 
-    from .config import DataConfig, Eagle3Config, LoopConfig, OptimConfig, TargetConfig, TrainConfig
-    from .evaluate import Eagle3ChainDrafter, TargetVerifier, eos_token_ids, load_prompt_sets, measure_tau
-    from .export import load_eagle3
-    from .train import run_training
+    from .evaluate import load_prompt_sets
 
     out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="draftfeed-demo-"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,60 +223,32 @@ def run_demo_train(s: DemoSettings = DemoSettings(), out: str | None = None) -> 
     tokenizer = load_tokenizer(None)
     server = TargetServer(ServeConfig(port=0, device=device), model=model).start()
     _say(f"server: {type(model).__name__} on {server.url} ({device}); output in {out_dir}")
+    algorithms = ("eagle3", "dspark")
     try:
-        cfg = TrainConfig(
-            out=str(out_dir),
-            target=TargetConfig(url=[server.url], job_name="demo-train-eagle3"),
-            data=DataConfig(
-                limit=s.conversations,
-                seq_len=s.seq_len,
-                pack=True,
-                regenerate=True,
-                regen_max_new_tokens=s.regen_max_new_tokens,
-                regen_max_prompt_tokens=s.regen_max_prompt_tokens,
-                regen_batch_size=s.regen_batch_size,
-                regen_max_turns=1,
-                regen_cache=str(
-                    Path("~/.cache/draftfeed/demo").expanduser()
-                    / f"sharegpt-{s.conversations}-{s.regen_max_new_tokens}-{device}.jsonl"
-                ),
-            ),
-            eagle3=Eagle3Config(draft_vocab_size=s.draft_vocab_size, ttt_steps=s.ttt_steps),
-            optim=OptimConfig(lr=s.lr),
-            loop=LoopConfig(steps=s.steps, prefetch=s.prefetch, log_every=max(1, s.steps // 20)),
-        )
-        result = run_training(cfg, model=model, target_id=server.info.fingerprint)
+        cfgs = demo_configs(s, out_dir, server.url, algorithms, device)
+        results = train_concurrently(cfgs, model, server.info.fingerprint, threads_per_job=None)
         train_s = time.perf_counter() - start
-        embed = model.get_input_embeddings().weight
-        trained = load_eagle3(out_dir / "export", embed, device=device, dtype=model.dtype)
-        untrained = load_eagle3(out_dir / "export", embed, device=device, dtype=model.dtype)
-        torch.manual_seed(cfg.seed)
-        untrained.reset_parameters()  # same vocab map, fresh random weights
-        prompts = load_prompt_sets(["mtbench"], tokenizer, s.eval_prompts)["mtbench"]
-        verifier = TargetVerifier(model)
-        eos = eos_token_ids(tokenizer, model)
-        rows = []
-        for name, draft in (("untrained", untrained), ("trained", trained)):
-            r = measure_tau(
-                verifier,
-                Eagle3ChainDrafter(draft),
-                prompts,
-                s.num_draft_tokens,
-                s.eval_max_new_tokens,
-                eos,
-                name,
-            )
-            rows.append((name, r))
     finally:
         server.stop(grace=1)
+    prompts = load_prompt_sets(["mtbench"], tokenizer, s.eval_prompts)["mtbench"]
+    rows = measure_exports(
+        model, tokenizer, {NAMES[a]: out_dir / a / "export" for a in algorithms}, prompts,
+        num_draft_tokens=s.num_draft_tokens, max_new_tokens=s.eval_max_new_tokens,
+        confidence_threshold=s.confidence_threshold,
+    )  # fmt: skip
+    by_name = {r.name: r for r in rows}
     print(
-        f"\nEAGLE-3 draft for SmolLM2-135M-Instruct: {result.steps} steps, {result.tokens:,} tokens, "
-        f"trained in {result.seconds:.0f} s ({train_s:.0f} s with loading and data)"
+        "\nEAGLE-3 and DSpark drafts for SmolLM2-135M-Instruct, trained at the same time against one server:"
     )
-    print(
-        f"tau on {len(prompts)} MT-Bench prompts (chain K={s.num_draft_tokens}, greedy, max tau {s.num_draft_tokens + 1}):"
-    )
-    for name, r in rows:
-        print(f"  {name:9s} tau {r.tau:.3f}  ({r.rounds} verify rounds, {r.seconds:.0f} s)")
-    print(f"exported draft: {out_dir / 'export'}  (draftfeed eval --draft {out_dir / 'export'})")
+    for a in algorithms:
+        r = results[a]
+        print(f"  {NAMES[a]:8s} {r.steps} steps, {r.tokens:,} tokens in {r.seconds:.0f} s")
+    print(f"  ({train_s:.0f} s with loading, data regeneration and both jobs)")
+    print(f"\ntau on {len(prompts)} MT-Bench prompts (greedy, {s.eval_max_new_tokens} new tokens each):")
+    print(f"  {'draft':8s}  {'proposal':16s}  {'max tau':>7s}  {'untrained':>9s}  {'trained':>7s}")
+    for a in algorithms:
+        t, u = by_name[NAMES[a]], by_name[f"{NAMES[a]} untrained"]
+        how = f"chain of {t.k}" if a == "eagle3" else f"block of {t.k}"
+        print(f"  {NAMES[a]:8s}  {how:16s}  {t.k + 1:7d}  {u.tau:9.3f}  {t.tau:7.3f}")
+    print(f"\nexported drafts: {out_dir}/{{{','.join(algorithms)}}}/export  (draftfeed eval --draft DIR)")
     return 0
