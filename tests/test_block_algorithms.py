@@ -372,3 +372,45 @@ def test_demo_pieces_train_two_jobs_concurrently_and_measure_both(tmp_path, targ
         ("dspark", "dspark", BS), ("dspark untrained", "dspark", BS),
     ]  # fmt: skip
     assert all(r.prompts == 2 and 1 <= r.tau <= r.k + 1 for r in rows)
+
+
+@pytest.mark.parametrize("algorithm", BLOCK)
+def test_a_batch_without_anchors_is_a_zero_step(tmp_path, tiny_model, algorithm):
+    from draftfeed.trainer.algorithms import ALGORITHMS, DistContext
+
+    cfg = make_cfg(tmp_path, algorithm, None, None)
+    alg = ALGORITHMS[algorithm](cfg)
+    target = tiny_model("llama")
+    backend = alg.open_backend(target, torch.device("cpu"))
+    draft = alg.build_draft(backend, target.config, None, [])
+    ids = torch.randint(3, 150, (2, 12))
+    batch = backend.generate_batch(ids, torch.ones_like(ids), torch.zeros_like(ids))  # nothing supervised
+    out = alg.loss(draft, batch, DistContext())
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and set(out.metrics) == set(alg.metric_keys)
+    assert all(float(v) == 0.0 for v in out.metrics.values())
+    assert all(p.grad is not None and not p.grad.any() for p in draft.parameters() if p.requires_grad)
+
+
+def test_dspark_ddp_on_two_cpu_processes(tmp_path, target_dir, data_file, server):
+    """`draftfeed train dspark` under torchrun: global loss denominators, per-rank anchor generators."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "draftfeed.server.cli", "train", "dspark", "--target", server.url, "--target-model", target_dir,
+        "--data", data_file, "--out", str(tmp_path / "o"), "--steps", "2", "--seq-len", "48", "--batch-size", "2",
+        "--device", "cpu", "--no-export", "--block-size", "4", "--num-anchors", "4", "--draft-layers", "1",
+        "--markov-rank", "8", "--log-every", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = tmp_path / "o/checkpoints/step_0000002"
+    g0 = torch.load(ckpt / "rank_0.pt", weights_only=False)["algorithm"]["anchor_generator"]
+    g1 = torch.load(ckpt / "rank_1.pt", weights_only=False)["algorithm"]["anchor_generator"]
+    assert not torch.equal(g0, g1)  # each rank draws its own anchors
+    steps = [json.loads(x)["step"] for x in (tmp_path / "o/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -246,11 +246,13 @@ class BlockAlgorithm(DraftAlgorithm):
         if "anchor_generator" in state:
             self.generator.set_state(state["anchor_generator"])
 
-    def _empty_step(self, draft, keys) -> StepOutput:
+    def _empty_step(self, draft, keys, dist: DistContext) -> StepOutput:
         """A batch without any valid anchor: a zero loss that still touches every trainable parameter (so
-        DDP's gradient all-reduce sees them all) and zero metrics."""
+        DDP's gradient all-reduce sees them all), zero metrics, and this rank's part (0) of the loss
+        denominator's all-reduce, which the other ranks' losses are waiting in."""
         loss = sum(p.sum() for p in draft.parameters() if p.requires_grad) * 0.0
         zero = torch.zeros((), device=loss.device)
+        dist.all_reduce_sum(zero)
         return StepOutput(loss=loss, metrics={k: zero for k in keys})
 
 
@@ -277,7 +279,7 @@ class DFlashAlgorithm(BlockAlgorithm):
                 chunk_rows=b.chunk_rows, den_reduce=dist.all_reduce_sum, world_size=dist.world_size,
             )  # fmt: skip
         except NoValidAnchors:
-            return self._empty_step(draft, self.metric_keys)
+            return self._empty_step(draft, self.metric_keys, dist)
         m = out.metrics
         metrics = {"loss": out.parts["ce"], "ce": out.parts["ce"], "accuracy": m["accuracy"]}
         metrics.update(accept_len=m["accept_len"], blocks=m["blocks"])
@@ -318,7 +320,7 @@ class DSparkAlgorithm(BlockAlgorithm):
                 chunk_rows=b.chunk_rows, den_reduce=dist.all_reduce_sum, world_size=dist.world_size,
             )  # fmt: skip
         except NoValidAnchors:
-            return self._empty_step(draft, self.metric_keys)
+            return self._empty_step(draft, self.metric_keys, dist)
         p, m = out.parts, out.metrics
         total = d.ce_weight * p["ce"] + d.tv_weight * p["tv"] + d.conf_weight * p["conf"]
         metrics = {"loss": total, "ce": p["ce"], "tv": p["tv"], "conf": p["conf"]}
