@@ -182,6 +182,81 @@ def test_resume_continues_identically(tmp_path, target_dir, data_file, algorithm
     assert losses(fresh) == losses(straight)  # a fixed seed gives the same anchors on a fresh run
 
 
+@pytest.mark.parametrize("algorithm", BLOCK)
+def test_default_layer_ids_are_designs_in_process_remote_and_server_side(
+    tmp_path, target_dir, server, tiny_model, algorithm
+):
+    """Without --layer-ids the trainer captures DESIGN.md's default of its algorithm (client/layers.py) for
+    --num-target-layers K, in process and through a server, and a session opened without ids gets the same
+    from the server. N = 8: DFlash round(1 + i(N-4)/(K-1)), DSpark sorted({round(1 + i(N-2)/(K-1))})."""
+    from draftfeed.client import remote
+    from draftfeed.trainer.algorithms import ALGORITHMS
+
+    want = {
+        ("dflash", 5): [1, 2, 3, 4, 5], ("dflash", 3): [1, 3, 5], ("dflash", 1): [4],
+        ("dspark", 5): [1, 2, 4, 6, 7], ("dspark", 3): [1, 4, 7], ("dspark", 1): [7],
+    }  # fmt: skip
+    for k in (5, 3, 1):
+        ids = want[algorithm, k]
+        cfg = make_cfg(tmp_path, algorithm, target_dir, None, block={"num_target_layers": k})
+        local = ALGORITHMS[algorithm](cfg).open_backend(tiny_model("llama"), torch.device("cpu"))
+        assert local.target_layer_ids == ids, (k, local.target_layer_ids)
+        draft = ALGORITHMS[algorithm](cfg).build_draft(local, tiny_model("llama").config, None, [])
+        assert draft.config.target_layer_ids == ids and draft.fc.in_features == len(ids) * 32
+        cfg = make_cfg(tmp_path, algorithm, target_dir, None, target={"url": [server.url]}, block={"num_target_layers": k})  # fmt: skip
+        backend = ALGORITHMS[algorithm](cfg).open_backend(None, torch.device("cpu"))
+        try:
+            assert backend.target_layer_ids == ids
+            (session,) = server.sessions.list()
+            assert session.algorithm == algorithm and session.layer_ids == ids
+        finally:
+            backend.close()
+    cls = getattr(
+        remote, {"dflash": "RemoteDFlashTargetModel", "dspark": "RemoteDSparkTargetModel"}[algorithm]
+    )
+    plain = cls.from_urls(server.url)  # no ids: the server's default (K = 5)
+    try:
+        assert plain.target_layer_ids == want[algorithm, 5]
+    finally:
+        plain.close()
+
+
+def test_dspark_takes_the_targets_final_logit_softcapping_in_process_and_remote(
+    tmp_path, target_dir, data_file
+):
+    """A target whose config has `final_logit_softcapping` (Gemma-style): the DSpark draft gets it from the
+    in-process backend and from the server alike (same losses), its teacher and draft logits use it (the
+    losses differ from the uncapped target's), and the export / loader keep it."""
+    from draftfeed.server.loading import load_target
+    from draftfeed.trainer.export import load_draft
+
+    capped = tmp_path / "capped"
+    shutil.copytree(target_dir, capped)
+    raw = json.loads((capped / "config.json").read_text())
+    (capped / "config.json").write_text(json.dumps({**raw, "final_logit_softcapping": 0.5}))
+    model = load_target(str(capped))
+    assert model.config.final_logit_softcapping == 0.5
+    srv = TargetServer(ServeConfig(port=0), model=model).start()
+    try:
+        loop = {"steps": 2, "log_every": 1, "export": True}
+        local = run_training(make_cfg(tmp_path / "l", "dspark", str(capped), data_file, loop=loop))
+        remote = run_training(
+            make_cfg(tmp_path / "r", "dspark", str(capped), data_file, loop=loop, target={"url": [srv.url]})
+        )
+    finally:
+        srv.stop(grace=1)
+    plain = run_training(make_cfg(tmp_path / "p", "dspark", target_dir, data_file, loop=loop))
+    assert losses(remote) == losses(local) and losses(plain) != losses(local)
+    for run in ("l", "r"):
+        assert (
+            json.loads((tmp_path / run / "export/config.json").read_text())["final_logit_softcapping"] == 0.5
+        )
+    loaded = load_draft(tmp_path / "l/export", model)
+    assert loaded.draft.config.final_logit_softcapping == 0.5
+    h = torch.randn(3, loaded.draft.config.hidden_size) * 100
+    assert loaded.draft.base_logits(h).abs().max() <= 0.5
+
+
 # ---------------------------------------------------------------- evaluation
 
 

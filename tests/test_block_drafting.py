@@ -304,3 +304,45 @@ def test_chunked_teacher_tv_and_ce_equal_unchunked(cap):
     ref = F.cross_entropy(hidden @ weight.T, labels, reduction="none")
     ref.sum().backward()
     assert torch.allclose(ce_d, ref, atol=1e-5) and torch.allclose(g_chunk, hidden.grad, atol=1e-5)
+
+
+class LargestVocabTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most rows of any [rows, V] tensor an op produces (forward and backward)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab:
+                self.rows = max(self.rows, t.numel() // self.vocab)
+        return out
+
+
+@pytest.mark.parametrize("algorithm", ["dflash", "dspark"])
+def test_full_vocab_logits_exist_for_one_chunk_of_rows_at_a_time(algorithm):
+    """Forward and backward of the block losses build [rows, V] tensors (logits, softmax, their grads)
+    for at most `chunk_rows` rows at once; without chunking they span every row (the check can fail)."""
+    torch.manual_seed(0)
+    rows, h, v, chunk = 64, 8, 211, 8
+    weight = torch.randn(v, h)
+    markov = MarkovHead(v, 4)
+    hidden = torch.randn(rows, h, requires_grad=True)
+    teacher, prev, labels = torch.randn(rows, h), torch.randint(0, v, (rows,)), torch.randint(0, v, (rows,))
+
+    def run(chunk_rows):
+        with LargestVocabTensor(v) as seen:
+            if algorithm == "dspark":
+                ce, tv, _ = dspark_objective(
+                    hidden, prev, labels, teacher, weight, markov_head=markov, final_logit_softcapping=5.0,
+                    chunk_rows=chunk_rows,
+                )  # fmt: skip
+                (0.1 * ce + 0.9 * tv).sum().backward()
+            else:
+                dflash_objective(hidden, labels, weight, chunk_rows=chunk_rows)[0].sum().backward()
+        return seen.rows
+
+    assert run(chunk) == chunk
+    assert run(rows) == rows  # one chunk of every row: the recorder sees the full logits

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from draftfeed.client.layers import LAYER_IDS
 from draftfeed.client.vocab import build_token_map
 
 from .block_drafting import NoValidAnchors, dflash_loss, dspark_loss
@@ -169,14 +170,14 @@ class Eagle3Algorithm(DraftAlgorithm):
         return export_eagle3(draft, out_dir, target_config, list(backend.aux_layer_ids), num_layers)
 
 
-def block_layer_ids(num_layers: int, k: int) -> list[int]:
-    """Default target layers of a block draft: round(1 + i(N-4)/(K-1)) (K = 1: [N//2]), deduplicated.
+def block_layer_ids(algorithm: str, num_layers: int, k: int) -> list[int]:
+    """Default target layers of a block draft for K = `k` layers: the client's default of `algorithm`
+    (DESIGN.md, `client/layers.py`), the same ids a server picks for a session opened without any.
 
-    DFlash's default (DESIGN.md), used for DSpark too: it equals DeepSpec's Qwen3-4B/8B ids
-    [1, 9, 17, 25, 33] and never picks N-1 (the final-norm output, which SGLang cannot capture)."""
-    if k == 1:
-        return [num_layers // 2]
-    return sorted({round(1 + i * (num_layers - 4) / (k - 1)) for i in range(k)})
+    DFlash: K == 1 -> [N//2], else round(1 + i(N-4)/(K-1)). DSpark: K clamped to [1, N-1]; K == 1 -> [N-1],
+    else sorted({round(1 + i(N-2)/(K-1))}), whose last id is N-1 (the final-norm output, which an SGLang
+    deployment cannot capture: the validator warns; pass --layer-ids to choose others)."""
+    return LAYER_IDS[algorithm][0](num_layers, k)
 
 
 class BlockAlgorithm(DraftAlgorithm):
@@ -196,7 +197,7 @@ class BlockAlgorithm(DraftAlgorithm):
         return (
             list(t.layer_ids)
             if t.layer_ids
-            else block_layer_ids(num_layers, self.cfg.block.num_target_layers)
+            else block_layer_ids(self.name, num_layers, self.cfg.block.num_target_layers)
         )
 
     def open_backend(self, model, device):
