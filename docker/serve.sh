@@ -4,6 +4,9 @@
 #   DRAFTFEED_MODEL        model directory (default: /models/target when it holds a config.json, else the
 #                          built-in default target)
 #   DRAFTFEED_HOST/PORT/ADMIN_PORT   bind address, gRPC port (50051), admin HTTP port (8080; "off" disables)
+#   DRAFTFEED_DATA_PORT    TCP data plane for reply payloads (50052, fixed so that it can be published and
+#                          let through firewalls; clients connect to the gRPC URL's host on this port);
+#                          "off" = --no-data-plane: every reply goes on gRPC
 #   DRAFTFEED_TOKEN_FILE   job tokens (default: /run/secrets/draftfeed-tokens.yaml when present)
 #   DRAFTFEED_TLS_CERT, DRAFTFEED_TLS_KEY, DRAFTFEED_TLS_CLIENT_CA   TLS / mutual TLS
 #   DRAFTFEED_INSECURE_ALLOW_REMOTE=1   no tokens and still answer other hosts (trusted networks only)
@@ -26,6 +29,11 @@ fi
 opts="--host ${DRAFTFEED_HOST:-0.0.0.0} --port ${DRAFTFEED_PORT:-50051} --grace-seconds ${DRAFTFEED_GRACE_SECONDS:-30}"
 if [ "${DRAFTFEED_ADMIN_PORT:-8080}" != "off" ]; then
     opts="$opts --admin-port ${DRAFTFEED_ADMIN_PORT:-8080}"
+fi
+if [ "${DRAFTFEED_DATA_PORT:-50052}" = "off" ]; then
+    opts="$opts --no-data-plane"
+else
+    opts="$opts --data-port ${DRAFTFEED_DATA_PORT:-50052}"
 fi
 set -- $opts "$@"
 [ -n "$MODEL" ] && set -- --model "$MODEL" "$@"

@@ -1,12 +1,15 @@
 """The container images without a docker engine: hadolint on both Dockerfiles, their invariants
 (non-root user, gRPC HEALTHCHECK, the README's install command, read-only model mounts in compose, two
-trainers on their own GPUs pointing at the server by service name), and the entrypoint scripts run
-directly: docker/serve.sh starts a server, docker/healthcheck.sh says it is healthy, docker/train.sh
-trains against it with only the trainer image's dependencies importable, and the server drains on SIGTERM."""
+trainers on their own GPUs pointing at the server by service name, the data port fixed and published), and
+the entrypoint scripts run directly with compose's environment: docker/serve.sh starts a server with
+the token file of docker/make-tokens.sh, docker/healthcheck.sh says it is healthy, docker/train.sh runs
+the EAGLE-3 and the DSpark job against it at once (data plane, only the trainer image's dependencies
+importable), and the server drains on SIGTERM."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -115,6 +118,12 @@ def test_compose_file():
     assert algorithms == {"eagle3", "dspark"}
     assert len(set(gpus.values())) == 3, f"one GPU each: {gpus}"
     assert server["stop_grace_period"] == "45s" and int(server["environment"]["DRAFTFEED_GRACE_SECONDS"]) < 45
+    # the data plane: a fixed port (clients connect to the gRPC URL's host on the port the server names),
+    # published under the same number, and the port the image exposes
+    data_port = server["environment"]["DRAFTFEED_DATA_PORT"]
+    assert data_port.isdigit() and f"{data_port}:{data_port}" in server["ports"]
+    image = dict(_instructions(DOCKER / "server.Dockerfile"))
+    assert data_port in image["EXPOSE"].split() and f"DRAFTFEED_DATA_PORT={data_port}" in image["ENV"]
 
 
 def test_make_tokens(tmp_path):
@@ -154,16 +163,170 @@ def default_target():
         pytest.skip(f"the built-in default target is not available: {err}")
 
 
-def test_entrypoints_serve_health_train_and_drain(tmp_path, default_target):
+def _chat_rows(path: Path) -> Path:
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"What is {i}+{i}?"},
+                {"from": "gpt", "value": f"{2 * i}."},
+            ]
+        }
+        for i in range(6)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _trainer_python(tmp_path: Path) -> Path:
+    """A python that cannot import the server-only packages: what the trainer image has."""
+    wrapper = tmp_path / "python-trainer-image"
+    (tmp_path / "blocked.py").write_text(BLOCKED_PYTHON.format(blocked=SERVER_ONLY))
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "blocked.py"} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+# per-algorithm flags that make a 2-step CPU run small; everything else comes from compose's environment
+TRAIN_FLAGS = {
+    "eagle3": ["--draft-vocab-size", "512"],
+    "dspark": ["--block-size", "4", "--num-anchors", "4", "--draft-layers", "1", "--markov-rank", "8"],
+}
+
+
+def _wait_healthy(server, server_env, timeout=120):
+    deadline = time.time() + timeout
+    healthy = None
+    while time.time() < deadline and server.poll() is None:
+        healthy = subprocess.run(
+            [str(DOCKER / "healthcheck.sh")], env=server_env, capture_output=True, text=True
+        )
+        if healthy.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert healthy is not None and healthy.returncode == 0 and healthy.stdout.strip() == "SERVING"
+
+
+def test_entrypoints_run_the_compose_jobs(tmp_path, default_target):
+    """What docker/compose.yaml runs, through the entrypoint scripts and compose's own environment: the
+    server with the token file of docker/make-tokens.sh and a fixed data port, healthy by the image's
+    HEALTHCHECK; the eagle3 and the dspark services training at the same time against it, each with its
+    job token, with only the trainer image's packages importable, reading replies over the data plane;
+    both export a draft with finite losses; tokens never reach the server's log; SIGTERM drains, exit 0."""
+    train_help = subprocess.run(
+        [sys.executable, "-m", "draftfeed.server.cli", "train", "--help"], capture_output=True, text=True
+    )
+    if train_help.returncode != 0:
+        pytest.skip("`draftfeed train` is not available in this checkout")
+    from draftfeed.trainer.export import draft_algorithm
+
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    secrets = tmp_path / "secrets"
+    subprocess.run([str(DOCKER / "make-tokens.sh"), str(secrets)], check=True, capture_output=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", DRAFTFEED_PYTHON=sys.executable)
+    port, data_port = _free_port(), _free_port()
+    server_env = {**env, **services["server"]["environment"]}
+    server_env.update(
+        DRAFTFEED_MODEL=default_target,
+        DRAFTFEED_HOST="127.0.0.1",  # compose binds 0.0.0.0 inside its container
+        DRAFTFEED_PORT=str(port),
+        DRAFTFEED_DATA_PORT=str(data_port),  # compose fixes 50052; here a free one, by the same variable
+        DRAFTFEED_ADMIN_PORT="off",
+        DRAFTFEED_TOKEN_FILE=str(secrets / "tokens.yaml"),  # compose: the server-tokens secret
+    )
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [str(DOCKER / "serve.sh"), "--device", "cpu"],
+            env=server_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    trainers = {}
+    try:
+        _wait_healthy(server, server_env)
+        banner = log_path.read_text()
+        assert "token auth on (2 jobs)" in banner and f"data plane on port {data_port}" in banner, banner
+        python = _trainer_python(tmp_path)
+        data = _chat_rows(tmp_path / "train.jsonl")
+        for name in ("eagle3", "dspark"):
+            compose_env = services[name]["environment"]
+            assert compose_env["DRAFTFEED_TARGET"] == "grpc://server:50051"
+            job = compose_env["DRAFTFEED_JOB_NAME"]
+            trainer_env = {**env, **compose_env}
+            trainer_env.update(
+                DRAFTFEED_PYTHON=str(python),
+                DRAFTFEED_TARGET=f"grpc://127.0.0.1:{port}",  # compose: the server by its service name
+                DRAFTFEED_TOKEN_FILE=str(secrets / f"{job}.token"),  # compose: the job's token secret
+                DRAFTFEED_DATA=str(data),
+                DRAFTFEED_OUT=str(tmp_path / "checkpoints" / job),
+                DRAFTFEED_TARGET_MODEL=default_target,
+            )
+            flags = [
+                "--steps",
+                "2",
+                "--seq-len",
+                "64",
+                "--device",
+                "cpu",
+                "--log-every",
+                "1",
+                *TRAIN_FLAGS[name],
+            ]
+            out = open(tmp_path / f"{name}.log", "w")
+            trainers[name] = (
+                compose_env,
+                subprocess.Popen(
+                    [str(DOCKER / "train.sh"), *flags], env=trainer_env, stdout=out, stderr=subprocess.STDOUT
+                ),
+                out,
+            )
+        for name, (compose_env, proc, out) in trainers.items():
+            code = proc.wait(timeout=300)
+            out.close()
+            text = (tmp_path / f"{name}.log").read_text()
+            assert code == 0, f"{name}: {text[-4000:]}"
+            assert "replies go on gRPC" not in text, f"{name} fell back to gRPC frames: {text[-2000:]}"
+            ckpt = tmp_path / "checkpoints" / compose_env["DRAFTFEED_JOB_NAME"]
+            rows = [json.loads(x) for x in (ckpt / "metrics.jsonl").read_text().splitlines()]
+            assert [r["step"] for r in rows] == [1, 2], rows
+            assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows), rows
+            assert (ckpt / "export" / "model.safetensors").is_file()
+            assert draft_algorithm(ckpt / "export") == compose_env["DRAFTFEED_ALGORITHM"] == name
+        # docker stop: SIGTERM to PID 1 (serve.sh exec'd draftfeed) drains and exits 0
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        text = log_path.read_text()
+        assert "drained and stopped" in text
+        # each job's session read its replies from the data plane (one bind per session)
+        assert len(re.findall(r"data plane of session \w+ bound to", text)) >= 2, text[-3000:]
+        for job in ("eagle3-job", "dspark-job"):
+            assert (secrets / f"{job}.token").read_text().strip() not in text
+    finally:
+        for _, proc, out in trainers.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            out.close()
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+
+
+def test_serve_entrypoint_without_tokens_or_data_plane(default_target):
+    """DRAFTFEED_DATA_PORT=off is --no-data-plane; without a token file the server says it answers only
+    loopback clients; the healthcheck script sees it SERVING; SIGTERM exits 0."""
     port = _free_port()
     server_env = dict(
-        env,
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        DRAFTFEED_PYTHON=sys.executable,
         DRAFTFEED_MODEL=default_target,
         DRAFTFEED_HOST="127.0.0.1",
         DRAFTFEED_PORT=str(port),
         DRAFTFEED_ADMIN_PORT="off",
-        DRAFTFEED_GRACE_SECONDS="20",
+        DRAFTFEED_DATA_PORT="off",
+        DRAFTFEED_GRACE_SECONDS="5",
     )
     server = subprocess.Popen(
         [str(DOCKER / "serve.sh"), "--device", "cpu"],
@@ -173,72 +336,12 @@ def test_entrypoints_serve_health_train_and_drain(tmp_path, default_target):
         text=True,
     )
     try:
-        deadline = time.time() + 90
-        healthy = None
-        while time.time() < deadline and server.poll() is None:
-            healthy = subprocess.run(
-                [str(DOCKER / "healthcheck.sh")], env=server_env, capture_output=True, text=True
-            )
-            if healthy.returncode == 0:
-                break
-            time.sleep(0.5)
-        assert healthy is not None and healthy.returncode == 0 and healthy.stdout.strip() == "SERVING"
-
-        train_help = subprocess.run(
-            [sys.executable, "-m", "draftfeed.server.cli", "train", "--help"], capture_output=True, text=True
-        )
-        if train_help.returncode != 0:
-            pytest.skip("`draftfeed train` is not available in this checkout")
-        # the trainer entrypoint, with only the trainer image's packages importable
-        wrapper = tmp_path / "python-trainer-image"
-        (tmp_path / "blocked.py").write_text(BLOCKED_PYTHON.format(blocked=SERVER_ONLY))
-        wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "blocked.py"} "$@"\n')
-        wrapper.chmod(0o755)
-        data = tmp_path / "train.jsonl"
-        rows = [
-            {
-                "conversations": [
-                    {"from": "human", "value": f"What is {i}+{i}?"},
-                    {"from": "gpt", "value": f"{2 * i}."},
-                ]
-            }
-            for i in range(6)
-        ]
-        data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-        trainer_env = dict(
-            env,
-            DRAFTFEED_PYTHON=str(wrapper),
-            DRAFTFEED_TARGET=f"grpc://127.0.0.1:{port}",
-            DRAFTFEED_ALGORITHM="eagle3",
-            DRAFTFEED_JOB_NAME="compose-eagle3",
-            DRAFTFEED_DATA=str(data),
-            DRAFTFEED_OUT=str(tmp_path / "ckpt"),
-            DRAFTFEED_TARGET_MODEL=default_target,
-        )
-        train = subprocess.run(
-            [
-                str(DOCKER / "train.sh"),
-                "--steps",
-                "2",
-                "--seq-len",
-                "64",
-                "--device",
-                "cpu",
-                "--draft-vocab-size",
-                "512",
-            ],
-            env=trainer_env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-        assert (tmp_path / "ckpt" / "metrics.jsonl").is_file()
-        # docker stop: SIGTERM to PID 1 (serve.sh exec'd draftfeed) drains and exits 0
+        _wait_healthy(server, server_env)
         server.send_signal(signal.SIGTERM)
         out, _ = server.communicate(timeout=30)
         assert server.returncode == 0, out[-3000:]
-        assert "drained and stopped" in out and "only clients on this machine" in out
+        banner = next(ln for ln in out.splitlines() if "draftfeed: serving on" in ln)
+        assert "data plane" not in banner and "only clients on this machine" in banner, banner
     finally:
         if server.poll() is None:
             server.kill()
