@@ -1,5 +1,10 @@
 """The admin HTTP app (fastapi on its own port): health, readiness, Prometheus metrics, sessions,
-and the status page (`/` or `/status`, polling `/status.json`)."""
+and the status page (`/` or `/status`, polling `/status.json`).
+
+Read-only and without tokens (probes and scrapers carry none; it shows job names, never tokens). It
+follows the server's peer rule: without a token file only loopback peers are answered (403 for
+others) unless --insecure-allow-remote; with a token file every peer that reaches the port is, so bind
+or publish it for monitoring hosts only."""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ import time
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
+from draftfeed.client.errors import PermissionDenied
+
+from .nemo_http import http_peer
 from .status import StatusHistory, status_json, status_page, status_page_csp
 
 __all__ = ["build_admin_app", "AdminServer", "prometheus_text", "sessions_json"]
@@ -121,6 +129,14 @@ def build_admin_app(server) -> FastAPI:
 
     app = FastAPI(title="draftfeed admin", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.status_history = history
+
+    @app.middleware("http")
+    async def peer_rule(request: Request, call_next):
+        try:
+            server.access.check_peer(http_peer(request))  # read at each call, as on the gRPC port
+        except PermissionDenied as err:
+            return JSONResponse({"error": str(err)}, status_code=403)
+        return await call_next(request)
 
     @app.get("/healthz")
     def healthz():

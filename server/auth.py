@@ -40,6 +40,9 @@ __all__ = ["JobPolicy", "Caller", "AccessControl", "load_token_file", "is_loopba
 log = logging.getLogger("draftfeed.auth")
 
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+_GRPC_TOKEN_HINT = (
+    "send metadata 'authorization: Bearer <token>' (token= in from_urls, --token-file of the trainer)"
+)
 _KEYS = {"token", "token_sha256", "tokens_per_s", "max_in_flight", "algorithms"}
 
 
@@ -206,19 +209,26 @@ class AccessControl:
         return "no token file: only clients on this machine (loopback) are answered"
 
     def authenticate(self, context) -> Caller:
-        if self.jobs is None:
-            if not self.allow_remote and not is_loopback_peer(context.peer(), self.trusted_networks):
-                raise PermissionDenied(
-                    "this server has no token file and answers only clients on its own machine; "
-                    "start it with --token-file (or --insecure-allow-remote on a trusted network)"
-                )
-            return Caller(None)
-        token = bearer_token(context.invocation_metadata())
-        if token is None:
-            raise Unauthenticated(
-                "this server needs a job token: send metadata 'authorization: Bearer <token>' "
-                "(token= in from_urls, --token-file of the trainer)"
+        """The caller of a gRPC call (its peer and `authorization: Bearer` metadata)."""
+        return self.check(context.peer(), bearer_token(context.invocation_metadata()))
+
+    def check_peer(self, peer: str) -> None:
+        """The rule without a token file: only loopback peers, unless --insecure-allow-remote. The
+        admin port (which takes no token) applies it alone; with a token file it lets every peer in."""
+        if self.jobs is None and not self.allow_remote and not is_loopback_peer(peer, self.trusted_networks):
+            raise PermissionDenied(
+                "this server has no token file and answers only clients on its own machine; "
+                "start it with --token-file (or --insecure-allow-remote on a trusted network)"
             )
+
+    def check(self, peer: str, token: str | None, how_to_send: str = _GRPC_TOKEN_HINT) -> Caller:
+        """The caller from its peer (a gRPC peer string, `ipv4:HOST:PORT`) and the token it sent;
+        `how_to_send` completes the message when the token is missing."""
+        if self.jobs is None:
+            self.check_peer(peer)
+            return Caller(None)
+        if token is None:
+            raise Unauthenticated(f"this server needs a job token: {how_to_send}")
         job = self._by_digest.get(_digest(token))  # a lookup by digest: nothing to time
         if job is None:
             raise Unauthenticated("the job token is not valid on this server")

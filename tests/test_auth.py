@@ -206,20 +206,29 @@ def test_loopback_only_without_a_token_file(model):
     assert is_loopback_peer("ipv4:127.0.0.1:5000") and is_loopback_peer("ipv6:[::1]:5000")
     assert is_loopback_peer("ipv6:%5B::ffff:127.0.0.1%5D:5000") and is_loopback_peer("unix:/tmp/s")
     assert not is_loopback_peer("ipv4:10.1.2.3:5000") and not is_loopback_peer("ipv6:[2001:db8::1]:5000")
-    srv = start_server(model)
+    srv = start_server(model, admin_port=0)
+    admin = f"http://127.0.0.1:{srv.admin.port}"
     try:
         assert "only clients on this machine" in srv.access.describe
         with RemoteDSparkTargetModel.from_urls([srv.url]) as remote:
             remote.generate_batch(*inputs())
-        # a server whose only trusted network excludes this client: the same refusal a remote host gets
+        assert requests.get(f"{admin}/metrics", timeout=5).status_code == 200
+        # a server whose only trusted network excludes this client: the same refusal a remote host gets,
+        # on the gRPC port and on the admin port (which takes no token)
         strict = AccessControl(None, allow_remote=False, trusted_networks=("127.0.0.2/32",))
-        srv.servicer.access = srv.servicer.directory.access = strict
+        srv.access = srv.servicer.access = srv.servicer.directory.access = strict
         with pytest.raises(PermissionDenied, match="answers only clients on its own machine"):
             RemoteDSparkTargetModel.from_urls([srv.url])
+        for path in ("/metrics", "/sessions", "/readyz", "/status.json"):
+            r = requests.get(f"{admin}{path}", timeout=5)
+            assert r.status_code == 403 and "answers only clients on its own machine" in r.json()["error"], (
+                path
+            )
         open_ = AccessControl(None, allow_remote=True, trusted_networks=("127.0.0.2/32",))
-        srv.servicer.access = srv.servicer.directory.access = open_
+        srv.access = srv.servicer.access = srv.servicer.directory.access = open_
         assert "NO authentication" in open_.describe
         with RemoteDSparkTargetModel.from_urls([srv.url]) as remote:
             assert remote.generate_batch(*inputs()).target_hidden_states.shape[0] == 2
+        assert requests.get(f"{admin}/metrics", timeout=5).status_code == 200
     finally:
         srv.stop(grace=0)
