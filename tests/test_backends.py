@@ -189,3 +189,77 @@ def test_eagle3_batch_needs_exactly_one_source():
         "loss_mask",
         "target",
     }
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "dflash", "dspark"])
+def test_in_process_backend_interface(tiny_model, kind):
+    """The interface a training loop calls: future-returning async path, embeddings, close, no servers."""
+    from draftfeed.client.backend import DFlashTargetBackend, DSparkTargetBackend, Eagle3TargetBackend
+
+    model = tiny_model("llama")
+    cls, iface = {
+        "eagle3": (HFEagle3TargetModel, Eagle3TargetBackend),
+        "dflash": (HFDFlashTargetModel, DFlashTargetBackend),
+        "dspark": (HFDSparkTargetModel, DSparkTargetBackend),
+    }[kind]
+    with cls(model) as backend:
+        assert isinstance(backend, iface)
+        assert backend.supports_async is False and backend.num_remote_servers == 0
+        assert backend.get_input_embeddings().weight is model.get_input_embeddings().weight
+        if kind != "eagle3":
+            assert backend.get_output_embeddings().weight is model.get_output_embeddings().weight
+        args = inputs(seed=5)
+        future = backend.generate_batch_async(*args)
+        got = future.result(timeout=60)
+        assert future.cancel() is False  # already finished: nothing to cancel
+        want = backend.generate_batch(*args)
+        assert got.tensors().keys() == want.tensors().keys()
+        assert all(torch.equal(v, want.tensors()[k]) for k, v in got.tensors().items())
+        bad = backend.generate_batch_async(args[0].float(), *args[1:])  # errors arrive through the future
+        with pytest.raises(InvalidArgument, match="input_ids has dtype float32"):
+            bad.result(timeout=60)
+
+
+def test_capture_never_keeps_all_layers(tiny_model):
+    """The real path asks HF for no `output_hidden_states`, and skips `lm_head` when no logits are needed."""
+    model = tiny_model("llama")
+    seen, heads = [], []
+
+    def record(_mod, _args, kwargs):
+        seen.append(kwargs.get("output_hidden_states"))
+
+    handles = [
+        model.register_forward_pre_hook(record, with_kwargs=True),
+        model.base_model.register_forward_pre_hook(record, with_kwargs=True),
+        model.get_output_embeddings().register_forward_hook(lambda *a: heads.append(1)),
+    ]
+    try:
+        ids, attn, loss = inputs()
+        HFDSparkTargetModel(model, [0, 3, 6]).generate_batch(ids, attn, loss)
+        assert seen and heads == []  # DSpark needs no logits: the [B,S,V] head never runs
+        HFEagle3TargetModel(model).generate_batch(ids, attn, loss)
+        assert heads == [1]
+        assert all(not v for v in seen), seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_dspark_reports_final_logit_softcapping(tiny_model, tmp_path):
+    """Gemma-2-style targets soft-cap their logits; the DSpark backend hands the cap to the trainer."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    config = Gemma2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    backend = HFDSparkTargetModel(model, [0, 1])
+    assert backend.final_logit_softcapping == 30.0
+    ids, attn, loss = inputs(vocab=60)
+    hs, _ = reference(model, ids, attn)
+    batch = backend.generate_batch(ids, attn, loss)
+    assert torch.equal(batch.target_hidden_states, torch.cat([hs[1], hs[2]], -1))
+    assert torch.equal(batch.target_last_hidden_states, hs[3])
+    assert HFDSparkTargetModel(tiny_model("llama"), [0]).final_logit_softcapping is None

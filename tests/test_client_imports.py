@@ -14,8 +14,19 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import pkgutil, importlib
 import draftfeed.client as c
-for m in pkgutil.iter_modules(c.__path__):
-    importlib.import_module('draftfeed.client.' + m.name)
+names = [m.name for m in pkgutil.walk_packages(c.__path__, 'draftfeed.client.')]
+assert {'draftfeed.client.remote', 'draftfeed.client.pb.draftfeed_pb2_grpc'} <= set(names), names
+for name in names:
+    importlib.import_module(name)
+# and the trainer-side API works, not just imports
+import torch
+from draftfeed.client import Eagle3TargetBatch, TokenCounter, build_token_map, default_dspark_layer_ids
+assert default_dspark_layer_ids(30) == [1, 8, 15, 22, 29]
+counter = TokenCounter(10)
+counter.update(torch.tensor([[4, 4, 7]]), torch.tensor([[1, 1, 1]]))
+assert build_token_map(counter.counts, 3, [1])[0].tolist() == [1, 4, 7]
+t = torch.zeros(1, 2)
+Eagle3TargetBatch(aux_hidden_states=t, input_ids=t, attention_mask=t, loss_mask=t, logits=t)
 bad = sorted(n for n in sys.modules if n.split('.')[0] == 'transformers' or n.startswith('draftfeed.server'))
 assert not bad, bad
 print('ok')

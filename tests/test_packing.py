@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import FAMILIES
 from draftfeed.client.errors import InvalidArgument
 from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
 from draftfeed.server.packing import block_causal_mask, check_packing, document_ids
@@ -34,18 +35,24 @@ def docs(seq_lens):
             start += n
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "qwen3_moe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_packed_equals_documents_alone(tiny_model, family):
     model = tiny_model(family)
     ids, attn, loss, pos, seq_lens, rem = packed_inputs()
     eagle = HFEagle3TargetModel(model)
     dflash = HFDFlashTargetModel(model, capture_logits=True)
     dspark = HFDSparkTargetModel(model, [0, 3, 6])
+    projected = HFEagle3TargetModel(model)  # draft-vocab supervision: target_probs + position_mask
+    sel = torch.arange(0, model.get_output_embeddings().weight.shape[0], 3)
+    mask = torch.zeros(model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+    mask[sel] = True
+    projected.set_vocab_mapping(sel, mask)
     pe = eagle.generate_batch(ids, attn, loss, pos, seq_lens, rem)
+    pp = projected.generate_batch(ids, attn, loss, pos, seq_lens, rem)
     pf = dflash.generate_batch(ids, attn, loss, pos, seq_lens, rem)
     ps = dspark.generate_batch(ids, attn, loss, pos, seq_lens, rem)
     for name in ("position_ids", "seq_lens", "doc_remaining"):  # packing metadata is returned unshifted
-        for b in (pe, pf, ps):
+        for b in (pe, pp, pf, ps):
             assert torch.equal(
                 getattr(b, name), {"position_ids": pos, "seq_lens": seq_lens, "doc_remaining": rem}[name]
             )
@@ -53,6 +60,7 @@ def test_packed_equals_documents_alone(tiny_model, family):
         sl = slice(a, a + n)
         args = tuple(t[r : r + 1, sl] for t in (ids, attn, loss))
         ae, af, as_ = eagle.generate_batch(*args), dflash.generate_batch(*args), dspark.generate_batch(*args)
+        ap = projected.generate_batch(*args)
         torch.testing.assert_close(
             pe.aux_hidden_states[r : r + 1, sl], ae.aux_hidden_states, atol=1e-5, rtol=0
         )
@@ -60,6 +68,11 @@ def test_packed_equals_documents_alone(tiny_model, family):
         torch.testing.assert_close(
             pe.logits[r : r + 1, a : a + n - 1], ae.logits[:, : n - 1], atol=1e-5, rtol=0
         )
+        torch.testing.assert_close(
+            pp.target_probs[r : r + 1, a : a + n - 1], ap.target_probs[:, : n - 1], atol=1e-5, rtol=0
+        )
+        assert torch.equal(pp.position_mask[r : r + 1, a : a + n - 1], ap.position_mask[:, : n - 1])
+        assert torch.equal(pp.aux_hidden_states, pe.aux_hidden_states)
         torch.testing.assert_close(pf.hidden_states[r : r + 1, sl], af.hidden_states, atol=1e-5, rtol=0)
         torch.testing.assert_close(pf.logits[r : r + 1, sl], af.logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(

