@@ -50,7 +50,10 @@ def default_eagle3_layer_ids(num_layers: int) -> list[int]:
 def validate_eagle3_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
     ids = _check_ints(ids, "EAGLE-3 aux_layer_ids")
     if len(ids) != 3:
-        raise InvalidArgument(f"EAGLE-3 needs exactly 3 aux_layer_ids, got {len(ids)}: {ids}")
+        raise InvalidArgument(
+            f"EAGLE-3 needs exactly 3 aux_layer_ids, got {len(ids)}: {ids}; valid ids are 0..{num_layers - 1} "
+            f"for a target with {num_layers} decoder layers"
+        )
     for i in ids:
         if not 0 <= i < num_layers:
             raise InvalidArgument(
@@ -58,7 +61,11 @@ def validate_eagle3_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
                 f"for a target with {num_layers} decoder layers"
             )
     if len(set(ids)) != 3:
-        raise InvalidArgument(f"EAGLE-3 aux_layer_ids must be distinct, got {ids}")
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise InvalidArgument(
+            f"EAGLE-3 aux_layer_ids must be distinct, got {ids} (id {dup} repeats); pick 3 different ids in "
+            f"0..{num_layers - 1}"
+        )
     return ids
 
 
@@ -75,7 +82,10 @@ def default_dflash_layer_ids(num_layers: int, num_target_layers: int = 5) -> lis
 def validate_dflash_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
     ids = _check_ints(ids, "DFlash target_layer_ids")
     if not ids:
-        raise InvalidArgument("DFlash target_layer_ids must not be empty")
+        raise InvalidArgument(
+            f"DFlash target_layer_ids must not be empty; pass ids in 0..{num_layers - 1} for a target with "
+            f"{num_layers} decoder layers"
+        )
     for i in ids:
         if not 0 <= i < num_layers:
             raise InvalidArgument(
@@ -96,7 +106,10 @@ def default_dspark_layer_ids(num_layers: int, num_target_layers: int = 5) -> lis
 def validate_dspark_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
     ids = _check_ints(ids, "DSpark target_layer_ids")
     if not ids:
-        raise InvalidArgument("DSpark target_layer_ids must not be empty")
+        raise InvalidArgument(
+            f"DSpark target_layer_ids must not be empty; pass strictly increasing ids from -1 and "
+            f"0..{num_layers - 1} for a target with {num_layers} decoder layers"
+        )
     for i in ids:
         if not (i == -1 or 0 <= i <= num_layers - 1):
             raise InvalidArgument(
@@ -106,7 +119,8 @@ def validate_dspark_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
     for a, b in zip(ids, ids[1:], strict=False):
         if b <= a:
             raise InvalidArgument(
-                f"DSpark target_layer_ids must be strictly increasing, got {ids} ({a} then {b})"
+                f"DSpark target_layer_ids must be strictly increasing, got {ids} (id {b} after {a}); valid ids "
+                f"are -1 and 0..{num_layers - 1}"
             )
     edge = [i for i in ids if i in (-1, num_layers - 1)]
     if edge:

@@ -263,3 +263,24 @@ def test_dspark_reports_final_logit_softcapping(tiny_model, tmp_path):
     assert torch.equal(batch.target_hidden_states, torch.cat([hs[1], hs[2]], -1))
     assert torch.equal(batch.target_last_hidden_states, hs[3])
     assert HFDSparkTargetModel(tiny_model("llama"), [0]).final_logit_softcapping is None
+
+
+def test_discovery_errors_name_what_was_searched(tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs("llama"), dtype=torch.float32)
+    layers = model.model.layers
+    del model.model.layers
+    with pytest.raises(
+        InvalidArgument, match=r"decoder layers of LlamaForCausalLM: searched model\.model\.layers"
+    ):
+        discover(model)
+
+    # an nn.ModuleDict keyed by str(i) is read in index order, whatever its insertion order
+    model.model.layers = torch.nn.ModuleDict({str(i): layers[i] for i in reversed(range(len(layers)))})
+    assert discover(model).layers == list(layers)
+
+    model.model.layers = layers
+    del model.model.norm
+    with pytest.raises(InvalidArgument, match=r"final norm of LlamaForCausalLM .*model\.layers.*norm, ln_f"):
+        discover(model)

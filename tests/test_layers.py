@@ -38,13 +38,17 @@ def test_known_defaults():
 
 def test_eagle3_rules():
     assert validate_eagle3_layer_ids([0, 3, 7], 8) == [0, 3, 7]
-    with pytest.raises(InvalidArgument, match="exactly 3"):
+    with pytest.raises(
+        InvalidArgument, match=r"exactly 3 aux_layer_ids, got 2: \[1, 2\]; valid ids are 0..7"
+    ):
         validate_eagle3_layer_ids([1, 2], 8)
     with pytest.raises(InvalidArgument, match=r"aux layer id 8 is out of range: valid ids are 0..7"):
         validate_eagle3_layer_ids([1, 2, 8], 8)
     with pytest.raises(InvalidArgument, match=r"aux layer id -1 is out of range"):
         validate_eagle3_layer_ids([-1, 2, 3], 8)
-    with pytest.raises(InvalidArgument, match="distinct"):
+    with pytest.raises(
+        InvalidArgument, match=r"distinct, got \[1, 1, 3\] \(id 1 repeats\); pick 3 different ids in 0..7"
+    ):
         validate_eagle3_layer_ids([1, 1, 3], 8)
     with pytest.raises(InvalidArgument, match="not an integer"):
         validate_eagle3_layer_ids([1, 2.5, 3], 8)
@@ -54,7 +58,7 @@ def test_eagle3_rules():
 
 def test_dflash_rules():
     assert validate_dflash_layer_ids([5], 8) == [5]
-    with pytest.raises(InvalidArgument, match="must not be empty"):
+    with pytest.raises(InvalidArgument, match=r"must not be empty; pass ids in 0..7"):
         validate_dflash_layer_ids([], 8)
     with pytest.raises(InvalidArgument, match=r"target layer id 9 is out of range: valid ids are 0..7"):
         validate_dflash_layer_ids([1, 9], 8)
@@ -66,7 +70,10 @@ def test_dspark_rules():
         assert validate_dspark_layer_ids([0, 3, 6], 8) == [0, 3, 6]
     with pytest.warns(UserWarning, match=r"\[-1, 7\].*SGLang"):
         validate_dspark_layer_ids([-1, 3, 7], 8)
-    with pytest.raises(InvalidArgument, match="strictly increasing"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"strictly increasing, got \[3, 3\] \(id 3 after 3\); valid ids are -1 and 0..7",
+    ):
         validate_dspark_layer_ids([3, 3], 8)
     with pytest.raises(InvalidArgument, match="strictly increasing"):
         validate_dspark_layer_ids([4, 2], 8)
@@ -74,5 +81,7 @@ def test_dspark_rules():
         validate_dspark_layer_ids([-2, 3], 8)
     with pytest.raises(InvalidArgument, match=r"id 8 is out of range"):
         validate_dspark_layer_ids([3, 8], 8)
-    with pytest.raises(InvalidArgument, match="must not be empty"):
+    with pytest.raises(
+        InvalidArgument, match=r"must not be empty; pass strictly increasing ids from -1 and 0..7"
+    ):
         validate_dspark_layer_ids([], 8)
