@@ -74,9 +74,9 @@ part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget)
 part "1 GPU sync tests" 90 python3 -m pytest -q -p no:cacheprovider tests/test_host_syncs.py \
   "tests/test_encodings.py::test_gpu_encode_gives_the_same_parts_as_cpu" -k "gpu"
 part "2 serving (issue 5)" 200 python3 bench/serving.py --targets $DEFAULT,llama-3.2-1b-dims --seqs 1024,4096 \
-  --jobs 1,2,4,8 --lock-jobs 4 --encodings latent+fp8 --tag -issue5 --out "$OUT"
+  --jobs 1,2,4,8 --lock-jobs 4 --encodings latent+fp8 --tag=-issue5 --out "$OUT"
 part "3 serving 8B dims (issue 6)" 110 python3 bench/serving.py --targets llama-3.1-8b-dims --seqs 1024,4096 \
-  --jobs 1,4 --lock-jobs "" --encodings latent+fp8 --tag -8b --out "$OUT"
+  --jobs 1,4 --lock-jobs "" --encodings latent+fp8 --tag=-8b --out "$OUT"
 part "4 decode cost (issue 6)" 80 python3 bench/decode_cost.py --seq 2048 --out "$OUT"
 
 # -- summary ----------------------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
+import tempfile
 import threading
 import time
 import warnings
@@ -431,9 +433,15 @@ class _RemoteTarget:
                 w = reply.tensors[name].clone()
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(".partial")
-                    torch.save(w, tmp)
-                    tmp.replace(path)
+                    # a unique name per writer: jobs on one host fetch the same weights at the same time
+                    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".partial")
+                    try:
+                        with os.fdopen(fd, "wb") as f:
+                            torch.save(w, f)
+                        os.replace(tmp, path)
+                    except BaseException:
+                        Path(tmp).unlink(missing_ok=True)
+                        raise
             self._weights[name] = w
             return w
 

@@ -250,3 +250,29 @@ def test_dead_server_is_skipped(server, model):
     with remote:
         assert remote.num_remote_servers == 1
         assert_same(remote.generate_batch(*inputs()), HFDSparkTargetModel(model).generate_batch(*inputs()))
+
+
+def test_jobs_on_one_host_fill_the_weight_cache_at_the_same_time(server, model, tmp_path):
+    # several trainers of one host start together and fetch the same embeddings into one cache directory
+    # (the demo's concurrent jobs did): every one gets the weights and the cache holds one complete file
+    start, results, errors = threading.Barrier(6), [], []
+
+    def job():
+        try:
+            with RemoteDSparkTargetModel.from_urls([server.url], cache_dir=tmp_path) as remote:
+                start.wait()
+                results.append(remote.get_input_embeddings().weight)
+        except Exception as err:  # noqa: BLE001 - collected for the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=job) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == 6
+    assert all(torch.equal(w, model.get_input_embeddings().weight) for w in results)
+    (cached,) = tmp_path.rglob("embed_tokens.pt")
+    assert not list(tmp_path.rglob("*.partial"))
+    with RemoteDSparkTargetModel.from_urls([server.url], cache_dir=tmp_path) as remote:  # read from the cache
+        assert torch.equal(remote.get_input_embeddings().weight, model.get_input_embeddings().weight)
