@@ -16,7 +16,7 @@ from torch import nn
 
 from draftfeed.client.errors import InvalidArgument
 
-__all__ = ["TargetLayout", "Captured", "discover", "text_config", "run_target"]
+__all__ = ["TargetLayout", "Captured", "discover", "text_config", "run_target", "capturing"]
 
 # Where decoder-layer lists live, in the order they are tried (DESIGN.md, layer discovery).
 _LAYER_PATHS = (
@@ -164,6 +164,20 @@ def _hooks(
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def capturing(
+    layout: TargetLayout,
+    *,
+    layer_ids: Iterable[int] = (),
+    want_first_input: bool = False,
+    want_final: bool = False,
+):
+    """Capture what is asked for during the forwards of the model that this thread runs inside the block
+    (e.g. a KV-cached decode step); the hooks are removed on exit, even on error. Yields the `Captured`."""
+    with _hooks(layout, layer_ids, want_first_input, want_final, Captured()) as out:
+        yield out
 
 
 @torch.inference_mode()

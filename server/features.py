@@ -17,7 +17,15 @@ from draftfeed.client.errors import FailedPrecondition
 from .capture import Captured
 from .supervision import shift_left
 
-__all__ = ["TokenBatch", "Needs", "Eagle3Features", "DFlashFeatures", "DSparkFeatures", "VocabMapping"]
+__all__ = [
+    "TokenBatch",
+    "Needs",
+    "concat_features",
+    "Eagle3Features",
+    "DFlashFeatures",
+    "DSparkFeatures",
+    "VocabMapping",
+]
 
 
 @dataclass
@@ -76,7 +84,9 @@ class VocabMapping:
         return VocabMapping(self.selected_token_ids.to(device), self.selected_token_mask.to(device))
 
 
-def _concat(cap: Captured, ids: list[int], num_layers: int | None = None) -> torch.Tensor:
+def concat_features(cap: Captured, ids: list[int], num_layers: int | None = None) -> torch.Tensor:
+    """The captures of layer `ids` concatenated in id order on the last dim: id i = output of decoder layer
+    i; with `num_layers` N given (DSpark's ids), -1 = input of layer 0 and N-1 = the final-norm output."""
     parts = []
     for i in ids:
         if i == -1:
@@ -111,7 +121,7 @@ class Eagle3Features:
                 "generate_batch was called before set_vocab_mapping on a backend that projects onto a draft vocab; "
                 "call set_vocab_mapping(selected_token_ids, selected_token_mask) first"
             )
-        aux = _concat(cap, self.aux_layer_ids)
+        aux = concat_features(cap, self.aux_layer_ids)
         common = dict(
             aux_hidden_states=aux,
             input_ids=shift_left(tb.input_ids),
@@ -167,7 +177,7 @@ class DFlashFeatures:
 
     def fields(self, cap: Captured, tb: TokenBatch) -> dict[str, torch.Tensor]:
         out = dict(
-            hidden_states=_concat(cap, self.target_layer_ids),
+            hidden_states=concat_features(cap, self.target_layer_ids),
             input_ids=tb.input_ids,
             attention_mask=tb.attention_mask,
             loss_mask=tb.loss_mask,
@@ -199,7 +209,7 @@ class DSparkFeatures:
 
     def fields(self, cap: Captured, tb: TokenBatch) -> dict[str, torch.Tensor]:
         return dict(
-            target_hidden_states=_concat(cap, self.target_layer_ids, self.num_layers),
+            target_hidden_states=concat_features(cap, self.target_layer_ids, self.num_layers),
             target_last_hidden_states=cap.final,
             input_ids=tb.input_ids,
             loss_mask=tb.loss_mask,

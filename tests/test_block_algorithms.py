@@ -318,6 +318,34 @@ def test_block_tau_is_max_for_the_targets_tokens_and_one_for_wrong_ones(constant
     assert bad.tau == 1.0 and bad.rounds == 3 * 8
 
 
+@pytest.mark.parametrize(
+    "algorithm, ids",
+    [("eagle3", [1, 4, 7]), ("dflash", [0, 3, 7]), ("dspark", [-1, 2, 7]), ("dspark", [1, 2, 4, 6, 7])],
+)
+def test_eval_features_equal_the_training_features(tiny_model, algorithm, ids):
+    """The evaluator's per-round target features (prefill, then verify rounds on the KV cache) are the rows
+    the backend trains on for the same text: layer N-1 is its pre-norm output for EAGLE-3 and DFlash, the
+    final-norm state for DSpark, whose -1 is the embedding output."""
+    from draftfeed.server import backends
+
+    model = tiny_model("llama")
+    text = torch.randint(3, 150, (1, 20))
+    if algorithm == "eagle3":
+        full = backends.HFEagle3TargetModel(model, aux_layer_ids=ids)
+    elif algorithm == "dflash":
+        full = backends.HFDFlashTargetModel(model, target_layer_ids=ids)
+    else:
+        full = backends.HFDSparkTargetModel(model, target_layer_ids=ids)
+    batch = full.generate_batch(text, torch.ones_like(text), torch.ones_like(text))
+    want = {"eagle3": "aux_hidden_states", "dflash": "hidden_states", "dspark": "target_hidden_states"}
+    want = getattr(batch, want[algorithm])
+    verifier = TargetVerifier(model, ids, algorithm)
+    rows = [verifier.run(text[0, :9].tolist())[0]]
+    for a, b in ((9, 13), (13, 14), (14, 20)):
+        rows.append(verifier.run(text[0, a:b].tolist())[0])
+    assert torch.allclose(torch.cat(rows), want[0], atol=1e-5)
+
+
 def test_dspark_confidence_early_stop_truncates_the_block(constant_target):
     """theta = 0: all bs drafts verified; otherwise each round verifies the drafts before the first one whose
     confidence is below theta (and commits them plus the bonus, as they are the target's tokens); a theta

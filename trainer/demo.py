@@ -199,7 +199,7 @@ def measure_exports(
             drafter = make_drafter(exp.algorithm, exp.draft, confidence_threshold)
             k = num_draft_tokens if exp.algorithm == "eagle3" else drafter.max_drafts
             r = measure_tau(
-                TargetVerifier(model, exp.layer_ids), drafter, prompts, k, max_new_tokens, eos, name,
+                TargetVerifier(model, exp.layer_ids, exp.algorithm), drafter, prompts, k, max_new_tokens, eos, name,
                 algorithm=exp.algorithm,
             )  # fmt: skip
             _say(f"{name}: tau {r.tau:.3f} ({r.rounds} rounds, {r.seconds:.0f} s)")

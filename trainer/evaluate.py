@@ -174,16 +174,25 @@ def reinitialize(draft, seed: int = 0) -> None:
 class TargetVerifier:
     """The in-process target on a KV cache: prefill, verify a block, crop back to the committed text.
 
-    `aux_layer_ids` are the layers whose outputs a round returns, concatenated (EAGLE-3's aux layers, or a
-    block draft's target layers; id i = HF hidden_states[i + 1], so DSpark's -1 is the embedding output and
-    N-1 the final-norm output)."""
+    `aux_layer_ids` are the layers whose outputs a round returns, concatenated, captured by the server's
+    own hooks (`server/capture.py`) so they are the rows the draft was trained on: id i = output of decoder
+    layer i (EAGLE-3's aux layers, DFlash's target layers; N-1 too is the last layer's pre-norm output);
+    with `algorithm` "dspark", -1 = input of the first layer and N-1 = the final-norm output (DESIGN.md)."""
 
-    def __init__(self, model, aux_layer_ids: Sequence[int] | None = None):
+    def __init__(self, model, aux_layer_ids: Sequence[int] | None = None, algorithm: str = "eagle3"):
         from draftfeed.server.capture import discover
 
         self.model = model.eval()
-        self.num_layers = discover(model).num_layers
-        self.aux_layer_ids = list(aux_layer_ids or default_eagle3_layer_ids(self.num_layers))
+        self.layout = discover(model)
+        n = self.num_layers = self.layout.num_layers
+        self.aux_layer_ids = list(aux_layer_ids or default_eagle3_layer_ids(n))
+        self._edges = n if algorithm == "dspark" else None  # DSpark's -1 / N-1 are not layer outputs
+        ids = self.aux_layer_ids
+        self._capture = dict(
+            layer_ids=[i for i in ids if 0 <= i and (self._edges is None or i < n - 1)],
+            want_first_input=self._edges is not None and -1 in ids,
+            want_final=self._edges is not None and n - 1 in ids,
+        )
         self.device = next(model.parameters()).device
         self.cache = None
         self.length = 0
@@ -191,11 +200,15 @@ class TargetVerifier:
     @torch.no_grad()
     def run(self, ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
         """Run `ids` after the cached prefix: (aux [m,K*H] on the device, the greedy next tokens [m])."""
+        from draftfeed.server.capture import capturing
+        from draftfeed.server.features import concat_features
+
         x = torch.tensor([list(ids)], device=self.device)
-        out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, output_hidden_states=True)
+        with capturing(self.layout, **self._capture) as cap:
+            out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         self.length += len(ids)
-        aux = torch.cat([out.hidden_states[i + 1][0] for i in self.aux_layer_ids], dim=-1)
+        aux = concat_features(cap, self.aux_layer_ids, self._edges)[0]
         return aux, out.logits[0].argmax(-1).tolist()
 
     def reset(self) -> None:
@@ -366,7 +379,7 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
     exported = load_draft(cfg.draft, model, device=device, dtype=model.dtype)
     if cfg.untrained:  # the baseline: same shapes and vocab map, fresh random weights
         reinitialize(exported.draft)
-    target = TargetVerifier(model, exported.layer_ids)
+    target = TargetVerifier(model, exported.layer_ids, exported.algorithm)
     drafter = make_drafter(exported.algorithm, exported.draft, cfg.confidence_threshold)
     k = cfg.num_draft_tokens if exported.algorithm == "eagle3" else drafter.max_drafts
     eos = eos_token_ids(tokenizer, model)
