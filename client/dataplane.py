@@ -12,6 +12,12 @@ can be viewed as any dtype without a copy). The gRPC reply of such a request is 
 `wire.ReplyAssembler(data_plane=...)` matches it to the frame by request id (`take`). Several
 requests may be in flight: frames wait by request id until their header claims them.
 
+Late frames: the server writes a frame before it answers on gRPC, so a request whose call failed or
+timed out on the client (`discard`, or a `take` that gave up) may still get its frame afterwards.
+Such a request id is remembered for `unclaimed_ttl_s` and its frame is dropped when it comes; a
+frame no header claimed within `unclaimed_ttl_s` is dropped too (with a warning). So frames nobody
+will take never pile up: what waits is bounded by what arrives in `unclaimed_ttl_s`.
+
 A connection that breaks (server gone, reset, a malformed frame) marks the client `broken`: waiting
 and later `take`s raise Unavailable (a retryable error), and the remote client falls back to the
 gRPC frames for the rest of its session.
@@ -89,6 +95,8 @@ class DataPlaneClient:
         of K buffers, so a frame's tensors are overwritten K frames later (see wire.ReplyAssembler).
     pin_memory: page-locked buffers (fast asynchronous copies to a GPU).
     on_break(reason): called from the reader thread once when the connection breaks (not on close).
+    unclaimed_ttl_s: how long a frame waits for its header, and how long a discarded request id is
+        remembered so its late frame is dropped (default: `timeout`).
 
     Raises OSError / ssl.SSLError when the port cannot be reached, and Unavailable when the server
     refuses the ticket.
@@ -107,11 +115,13 @@ class DataPlaneClient:
         reuse_buffers: int = 0,
         pin_memory: bool = False,
         on_break: Callable[[str], None] | None = None,
+        unclaimed_ttl_s: float | None = None,
     ):
         if reuse_buffers < 0:
             raise ValueError(f"reuse_buffers must be >= 0, got {reuse_buffers}")
         self.address = (host, port)
         self.timeout = timeout
+        self.unclaimed_ttl_s = timeout if unclaimed_ttl_s is None else unclaimed_ttl_s
         self.reuse_buffers = reuse_buffers
         self.pin_memory = pin_memory
         self.on_break = on_break
@@ -133,9 +143,12 @@ class DataPlaneClient:
         self.tls = ssl_context is not None
         self.replies = 0  # frames received
         self.bytes = 0  # payload bytes received
+        self.dropped = 0  # frames dropped: late (their request was discarded) or never claimed
         self.broken: str | None = None  # why the connection broke; None while it works
         self._closing = False
-        self._frames: dict[int, tuple[torch.Tensor | None, list[int], tuple[int, ...]]] = {}
+        # request id -> (buffer, offsets, sizes, arrival time) of frames no header claimed yet
+        self._frames: dict[int, tuple[torch.Tensor | None, list[int], tuple[int, ...], float]] = {}
+        self._discarded: dict[int, float] = {}  # request id -> until when its late frame is dropped
         self._cond = threading.Condition()
         self._ring: list[tuple[torch.Tensor, memoryview] | None] = [None] * reuse_buffers
         self._turn = 0
@@ -173,10 +186,32 @@ class DataPlaneClient:
             if n:
                 _recv_into(self.sock, view[off : off + n])
         with self._cond:
-            self._frames[rid] = (buf, offsets, sizes)
             self.replies += 1
             self.bytes += total
+            now = time.monotonic()
+            if self._discarded.pop(rid, None) is not None:
+                self.dropped += 1
+                log.debug("data plane %s:%d: dropped late frame %d (%d bytes)", *self.address, rid, total)
+            else:
+                self._frames[rid] = (buf, offsets, sizes, now)
+            self._expire(now)
             self._cond.notify_all()
+
+    def _expire(self, now: float) -> None:
+        """Forget discarded ids past their ttl and drop frames unclaimed for longer (lock held)."""
+        for rid in [r for r, until in self._discarded.items() if until < now]:
+            del self._discarded[rid]
+        cutoff = now - self.unclaimed_ttl_s
+        for rid in [r for r, f in self._frames.items() if f[3] < cutoff]:
+            _buf, _offsets, sizes, _t = self._frames.pop(rid)
+            self.dropped += 1
+            log.warning(
+                "data plane %s:%d: dropped frame %d (%d bytes): no reply header claimed it within %g s",
+                *self.address,
+                rid,
+                sum(sizes),
+                self.unclaimed_ttl_s,
+            )
 
     def _read(self) -> None:
         try:
@@ -209,13 +244,15 @@ class DataPlaneClient:
                     )
                     err.request_id = request_id
                     raise err
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
+                    self._discarded[request_id] = now + self.unclaimed_ttl_s  # its frame may still come
                     err = Unavailable(f"no data-plane frame for reply {request_id} within {self.timeout:g} s")
                     err.request_id = request_id
                     raise err
                 self._cond.wait(left)
-            buf, offsets, got = self._frames.pop(request_id)
+            buf, offsets, got, _t = self._frames.pop(request_id)
         if list(got) != list(sizes):
             raise _data_loss(
                 f"reply {request_id}: its header announces tensors of {list(sizes)} bytes, its data-plane "
@@ -228,9 +265,21 @@ class DataPlaneClient:
         ]
 
     def discard(self, request_id: int) -> None:
-        """Drops the frame of a request whose call failed (if it came), so it is not kept."""
+        """Drops the frame of a request whose call failed or was given up: now if it came, else
+        when it comes (within `unclaimed_ttl_s`), so it is never kept."""
         with self._cond:
-            self._frames.pop(request_id, None)
+            now = time.monotonic()
+            if self._frames.pop(request_id, None) is not None:
+                self.dropped += 1
+            elif self.broken is None and not self._closing:
+                self._discarded[request_id] = now + self.unclaimed_ttl_s
+            self._expire(now)
+
+    @property
+    def unclaimed(self) -> tuple[int, int]:
+        """(frames, payload bytes) received and not yet taken."""
+        with self._cond:
+            return len(self._frames), sum(sum(f[2]) for f in self._frames.values())
 
     @property
     def usable(self) -> bool:

@@ -494,7 +494,8 @@ class _Stream:
         self.server = server
         self.window = threading.Semaphore(target.max_in_flight)
         self.requests: queue.Queue = queue.Queue()
-        self.pending: queue.Queue = queue.Queue()  # (future, inputs) in request order
+        self.pending: queue.Queue = queue.Queue()  # (future, inputs, request id) in request order
+        self.order = threading.Lock()  # a request and its pending entry are queued together
         self.broken = False
         self.closing = False
         metadata = server.security.metadata + target._session_metadata(server)
@@ -505,8 +506,10 @@ class _Stream:
     def submit(self, inputs) -> Future:
         self.window.acquire()
         fut: Future = Future()
-        self.pending.put((fut, inputs))
-        self.requests.put(self.target._request(self.server, inputs))
+        request = self.target._request(self.server, inputs)
+        with self.order:  # threads submitting at once: replies come in the order requests were sent
+            self.pending.put((fut, inputs, request.request_id))
+            self.requests.put(request)
         return fut
 
     def _read(self):
@@ -527,12 +530,19 @@ class _Stream:
                 log.warning("generate stream to %s broke: %s", self.server.url, err.details())
         except DraftfeedError as err:
             log.warning("generate stream to %s broke: %s", self.server.url, err)
+            self.call.cancel()  # abandoned: the server stops answering it
         finally:
             self.broken = True
             self._retry_pending()
 
     def _resolve(self, reply, err):
-        fut, inputs = self.pending.get()
+        got = reply.request_id if reply is not None else err.request_id
+        due = self.pending.queue[0][2] if self.pending.queue else None  # only this thread takes
+        if got != due:  # the server answers in request order; anything else breaks the stream
+            raise error_for_code(
+                grpc.StatusCode.DATA_LOSS, f"reply {got} came where reply {due} was due; stream abandoned"
+            )  # what is pending stays there: _retry_pending retries it
+        fut, inputs, _rid = self.pending.get()
         self.window.release()
         if not fut.set_running_or_notify_cancel():
             return
@@ -558,9 +568,10 @@ class _Stream:
     def _retry_pending(self):
         while True:
             try:
-                fut, inputs = self.pending.get_nowait()
+                fut, inputs, rid = self.pending.get_nowait()
             except queue.Empty:
                 return
+            self.server.discard(rid)  # its frame may still come on the data plane: drop it then
             self.window.release()
             if fut.set_running_or_notify_cancel():
                 self._retry(fut, inputs)

@@ -16,6 +16,7 @@ import inspect
 import logging
 import queue
 import threading
+from concurrent.futures import CancelledError
 
 import grpc
 import torch
@@ -221,9 +222,15 @@ class TargetServicer:
         future.add_done_callback(lambda _f: release())
         return session, future
 
-    def _frames(self, request_id, session, future, data_plane=False):
-        reply = future.result()
+    def _frames(self, request_id, session, future, data_plane, context):
+        """The frames of one answered request; its payload goes on the data plane only when the
+        client asked and the call is still live (a cancelled call's client is no longer waiting)."""
+        try:
+            reply = future.result()
+        except CancelledError:  # cancelled with its call (the client went away): nothing to send
+            return iter(())
         reply.wait()
+        data_plane = data_plane and context.is_active()
         nbytes = {}
         for name, m in reply.meta.items():
             enc = m["info"]["encoding"]
@@ -241,7 +248,7 @@ class TargetServicer:
     def Generate(self, request, context, caller):
         session, future = self._submit(request, caller, _spec(context))
         context.add_callback(future.cancel)
-        yield from self._frames(request.request_id, session, future, request.data_plane)
+        yield from self._frames(request.request_id, session, future, request.data_plane, context)
 
     @_rpc
     def GenerateStream(self, request_iterator, context, caller):
@@ -266,6 +273,12 @@ class TargetServicer:
             finally:
                 pending.put(None)
 
+        def cancel_queued():  # the call ended (or was cancelled): queued requests need no forward
+            for item in list(pending.queue):
+                if isinstance(item, tuple) and item[1] is not None:
+                    item[2].cancel()
+
+        context.add_callback(cancel_queued)
         with self._streams_lock:
             self._streams[id(pending)] = (pending, gate)
         try:
@@ -284,17 +297,17 @@ class TargetServicer:
                 if item is _DRAIN:
                     draining = True
                     continue
-                yield from self._answer(*item)
+                yield from self._answer(*item, context)
         finally:
             with self._streams_lock:
                 self._streams.pop(id(pending), None)
 
-    def _answer(self, request_id, session, outcome, data_plane):
+    def _answer(self, request_id, session, outcome, data_plane, context):
         if session is None:
             yield encode_error_reply(request_id, outcome)
             return
         try:
-            yield from self._frames(request_id, session, outcome, data_plane)
+            yield from self._frames(request_id, session, outcome, data_plane, context)
         except DraftfeedError as err:
             yield encode_error_reply(request_id, err)
 

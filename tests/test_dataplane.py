@@ -308,3 +308,164 @@ def test_client_can_decline(server, model):
         assert _data(remote) is None
         got = remote.generate_batch(*inputs())
     assert_same(got, HFDSparkTargetModel(model).generate_batch(*inputs()))
+
+
+def _raw_generate(server, session_id, request_id, seed=0):
+    """One Generate on `session_id` asking for the data plane, as a client that never takes the
+    frame: returns the reply header."""
+    stub = TargetStub(grpc.insecure_channel(server.url.removeprefix("grpc://")))
+    ids, attn, loss = inputs(seed=seed)
+    request = pb.GenerateRequest(
+        session_id=session_id,
+        request_id=request_id,
+        data_plane=True,
+        input_ids=tensor_to_proto(ids),
+        attention_mask=tensor_to_proto(attn),
+        loss_mask=tensor_to_proto(loss),
+    )
+    (frame,) = list(stub.Generate(request, timeout=30))
+    header = pb.ReplyFrame.FromString(frame).header
+    assert header.payload_on_data_plane and header.request_id == request_id
+    return header
+
+
+def test_late_and_unclaimed_frames_are_dropped_not_kept(server, model, caplog):
+    """A frame whose request the client gave up on (discard, a take that timed out) is dropped when it
+    comes; a frame no header claims is dropped after unclaimed_ttl_s; so memory stays bounded."""
+    local = HFDSparkTargetModel(model)
+    with RemoteDSparkTargetModel.from_urls([server.url]) as remote:
+        data, sid = _data(remote), remote.servers[0].session_id
+        # 1. discarded before its frame came (a call that failed or timed out on the client)
+        data.discard(10_001)
+        _raw_generate(server, sid, 10_001)
+        _wait(lambda: data.replies == 1)
+        assert data.unclaimed == (0, 0) and data.dropped == 1
+        # 2. a take that gave up waiting: the frame that comes later is dropped too
+        data.timeout = 0.2
+        with pytest.raises(Unavailable, match="no data-plane frame for reply 10002"):
+            data.take(10_002, [1])
+        data.timeout = 120.0
+        _raw_generate(server, sid, 10_002)
+        _wait(lambda: data.replies == 2)
+        assert data.unclaimed == (0, 0) and data.dropped == 2
+        # 3. a frame no header claims: kept for unclaimed_ttl_s, then dropped with a warning
+        data.unclaimed_ttl_s = 0.3
+        header = _raw_generate(server, sid, 10_003)
+        _wait(lambda: data.replies == 3)
+        assert data.unclaimed == (1, header.total_bytes)
+        data.discard(10_004)  # a discarded id whose frame never comes is forgotten after the ttl
+        time.sleep(0.4)
+        caplog.set_level(logging.WARNING, logger="draftfeed.client")
+        data.discard(10_005)  # any discard (or frame) sweeps
+        assert data.unclaimed == (0, 0) and data.dropped == 3
+        assert "dropped frame 10003" in caplog.text and "no reply header claimed it" in caplog.text
+        assert set(data._discarded) == {10_005}
+        # the session goes on, on the data plane
+        assert_same(remote.generate_batch(*inputs()), local.generate_batch(*inputs()))
+        assert data.replies == 4 and data.unclaimed == (0, 0)
+
+
+class _Gate:
+    """Holds the scheduler's forward until `open()`, so a request can be in flight while the test
+    acts; `entered` is set when a forward starts waiting."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.entered = threading.Event()
+        self.event = threading.Event()
+
+    def __call__(self, *args):
+        self.entered.set()
+        assert self.event.wait(30), "gate never opened"
+        return self.forward(*args)
+
+
+def test_a_call_that_timed_out_leaves_no_frame_behind(model):
+    """The client times out while the forward runs; the server, finding the call gone, sends no
+    frame; the client keeps nothing; the next call is exact."""
+    srv = start_server(model)
+    gate = _Gate(srv.scheduler._forward)
+    srv.scheduler._forward = gate
+    try:
+        remote = RemoteDSparkTargetModel.from_urls([srv.url], timeout=1.0)
+        data, sid = _data(remote), remote.servers[0].session_id
+        with pytest.raises(Exception, match="(?i)deadline"):
+            remote.generate_batch(*inputs())
+        assert gate.entered.is_set()
+        gate.event.set()
+        session = srv.sessions.get(sid)
+        _wait(lambda: session.stats.requests == 1 and session.stats.in_flight == 0)
+        time.sleep(0.2)
+        assert data.unclaimed == (0, 0) and data.replies == 0  # nothing was sent for the dead call
+        remote.timeout = 30.0
+        assert_same(remote.generate_batch(*inputs()), HFDSparkTargetModel(model).generate_batch(*inputs()))
+        assert data.replies == 1 and data.unclaimed == (0, 0)
+        remote.close()
+    finally:
+        gate.event.set()
+        srv.stop(grace=0)
+
+
+def test_cancelling_a_stream_cancels_its_queued_requests(model, caplog):
+    """Requests queued behind a running forward are cancelled with their call (a stream, or a unary
+    Generate): no forward runs for them, the session's in-flight count goes back to 0, and the
+    server logs no error for a client that went away."""
+    caplog.set_level(logging.WARNING, logger="draftfeed.service")
+    srv = start_server(model)
+    gate = _Gate(srv.scheduler._forward)
+    srv.scheduler._forward = gate
+    try:
+        stub = TargetStub(grpc.insecure_channel(srv.url.removeprefix("grpc://")))
+        sid = stub.OpenSession(pb.OpenSessionRequest(algorithm="dspark"), timeout=30).session_id
+        ids, attn, loss = inputs()
+        requests_q: list = []
+        more = threading.Event()
+
+        def requests():
+            for rid in (1, 2, 3):
+                if rid == 2:
+                    assert more.wait(30)
+                yield pb.GenerateRequest(
+                    session_id=sid,
+                    request_id=rid,
+                    input_ids=tensor_to_proto(ids),
+                    attention_mask=tensor_to_proto(attn),
+                    loss_mask=tensor_to_proto(loss),
+                )
+                requests_q.append(rid)
+            threading.Event().wait(30)  # keep the call open
+
+        call = stub.GenerateStream(requests())
+        assert gate.entered.wait(30)  # request 1 is in the forward
+        more.set()
+        _wait(lambda: srv.scheduler.pending() == 2)  # 2 and 3 queued behind it
+        forwards = srv.metrics.forwards
+        call.cancel()
+        session = srv.sessions.get(sid)
+        gate.event.set()
+        _wait(lambda: srv.scheduler.pending() == 0 and session.stats.in_flight == 0)
+        time.sleep(0.2)
+        assert srv.metrics.forwards == forwards + 1  # only request 1 ran
+        # unary calls: one in the forward, one queued behind it and cancelled by its client
+        gate.entered.clear()
+        gate.event.clear()
+        request = pb.GenerateRequest(
+            session_id=sid,
+            input_ids=tensor_to_proto(ids),
+            attention_mask=tensor_to_proto(attn),
+            loss_mask=tensor_to_proto(loss),
+        )
+        running = stub.Generate(request, timeout=30)
+        assert gate.entered.wait(30)
+        queued = stub.Generate(request, timeout=30)
+        _wait(lambda: srv.scheduler.pending() == 1)
+        queued.cancel()
+        gate.event.set()
+        assert len(list(running)) > 1  # header + chunks
+        _wait(lambda: srv.scheduler.pending() == 0 and session.stats.in_flight == 0)
+        time.sleep(0.2)
+        assert srv.metrics.forwards == forwards + 2
+        assert not [r for r in caplog.records if r.name == "draftfeed.service"], caplog.text
+    finally:
+        gate.event.set()
+        srv.stop(grace=0)

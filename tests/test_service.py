@@ -83,6 +83,30 @@ def test_async_keeps_several_in_flight(server, model):
             assert_same(fut.result(timeout=60), local.generate_batch(*b))
 
 
+def test_async_from_several_threads_gets_each_its_own_answer(server, model):
+    """Threads sharing one client and one stream: every future gets the reply to its own request."""
+    local = HFDSparkTargetModel(model, [0, 3])
+    got, errors = {}, []
+    with RemoteDSparkTargetModel.from_urls([server.url], target_layer_ids=[0, 3], max_in_flight=4) as remote:
+
+        def submit(t):
+            try:
+                futures = {s: remote.generate_batch_async(*inputs(seed=s)) for s in range(t * 4, t * 4 + 4)}
+                got.update({s: f.result(timeout=60) for s, f in futures.items()})
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=submit, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors
+    assert sorted(got) == list(range(12))
+    for s, batch in got.items():
+        assert_same(batch, local.generate_batch(*inputs(seed=s)))
+
+
 def test_concurrent_sessions_get_their_own_answers(server, model):
     maps = [mapping(160, vd=30, seed=1), mapping(160, vd=50, seed=2)]
     results, errors = {}, []
