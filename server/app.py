@@ -58,9 +58,9 @@ def server_credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def _admin_tls(uvicorn_config, cfg: ServeConfig) -> None:
-    """The same certificate (and client CA) on the admin port. uvicorn builds its SSL context from
-    these attributes when the server starts."""
+def _http_tls(uvicorn_config, cfg: ServeConfig) -> None:
+    """The same certificate (and client CA) on the HTTP ports (admin, NeMo). uvicorn builds its SSL
+    context from these attributes when the server starts."""
     if not cfg.tls:
         return
     uvicorn_config.ssl_certfile = cfg.tls_cert
@@ -161,9 +161,11 @@ class TargetServer:
         if self.cfg.nemo_http_port is not None:
             from .nemo_http import NemoHTTPServer
 
-            self.nemo_http = NemoHTTPServer(
+            nemo = NemoHTTPServer(
                 self, self.cfg.host, self.cfg.nemo_http_port, grace_s=self.cfg.grace_seconds
-            ).start()
+            )
+            _http_tls(nemo.config, self.cfg)
+            self.nemo_http = nemo.start()
         log.info(
             "serving %s (%d layers, hidden %d, vocab %d, %s) on %s%s; %s",
             self.info.architectures[0],
@@ -181,7 +183,7 @@ class TargetServer:
         from .admin import AdminServer
 
         admin = AdminServer(self, self.cfg.host, self.cfg.admin_port)
-        _admin_tls(admin.config, self.cfg)
+        _http_tls(admin.config, self.cfg)
         self.admin = admin.start()
 
     def stop(self, grace: float | None = None) -> None:

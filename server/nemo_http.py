@@ -7,6 +7,15 @@ Endpoints, the NMET blob (server/nemo_blob.py) and the reply dtypes are theirs. 
   the shared scheduler, so its requests batch with the gRPC jobs and its vocab mapping never reaches
   another client. `/disconnect` closes only that session; the server keeps serving.
 - `/init_nccl` answers `disabled`, so clients stay on the HTTP path.
+- The server's access rules hold here as on the gRPC port: with a token file every endpoint but
+  `/health` needs a job token, which an unchanged NeMo client sends when it is in the URL
+  (`remote_urls: [http://JOB:TOKEN@host:port]`: `requests` turns it into HTTP Basic auth; the password,
+  or the user name when the password is empty as in `http://TOKEN:@host:port`, is the token) or as `Authorization: Bearer <token>`;
+  the job's algorithms and quotas apply (a request over quota waits, as on a full queue), and a
+  client's session belongs to its job. Without a token file only loopback peers are answered
+  (unless --insecure-allow-remote). With --tls-cert the port speaks HTTPS with the same certificate
+  (their client then needs `REQUESTS_CA_BUNDLE` for a private CA); with --tls-client-ca it requires a
+  client certificate, which NeMo's client as published cannot present.
 - Errors: malformed input is 4xx, the rest 500, with the message in the JSON body
   (`{"detail": ...}`); uvicorn always sends the standard reason phrase, so the message cannot travel
   as the reason as in NeMo's server. Their client calls `raise_for_status()` and retries only
@@ -18,7 +27,9 @@ idle for `timeout_keep_alive`, their `generate_batch_async` pool (2 threads) can
 connections of one `requests.Session`, and a retry after a connection error reconnects; each of
 these arrives from a new port (checked: after an idle timeout and after `Session.close()` the port
 changed). A `requests.Session` does keep cookies across all its connections and threads, so the key
-is, first that is present:
+is the first of these that is present.
+Every key is scoped by the caller's job when tokens are on, so one job can never reach another's
+session (by a guessed header or a stolen cookie). In order:
   1. the `X-Draftfeed-Client` header (a client that names itself; also its job name);
   2. the `draftfeed_client` cookie this server sets on its first answer to a client;
   3. the connection (host, port) for clients that keep no cookies: bound to the id minted for it
@@ -28,6 +39,8 @@ is, first that is present:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
 import logging
 import re
@@ -54,6 +67,7 @@ from draftfeed.client.errors import (
 )
 from draftfeed.client.payload import decode_fields
 
+from .auth import Caller
 from .checks import check_generate_inputs
 from .features import TokenBatch
 from .nemo_blob import BlobLimits, BlobTooLarge, blob_segments, decode_blob
@@ -70,6 +84,10 @@ _COOKIE_ID = re.compile(r"[0-9a-f]{32}")
 _GENERATE_KEYS = ("input_ids", "attention_mask", "loss_mask")
 _SMALL_BODY = 64 << 10
 _DRAIN_CAP = 64 << 20  # read and drop up to this much of an oversize body, so the 413 reaches the client
+_TOKEN_HINT = (
+    "put it in the URL (remote_urls: [http://JOB:TOKEN@host:port]; requests sends it as HTTP Basic auth) "
+    "or send the header 'Authorization: Bearer <token>'"
+)
 _CHUNK = 1 << 20  # measured (2-core VM, loopback, 277 MiB reply): 2.3-2.6 GB/s sent at 1 MiB, 1-1.9 at 4 MiB
 
 # error class -> HTTP status (the first matching base wins; anything else is 500)
@@ -104,8 +122,15 @@ class NemoClients:
         self._by_conn: dict[tuple, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
-    def identify(self, request: Request) -> tuple[str, str, str | None]:
-        """(key, how it was identified, a cookie value to set or None)."""
+    def identify(self, request: Request, caller: Caller | None = None) -> tuple[str, str, str | None]:
+        """(key, how it was identified, a cookie value to set or None); the key is scoped by the
+        caller's job when there is one."""
+        key, how, mint = self._identify(request)
+        if caller is not None and caller.job is not None:
+            return f"job:{caller.name}|{key}", f"{how} of job {caller.name!r}", mint
+        return key, how, mint
+
+    def _identify(self, request: Request) -> tuple[str, str, str | None]:
         named = request.headers.get(CLIENT_HEADER)
         if named is not None:
             if not _HEADER_ID.fullmatch(named):
@@ -197,6 +222,37 @@ class NemoClients:
         self.server.scheduler.cancel_session(session.id)
 
 
+def http_peer(request: Request) -> str:
+    """The request's peer as a gRPC peer string (`ipv4:HOST:PORT`, `ipv6:[HOST]:PORT`) for the access rules."""
+    client = request.scope.get("client")
+    if not client:
+        return "unknown:"
+    host, port = client[0], client[1]
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+
+
+def http_token(request: Request) -> str | None:
+    """The job token of an `Authorization: Bearer <token>` or `Basic` header (the password, or the
+    user name when the password is empty: `requests` sends `http://JOB:TOKEN@host` or `http://TOKEN:@host`
+    so), or None."""
+    value = request.headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, cred = value.strip().partition(" ")
+    cred = cred.strip()
+    if scheme.lower() == "bearer":
+        return cred or None
+    if scheme.lower() == "basic":
+        try:
+            user, _, password = base64.b64decode(cred, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise InvalidArgument(
+                "the Authorization header's Basic credentials are not base64 of user:password"
+            ) from None
+        return password or user or None
+    raise InvalidArgument(f"Authorization scheme {scheme[:20]!r} is not supported here; use Basic or Bearer")
+
+
 def _status_of(err: BaseException) -> int:
     for cls, status in _STATUS:
         if isinstance(err, cls):
@@ -224,6 +280,9 @@ def _endpoint(fn):
             response = JSONResponse({"detail": msg}, status_code=status)
             if status == 503:
                 response.headers["Retry-After"] = "1"
+            if status == 401:
+                response.headers["WWW-Authenticate"] = 'Basic realm="draftfeed", charset="UTF-8"'
+
         cookie = getattr(request.state, "mint_cookie", None)
         if cookie:
             response.set_cookie(CLIENT_COOKIE, cookie, path="/", httponly=True, samesite="strict")
@@ -273,8 +332,14 @@ def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> 
     generate_limit = 3 * 8 * limits.max_batch_tokens + 4096
     mapping_limit = 9 * info.vocab_size + 4096
 
+    def authorize(request: Request) -> Caller:
+        """The server's access rules (read at each call: the token file's jobs, or loopback only)."""
+        caller = server.access.check(http_peer(request), http_token(request), _TOKEN_HINT)
+        request.state.caller = caller
+        return caller
+
     def identify(request: Request) -> tuple[str, str]:
-        key, how, mint = clients.identify(request)
+        key, how, mint = clients.identify(request, authorize(request))
         request.state.mint_cookie = mint
         return key, how
 
@@ -309,7 +374,8 @@ def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> 
         )
 
     def embeddings() -> torch.Tensor:  # not kept: NeMo's client asks once and caches it
-        return server.model.get_input_embeddings().weight.detach().to("cpu").contiguous()
+        # the servicer's gather: a host copy, and under tensor parallel the full weight from every rank
+        return server.servicer.gather("get_input_embeddings")
 
     async def _input_embeddings(request: Request):
         identify(request)
@@ -321,7 +387,10 @@ def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> 
         check_serving()
         blob = decode_blob(await _read_body(request, mapping_limit), BlobLimits(mapping_limit, max_entries=4))
         _expect_keys(blob, ("selected_token_ids", "selected_token_mask"), "set_vocab_mapping")
-        job = key.removeprefix("header:") if key.startswith("header:") else _job_name(request, key)
+        caller = request.state.caller
+        server.access.check_algorithm(caller, "eagle3")
+        named = request.headers.get(CLIENT_HEADER)
+        job = server.access.job_name(caller, named if named is not None else _job_name(request, key))
         clients.set_mapping(key, how, job, blob["selected_token_ids"], blob["selected_token_mask"])
         return ok()
 
@@ -354,7 +423,8 @@ def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> 
         check_generate_inputs(
             tb.input_ids, tb.attention_mask, tb.loss_mask, vocab_size=info.vocab_size, limits=limits
         )
-        reply = await _result(session, await _submit(server.scheduler, session, tb, queue_wait_s))
+        admit = functools.partial(server.access.admit, request.state.caller)
+        reply = await _result(session, await _submit(server.scheduler, session, tb, queue_wait_s, admit))
         if reply.ready is not None:
             await run_in_threadpool(reply.wait)
         fields = decode_fields(reply.tensors, reply.meta)
@@ -390,7 +460,8 @@ def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> 
 
 def _job_name(request: Request, key: str) -> str:
     peer = request.scope.get("client")
-    return f"nemo-http {peer[0] if peer else '?'} {key.removeprefix('cookie:')[:8]}"
+    client = key.rpartition("|")[2].removeprefix("cookie:")
+    return f"nemo-http {peer[0] if peer else '?'} {client[:8]}"
 
 
 def _expect_keys(blob: dict, keys: tuple[str, ...], endpoint: str) -> None:
@@ -405,18 +476,36 @@ def _expect_keys(blob: dict, keys: tuple[str, ...], endpoint: str) -> None:
         )
 
 
-async def _submit(scheduler, session: Session, tb: TokenBatch, wait_s: float):
-    """Queue the request; while the shared queue is full, wait (their client does not retry a refusal)."""
+async def _submit(scheduler, session: Session, tb: TokenBatch, wait_s: float, admit=None):
+    """Charge the request to its job's quota (`admit(tokens) -> release`, server/auth.py) and queue it;
+    while the job is over quota or the shared queue is full, wait (their client does not retry a
+    refusal), up to `wait_s`."""
     loop = asyncio.get_running_loop()
     deadline, delay = loop.time() + wait_s, 0.01
     while True:
+        release = None
         try:
-            return scheduler.submit(session, tb)
+            if admit is not None:
+                release = admit(tb.input_ids.numel())
+            future = scheduler.submit(session, tb)
         except ResourceExhausted as err:
-            if loop.time() + delay > deadline:
-                raise Unavailable(f"the server's queue stayed full for {wait_s:.0f} s ({err})") from None
-            await asyncio.sleep(delay)
+            if release is not None:
+                release(refund=True)
+            hinted = getattr(err, "retry_after_s", None)
+            pause = delay if hinted is None else max(hinted, 0.01)
+            if loop.time() + pause > deadline:
+                what = (
+                    "this job stayed over its quota"
+                    if hinted is not None
+                    else "the server's queue stayed full"
+                )
+                raise Unavailable(f"{what} for {wait_s:.0f} s ({err})") from None
+            await asyncio.sleep(pause)
             delay = min(2 * delay, 0.5)
+            continue
+        if release is not None:
+            future.add_done_callback(lambda _f, done=release: done())
+        return future
 
 
 async def _result(session: Session, future):
@@ -470,7 +559,7 @@ class NemoHTTPServer:
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.config.ssl_certfile else 'http'}://{host}:{self.port}"
 
     def start(self) -> NemoHTTPServer:
         self.thread.start()

@@ -195,8 +195,10 @@ def test_tokens_never_leak(server, caplog):
             requests.get(f"{base}/metrics", timeout=5).text,
             requests.get(f"{base}/sessions", timeout=5).text,
             repr(b.security),
+            requests.get(f"{base}/status.json", timeout=5).text,
+            requests.get(f"{base}/status", timeout=5).text,
         ]
-    assert "dspark-b" in texts[1] and "dspark-b" in texts[2]
+    assert "dspark-b" in texts[1] and "dspark-b" in texts[2] and "dspark-b" in texts[4]
     for text in texts:
         for token in TOKENS.values():
             assert token[4:] not in text

@@ -7,17 +7,21 @@ codec of its own (`pack`/`unpack` below, checked against hand-built bytes), not 
 from __future__ import annotations
 
 import http.client
+import logging
 import re
 import struct
 import threading
+import time
 
 import pytest
 import requests
 import torch
 from test_backends import inputs, mapping
+from test_tls import pki  # noqa: F401 - the throwaway CA fixture
 
 from draftfeed.client.remote import RemoteEagle3TargetModel
 from draftfeed.server.app import TargetServer
+from draftfeed.server.auth import AccessControl
 from draftfeed.server.backends import HFEagle3TargetModel
 from draftfeed.server.checks import Limits
 from draftfeed.server.config import ServeConfig
@@ -487,3 +491,174 @@ def test_serve_config_starts_the_nemo_endpoint(model):
         assert requests.get(f"{srv.nemo_http.url}/health", timeout=10).json() == {"status": "ok"}
     finally:
         srv.stop(grace=1)
+
+
+# ---- the server's access rules on the NeMo port: tokens, jobs, quotas, loopback, TLS --------------
+
+TOKENS = {
+    "nemo-a": "tok-nemo-a-0123456789abcdef",
+    "nemo-b": "tok-nemo-b-0123456789abcdef",
+    "dspark-only": "tok-dspark-only-0123456789ab",
+    "slow": "tok-slow-0123456789abcdef",
+    "slower": "tok-slower-0123456789abcdef",
+}
+
+
+@pytest.fixture(scope="module")
+def token_server(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("nemo-auth") / "tokens.yaml"
+    path.write_text(
+        f"nemo-a: {TOKENS['nemo-a']}\n"
+        f"nemo-b: {TOKENS['nemo-b']}\n"
+        f"dspark-only: {{token: {TOKENS['dspark-only']}, algorithms: [dspark]}}\n"
+        f"slow: {{token: {TOKENS['slow']}, tokens_per_s: 12}}\n"  # one 24-token request, then 1 s of debt
+        f"slower: {{token: {TOKENS['slower']}, tokens_per_s: 1}}\n"  # 23 s of debt after one request
+    )
+    target = TargetServer(ServeConfig(port=0, limits=LIMITS, token_file=str(path)), model=model).start()
+    nemo = NemoHTTPServer(target, "127.0.0.1", 0, queue_wait_s=3).start()
+    yield target, nemo
+    nemo.stop()
+    target.stop(grace=1)
+
+
+def with_userinfo(url: str, userinfo: str) -> str:
+    """`http://host:port` -> `http://USERINFO@host:port`: what a NeMo recipe puts in remote_urls."""
+    return url.replace("http://", f"http://{userinfo}@")
+
+
+def test_token_auth_jobs_and_ownership(token_server, model, caplog):
+    caplog.set_level(logging.DEBUG)
+    target, nemo = token_server
+    url = nemo.url
+    sel_mask = mapping(160, vd=36, seed=6)
+    want = expected(model, sel_mask, inputs())
+    texts = []
+    # /health stays open (load balancers carry no token); everything else needs one
+    assert requests.get(f"{url}/health", timeout=5).json() == {"status": "ok"}
+    for endpoint in (
+        "model_info",
+        "input_embeddings",
+        "init_nccl",
+        "set_vocab_mapping",
+        "generate",
+        "heartbeat",
+    ):
+        r = Client(url).post(endpoint)
+        assert r.status_code == 401, (endpoint, r.status_code, r.text)
+        assert "needs a job token" in r.json()["detail"] and "http://JOB:TOKEN@" in r.json()["detail"]
+        assert r.headers["www-authenticate"].startswith("Basic")
+    r = Client(with_userinfo(url, "nemo-a:" + TOKENS["nemo-a"] + "x")).post("model_info")
+    assert r.status_code == 401 and "not valid" in r.json()["detail"]
+    texts.append(r.text)
+    r = Client(url, {"Authorization": "Digest abc"}).post("model_info")
+    assert r.status_code == 400 and "use Basic or Bearer" in r.json()["detail"]
+
+    # an unchanged NeMo client: the token in the URL (requests sends it as Basic auth)
+    a = Client(with_userinfo(url, f"nemo-a:{TOKENS['nemo-a']}"))
+    assert a.post("model_info").json()["vocab_size"] == 160
+    a.set_vocab_mapping(*sel_mask)
+    assert_exact(a.generate(*inputs()), want)
+    # the session is recorded under the token's job, whatever the client calls itself
+    assert {s.job_name for s in target.sessions.list()} == {"nemo-a"}
+    # the token alone as the URL's user (`TOKEN:`; requests sends no auth for a user without a colon),
+    # or as a Bearer header
+    assert Client(with_userinfo(url, TOKENS["nemo-b"] + ":")).post("model_info").status_code == 200
+    bearer = Client(url, {"Authorization": f"Bearer {TOKENS['nemo-b']}"})
+    assert bearer.post("init_nccl", b'{"nccl_port": 1}').json() == {"status": "disabled"}
+
+    # a job cannot reach another job's session: not by the same client name, not with its cookie
+    named_a = Client(url, {CLIENT_HEADER: "shared", "Authorization": f"Bearer {TOKENS['nemo-a']}"})
+    named_b = Client(url, {CLIENT_HEADER: "shared", "Authorization": f"Bearer {TOKENS['nemo-b']}"})
+    named_a.set_vocab_mapping(*sel_mask)
+    r = named_b.post("generate", gen_blob(*inputs()))
+    assert r.status_code == 409 and "job 'nemo-b'" in r.json()["detail"]
+    stolen = Client(url, {"Authorization": f"Bearer {TOKENS['nemo-b']}"})
+    stolen.http.cookies.set("draftfeed_client", a.http.cookies["draftfeed_client"])
+    assert stolen.post("generate", gen_blob(*inputs())).status_code == 409
+    other = mapping(160, vd=20, seed=7)
+    named_b.set_vocab_mapping(*other)
+    assert_exact(named_b.generate(*inputs()), expected(model, other, inputs()))
+    assert_exact(named_a.generate(*inputs()), want)  # unchanged by the other job's mapping
+    assert_exact(a.generate(*inputs()), want)
+    # a job limited to other algorithms may not open the EAGLE-3 session this protocol needs
+    r = Client(url, {"Authorization": f"Bearer {TOKENS['dspark-only']}"}).post(
+        "set_vocab_mapping", pack({"selected_token_ids": sel_mask[0], "selected_token_mask": sel_mask[1]})
+    )
+    assert r.status_code == 403 and "may not open 'eagle3'" in r.json()["detail"]
+    texts.append(r.text)
+    for c in (a, named_a, named_b):
+        c.call("disconnect", b"{}")
+    texts.append(caplog.text)
+    for text in texts:
+        for token in TOKENS.values():
+            assert token[4:] not in text
+
+
+def test_quota_makes_generate_wait_then_gives_up(token_server, model):
+    """A request over its job's tokens/s waits for the bucket (their client does not retry a
+    refusal) and is answered; one that would wait past the server's queue wait is a 503."""
+    _, nemo = token_server
+    sel_mask = mapping(160)
+    want = expected(model, sel_mask, inputs())
+    slow = Client(nemo.url, {"Authorization": f"Bearer {TOKENS['slow']}"})
+    slow.set_vocab_mapping(*sel_mask)
+    assert_exact(slow.generate(*inputs()), want)  # 24 tokens at 12 tokens/s: 1 s of debt
+    t0 = time.monotonic()
+    assert_exact(slow.generate(*inputs()), want)
+    assert time.monotonic() - t0 >= 0.8
+    slower = Client(nemo.url, {"Authorization": f"Bearer {TOKENS['slower']}"})
+    slower.set_vocab_mapping(*sel_mask)
+    assert_exact(slower.generate(*inputs()), want)  # 23 s of debt, over the 3 s this server waits
+    r = slower.post("generate", gen_blob(*inputs()))
+    assert r.status_code == 503 and "over its quota" in r.json()["detail"]
+    assert_exact(slow.generate(*inputs()), want)  # a refused request leaves no charge behind
+    for c in (slow, slower):
+        c.call("disconnect", b"{}")
+
+
+def test_loopback_rule_without_a_token_file(servers, model):
+    """Without a token file the NeMo port answers only the trusted (loopback) networks, as gRPC does."""
+    target, nemo = servers
+    saved = target.access
+    try:
+        target.access = AccessControl(None, allow_remote=False, trusted_networks=("127.0.0.2/32",))
+        r = Client(nemo.url).post("model_info")
+        assert r.status_code == 403 and "answers only clients on its own machine" in r.json()["detail"]
+        assert requests.get(f"{nemo.url}/health", timeout=5).status_code == 200
+        target.access = AccessControl(None, allow_remote=True, trusted_networks=("127.0.0.2/32",))
+        assert Client(nemo.url).post("model_info").status_code == 200
+    finally:
+        target.access = saved
+
+
+def test_tls_and_mutual_tls_on_the_nemo_port(model, pki):  # noqa: F811 - the fixture
+    sel_mask = mapping(160)
+    want = expected(model, sel_mask, inputs())
+    tls = dict(tls_cert=pki["server_cert"], tls_key=pki["server_key"])
+    srv = TargetServer(ServeConfig(port=0, nemo_http_port=0, limits=LIMITS, **tls), model=model).start()
+    try:
+        url = srv.nemo_http.url
+        assert url.startswith("https://127.0.0.1:")
+        c = Client(url)
+        c.http.verify = pki["ca_cert"]  # what REQUESTS_CA_BUNDLE does for an unchanged NeMo client
+        c.set_vocab_mapping(*sel_mask)
+        assert_exact(c.generate(*inputs()), want)
+        with pytest.raises(requests.exceptions.SSLError):
+            Client(url).post("model_info")  # a client that does not trust the CA
+        with pytest.raises(requests.exceptions.ConnectionError):
+            Client(url.replace("https://", "http://")).post("model_info")  # plaintext to a TLS port
+    finally:
+        srv.stop(grace=0)
+    srv = TargetServer(
+        ServeConfig(port=0, nemo_http_port=0, limits=LIMITS, tls_client_ca=pki["ca_cert"], **tls), model=model
+    ).start()
+    try:
+        c = Client(srv.nemo_http.url)
+        c.http.verify = pki["ca_cert"]
+        with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
+            c.post("model_info")  # no client certificate
+        c.http.cert = (pki["client_cert"], pki["client_key"])
+        c.set_vocab_mapping(*sel_mask)
+        assert_exact(c.generate(*inputs()), want)
+    finally:
+        srv.stop(grace=0)

@@ -125,6 +125,15 @@ def test_tls_round_trip_and_refusals(model, pki):
         assert requests.get(f"{base}/readyz", verify=pki["ca_cert"], timeout=5).json()["ready"] is True
         with pytest.raises(requests.exceptions.SSLError):
             requests.get(f"{base}/readyz", timeout=5)
+        # and so does the status page with its JSON (the admin port's TLS, nothing of its own)
+        doc = requests.get(f"{base}/status.json", verify=pki["ca_cert"], timeout=5).json()
+        assert doc["model"]["fingerprint"] == srv.info.fingerprint
+        assert "status.json" in requests.get(f"{base}/status", verify=pki["ca_cert"], timeout=5).text
+        for path in ("/status", "/status.json"):
+            with pytest.raises(requests.exceptions.SSLError):
+                requests.get(base + path, timeout=5)
+            with pytest.raises(requests.exceptions.ConnectionError):
+                requests.get(base.replace("https://", "http://") + path, timeout=5)
     finally:
         srv.stop(grace=0)
 
@@ -186,6 +195,12 @@ def test_mutual_tls(model, pki):
         assert requests.get(f"{base}/healthz", verify=pki["ca_cert"], cert=cert, timeout=5).status_code == 200
         with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
             requests.get(f"{base}/healthz", verify=pki["ca_cert"], timeout=5)
+        # the status page needs the client certificate too
+        r = requests.get(f"{base}/status.json", verify=pki["ca_cert"], cert=cert, timeout=5)
+        assert r.status_code == 200 and r.json()["server"]["ready"] is True
+        for path in ("/status", "/status.json"):
+            with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
+                requests.get(base + path, verify=pki["ca_cert"], timeout=5)
     finally:
         srv.stop(grace=0)
 

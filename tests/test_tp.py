@@ -5,6 +5,7 @@ weights) is bench/tp_check.py, results in bench/results/tp_*.md."""
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from test_backends import inputs, mapping
 from test_lifecycle import Served
+from test_nemo_http import Client, expected, unpack
 
 from draftfeed.client.remote import RemoteDFlashTargetModel, RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
@@ -50,7 +52,9 @@ def close(a, b, what):
 @pytest.mark.slow
 def test_tensor_parallel_serve_matches_one_process(tiny_dirs, tiny_model):
     model = tiny_model("llama")
-    served = Served(tiny_dirs("llama"), "--grace-seconds", "10", launcher=TORCHRUN, timeout=120)
+    served = Served(
+        tiny_dirs("llama"), "--grace-seconds", "10", "--nemo-http-port", "0", launcher=TORCHRUN, timeout=120
+    )
     try:
         args = inputs(seed=3)
         sel, mask = mapping(160)
@@ -71,6 +75,17 @@ def test_tensor_parallel_serve_matches_one_process(tiny_dirs, tiny_model):
             assert torch.equal(remote.get_input_embeddings().weight, model.get_input_embeddings().weight)
         with RemoteDSparkTargetModel.from_urls([served.url], cache_dir=None) as remote:
             close(remote.generate_batch(*args), HFDSparkTargetModel(model).generate_batch(*args), "dspark")
+        # NeMo's HTTP protocol on the same sharded server: the full embedding weight (gathered over the
+        # ranks, as StreamWeights does) and EAGLE-3 replies equal to one process's
+        nemo = Client(re.search(r"NeMo HTTP on (http://[0-9.]+:[0-9]+)", served.banner).group(1))
+        assert torch.equal(
+            unpack(nemo.call("input_embeddings"))["weight"], model.get_input_embeddings().weight
+        )
+        nemo.set_vocab_mapping(sel, mask)
+        got = nemo.generate(*args)
+        for k, v in expected(model, (sel, mask), args).items():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5, msg=f"nemo.{k}")
+        nemo.call("disconnect", b"{}")
         served.proc.send_signal(signal.SIGTERM)  # torchrun forwards it; rank 0 drains and releases rank 1
         served.proc.wait(60)
         log = "".join(served.err)
