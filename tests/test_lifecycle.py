@@ -154,7 +154,9 @@ def test_a_list_of_urls_fails_over(model):
             for s in range(4):
                 assert_same(remote.generate_batch(*inputs(seed=s)), local.generate_batch(*inputs(seed=s)))
             assert a.metrics.requests > 0 and b.metrics.requests > 0
+            assert len(a.sessions.list()) == 1
             a.stop(grace=5)
+            assert a.sessions.list() == [] and not a.ready  # the drain closed its session
             for s in range(4):  # UNAVAILABLE from a -> retried on b
                 assert_same(remote.generate_batch(*inputs(seed=s)), local.generate_batch(*inputs(seed=s)))
     finally:
@@ -198,5 +200,51 @@ def test_one_balanced_target_spreads_sessions_across_replicas(model):
         remote.close()
         assert b.sessions.list() == [] or all(x.stats.in_flight == 0 for x in b.sessions.list())
     finally:
+        a.stop(grace=0)
+        b.stop(grace=0)
+
+
+def test_a_draining_server_sends_new_requests_to_the_other_url(model):
+    """While one server drains (held open by a stream whose replies nobody reads), new requests of a
+    two-URL client get UNAVAILABLE there and are answered by the other server; the drain then ends."""
+    a, b = start_server(model), start_server(model)
+    channel = None
+    try:
+        local = HFDFlashTargetModel(model)
+        remote = RemoteDFlashTargetModel.from_urls([a.url, b.url])
+        channel = grpc.insecure_channel(parse_target(a.url).address)
+        stub = TargetStub(channel)
+        sid = stub.OpenSession(pb.OpenSessionRequest(algorithm="dflash", capture_logits=True)).session_id
+        ids, attn, loss = inputs(b=64, s=256)
+        request = pb.GenerateRequest(
+            session_id=sid,
+            input_ids=tensor_to_proto(ids),
+            attention_mask=tensor_to_proto(attn),
+            loss_mask=tensor_to_proto(loss),
+        )
+        call = stub.GenerateStream(iter([request] * 3))  # ~13 MB replies each, never read
+        time.sleep(1.0)
+        stopper = threading.Thread(target=a.stop, kwargs={"grace": 60})
+        stopper.start()
+        deadline = time.time() + 10
+        while not a.servicer.draining:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        mine = a.sessions.get(remote.servers[0].session_id)  # the two-URL client's session on a
+        before = (mine.stats.requests, sum(x.stats.requests for x in b.sessions.list()))
+        for s in range(4):  # every other request is a's turn: refused there, answered by b
+            assert_same(remote.generate_batch(*inputs(seed=s)), local.generate_batch(*inputs(seed=s)))
+        assert stopper.is_alive() and not a.ready, "a should still be draining"
+        assert mine.stats.requests == before[0]
+        assert sum(x.stats.requests for x in b.sessions.list()) == before[1] + 4
+        with pytest.raises(Unavailable):
+            RemoteDFlashTargetModel.from_urls([a.url], timeout=5)
+        call.cancel()
+        stopper.join(30)
+        assert not stopper.is_alive() and a.sessions.list() == []
+        remote.close()
+    finally:
+        if channel is not None:
+            channel.close()
         a.stop(grace=0)
         b.stop(grace=0)
