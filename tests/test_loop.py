@@ -4,6 +4,7 @@ goes down, resume is bit-identical, packing == padding, DDP on two CPU processes
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -210,6 +211,80 @@ def test_resume_continues_bit_identically(tmp_path, target_dir, data_file):
         torch.load(tmp_path / "a/checkpoints/step_0000006/rank_0.pt", weights_only=False)["data"]
         == (torch.load(resumed_dir / "checkpoints/step_0000006/rank_0.pt", weights_only=False)["data"])
     )
+
+
+def test_resume_through_the_server_resends_the_vocab_mapping(tmp_path, target_dir, data_file, server):
+    """A run checkpointed in process and resumed against the server: the new session gets the draft's vocab
+    mapping again (its batches carry draft-vocab probabilities, not full logits), the data continues at the
+    saved position, and the losses are the uninterrupted run's."""
+    from draftfeed.trainer.train import build_run
+
+    straight = run_training(
+        make_cfg(tmp_path / "a", target_dir, data_file, loop={"steps": 6, "save_every": 3})
+    )
+    resumed_dir = tmp_path / "b"
+    shutil.copytree(tmp_path / "a/checkpoints/step_0000003", resumed_dir / "checkpoints/step_0000003")
+    cfg = make_cfg(
+        resumed_dir, target_dir, data_file, target={"url": [server.url]}, loop={"steps": 6, "resume": "auto"}
+    )
+    run = build_run(cfg)
+    try:
+        saved = torch.load(resumed_dir / "checkpoints/step_0000003/rank_0.pt", weights_only=False)["data"]
+        assert run.trainer.step == 3 and run.trainer.batches.state_dict() == saved
+        result = run.trainer.train()
+        draft = run.trainer.draft
+        batch = run.backend.generate_batch(**next(run.trainer.batches).backend_kwargs())
+    finally:
+        run.close()
+    assert [h["step"] for h in result.history] == [4, 5, 6]
+    assert losses(result) == losses(straight)[3:]
+    assert batch.logits is None and batch.target_probs.shape[-1] == draft.config.draft_vocab_size == 24
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, target_dir, data_file):
+    """With the full-mean loss (a sum over slots / B*S), two micro-batches of one chat accumulated into one
+    optimizer step train exactly like batches of two chats: same losses, gradient norms and weights."""
+    common = {"eagle3": {"normalization": "full_mean"}, "loop": {"steps": 3, "log_every": 3}}
+    big = run_training(make_cfg(tmp_path / "big", target_dir, data_file, data={"batch_size": 2}, **common))
+    acc = run_training(
+        make_cfg(
+            tmp_path / "acc", target_dir, data_file, data={"batch_size": 1}, optim={"grad_accum": 2}, **common
+        )
+    )
+    for key in ("loss", "grad_norm", "lr"):
+        assert [h[key] for h in acc.history] == pytest.approx([h[key] for h in big.history], rel=1e-5), key
+    assert acc.tokens == big.tokens
+    a = torch.load(tmp_path / "big/checkpoints/step_0000003/trainer.pt", weights_only=False)["draft"]
+    b = torch.load(tmp_path / "acc/checkpoints/step_0000003/trainer.pt", weights_only=False)["draft"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    # and accumulation is not a no-op: one micro-batch per step trains differently
+    single = run_training(make_cfg(tmp_path / "one", target_dir, data_file, data={"batch_size": 1}, **common))
+    assert [h["loss"] for h in single.history] != pytest.approx(losses(big), rel=1e-3)
+
+
+def test_progress_bar_shows_loss_accuracy_and_throughput(tmp_path, target_dir, data_file, capsys):
+    from draftfeed.trainer.progress import ProgressBar, format_duration, progress_enabled
+
+    run_training(make_cfg(tmp_path / "o", target_dir, data_file, loop={"steps": 2, "progress": "on"}))
+    err = capsys.readouterr().err
+    frames = [f for f in err.split("\r") if f.startswith("eagle3 [")]
+    assert len(frames) >= 2 and frames[0].startswith("eagle3 [##########..........] 1/2  50%")
+    last = frames[-1].split("\033[K")[0]
+    assert last.startswith("eagle3 [####################] 2/2 100%  loss ") and " acc " in last
+    assert " tok/s  eta 0s" in last
+    # the periodic progress line is printed above the bar, not into it
+    assert "\r\033[Keagle3 step 2/2  loss" in err
+    run_training(make_cfg(tmp_path / "p", target_dir, data_file, loop={"steps": 2, "progress": "auto"}))
+    assert "eagle3 [" not in capsys.readouterr().err  # not a terminal: progress lines only
+    stream = io.StringIO()
+    bar = ProgressBar("x", 4, 1, enabled=True, stream=stream)
+    bar.update(2, 1000, {"loss": 1.5, "accuracy": 0.25})
+    assert bar.line().startswith("x [##########..........] 2/4  50%  loss 1.5000  acc 0.250  ")
+    assert progress_enabled("auto", stream) is False and progress_enabled("on", stream) is True
+    assert (format_duration(59.6), format_duration(61), format_duration(3725)) == ("1m00s", "1m01s", "1h02m")
+    with pytest.raises(ConfigError, match="--progress 'maybe'"):
+        make_cfg(tmp_path / "q", target_dir, data_file, loop={"progress": "maybe"})
 
 
 def test_packing_gives_the_same_loss_as_padding(tmp_path, tiny_model):

@@ -356,6 +356,9 @@ class LoopConfig:
         "--device", "trainer device: auto (cuda:LOCAL_RANK when available), cpu, cuda:N", "auto"
     )
     log_every: int = flag("--log-every", "optimizer steps between progress lines / metrics", 10)
+    progress: str = flag(
+        "--progress", "progress bar on stderr: auto (when it is a terminal), on, off", "auto"
+    )
     save_every: int = flag("--save-every", "optimizer steps between checkpoints (0: only at the end)", 0)
     keep_checkpoints: int = flag("--keep-checkpoints", "checkpoints kept on disk", 2)
     resume: str | None = flag("--resume", "a checkpoint directory, or 'auto' (the latest in OUT)", None)
@@ -368,6 +371,9 @@ class LoopConfig:
         _check(self.prefetch >= 1, f"--prefetch {self.prefetch} must be >= 1")
         _check(self.time_limit is None or self.time_limit > 0, f"--time-limit {self.time_limit} must be > 0")
         _check(self.log_every >= 1, f"--log-every {self.log_every} must be >= 1")
+        _check(
+            self.progress in ("auto", "on", "off"), f"--progress {self.progress!r}: expected auto, on or off"
+        )
         _check(self.save_every >= 0, f"--save-every {self.save_every} must be >= 0")
         _check(self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints} must be >= 1")
 

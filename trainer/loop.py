@@ -5,7 +5,9 @@ batches ahead with `generate_batch_async` (a remote target computes the next bat
 trains on this one; an in-process target runs them when they are asked for), scored by the algorithm
 under bf16 autocast on GPU; then gradient clipping, AdamW, and the learning-rate schedule (linear warmup,
 cosine to `min_lr_ratio * lr`). Under torchrun the scoring module is wrapped in DDP (gloo on CPU, nccl on
-GPU); each rank has its own backend and its own shard of the data.
+GPU); each rank has its own backend and its own shard of the data. Rank 0 shows a progress bar on a
+terminal (`progress.py`: loss, accuracy, tokens per second, eta) and writes a progress line and a
+metrics.jsonl record (TensorBoard scalars too when it is installed) every `log_every` steps.
 
 Checkpoints (`OUT/checkpoints/step_NNNNNNN/`): `trainer.pt` (rank 0: the draft's trainable weights and
 buffers, optimizer, scheduler, step, algorithm state) and `rank_R.pt` per rank (the data iterator's
@@ -36,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .algorithms import DistContext, DraftAlgorithm
 from .config import DistConfig, TrainConfig, config_to_dict
+from .progress import ProgressBar, progress_enabled
 
 __all__ = [
     "lr_lambda",
@@ -175,6 +178,7 @@ class Trainer:
         self.autocast = cfg.loop.bf16 and device.type == "cuda"
         self._metrics_file = None
         self._tb = None
+        self._bar: ProgressBar | None = None
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -286,13 +290,11 @@ class Trainer:
                 if k != "step":
                     self._tb.add_scalar(f"train/{k}", v, self.step)
         tau = next((k for k in ("tau_sim", "tau_train", "accept_len") if k in record), None)
-        print(
+        self._say(
             f"{self.algorithm.name} step {self.step}/{self.total_steps}  loss {record['loss']:.4f}  "
             f"acc {record.get('accuracy', 0):.3f}"
             + (f"  {tau} {record[tau]:.2f}" if tau else "")
-            + f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  target wait {100 * record['target_wait']:.0f}%",
-            file=sys.stderr,
-            flush=True,
+            + f"  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  target wait {100 * record['target_wait']:.0f}%"
         )
 
     # -- training ---------------------------------------------------------------------------
@@ -317,7 +319,12 @@ class Trainer:
         return bool(up.item())
 
     def _say(self, msg: str) -> None:
-        if self.dist.rank == 0:
+        """A line on rank 0's stderr (above the progress bar when one is shown)."""
+        if self.dist.rank != 0:
+            return
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
             print(msg, file=sys.stderr, flush=True)
 
     def _optimizer_step(self) -> dict[str, float]:
@@ -334,6 +341,13 @@ class Trainer:
         cfg = self.cfg
         self.algorithm.prepare_backend(self.backend, self.draft)
         self._open_logs()
+        if self.dist.rank == 0:
+            self._bar = ProgressBar(
+                self.algorithm.name,
+                self.total_steps,
+                self.step,
+                enabled=progress_enabled(cfg.loop.progress, sys.stderr),
+            )
         pending: deque = deque()
         exhausted = False
 
@@ -356,7 +370,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 sums: dict[str, float] = {}
-                done = 0
+                done = step_tokens = 0
                 while done < accum:
                     t0 = time.perf_counter()
                     fill()
@@ -370,6 +384,7 @@ class Trainer:
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + v / accum
                     tokens = int(tb.attention_mask.sum())
+                    step_tokens += tokens
                     window_tokens += tokens
                     result.tokens += tokens
                     self.data_state = tb.data_state
@@ -382,6 +397,8 @@ class Trainer:
                 result.steps += 1
                 result.history.append(entry)
                 window.append({k: v for k, v in entry.items() if k != "step"})
+                if self._bar is not None:  # rank 0's tokens x ranks (equal shards); metrics.jsonl has the sum
+                    self._bar.update(self.step, step_tokens * self.dist.world_size, entry)
                 if self.step % cfg.loop.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     self._log(window, now - window_start, window_tokens, window_wait)
@@ -403,5 +420,8 @@ class Trainer:
             for _, future in pending:
                 future.cancel()
             self._close_logs()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         result.seconds = time.perf_counter() - start
         return result
