@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from draftfeed.trainer import data
 from draftfeed.trainer.data import (
     ChatDataset,
     TokenBatchIterator,
@@ -117,6 +119,12 @@ def test_truncated_json_array_keeps_complete_records(tmp_path):
         for chunk in (7, 64, 1 << 20):
             got = list(iter_json_array(path, chunk_chars=chunk))
             assert got == records[:complete], (cut, chunk)
+    # gzipped, cut the same way (ShareGPT mirrors ship .json.gz)
+    gz = tmp_path / "cut.json.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as f:
+        f.write(text[: record_end[12] + 5])
+    assert list(iter_json_array(gz, chunk_chars=64)) == records[:13]
+    assert list(data._iter_records(gz)) == records[:13]  # what read_chat_file reads
     # a value that ends where the file is cut is not trusted (the number 333 was cut to 33)
     path.write_text("[1, 22, 33", encoding="utf-8")
     assert list(iter_json_array(path, chunk_chars=4)) == [1, 22]

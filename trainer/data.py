@@ -66,10 +66,12 @@ _SEPARATORS = re.compile(r"[\s,]*")
 def iter_json_array(path: str | Path, chunk_chars: int = 1 << 22) -> Iterator[Any]:
     """Stream the elements of a top-level JSON array, reading `chunk_chars` at a time.
 
-    An array cut off at the end yields every complete element and stops at the truncated one.
+    An array cut off at the end yields every complete element and stops at the truncated one. A `.gz`
+    file is read through gzip.
     """
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         buf = f.read(chunk_chars)
         eof = len(buf) < chunk_chars
         start = buf.lstrip()
@@ -103,7 +105,7 @@ def _iter_records(path: Path) -> Iterator[Any]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         head = f.read(4096).lstrip()
-    if head.startswith("[") and path.suffix != ".gz":
+    if head.startswith("["):
         yield from iter_json_array(path)
         return
     with opener(path, "rt", encoding="utf-8") as f:
@@ -147,7 +149,7 @@ def normalize_conversation(record: dict) -> list[dict[str, str]] | None:
 
 
 def read_chat_file(path: str | Path, limit: int | None = None) -> list[list[dict[str, str]]]:
-    """Conversations from a JSON array / JSONL file (ShareGPT or OpenAI records, `.gz` allowed for JSONL)."""
+    """Conversations from a JSON array / JSONL file (ShareGPT or OpenAI records; either may be `.gz`)."""
     out = []
     for record in _iter_records(Path(path)):
         messages = normalize_conversation(record) if isinstance(record, dict) else None
