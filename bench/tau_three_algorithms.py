@@ -74,31 +74,50 @@ def main(argv=None) -> int:
         server.stop(grace=1)
     train_s = time.perf_counter() - start
     prompts = load_prompt_sets(["mtbench"], tokenizer, s.eval_prompts)["mtbench"]
-    rows = measure_exports(
-        model, tokenizer, {NAMES[a]: work / a / "export" for a in ALGORITHMS}, prompts,
-        num_draft_tokens=s.num_draft_tokens, max_new_tokens=s.eval_max_new_tokens,
-        untrained=not args.no_untrained, confidence_threshold=s.confidence_threshold,
-    )  # fmt: skip
-    total_s = time.perf_counter() - start
     date = datetime.date.today().isoformat()
     kind = "gpu" if device == "cuda" else "cpu"
     out = Path(args.out) / f"tau_three_algorithms_{kind}_{date}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
+    expected = len(ALGORITHMS) * (1 if args.no_untrained else 2)
+
+    def write(rows) -> None:
+        """The report so far: written after training and after each measured draft, so a run cut short
+        (a device call's time limit) still leaves the training table and the drafts measured until then."""
+        note = "" if len(rows) == expected else f" (partial: {len(rows)} of {expected} drafts measured)"
+        total_s = time.perf_counter() - start
+        out.write_text(report(s, argv, kind, date, len(prompts), trained, rows, train_s, total_s, note))
+
+    write([])
+    rows = measure_exports(
+        model, tokenizer, {NAMES[a]: work / a / "export" for a in ALGORITHMS}, prompts,
+        num_draft_tokens=s.num_draft_tokens, max_new_tokens=s.eval_max_new_tokens,
+        untrained=not args.no_untrained, confidence_threshold=s.confidence_threshold, on_row=write,
+    )  # fmt: skip
+    print(tau_table(rows))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def report(s, argv, kind, date, num_prompts, trained, rows, train_s, total_s, note="") -> str:
+    """The markdown result: tau table (`note` after its heading), training table, wall times, command and
+    settings."""
     train_lines = [
         f"| {NAMES[a]} | {r.steps} | {r.tokens:,} | {r.seconds:.0f} | {r.history[-1]['loss']:.3f} |"
         for a, r in trained.items()
     ]
     settings = "\n".join(f"- `{k}` = {v}" for k, v in dataclasses.asdict(s).items())
     command = "python bench/tau_three_algorithms.py " + " ".join(
-        shlex.quote(a) for a in (argv or sys.argv[1:])
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    out.write_text(
+    return (
         f"# tau of EAGLE-3, DFlash and DSpark on the default target ({kind.upper()}, {date})\n\n"
         f"Device: {device_name()}; torch {torch.__version__}. Target: SmolLM2-135M-Instruct (built-in), "
         f"served by one draftfeed server in this process; the three drafts trained at the same time against it "
         f"(three jobs, three sessions, remote client), on the same regenerated ShareGPT first turns "
-        f"({s.conversations} read, packed rows of {s.seq_len}), for the same {s.steps} optimizer steps.\n\n"
-        f"## tau on {len(prompts)} MT-Bench prompts (greedy, {s.eval_max_new_tokens} new tokens each)\n\n"
+        f"({s.conversations} read, packed rows of {s.seq_len}), for the same {s.steps} optimizer steps"
+        + (f" or {s.time_limit:.0f} s of training, whichever comes first" if s.time_limit else "")
+        + ".\n\n"
+        f"## tau{note} on {num_prompts} MT-Bench prompts (greedy, {s.eval_max_new_tokens} new tokens each)\n\n"
         f"{tau_table(rows)}\n\n"
         "tau = committed tokens per verification round, pooled over prompts, bonus token included "
         "(ALGORITHMS.md section 4); every draft proposes the same number of tokens per round "
@@ -109,9 +128,6 @@ def main(argv=None) -> int:
         + f"\n\nWall time: {train_s:.0f} s to load, regenerate and train; {total_s:.0f} s in all.\n\n"
         f"## Command\n\n```bash\n{command}\n```\n\nSettings (`trainer/demo.py` `DemoSettings`):\n\n{settings}\n"
     )
-    print(tau_table(rows))
-    print(f"\nwritten to {out}")
-    return 0
 
 
 if __name__ == "__main__":

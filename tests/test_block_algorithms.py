@@ -466,10 +466,12 @@ def test_demo_pieces_train_two_jobs_concurrently_and_measure_both(tmp_path, targ
     results = train_concurrently(cfgs, None, server.info.fingerprint, threads_per_job=1)
     assert {a: r.steps for a, r in results.items()} == {"eagle3": 3, "dspark": 3}
     target = load_target(target_dir)
+    seen = []
     rows = measure_exports(
         target, load_tokenizer(target_dir), {a: tmp_path / a / "export" for a in cfgs}, prompts(2),
-        num_draft_tokens=3, max_new_tokens=6,
+        num_draft_tokens=3, max_new_tokens=6, on_row=lambda so_far: seen.append([r.name for r in so_far]),
     )  # fmt: skip
+    assert seen == [[r.name for r in rows[: i + 1]] for i in range(4)]  # partial results as they come
     assert [(r.name, r.algorithm, r.k) for r in rows] == [
         ("eagle3", "eagle3", 3), ("eagle3 untrained", "eagle3", 3),
         ("dspark", "dspark", BS), ("dspark untrained", "dspark", BS),

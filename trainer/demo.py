@@ -180,10 +180,11 @@ def train_concurrently(cfgs: dict, model, target_id: str, threads_per_job: int |
 
 def measure_exports(
     model, tokenizer, exports: dict, prompts, *, num_draft_tokens: int, max_new_tokens: int,
-    untrained: bool = True, confidence_threshold: float = 0.0,
+    untrained: bool = True, confidence_threshold: float = 0.0, on_row=None,
 ) -> list:  # fmt: skip
     """tau of each exported draft (label -> directory) on `prompts` (token ids), plus, with `untrained`,
-    each algorithm's draft re-initialised (same shapes). Returns TauResults named by label."""
+    each algorithm's draft re-initialised (same shapes). Returns TauResults named by label; `on_row(rows)`
+    is called with the rows so far after each one (a caller writes partial results as they come)."""
     from .evaluate import TargetVerifier, eos_token_ids, make_drafter, measure_tau, reinitialize
     from .export import load_draft
 
@@ -204,6 +205,8 @@ def measure_exports(
             )  # fmt: skip
             _say(f"{name}: tau {r.tau:.3f} ({r.rounds} rounds, {r.seconds:.0f} s)")
             rows.append(r)
+            if on_row is not None:
+                on_row(list(rows))
             del exp, drafter
     return rows
 
