@@ -211,7 +211,7 @@ def test_entrypoints_run_the_compose_jobs(tmp_path, default_target):
     server with the token file of docker/make-tokens.sh and a fixed data port, healthy by the image's
     HEALTHCHECK; the eagle3 and the dspark services training at the same time against it, each with its
     job token, with only the trainer image's packages importable, reading replies over the data plane;
-    both export a draft with finite losses; tokens never reach the server's log; SIGTERM drains, exit 0."""
+    both export a draft with finite losses; tokens appear in no log or file they write; SIGTERM drains, exit 0."""
     train_help = subprocess.run(
         [sys.executable, "-m", "draftfeed.server.cli", "train", "--help"], capture_output=True, text=True
     )
@@ -299,8 +299,14 @@ def test_entrypoints_run_the_compose_jobs(tmp_path, default_target):
         assert "drained and stopped" in text
         # each job's session read its replies from the data plane (one bind per session)
         assert len(re.findall(r"data plane of session \w+ bound to", text)) >= 2, text[-3000:]
+        # no token in the server's log, the trainers' logs or anything a trainer wrote (config, checkpoints)
+        written = [text] + [(tmp_path / f"{name}.log").read_text() for name in trainers]
+        written += [
+            f.read_bytes().decode("latin-1") for f in (tmp_path / "checkpoints").rglob("*") if f.is_file()
+        ]
         for job in ("eagle3-job", "dspark-job"):
-            assert (secrets / f"{job}.token").read_text().strip() not in text
+            token = (secrets / f"{job}.token").read_text().strip()
+            assert not any(token in w for w in written), job
     finally:
         for _, proc, out in trainers.values():
             if proc.poll() is None:
