@@ -169,6 +169,7 @@ class NemoClients:
                 del self._clients[key]
                 return None
             c.last_seen = time.monotonic()
+            c.session.last_seen = time.time()  # what /sessions and the status page show
             return c.session
 
     def set_mapping(
@@ -180,6 +181,7 @@ class NemoClients:
             if c is not None and not c.session.closed:
                 self.server.sessions.set_mapping(c.session, ids, mask)
                 c.last_seen = time.monotonic()
+                c.session.last_seen = time.time()
                 return c.session
             if len(self._clients) >= self.max_clients:
                 self._evict_locked()

@@ -265,6 +265,12 @@ def test_generate_equals_inprocess(url, model, servers):
     assert mine and all(s.algorithm == "eagle3" and s.layer_ids == [1, 3, 4] for s in mine)
     assert all(set(s.encodings.values()) == {"raw"} for s in mine)
     assert max(s.stats.requests for s in mine) >= 1
+    # its last_seen (shown by /sessions and the status page) follows its requests
+    session = max(mine, key=lambda s: s.created)
+    before = session.last_seen
+    time.sleep(0.05)
+    c.generate(*args)
+    assert session.last_seen > before + 0.04
     c.call("disconnect", b"{}", content_type="application/json")
 
 
