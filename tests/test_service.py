@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import grpc
@@ -194,6 +195,16 @@ def test_bad_inputs_get_their_status(server, model):
             ResourceExhausted,
             "sequence length 65",
         ),
+        (
+            (torch.zeros(5, 60, dtype=torch.long),) + (torch.ones(5, 60, dtype=torch.long),) * 2,
+            ResourceExhausted,
+            "5x60 = 300 tokens is over this server's per-request limit of 256",
+        ),
+        ((ids.clone().fill_(-1), attn, loss), InvalidArgument, "token id -1, outside the target vocab"),
+        ((ids, attn, loss.float()), InvalidArgument, "loss_mask has dtype float32"),
+        ((ids, attn, loss[:1]), InvalidArgument, "loss_mask has shape"),
+        ((ids, attn * 2, loss), InvalidArgument, "attention_mask must hold only 0 and 1"),
+        ((ids, attn, loss, torch.zeros(2, 5, dtype=torch.long)), InvalidArgument, "position_ids has shape"),
     ]
     for args, cls, message in cases:
         with pytest.raises(cls, match=message):
@@ -204,7 +215,28 @@ def test_bad_inputs_get_their_status(server, model):
         RemoteEagle3TargetModel.from_urls([server.url], encodings={"hidden": "gzip"})
     with pytest.raises(InvalidArgument, match="vocab of 160"):
         remote.set_vocab_mapping(torch.arange(5), torch.zeros(100, dtype=torch.bool))
-    # raw protocol: unknown session, unknown algorithm, layer ids
+    # on the stream, a bad request fails alone; the ones around it get their exact answers
+    local = HFEagle3TargetModel(model)
+    local.set_vocab_mapping(*mapping(160))
+    futures = [
+        remote.generate_batch_async(*inputs(seed=1)),
+        remote.generate_batch_async(ids.clone().fill_(999), attn, loss),
+        remote.generate_batch_async(*inputs(seed=2)),
+    ]
+    with pytest.raises(InvalidArgument, match="token id 999"):
+        futures[1].result(timeout=60)
+    assert_same(futures[0].result(timeout=60), local.generate_batch(*inputs(seed=1)))
+    assert_same(futures[2].result(timeout=60), local.generate_batch(*inputs(seed=2)))
+    # raw protocol: a missing field, unknown session, unknown algorithm, layer ids, mapping checks
+    req = pb.GenerateRequest(
+        session_id=remote.servers[0].session_id,
+        input_ids=tensor_to_proto(ids),
+        attention_mask=tensor_to_proto(attn),
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        _stub_call(server, "Generate", req)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "GenerateRequest.loss_mask is missing" in e.value.details()
     req = pb.GenerateRequest(
         session_id="nope",
         input_ids=tensor_to_proto(ids),
@@ -222,6 +254,31 @@ def test_bad_inputs_get_their_status(server, model):
     with pytest.raises(grpc.RpcError) as e:
         _stub_call(server, "OpenSession", pb.OpenSessionRequest(algorithm="dspark", layer_ids=[5, 2]))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "strictly increasing" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        _stub_call(server, "OpenSession", pb.OpenSessionRequest(algorithm="eagle3", layer_ids=[1, 2, 40]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "40" in e.value.details()
+    dflash = _stub_call(server, "OpenSession", pb.OpenSessionRequest(algorithm="dflash")).session_id
+    bad_mapping = pb.SetVocabMappingRequest(
+        session_id=dflash,
+        selected_token_ids=tensor_to_proto(mapping(160)[0]),
+        selected_token_mask=tensor_to_proto(mapping(160)[1]),
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        _stub_call(server, "SetVocabMapping", bad_mapping)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "EAGLE-3 sessions" in e.value.details()
+    _stub_call(server, "CloseSession", pb.CloseSessionRequest(session_id=dflash))
+    eagle = _stub_call(server, "OpenSession", pb.OpenSessionRequest(algorithm="eagle3")).session_id
+    req = pb.GenerateRequest(
+        session_id=eagle,
+        input_ids=tensor_to_proto(ids),
+        attention_mask=tensor_to_proto(attn),
+        loss_mask=tensor_to_proto(loss),
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        _stub_call(server, "Generate", req)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "generate before a vocab mapping" in e.value.details()
+    _stub_call(server, "CloseSession", pb.CloseSessionRequest(session_id=eagle))
     # the server keeps serving
     assert remote.generate_batch(ids, attn, loss).target_probs is not None
     remote.close()
@@ -240,12 +297,22 @@ def test_tiny_chunks_round_trip(model):
         srv.stop(grace=0)
 
 
-def test_health_reflection_and_admin(server):
+def test_health_reflection_and_admin(server, caplog):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+    caplog.set_level(logging.INFO, logger="draftfeed.sessions")
     channel = grpc.insecure_channel(server.url.removeprefix("grpc://"))
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(service="draftfeed.v1.TargetService")).status == 1
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    (answer,) = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    services = {s.name for s in answer.list_services_response.service}
+    assert {"draftfeed.v1.TargetService", "grpc.health.v1.Health"} <= services
+    (answer,) = reflect.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="draftfeed.v1.TargetService")])
+    )
+    assert b"GenerateStream" in answer.file_descriptor_response.file_descriptor_proto[0]
     base = f"http://127.0.0.1:{server.admin.port}"
     assert requests.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
     assert requests.get(f"{base}/readyz", timeout=5).json()["ready"] is True
@@ -255,8 +322,22 @@ def test_health_reflection_and_admin(server):
         sessions = requests.get(f"{base}/sessions", timeout=5).json()["sessions"]
         mine = [s for s in sessions if s["job_name"] == "metrics-job"]
         assert len(mine) == 1 and mine[0]["tokens"] == 24 and mine[0]["algorithm"] == "dspark"
-        assert mine[0]["bytes_per_token"] > 0
+        assert mine[0]["bytes_per_token"] > 0 and mine[0]["requests"] == 1
+        sid = mine[0]["session_id"]
+        during = requests.get(f"{base}/metrics", timeout=5).text
+        assert (
+            f'draftfeed_session_tokens_total{{session="{sid[:8]}",job="metrics-job",algorithm="dspark"}} 24'
+            in (during)
+        )
     after = requests.get(f"{base}/metrics", timeout=5).text
+    opened = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("session opened: " + sid[:8])
+    ]
+    closed = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("session closed: " + sid[:8])
+    ]
+    assert len(opened) == 1 and "job=metrics-job algorithm=dspark" in opened[0]
+    assert len(closed) == 1 and "tokens=24 requests=1" in closed[0]
 
     def value(text, name):
         line = next(
@@ -265,7 +346,12 @@ def test_health_reflection_and_admin(server):
         return float(line.rsplit(" ", 1)[1])
 
     assert value(after, "draftfeed_tokens_total") - value(before, "draftfeed_tokens_total") == 24
-    assert 'draftfeed_bytes_sent_total{encoding="raw"}' in after
+    assert value(after, "draftfeed_requests_total") - value(before, "draftfeed_requests_total") == 1
+    for name in ("queue_depth", "forward_seconds_total", "forwards_total", "sessions"):
+        value(after, f"draftfeed_{name}")
+    raw = 'draftfeed_bytes_sent_total{encoding="raw"}'
+    sent = value(after, raw) - (value(before, raw) if raw in before else 0)
+    assert sent == mine[0]["bytes_sent"] > 24 * 32 * 4  # at least the fp32 final hidden states
 
 
 def test_dead_server_is_skipped(server, model):
