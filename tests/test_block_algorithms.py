@@ -145,10 +145,13 @@ def sharp_target(target_dir, tmp_path_factory):
 @pytest.mark.parametrize("algorithm", BLOCK)
 def test_loss_goes_down_on_a_tiny_overfit_set(tmp_path, sharp_target, algorithm):
     data = write_chats(tmp_path / "tiny.jsonl", 2, seed=3, turns=(1, 1))
+    # DSpark's L1 to the target's distribution is learnt more slowly than DFlash's CE on the two chats: at 80
+    # steps it had halved only just (1.51 / 3.03 with layers [1..5]; 1.68 / 3.05 with the default ids)
+    steps = 80 if algorithm == "dflash" else 160
     cfg = make_cfg(
         tmp_path / "o", algorithm, sharp_target, data,
         block={"num_anchors": 32, "num_layers": 2}, optim={"lr": 1e-2, "warmup_ratio": 0.0},
-        loop={"steps": 80, "log_every": 80},
+        loop={"steps": steps, "log_every": steps},
     )  # fmt: skip
     hist = run_training(cfg).history
     assert hist[-1]["loss"] < 0.5 * hist[0]["loss"], [round(h["loss"], 3) for h in hist]
