@@ -2,17 +2,26 @@
 
 Handlers `submit` validated requests. The worker takes requests from all sessions that share a
 sequence length (and packing), up to a token budget, in weighted-fair order, runs ONE target
-forward for the union of the layers their sessions need, and gives each request its own slice:
-shift, draft-vocab projection and encoding run on the device, then an asynchronous copy into
-pinned host memory on a side stream. The reply writer waits on that copy's event, then verifies
-the encode's checks and runs host stages (`Reply.wait`); the worker has already moved on to the
-next batch. Nothing after the forward makes the worker wait on the device: no `.item()`, no
-data-dependent dtype or shape, no pageable copy (tests/test_host_syncs.py proves it), and request
-ids reach the GPU from pinned memory with non-blocking copies.
+forward for the union of the layers their sessions need, and hands the captures to a second
+thread, the post stage, then goes on to the next batch. The post stage gives each request its own
+slice on its own CUDA stream: shift, draft-vocab projection and encoding run on the device while
+the next forward is issued and runs, then an asynchronous copy into pinned host memory on a side
+stream. The reply writer waits on that copy's event, then verifies the encode's checks and runs
+host stages (`Reply.wait`). At most one forwarded batch waits for the post stage (its captures are
+the memory held), so a slow post stage holds the worker back instead of growing a queue. Nothing
+after the forward waits on the device: no `.item()`, no data-dependent dtype or shape, no pageable
+copy (tests/test_host_syncs.py proves it), and request ids reach the GPU from pinned memory with
+non-blocking copies.
 
-GPU busy time is the union of the intervals between CUDA timing events (each batch on the compute
-stream, each reply's copy on the side stream), converted to the host clock and merged by
-`ServerMetrics.busy` (server/metrics.py): overlapping intervals count once.
+Why two threads: a forward is issued from Python in a few to tens of milliseconds, and the
+per-request post-processing is as many small kernels again. Issued from one thread the GPU idles
+while the next forward waits for the previous batch's post-processing to be issued; with the post
+stage on its own thread and stream, that work overlaps the next forward (bench/serving.py).
+
+GPU busy time is the union of the intervals between CUDA timing events (each forward on the
+compute stream, each post stage on its stream, each reply's copy on the side stream), converted to
+the host clock and merged by `ServerMetrics.busy` (server/metrics.py): overlapping intervals count
+once.
 
 Stacking only requests of equal length keeps every answer bit-identical to serving it alone on
 CPU in fp32; padding to a common length changes sdpa's numerics (measured: 1.3e-6 max abs on
@@ -22,10 +31,12 @@ SmolLM2 dims), so requests of other lengths run in their own forward.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -106,6 +117,18 @@ class _Work:
         return (self.tb.input_ids.shape[1], self.tb.packed)
 
 
+@dataclass(eq=False)
+class _Forwarded:
+    """A batch whose forward has been issued: what the post stage needs."""
+
+    works: list[_Work]
+    tbs: list[TokenBatch]
+    cap: Captured
+    t0: float
+    t1: float
+    done: torch.cuda.Event | None = None  # the forward's end on the compute stream
+
+
 class BatchScheduler:
     def __init__(
         self,
@@ -133,6 +156,8 @@ class BatchScheduler:
         self.vocab_size = layout.vocab_size
         on_gpu = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if on_gpu else None
+        self._post_stream = torch.cuda.Stream(self.device) if on_gpu else None
+        self._posts: queue.Queue[_Forwarded | None] = queue.Queue(maxsize=1)
         self._gpu_spans: list = []  # (start, end) CUDA timing events not yet accounted as busy time
         self._spans_lock = threading.Lock()
         if on_gpu:  # the one host sync: pair a CUDA event with the host clock, before any request
@@ -142,7 +167,9 @@ class BatchScheduler:
             self._clock = (anchor, time.perf_counter())
             self.metrics.poll_busy = self._account_gpu_time
         self._thread = threading.Thread(target=self._loop, name="draftfeed-gpu-worker", daemon=True)
+        self._post_thread = threading.Thread(target=self._post_loop, name="draftfeed-post", daemon=True)
         self._thread.start()
+        self._post_thread.start()
 
     # -- handler side -------------------------------------------------------------------------
 
@@ -193,7 +220,11 @@ class BatchScheduler:
                         w.future.set_exception(Unavailable("the server stopped before this request ran"))
                 self.metrics.queue_depth = 0
             self._cv.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._thread.join(timeout)
+        if not self._thread.is_alive():  # the worker hands over nothing more: end the post stage
+            self._posts.put(None)
+            self._post_thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def pending(self) -> int:
         with self._cv:
@@ -311,6 +342,7 @@ class BatchScheduler:
         return end
 
     def _serve(self, works: list[_Work]) -> None:
+        """The forward stage: copy the requests in, run one forward, hand the captures on."""
         t0 = time.perf_counter()
         on_gpu = self.device.type == "cuda"
         if on_gpu:
@@ -324,30 +356,75 @@ class BatchScheduler:
             needs = needs | w.session.features.needs
         cap = self._forward(self.model, self.layout, stacked, needs)
         t1 = time.perf_counter()
-        row = 0
-        for w, tb in zip(works, tbs, strict=True):
-            rows = slice(row, row + tb.input_ids.shape[0])
-            row = rows.stop
-            e0 = time.perf_counter()
-            fields = w.session.features.fields(_slice(cap, rows), tb)
-            pending = encode_fields_on_device(
-                fields, w.session.encodings, self.layout.hidden_size, vocab_size=self.vocab_size
-            )
-            reply = self._to_host(pending, w)
-            now = time.perf_counter()
-            st = w.session.stats
-            st.queue_wait_s += t0 - w.enqueued
-            st.forward_s += t1 - t0
-            st.encode_s += now - e0
-            self.metrics.queue_wait_s += t0 - w.enqueued
-            self.metrics.encode_s += now - e0
-            st.in_flight -= 1
-            w.future.set_result(reply)
-        if on_gpu:
-            self._end_gpu_span(start_ev, compute)
-        else:
-            self.metrics.busy.add(t0, time.perf_counter())
+        done = self._end_gpu_span(start_ev, compute) if on_gpu else None
+        if not on_gpu:
+            self.metrics.busy.add(t0, t1)
         self.metrics.record_forward(sum(w.tokens for w in works), self.max_batch_tokens, t1 - t0)
+        self._posts.put(_Forwarded(works, tbs, cap, t0, t1, done))  # waits while the post stage is behind
+
+    def _post_loop(self) -> None:
+        while (item := self._posts.get()) is not None:
+            try:
+                self._post(item)
+            except Exception as err:  # the post stage must outlive any batch
+                log.exception("post-processing a batch of %d requests failed", len(item.works))
+                for w in item.works:
+                    if not w.future.done():
+                        self._fail(w, err)
+
+    def _post(self, item: _Forwarded) -> None:
+        """The post stage: each request's slice, shifted, projected and encoded on the device, then
+        copied to the host; on a GPU on the post stream, after the forward's event."""
+        stream = self._post_stream
+        if stream is not None:
+            stream.wait_event(item.done)
+            for t in _device_tensors(
+                item.cap, item.tbs
+            ):  # freed here while the post stream may still read them
+                t.record_stream(stream)
+            start_ev = self._gpu_span(stream)
+        p0 = time.perf_counter()
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            row = 0
+            for w, tb in zip(item.works, item.tbs, strict=True):
+                rows = slice(row, row + tb.input_ids.shape[0])
+                row = rows.stop
+                e0 = time.perf_counter()
+                try:
+                    fields = w.session.features.fields(_slice(item.cap, rows), tb)
+                    pending = encode_fields_on_device(
+                        fields, w.session.encodings, self.layout.hidden_size, vocab_size=self.vocab_size
+                    )
+                    reply = self._to_host(pending, w)
+                except torch.OutOfMemoryError:
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    b, s = tb.input_ids.shape
+                    self._fail(
+                        w,
+                        ResourceExhausted(
+                            f"out of device memory encoding the reply of a {b}x{s} request; "
+                            "send smaller batches or retry when the server is less busy"
+                        ),
+                    )
+                    continue
+                except Exception as err:  # this request's post-processing failed: it fails alone
+                    log.exception("post-processing a request of job %r failed", w.session.job_name)
+                    self._fail(w, err)
+                    continue
+                now = time.perf_counter()
+                st = w.session.stats
+                st.queue_wait_s += item.t0 - w.enqueued
+                st.forward_s += item.t1 - item.t0
+                st.encode_s += now - e0
+                self.metrics.queue_wait_s += item.t0 - w.enqueued
+                self.metrics.encode_s += now - e0
+                st.in_flight -= 1
+                w.future.set_result(reply)
+        if stream is not None:
+            self._end_gpu_span(start_ev, stream)
+        else:
+            self.metrics.busy.add(p0, time.perf_counter())
 
     def _reply_failed(self) -> None:
         self.metrics.requests_failed += 1
@@ -400,3 +477,12 @@ def _slice(cap: Captured, rows: slice) -> Captured:
     return Captured(
         {i: t[rows] for i, t in cap.layers.items()}, pick(cap.first_input), pick(cap.final), pick(cap.logits)
     )
+
+
+def _device_tensors(cap: Captured, tbs: list[TokenBatch]):
+    yield from cap.layers.values()
+    for t in (cap.first_input, cap.final, cap.logits):
+        if t is not None:
+            yield t
+    for tb in tbs:
+        yield from (t for t in vars(tb).values() if t is not None)

@@ -7,9 +7,10 @@ Two proofs, both on CPU:
    data-dependent dtype or shape, a copy to the host, or a CPU tensor mixed in (an implicit
    host-to-device copy on a GPU) all raise. `HostSyncGuard` also refuses `torch.tensor(...)` from
    host data (a synchronous copy to a GPU).
-2. The real scheduler serves every algorithm and encoding with `HostSyncGuard` armed on its worker
-   thread from the end of the forward to the end of the batch, except the designated copy step
-   (`_to_host`); the guard records sync-making aten ops (`_local_scalar_dense`, `nonzero`, ...),
+2. The real scheduler serves every algorithm and encoding with a `HostSyncGuard` armed on each of
+   its two threads: the forward stage (all but the target's own forward; on a GPU the request copies
+   are non-blocking from pinned memory) and the post stage (all but the designated copy step,
+   `_to_host`); the guard records sync-making aten ops (`_local_scalar_dense`, `nonzero`, ...),
    Python-level reads (`item`, `tolist`, `__bool__`, `cpu`, `numpy`) and `torch.cuda` syncs.
    Every answer equals the eager encode bit for bit. Negative controls show the guard and the
    meta run catch each kind of sync, so these tests cannot pass with a sync left in the path.
@@ -79,6 +80,29 @@ PY_SYNCS = {
 }
 
 
+_ACTIVE: dict[threading.Thread, HostSyncGuard] = {}  # the guard of each thread inside one
+_PATCHED: list = []
+_SPIES_LOCK = threading.Lock()
+
+
+def _install_spies() -> None:
+    for owner, name in (
+        (torch.cuda, "synchronize"),
+        (torch.cuda.Event, "synchronize"),
+        (torch.cuda.Stream, "synchronize"),
+    ):
+        original = getattr(owner, name)
+        _PATCHED.append((owner, name, original))
+
+        def spy(*a, _original=original, _name=name, **k):
+            guard = _ACTIVE.get(threading.current_thread())
+            if guard is not None and guard.armed:
+                guard.record(f"torch.cuda {_name}")
+            return _original(*a, **k)
+
+        setattr(owner, name, spy)
+
+
 class HostSyncGuard:
     """Records every host synchronisation made on this thread while `armed`."""
 
@@ -107,7 +131,6 @@ class HostSyncGuard:
                 return func(*args, **(kwargs or {}))
 
         self._modes = (Function(), Dispatch())
-        self._patched = []
 
     def record(self, what: str) -> None:
         here = [
@@ -119,31 +142,23 @@ class HostSyncGuard:
         self.armed = True
 
     def __enter__(self):
-        self._thread = threading.current_thread()
-        for owner, name in (
-            (torch.cuda, "synchronize"),
-            (torch.cuda.Event, "synchronize"),
-            (torch.cuda.Stream, "synchronize"),
-        ):
-            original = getattr(owner, name)
-            self._patched.append((owner, name, original))
-
-            def spy(*a, _original=original, _name=name, **k):
-                if self.armed and threading.current_thread() is self._thread:
-                    self.record(f"torch.cuda {_name}")
-                return _original(*a, **k)
-
-            setattr(owner, name, spy)
+        with _SPIES_LOCK:  # torch.cuda's sync calls are patched once, for every thread with a guard
+            if not _ACTIVE:
+                _install_spies()
+            _ACTIVE[threading.current_thread()] = self
         for mode in self._modes:
             mode.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for mode in reversed(self._modes):
+        for mode in reversed(self._modes):  # modes are per thread
             mode.__exit__(*exc)
-        for owner, name, original in reversed(self._patched):
-            setattr(owner, name, original)
-        self._patched.clear()
+        with _SPIES_LOCK:
+            del _ACTIVE[threading.current_thread()]
+            if not _ACTIVE:
+                for owner, name, original in reversed(_PATCHED):
+                    setattr(owner, name, original)
+                _PATCHED.clear()
 
     def disarmed(self, fn):
         def call(*a, **k):
@@ -157,11 +172,18 @@ class HostSyncGuard:
 
 
 def _crosses_devices(func, args, kwargs) -> bool:
-    src = args[0].device if isinstance(args[0], torch.Tensor) else None
+    """A copy between devices that makes the host wait: any but a non-blocking one from pinned memory."""
     if func.overloadpacket is aten.copy_:
-        return isinstance(args[1], torch.Tensor) and args[1].device != src
+        dst, src = args[0], args[1]
+        if not isinstance(src, torch.Tensor) or src.device == dst.device:
+            return False
+        non_blocking = bool(args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+        return not (non_blocking and src.device.type == "cpu" and src.is_pinned())
+    src = args[0]
     dst = kwargs.get("device")
-    return dst is not None and torch.device(dst) != src
+    if not isinstance(src, torch.Tensor) or dst is None or torch.device(dst) == src.device:
+        return False
+    return not (kwargs.get("non_blocking", False) and src.device.type == "cpu" and src.is_pinned())
 
 
 # ---- sessions: every algorithm, every encoding the server offers for each kind ----
@@ -270,23 +292,67 @@ class Recorder:
 
 
 def _guarded_scheduler(model, layout, **kw):
+    """A scheduler with a guard on each stage: the forward stage armed except inside the forward,
+    the post stage armed except in the designated copy step."""
     recorder = Recorder()
     sched = BatchScheduler(model, layout, forward=recorder, **kw)
     guards: list[HostSyncGuard] = []
-    serve, to_host = sched._serve, sched._to_host
+    serve, post, to_host = sched._serve, sched._post, sched._to_host
+    here = threading.local()
 
     def guarded_serve(works):
         with HostSyncGuard(armed=False) as guard:
             guards.append(guard)
             recorder.guard = guard
-            guard.armed = True  # armed except inside the forward and the designated copy step
+            guard.armed = True
             serve(works)
 
-    def guarded_to_host(*a):  # the designated copy step
-        return guards[-1].disarmed(to_host)(*a)
+    def guarded_post(item):
+        with HostSyncGuard() as guard:
+            guards.append(guard)
+            here.guard = guard
+            post(item)
 
-    sched._serve, sched._to_host = guarded_serve, guarded_to_host
+    def guarded_to_host(*a):  # the designated copy step
+        return here.guard.disarmed(to_host)(*a)
+
+    sched._serve, sched._post, sched._to_host = guarded_serve, guarded_post, guarded_to_host
     return sched, guards
+
+
+def test_the_scheduler_guards_catch_a_sync_in_either_stage(model):
+    """Negative control for the scheduler test below: an `.item()` after the forward (post stage, its
+    own thread) or before it (forward stage) is recorded, and the answers are still right."""
+    layout = discover(model)
+    table = SessionTable(layout.num_layers, layout.vocab_size)
+    for stage in ("post", "forward"):
+        sched, guards = _guarded_scheduler(model, layout)
+        session = table.open("dflash", [2, 6], "x")
+        features = session.features
+
+        class Syncing:
+            needs = features.needs
+
+            def fields(self, cap, tb, _features=features):
+                cap.layers[2].sum().item()
+                return _features.fields(cap, tb)
+
+        if stage == "post":
+            session.features = Syncing()
+        else:
+            forward = sched._forward
+
+            def syncing_forward(*a, _forward=forward):
+                out = _forward(*a)
+                out.layers[2].sum().item()
+                return out
+
+            sched._forward = syncing_forward
+        fut = sched.submit(session, TokenBatch(*inputs(seed=3)))
+        fut.result(timeout=60).wait()
+        sched.stop()
+        found = [f for g in guards for f in g.found]
+        assert any("item" in f for f in found), (stage, found)
 
 
 def test_scheduler_serves_every_encoding_without_a_host_sync(model):
@@ -374,8 +440,9 @@ def test_nonfinite_values_fail_only_their_request_after_the_copy(model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_scheduler_on_gpu_never_syncs_after_the_forward(tiny_model):
-    """The same guard on a GPU, plus PyTorch's own sync detector (`set_sync_debug_mode('error')`)
-    armed from the end of the forward to the end of the batch except the copy step."""
+    """The same guards on a GPU, plus PyTorch's own sync detector (`set_sync_debug_mode('error')`)
+    armed over both stages except inside the forward and the copy step. The request copies into the
+    forward stage are non-blocking from pinned memory: no sync, and the guard lets them pass."""
     model = copy.deepcopy(tiny_model("llama")).cuda()
     layout = discover(model)
     table = SessionTable(layout.num_layers, layout.vocab_size, "cuda")
@@ -390,25 +457,34 @@ def test_scheduler_on_gpu_never_syncs_after_the_forward(tiny_model):
 
     recorder = Detecting()
     sched = BatchScheduler(model, layout, forward=recorder, max_batch_tokens=100_000)
-    guards, serve, to_host = [], sched._serve, sched._to_host
+    guards, serve, post, to_host = [], sched._serve, sched._post, sched._to_host
+    here = threading.local()
 
-    def guarded_serve(works):
-        with HostSyncGuard(armed=False) as guard:
-            guards.append(guard)
-            recorder.guard, guard.armed = guard, True
-            try:
-                serve(works)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
+    one_stage = threading.Lock()  # the sync detector's mode is process-wide: one stage at a time
+
+    def guarded(stage, armed):
+        def run(arg):
+            with one_stage, HostSyncGuard(armed=armed) as guard:
+                guards.append(guard)
+                here.guard = guard
+                if not armed:  # the forward stage: armed from the pinned request copies on
+                    recorder.guard, guard.armed = guard, True
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    stage(arg)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+
+        return run
 
     def guarded_to_host(*a):
         torch.cuda.set_sync_debug_mode(0)
         try:
-            return guards[-1].disarmed(to_host)(*a)
+            return here.guard.disarmed(to_host)(*a)
         finally:
             torch.cuda.set_sync_debug_mode("error")
 
-    sched._serve, sched._to_host = guarded_serve, guarded_to_host
+    sched._serve, sched._post, sched._to_host = guarded(serve, False), guarded(post, True), guarded_to_host
     sel, mask = mapping(160)
     runs = []
     for algorithm, layer_ids, capture_logits, enc in SPECS:

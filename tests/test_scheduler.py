@@ -11,6 +11,7 @@ import torch
 from test_backends import inputs, mapping
 from test_packing import packed_inputs
 
+from draftfeed.client.errors import ResourceExhausted
 from draftfeed.client.payload import decode_fields
 from draftfeed.server.backends import (
     HFDFlashTargetModel,
@@ -210,4 +211,75 @@ def test_server_busy_fraction_stays_within_one(model):
     assert 0 < m.busy_fraction <= 1 and m.busy_s <= time.perf_counter() - m.busy.since
     m.busy.add(t0 - 0.5, t1)  # an overlapping span accounted late adds only what it does not overlap
     assert m.busy_between(t0, t1) == pytest.approx(t1 - t0) and m.busy_fraction <= 1
+    sched.stop()
+
+
+def test_post_processing_overlaps_the_next_forward(model):
+    """The post stage of one batch runs while the next batch's forward runs: the first batch's post
+    stage is held until the second forward has started. Done one after the other on one thread, this
+    would never finish."""
+    layout = discover(model)
+    table = SessionTable(layout.num_layers, layout.vocab_size)
+    second_forward = threading.Event()
+    calls = []
+
+    def forward(model_, layout_, batch, needs):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:
+            second_forward.set()
+        return forward_for(model_, layout_, batch, needs)
+
+    sched = BatchScheduler(model, layout, max_batch_tokens=10, forward=forward)  # one request per forward
+    post, stages = sched._post, []
+
+    def held_post(item):
+        stages.append(threading.current_thread().name)
+        if len(stages) == 1:
+            assert second_forward.wait(30), "the next forward did not start while a batch was post-processed"
+        post(item)
+
+    sched._post = held_post
+    job = table.open("dflash", [1, 5], "job")
+    futures = [sched.submit(job, tb(inputs(seed=i, s=5))) for i in range(3)]
+    local = HFDFlashTargetModel(model, [1, 5])
+    for i, fut in enumerate(futures):
+        assert torch.equal(
+            fields_of(fut)["hidden_states"], local.generate_batch(*inputs(seed=i, s=5)).hidden_states
+        )
+    sched.stop()
+    assert set(calls) == {"draftfeed-gpu-worker"} and set(stages) == {"draftfeed-post"}
+
+
+def test_a_request_failing_after_the_forward_fails_alone(model):
+    """Post-processing that fails for one request (here its session's features raise; an
+    out-of-memory error while encoding is answered RESOURCE_EXHAUSTED) leaves its batch-mates served."""
+    layout = discover(model)
+    table = SessionTable(layout.num_layers, layout.vocab_size)
+    gate = Gate()
+    sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
+    broken, oom, fine = (table.open("dflash", [1, 5], name) for name in ("broken", "oom", "fine"))
+
+    class Raising:
+        def __init__(self, features, err):
+            self.features, self.err = features, err
+            self.needs = features.needs
+
+        def fields(self, cap, tb_):
+            raise self.err
+
+    broken.features = Raising(broken.features, ValueError("injected: a bug in this session's features"))
+    oom.features = Raising(oom.features, torch.OutOfMemoryError("injected: CUDA out of memory"))
+    blocker = sched.submit(fine, tb(inputs(seed=9, s=5)))  # holds the worker at the gate
+    time.sleep(0.2)
+    futures = [sched.submit(s, tb(inputs(seed=i))) for i, s in enumerate((broken, oom, fine))]
+    gate.event.set()
+    blocker.result(timeout=60)
+    with pytest.raises(ValueError, match="injected"):
+        futures[0].result(timeout=60)
+    with pytest.raises(ResourceExhausted, match="out of device memory encoding the reply"):
+        futures[1].result(timeout=60)
+    got = fields_of(futures[2])["hidden_states"]
+    assert torch.equal(got, HFDFlashTargetModel(model, [1, 5]).generate_batch(*inputs(seed=2)).hidden_states)
+    assert gate.rows == [2, 6]  # the blocker, then the three in one forward
+    assert sched.metrics.requests_failed == 2 and fine.stats.in_flight == broken.stats.in_flight == 0
     sched.stop()
