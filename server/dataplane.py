@@ -9,7 +9,9 @@ socket of its own (frame format: client/dataplane.py and the proto's "Data plane
   for one connection within `ticket_ttl_s`.
 - A connection sends the ticket within `handshake_timeout_s` and gets one status byte: accepted (the
   socket is now that session's, replacing an older one) or refused. A wrong, used or expired
-  ticket is refused and logged with the peer's address, never the ticket. Without a token file
+  ticket is refused and logged with the peer's address, never the ticket. At most
+  `max_handshakes` connections wait for their ticket at once; more are closed at once (so idle
+  connections cannot pile up threads). Without a token file
   (and without --insecure-allow-remote) only loopback peers are accepted, as on the gRPC port.
 - `reply_frames` sends a reply's payload on its session's socket (one `sendall` per tensor, straight
   from the tensors' memory) and yields the gRPC header alone; when the session has no usable socket
@@ -128,8 +130,10 @@ class DataPlaneServer:
         ticket_ttl_s: float = 60.0,
         handshake_timeout_s: float = 10.0,
         send_timeout_s: float = 300.0,
+        max_handshakes: int = 64,
     ):
         self.ssl_context = ssl_context
+        self._handshakes = threading.BoundedSemaphore(max_handshakes)
         self.access = access or AccessControl()
         self.ticket_ttl_s = ticket_ttl_s
         self.handshake_timeout_s = handshake_timeout_s
@@ -221,9 +225,19 @@ class DataPlaneServer:
             sock, addr = self.listener.accept()
         except OSError:
             return
+        if not self._handshakes.acquire(blocking=False):
+            log.warning("data plane: refused %s:%s: too many connections waiting to send a ticket", *addr[:2])
+            sock.close()
+            return
         threading.Thread(
-            target=self._handshake, args=(sock, addr), name="draftfeed-dataplane-handshake", daemon=True
+            target=self._handshake_slot, args=(sock, addr), name="draftfeed-dataplane-handshake", daemon=True
         ).start()
+
+    def _handshake_slot(self, sock: socket.socket, addr) -> None:
+        try:
+            self._handshake(sock, addr)
+        finally:
+            self._handshakes.release()
 
     def _reap_closed_sessions(self) -> None:
         with self._lock:

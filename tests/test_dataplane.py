@@ -469,3 +469,36 @@ def test_cancelling_a_stream_cancels_its_queued_requests(model, caplog):
     finally:
         gate.event.set()
         srv.stop(grace=0)
+
+
+def test_idle_connections_cannot_pile_up(caplog):
+    """Connections that never send a ticket hold at most `max_handshakes` slots; more are closed at
+    once, and a slot frees when its connection goes."""
+    from types import SimpleNamespace
+
+    from draftfeed.server.dataplane import DataPlaneServer
+
+    caplog.set_level(logging.WARNING, logger="draftfeed.dataplane")
+    plane = DataPlaneServer("127.0.0.1", 0, max_handshakes=2, handshake_timeout_s=30)
+    idle = [socket.create_connection(("127.0.0.1", plane.port), timeout=5) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", plane.port), timeout=5) as third:
+            assert third.recv(1) == b""  # closed without waiting for a ticket
+        assert "too many connections waiting" in caplog.text
+        for sock in idle:
+            sock.close()
+        session = SimpleNamespace(id="s" * 32, closed=False)
+        deadline = time.monotonic() + 10
+        while True:  # the idle connections' slots free once the server sees them go
+            try:
+                client = DataPlaneClient("127.0.0.1", plane.port, plane.issue(session))
+                break
+            except (ConnectionError, OSError):
+                assert time.monotonic() < deadline, "slots never freed"
+                time.sleep(0.05)
+        assert plane.connected(session.id)
+        client.close()
+    finally:
+        for sock in idle:
+            sock.close()
+        plane.close()
