@@ -1,6 +1,7 @@
 """TLS and mutual TLS on the gRPC and admin ports, with a throwaway CA made by `cryptography`:
 TLS works; a client that does not trust the server, or has no (trusted) client certificate, is
-refused; plaintext to a TLS port (and TLS to a plaintext port) fails with a message saying so."""
+refused; plaintext to a TLS port (and TLS to a plaintext port) fails with a message saying so; the
+container entrypoints (docker/serve.sh, docker/healthcheck.sh) with their TLS variables."""
 
 from __future__ import annotations
 
@@ -215,3 +216,69 @@ def test_server_config_checks(pki):
     with pytest.raises(InvalidArgument, match="not a readable file"):
         ServeConfig(tls_cert="/nonexistent.pem", tls_key=pki["server_key"])
     assert ssl.PEM_cert_to_DER_cert(open(pki["ca_cert"]).read())
+
+
+def test_entrypoints_with_mutual_tls(tmp_path, tiny_dirs, pki):
+    """The TLS variables of docker/serve.sh reach the gRPC, data and admin ports; docker/healthcheck.sh's
+    TLS branch (CA, server name, client certificate) says SERVING, and fails without the certificate."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_docker import DOCKER, _free_port, _wait_healthy
+
+    port, data_port, admin_port = _free_port(), _free_port(), _free_port()
+    server_env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        DRAFTFEED_PYTHON=sys.executable,
+        DRAFTFEED_MODEL=tiny_dirs("llama"),
+        DRAFTFEED_HOST="127.0.0.1",
+        DRAFTFEED_PORT=str(port),
+        DRAFTFEED_DATA_PORT=str(data_port),
+        DRAFTFEED_ADMIN_PORT=str(admin_port),
+        DRAFTFEED_GRACE_SECONDS="5",
+        DRAFTFEED_TLS_CERT=pki["server_cert"],
+        DRAFTFEED_TLS_KEY=pki["server_key"],
+        DRAFTFEED_TLS_CLIENT_CA=pki["ca_cert"],
+    )
+    probe_env = dict(
+        server_env,
+        DRAFTFEED_TLS_CA=pki["ca_cert"],
+        DRAFTFEED_HEALTH_CLIENT_CERT=pki["client_cert"],
+        DRAFTFEED_HEALTH_CLIENT_KEY=pki["client_key"],
+    )
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [str(DOCKER / "serve.sh"), "--device", "cpu"],
+            env=server_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_healthy(server, probe_env)
+        assert "(mutual TLS)" in log_path.read_text()
+        no_cert = {k: v for k, v in probe_env.items() if not k.startswith("DRAFTFEED_HEALTH_CLIENT")}
+        refused = subprocess.run(
+            [str(DOCKER / "healthcheck.sh")], env=no_cert, capture_output=True, text=True
+        )
+        assert refused.returncode != 0 and "SERVING" not in refused.stdout
+        cert = (pki["client_cert"], pki["client_key"])
+        ready = requests.get(
+            f"https://127.0.0.1:{admin_port}/readyz", verify=pki["ca_cert"], cert=cert, timeout=5
+        )
+        assert ready.status_code == 200
+        mine = dict(ca_file=pki["ca_cert"], client_cert=pki["client_cert"], client_key=pki["client_key"])
+        with RemoteDSparkTargetModel.from_urls([f"grpcs://127.0.0.1:{port}"], **mine) as remote:
+            assert remote.generate_batch(*inputs()).target_hidden_states.shape[0] == 2
+            data = remote.servers[0].data
+            assert data is not None and data.tls  # the reply came over the TLS data plane
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
