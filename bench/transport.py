@@ -31,6 +31,7 @@ import itertools
 import multiprocessing as mp
 import os
 import platform
+import queue
 import re
 import socket
 import statistics
@@ -100,6 +101,10 @@ def _serve(sizes: list[int], conn) -> None:
             want = request.data_plane
             yield from reply_frames(plane, sid, request.request_id, payloads[nbytes], meta, chunk, want)
 
+        def GenerateStream(self, request_iterator, context):  # one open stream, replies in order
+            for request in request_iterator:
+                yield from self.Generate(request, context)
+
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=wire.grpc_options())
     wire.add_to_server(Servicer(), server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
@@ -136,7 +141,9 @@ def _reset_peak() -> int:
     return _status_kib("VmRSS") * 1024
 
 
-def _client(path: str, port: int, nbytes: int, chunk: int, window: int | None, seconds: float, conn) -> None:
+def _client(
+    path: str, port: int, nbytes: int, chunk: int, window: int | None, seconds: float, call: str, conn
+) -> None:
     """Fetches the payload 3..30 times within about `seconds`; sends (GB/s of each fetch, peak / payload)."""
     if path.startswith("grpc") or path == "dataplane":
         import grpc
@@ -153,14 +160,23 @@ def _client(path: str, port: int, nbytes: int, chunk: int, window: int | None, s
             data = DataPlaneClient("127.0.0.1", opened.data_port, opened.data_ticket, reuse_buffers=1)
             assembler, session = wire.ReplyAssembler(data_plane=data), f":{opened.session_id}"
 
+        if call == "stream":  # one GenerateStream kept open, one request at a time (generate_batch_async)
+            outbox: queue.Queue = queue.Queue()
+            frames = stub.GenerateStream(iter(outbox.get, None))
+            inbox = assembler.replies(frames) if path != "grpc drain" else None
+
         def fetch(i: int, size: int = nbytes) -> None:
             request = pb.GenerateRequest(
                 session_id=f"{size}:{chunk}{session}", request_id=i, data_plane=data is not None
             )
-            if path == "grpc drain":  # the gRPC ceiling: receive the frames, keep nothing
+            if call == "stream" and path != "grpc drain":
+                outbox.put(request)
+                reply = next(inbox)
+            elif path == "grpc drain":  # the gRPC ceiling: receive the frames, keep nothing
                 assert sum(len(frame) for frame in stub.Generate(request)) > size
                 return
-            (reply,) = assembler.replies(stub.Generate(request))
+            else:
+                (reply,) = assembler.replies(stub.Generate(request))
             assert reply.request_id == i and sum(t.nbytes for t in reply.tensors.values()) == size
             assert data is None or data.replies == i + 1  # the payload came on the data plane
 
@@ -194,12 +210,14 @@ def _client(path: str, port: int, nbytes: int, chunk: int, window: int | None, s
         rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
     peak = _status_kib("VmHWM") * 1024 - base
     conn.send((rates, peak / nbytes))
+    if call == "stream" and (path.startswith("grpc") or path == "dataplane"):
+        outbox.put(None)
 
 
-def _measure(ctx, path: str, port: int, nbytes: int, chunk: int, window, arenas, seconds: float):
+def _measure(ctx, path: str, port: int, nbytes: int, chunk: int, window, arenas, seconds: float, call: str):
     """(median GB/s, peak memory / payload) from a fresh client process (`arenas`: its MALLOC_ARENA_MAX)."""
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_client, args=(path, port, nbytes, chunk, window, seconds, child))
+    proc = ctx.Process(target=_client, args=(path, port, nbytes, chunk, window, seconds, call, child))
     saved = os.environ.pop("MALLOC_ARENA_MAX", None)
     if arenas is not None:
         os.environ["MALLOC_ARENA_MAX"] = str(arenas)  # read by glibc when the spawned interpreter starts
@@ -293,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         default="grpc,dataplane",
         help="paths to measure besides tcp: grpc (each chunk x window), dataplane (default grpc,dataplane)",
     )
+    parser.add_argument(
+        "--call",
+        default="stream",
+        choices=("stream", "unary"),
+        help="gRPC and data-plane clients: one open GenerateStream with one request at a time (the path of "
+        "generate_batch_async, the trainer's) or a unary Generate call per reply (default stream)",
+    )
     parser.add_argument("--seconds", type=float, default=1.5, help="time per measurement (default 1.5)")
     parser.add_argument("--out", type=Path, default=None, help="folder for transport-<host>-<date>.md")
     args = parser.parse_args(argv)
@@ -328,17 +353,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for nbytes in sizes:
-            tcp, mem = _measure(ctx, "tcp", tcp_port, nbytes, 0, None, None, args.seconds)
+            tcp, mem = _measure(ctx, "tcp", tcp_port, nbytes, 0, None, None, args.seconds, args.call)
             row(nbytes, "tcp", 0, None, None, tcp, tcp, mem)
             if "dataplane" in paths:
-                rate, mem = _measure(ctx, "dataplane", grpc_port, nbytes, 0, None, None, args.seconds)
+                rate, mem = _measure(
+                    ctx, "dataplane", grpc_port, nbytes, 0, None, None, args.seconds, args.call
+                )
                 row(nbytes, "dataplane", 0, None, None, rate, tcp, mem)
             if args.drain and "grpc" in paths:
-                rate, mem = _measure(ctx, "grpc drain", grpc_port, nbytes, MiB, None, None, args.seconds)
+                rate, mem = _measure(
+                    ctx, "grpc drain", grpc_port, nbytes, MiB, None, None, args.seconds, args.call
+                )
                 row(nbytes, "grpc drain", MiB, None, None, rate, tcp, mem)
             grpc_runs = itertools.product(arena_limits, windows, chunks) if "grpc" in paths else ()
             for arenas, window, chunk in grpc_runs:
-                rate, mem = _measure(ctx, "grpc", grpc_port, nbytes, chunk, window, arenas, args.seconds)
+                rate, mem = _measure(
+                    ctx, "grpc", grpc_port, nbytes, chunk, window, arenas, args.seconds, args.call
+                )
                 row(nbytes, "grpc", chunk, window, arenas, rate, tcp, mem)
     finally:
         parent.send("stop")

@@ -13,9 +13,12 @@ socket of its own (frame format: client/dataplane.py and the proto's "Data plane
   `max_handshakes` connections wait for their ticket at once; more are closed at once (so idle
   connections cannot pile up threads). Without a token file
   (and without --insecure-allow-remote) only loopback peers are accepted, as on the gRPC port.
-- `reply_frames` sends a reply's payload on its session's socket (one `sendall` per tensor, straight
-  from the tensors' memory) and yields the gRPC header alone; when the session has no usable socket
-  or the send fails, the reply goes as gRPC chunk frames instead, so every reply arrives.
+- `reply_frames` yields the gRPC header alone, then sends the reply's payload on its session's
+  socket (one `sendall` per tensor, straight from the tensors' memory): the header's trip overlaps
+  the payload's (16 MiB replies on the 2-core VM, one stream: 1.75 vs 1.50 GB/s median of 4
+  alternating runs against the payload-first order). When the session has no usable socket the
+  reply goes as gRPC chunk frames instead. A socket lost between that check and the send loses the
+  reply: the client's `take` raises UNAVAILABLE (retryable) and its next requests go on gRPC.
 - A socket is closed when its client closes it, when its session closes (CloseSession, expiry,
   shutdown: `session.closed`), or by `close()`; a frame being written is finished first.
 
@@ -322,10 +325,18 @@ def reply_frames(
     payload went as one frame on the session's data-plane socket, or header + chunk frames when
     the client did not ask (`want`), the session has no usable socket, or the send failed."""
     header, views = reply_parts(request_id, tensors, meta)
-    if want and plane is not None and header.total_bytes and plane.send(session_id, request_id, views):
+    if want and plane is not None and header.total_bytes and plane.connected(session_id):
         header.payload_on_data_plane = True
-        return iter((header_frame(header),))
+        return _data_plane_frames(plane, session_id, request_id, header, views)
     return _grpc_frames(header, views, chunk_bytes)
+
+
+def _data_plane_frames(plane, session_id, request_id, header, views) -> Iterator[bytes]:
+    yield header_frame(header)  # first: its way to the client overlaps the payload's
+    if not plane.send(session_id, request_id, views):
+        # the socket closed since the check: the client's data plane reports the lost reply as
+        # UNAVAILABLE (retryable) and its next requests go on gRPC
+        log.info("data plane of session %s: reply %d lost with its socket", session_id[:8], request_id)
 
 
 def _grpc_frames(header, views, chunk_bytes) -> Iterator[bytes]:
