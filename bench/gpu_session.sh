@@ -75,6 +75,8 @@ part "1 GPU sync tests" 90 python3 -m pytest -q -p no:cacheprovider tests/test_h
   "tests/test_encodings.py::test_gpu_encode_gives_the_same_parts_as_cpu" -k "gpu"
 part "2 serving (issue 5)" 200 python3 bench/serving.py --targets $DEFAULT,llama-3.2-1b-dims --seqs 1024,4096 \
   --jobs 1,2,4,8 --lock-jobs 4 --encodings latent+fp8 --tag=-issue5 --out "$OUT"
+part "2b serving over gRPC frames (issue 5)" 120 python3 bench/serving.py --targets $DEFAULT,llama-3.2-1b-dims \
+  --seqs 1024,4096 --jobs 1,4,8 --lock-jobs "" --encodings latent+fp8 --transport grpc --tag=-issue5-grpc --out "$OUT"
 part "3 serving 8B dims (issue 6)" 110 python3 bench/serving.py --targets llama-3.1-8b-dims --seqs 1024,4096 \
   --jobs 1,4 --lock-jobs "" --encodings latent+fp8 --tag=-8b --out "$OUT"
 part "4 decode cost (issue 6)" 80 python3 bench/decode_cost.py --seq 2048 --out "$OUT"
@@ -91,25 +93,25 @@ for f in sorted(glob.glob(f"{out}/serving-*.json")):
 lines = [f"# GPU session summary: issues 5 and 6 ({device})", "",
          f"Default target: {default} ({'real weights' if default == 'default-target' else 'random weights, same dims'}).", "",
          "## Issue 5: aggregate supervision tok/s (EAGLE-3, latent+fp8, draft vocab 32000, B=1 per request)", "",
-         "| target | S | 1 job | 2 jobs | 4 jobs | 8 jobs | 4 jobs / 1 | lock-per-request @4 | busy 1 / 4 / 8 | plain fwd B=1 / B=4 |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "| target | S | transport | 1 job | 2 jobs | 4 jobs | 8 jobs | 4 jobs / 1 | lock-per-request @4 | busy 1 / 4 / 8 | plain fwd B=1 / B=4 |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
 by = {}
 for r in rows:
-    by.setdefault((r["target"], r["seq"]), {})[r["jobs"]] = r
-for (t, s), js in by.items():
+    by.setdefault((r["target"], r["seq"], r.get("transport", "grpc")), {})[r["jobs"]] = r
+for (t, s, tr), js in by.items():
     if 8 not in js:
         continue
     g = lambda j, k="tok_s": js[j][k] if j in js else math.nan
-    lines.append(f"| {t} | {s} | {g(1):,.0f} | {g(2):,.0f} | {g(4):,.0f} | {g(8):,.0f} | {g(4)/g(1):.2f}x | "
+    lines.append(f"| {t} | {s} | {tr} | {g(1):,.0f} | {g(2):,.0f} | {g(4):,.0f} | {g(8):,.0f} | {g(4)/g(1):.2f}x | "
                  f"{g(4, 'lock_tok_s'):,.0f} | {g(1, 'busy'):.2f} / {g(4, 'busy'):.2f} / {g(8, 'busy'):.2f} | "
                  f"{g(1, 'fwdj'):,.0f} / {g(4, 'fwdj'):,.0f} |")
 lines += ["", "Target: 4 jobs >= 2.5x one job where one job leaves the GPU idle (busy at 1 job well below 1).", "",
           "## Issue 6: latent+fp8 server tok/s / plain forward tok/s (same target, same run, B = jobs)", "",
-          "| target | S | encoding | jobs | served tok/s | plain fwd tok/s | fraction | bytes/token |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| target | S | encoding | transport | jobs | served tok/s | plain fwd tok/s | fraction | bytes/token |",
+          "|---|---|---|---|---|---|---|---|---|"]
 for r in rows:
     if r["jobs"] in (1, 4):
-        lines.append(f"| {r['target']} | {r['seq']} | {r['enc']} | {r['jobs']} | {r['tok_s']:,.0f} | {r['fwdj']:,.0f} | "
+        lines.append(f"| {r['target']} | {r['seq']} | {r['enc']} | {r.get('transport', 'grpc')} | {r['jobs']} | {r['tok_s']:,.0f} | {r['fwdj']:,.0f} | "
                      f"{r['frac']:.2f} | {r['bpt']:,.0f} |")
 lines += ["", "Target: >= 0.8 of the plain forward for Llama-3.2-1B and Llama-3.1-8B dims and the default target.", ""]
 for f in sorted(glob.glob(f"{out}/decode_cost-*.md")):
@@ -117,4 +119,5 @@ for f in sorted(glob.glob(f"{out}/decode_cost-*.md")):
 open(f"{out}/summary.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
+rm -f "$OUT"/*.json # the summary and the markdown tables hold the numbers (a device call returns 8 files at most)
 echo "total $(($(date +%s) - T0)) s"

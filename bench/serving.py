@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 DRAFT_VOCAB = 32000
+WINDOW = 8  # requests a job keeps in flight (a trainer's prefetch depth is 2-4)
 TARGETS = {
     "smollm2-135m-dims": dict(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -99,9 +100,12 @@ def _job_worker(index, tasks, lock, out):
             out.put(("error", f"job {index}: {type(err).__name__}: {err}"))
 
 
-def _job_task(index, url, vocab, seq, requests, encodings, lockstep, tasks, lock, out):
+def _job_task(index, url, vocab, seq, requests, encodings, lockstep, transport, tasks, lock, out):
+    import threading
+
     import grpc
 
+    from draftfeed.client.dataplane import DataPlaneClient
     from draftfeed.client.pb import draftfeed_pb2 as pb
     from draftfeed.client.wire import ReplyAssembler, TargetStub, grpc_options, tensor_to_proto
 
@@ -111,14 +115,21 @@ def _job_task(index, url, vocab, seq, requests, encodings, lockstep, tasks, lock
     ids = torch.randperm(vocab, generator=g)[:DRAFT_VOCAB].sort().values
     mask = torch.zeros(vocab, dtype=torch.bool)
     mask[ids] = True
-    sess = stub.OpenSession(
+    opened = stub.OpenSession(
         pb.OpenSessionRequest(
             algorithm="eagle3",
             encodings=encodings,
             selected_token_ids=tensor_to_proto(ids),
             selected_token_mask=tensor_to_proto(mask),
+            data_plane=transport == "dataplane",
         )
-    ).session_id
+    )
+    sess, data = opened.session_id, None
+    if transport == "dataplane":
+        if not opened.data_port:
+            raise RuntimeError("the server offered no data plane")
+        host = url.removeprefix("grpc://").rsplit(":", 1)[0]
+        data = DataPlaneClient(host, opened.data_port, opened.data_ticket, reuse_buffers=2, timeout=600)
 
     def request(i):
         x = torch.randint(0, vocab, (1, seq), generator=g)
@@ -126,11 +137,19 @@ def _job_task(index, url, vocab, seq, requests, encodings, lockstep, tasks, lock
         return pb.GenerateRequest(
             session_id=sess, request_id=i, input_ids=tensor_to_proto(x),
             attention_mask=tensor_to_proto(ones), loss_mask=tensor_to_proto(ones),
+            data_plane=data is not None,
         )  # fmt: skip
 
-    asm = ReplyAssembler(reuse_buffers=2)
+    asm = ReplyAssembler(reuse_buffers=2, data_plane=data)
     list(asm.replies(stub.Generate(request(0))))  # warm-up
     reqs = [request(i + 1) for i in range(requests)]
+    window = threading.Semaphore(WINDOW)  # requests in flight per job, under the server's per-job queue
+
+    def windowed():
+        for r in reqs:
+            window.acquire()
+            yield r
+
     out.put(("ready", index))
     assert tasks.get() == "go"
     start, nbytes = time.perf_counter(), 0
@@ -140,9 +159,12 @@ def _job_task(index, url, vocab, seq, requests, encodings, lockstep, tasks, lock
                 for reply in asm.replies(stub.Generate(r)):
                     nbytes += sum(t.nbytes for t in reply.tensors.values())
     else:
-        for reply in asm.replies(stub.GenerateStream(iter(reqs))):
+        for reply in asm.replies(stub.GenerateStream(windowed())):
             nbytes += sum(t.nbytes for t in reply.tensors.values())
+            window.release()
     out.put(("done", (requests * seq, time.perf_counter() - start, nbytes)))
+    if data is not None:  # first: the server closing its end with the session is not a break
+        data.close()
     stub.CloseSession(pb.CloseSessionRequest(session_id=sess))
     channel.close()
 
@@ -161,9 +183,9 @@ class JobPool:
         for p in self.procs:
             p.start()
 
-    def run(self, server, vocab, seq, jobs, requests, encodings, lockstep=False) -> dict:
+    def run(self, server, vocab, seq, jobs, requests, encodings, lockstep=False, transport="grpc") -> dict:
         for q in self.tasks[:jobs]:
-            q.put((server.url, vocab, seq, requests, encodings, lockstep))
+            q.put((server.url, vocab, seq, requests, encodings, lockstep, transport))
         for _ in range(jobs):
             kind, msg = self.out.get(timeout=600)
             if kind != "ready":
@@ -205,6 +227,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--tokens-per-job", type=int, default=16384, help="tokens each job requests per run")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--transport", default="dataplane", choices=("dataplane", "grpc"),
+        help="where reply payloads travel: the TCP data plane (the client's default) or gRPC frames",
+    )  # fmt: skip
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     from draftfeed.server.app import TargetServer
@@ -233,15 +259,18 @@ def main(argv=None) -> list[dict]:
                     for enc in args.encodings.split(","):
                         base = None
                         for jobs in jobs_list:
-                            r = pool.run(server, vocab, seq, jobs, requests, ENCODINGS[enc])
+                            r = pool.run(
+                                server, vocab, seq, jobs, requests, ENCODINGS[enc], transport=args.transport
+                            )
                             base = base or r
                             lock = None
                             if jobs in lock_jobs:
                                 lock = pool.run(
-                                    server, vocab, seq, jobs, requests, ENCODINGS[enc], lockstep=True
-                                )
+                                    server, vocab, seq, jobs, requests, ENCODINGS[enc], lockstep=True,
+                                    transport=args.transport,
+                                )  # fmt: skip
                             row = dict(
-                                target=tname, seq=seq, enc=enc, jobs=jobs, tok_s=r["tok_s"], busy=r["busy"],
+                                target=tname, seq=seq, enc=enc, transport=args.transport, jobs=jobs, tok_s=r["tok_s"], busy=r["busy"],
                                 bpt=r["bytes_per_token"], vs_one=r["tok_s"] / base["tok_s"],
                                 lock_tok_s=lock["tok_s"] if lock else float("nan"),
                                 lock_busy=lock["busy"] if lock else float("nan"),
@@ -274,7 +303,8 @@ def write(rows, device, args) -> None:
         "",
         f"Device: {device}. Command: `{cmd}`.",
         "Each job: B=1 x S tokens per request, EAGLE-3 with a 32000-token draft vocab, separate client process,",
-        "replies received in full (no decode). `vs one` = aggregate tok/s over one job alone (same run);",
+        f"replies received in full (no decode) over {args.transport} ({WINDOW} requests in flight per job). "
+        "`vs one` = aggregate tok/s over one job alone (same run);",
         "`lock` = the same jobs sharing one lock around each request (lock-per-request design); `plain fwd` = the target's",
         "forward with logits at B=jobs, S, in the same run; `frac` = served tok/s / plain fwd tok/s; `busy` = GPU",
         "busy fraction over the run (union of CUDA-event intervals of batches and reply copies, <= 1).",

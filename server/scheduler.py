@@ -140,6 +140,7 @@ class BatchScheduler:
         max_queued_per_session: int = 32,
         metrics: ServerMetrics | None = None,
         forward=forward_for,
+        max_forwarded: int = 1,
     ):
         self.model = model
         self.layout = layout
@@ -157,7 +158,8 @@ class BatchScheduler:
         on_gpu = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if on_gpu else None
         self._post_stream = torch.cuda.Stream(self.device) if on_gpu else None
-        self._posts: queue.Queue[_Forwarded | None] = queue.Queue(maxsize=1)
+        # forwarded batches that may wait for the post stage (their captures are the memory held)
+        self._posts: queue.Queue[_Forwarded | None] = queue.Queue(maxsize=max_forwarded)
         self._gpu_spans: list = []  # (start, end) CUDA timing events not yet accounted as busy time
         self._spans_lock = threading.Lock()
         if on_gpu:  # the one host sync: pair a CUDA event with the host clock, before any request

@@ -456,7 +456,8 @@ def test_scheduler_on_gpu_never_syncs_after_the_forward(tiny_model):
                 torch.cuda.set_sync_debug_mode("error")
 
     recorder = Detecting()
-    sched = BatchScheduler(model, layout, forward=recorder, max_batch_tokens=100_000)
+    # the forward stage never waits for the post stage here: it could while holding `one_stage`
+    sched = BatchScheduler(model, layout, forward=recorder, max_batch_tokens=100_000, max_forwarded=0)
     guards, serve, post, to_host = [], sched._serve, sched._post, sched._to_host
     here = threading.local()
 
