@@ -24,5 +24,6 @@ def dspark_draft_architecture(architectures: list[str] | None) -> str:
     known = ", ".join(sorted(DSPARK_DRAFTS))
     raise InvalidArgument(
         f"no DSpark draft is registered for target architectures {architectures}; known: {known}. "
-        "Add a line to draftfeed.server.architectures.DSPARK_DRAFTS for this family"
+        "Add a line to draftfeed.server.architectures.DSPARK_DRAFTS for this family (target architecture -> "
+        "the DSpark draft class your serving engine loads for it), or train DFlash or EAGLE-3, which need none"
     )

@@ -5,6 +5,7 @@ evaluator's tau bounds (and DSpark's early stop), export -> load, and `draftfeed
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 
@@ -522,3 +523,81 @@ def test_dspark_ddp_on_two_cpu_processes(tmp_path, target_dir, data_file, server
     assert not torch.equal(g0, g1)  # each rank draws its own anchors
     steps = [json.loads(x)["step"] for x in (tmp_path / "o/metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+# ---------------------------------------------------------------- other target families
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tiny_dirs, tmp_path_factory):
+    """A tiny GPT-2 target (config names n_layer / n_embd / n_head / n_positions, n_inner None, gelu_new)."""
+    d = tmp_path_factory.mktemp("gpt2")
+    shutil.copytree(tiny_dirs("gpt2"), d, dirs_exist_ok=True)
+    word_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.parametrize("algorithm", ("eagle3", *BLOCK))
+def test_a_gpt2_target_trains_and_exports_every_draft(tmp_path, gpt2_dir, monkeypatch, algorithm):
+    """HF `attribute_map` aliases reach the drafts: a GPT-2 target's dimensions come through under the usual
+    names (its config has no `num_hidden_layers` key), the loss is finite and goes down, and the export loads
+    back. DSpark takes its class name from the registry: GPT-2 has no entry, so the test adds one (the
+    one-line append the error asks for) and the export's `architectures` is exactly that entry."""
+    from draftfeed.server.architectures import DSPARK_DRAFTS
+    from draftfeed.server.loading import load_target
+
+    monkeypatch.setitem(DSPARK_DRAFTS, "GPT2LMHeadModel", "GPT2DSparkModelForTest")
+    data = write_chats(tmp_path / "two.jsonl", 2, seed=3, turns=(1, 1))  # the same batch every step
+    loop = {"steps": 8, "log_every": 1, "export": True}
+    optim = {"lr": 1e-2, "warmup_ratio": 0.0}
+    result = run_training(make_cfg(tmp_path, algorithm, gpt2_dir, data, loop=loop, optim=optim))
+    assert len(losses(result)) == 8 and all(map(math.isfinite, losses(result)))
+    assert losses(result)[-1] < losses(result)[0], losses(result)
+    raw = json.loads((tmp_path / "export/config.json").read_text())
+    assert not {"n_layer", "n_embd", "n_head", "n_inner", "n_positions", "activation_function"} & set(raw)
+    assert raw["hidden_size"] == 32 and raw["intermediate_size"] == 128 and raw["hidden_act"] == "gelu_new"
+    if algorithm != "eagle3":
+        assert raw["num_target_layers"] == 8 and raw["num_attention_heads"] == 4
+        name = {"dflash": "DFlashDraftModel", "dspark": "GPT2DSparkModelForTest"}[algorithm]
+        assert raw["architectures"] == [name]
+        loaded = load_draft(tmp_path / "export", load_target(gpt2_dir))
+        assert loaded.algorithm == algorithm and loaded.draft.config.num_target_layers == 8
+
+
+def test_dspark_on_an_unregistered_family_fails_before_training(tmp_path, gpt2_dir, data_file):
+    """No DSpark draft class is registered for GPT-2: the run stops while building the draft (no step, no
+    checkpoint), naming the target's architecture, the registered families and the fix."""
+    from draftfeed.client.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as err:
+        run_training(make_cfg(tmp_path, "dspark", gpt2_dir, data_file))
+    msg = str(err.value)
+    assert "['GPT2LMHeadModel']" in msg and "Qwen3ForCausalLM" in msg and "LlamaForCausalLM" in msg
+    assert "DSPARK_DRAFTS" in msg and "DFlash" in msg
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dspark_export_names_the_registrys_draft_class(tiny_model, monkeypatch, tmp_path):
+    """The class written to `architectures` is the registry's answer for the target's `config.architectures`
+    (or, for a config built in memory that names none, the class transformers builds for its model_type),
+    not a constant; a config without one cannot export."""
+    from draftfeed.server.architectures import DSPARK_DRAFTS
+    from draftfeed.trainer.models.dspark import export_dspark, load_dspark
+
+    target = tiny_model("qwen3")
+    fields = dict(target_layer_ids=[1, 3], num_layers=1, block_size=BS, markov_rank=8)
+    assert DSparkConfig.from_target_config(target.config, **fields).to_export_dict()["architectures"] == [
+        "Qwen3DSparkModel"
+    ]
+    monkeypatch.setitem(DSPARK_DRAFTS, "Qwen3ForCausalLM", "Qwen3DSparkModelV2")
+    unsaved = type(target.config).from_dict({**target.config.to_dict(), "architectures": None})
+    assert unsaved.architectures is None
+    for config in (target.config, unsaved, target.config.to_dict()):
+        assert DSparkConfig.from_target_config(config, **fields).architecture == "Qwen3DSparkModelV2"
+    draft = DSparkDraft(DSparkConfig.from_target_config(target.config, **fields))
+    export_dspark(draft, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Qwen3DSparkModelV2"]
+    assert load_dspark(tmp_path).config.architecture == "Qwen3DSparkModelV2"  # kept through a reload
+    bare = DSparkConfig(**{**vars(draft.config), "architecture": None})
+    with pytest.raises(ValueError, match="from_target_config"):
+        bare.to_export_dict()

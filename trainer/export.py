@@ -210,16 +210,20 @@ DRAFT_ARCHITECTURES = {
 
 def draft_algorithm(path: str | Path) -> str:
     """eagle3, dflash or dspark, from an exported draft's config.json (SpecForge's DSpark writes a DFlash
-    config with `dflash_config.projector_type: "dspark"`)."""
+    config with `dflash_config.projector_type: "dspark"`; every draft class of the DSpark registry
+    `draftfeed.server.architectures.DSPARK_DRAFTS` is a DSpark draft)."""
+    from draftfeed.server.architectures import DSPARK_DRAFTS
+
     file = Path(path).expanduser() / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file.parent}: no config.json (expected an exported draft directory)")
     raw = json.loads(file.read_text())
+    known = {**DRAFT_ARCHITECTURES, **dict.fromkeys(DSPARK_DRAFTS.values(), "dspark")}  # + registered classes
     archs = raw.get("architectures") or []
-    found = {DRAFT_ARCHITECTURES[a] for a in archs if a in DRAFT_ARCHITECTURES}
+    found = {known[a] for a in archs if a in known}
     if len(found) != 1:
         raise ValueError(
-            f"{file}: architectures {archs} name no single known draft; expected one of {sorted(DRAFT_ARCHITECTURES)}"
+            f"{file}: architectures {archs} name no single known draft; expected one of {sorted(known)}"
         )
     algorithm = found.pop()
     if algorithm == "dflash" and (raw.get("dflash_config") or {}).get("projector_type") == "dspark":

@@ -23,12 +23,14 @@ __all__ = [
     "document_ids",
     "tokens_left_in_document",
     "text_config_dict",
+    "target_architectures",
 ]
 
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's name for the same tanh approximation
 }
 
 
@@ -120,11 +122,53 @@ def tokens_left_in_document(doc_ids: torch.Tensor) -> torch.Tensor:
     return last.gather(1, doc_ids) - slots
 
 
+# target-config names outside HF's `attribute_map` -> the field the drafts read (GPT-2 family)
+_FIELD_ALIASES = {"n_inner": "intermediate_size", "activation_function": "hidden_act"}
+
+
+def _attribute_map(config: Any, d: dict) -> dict:
+    """HF's alias table (canonical name -> the config's own name) of `config`, or of a dict's `model_type`."""
+    if not isinstance(config, dict):
+        return dict(getattr(config, "attribute_map", None) or {})
+    from transformers import CONFIG_MAPPING
+
+    model_type = d.get("model_type")
+    return dict(CONFIG_MAPPING[model_type].attribute_map) if model_type in CONFIG_MAPPING else {}
+
+
 def text_config_dict(config: Any) -> dict:
-    """The target's text config as a plain dict (a nested `text_config` is unwrapped)."""
+    """The target's text config as a plain dict (a nested `text_config` is unwrapped), under the field
+    names the drafts read: HF `attribute_map` aliases are replaced by the names they stand for (GPT-2's
+    `n_layer`, `n_embd`, `n_head`, `n_positions` -> `num_hidden_layers`, `hidden_size`, ...), GPT-2's
+    `n_inner` becomes `intermediate_size` (None: 4 * hidden_size, as its MLP) and `activation_function`
+    becomes `hidden_act` (a config's own `to_dict()` keeps the aliases; only `getattr` resolves them)."""
     if isinstance(config, dict):
         d = dict(config)
-        return dict(d["text_config"]) if isinstance(d.get("text_config"), dict) else d
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    return config.to_dict()
+        if isinstance(d.get("text_config"), dict):
+            d = dict(d["text_config"])
+    else:
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        d = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    for canonical, alias in _attribute_map(config, d).items():
+        if alias in d:
+            d[canonical] = d.pop(alias)
+    if "n_inner" in d and d["n_inner"] is None:
+        d["n_inner"] = 4 * int(d["hidden_size"])
+    for alias, canonical in _FIELD_ALIASES.items():
+        if alias in d:
+            value = d.pop(alias)
+            d.setdefault(canonical, value)
+    return d
+
+
+def target_architectures(config: Any) -> list[str]:
+    """The target's `architectures` (the top-level config's, not a nested text config's); for a config that
+    names none (built in memory, never saved) the causal-LM class transformers builds for its `model_type`."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    if get("architectures"):
+        return list(get("architectures"))
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(get("model_type"))
+    return [name] if name else []

@@ -161,6 +161,11 @@ class DFlashConfig:
     def _target_extras(cls, d: dict) -> dict:
         return {}
 
+    @classmethod
+    def _export_extras(cls, d: dict) -> dict:
+        """Subclass fields that `from_export_dict` reads from an export's config.json."""
+        return {}
+
     def to_export_dict(self) -> dict:
         """config.json in the DFlash layout (ALGORITHMS.md section 2, "Export")."""
         out = self._base_export_dict()
@@ -213,6 +218,7 @@ class DFlashConfig:
             f.name: merged[f.name] for f in fields(cls) if f.name in merged and f.name != "target_config"
         }
         draft["num_layers"] = int(d["num_hidden_layers"])
+        draft.update(cls._export_extras(d))
         return cls.from_target_config(
             merged, **{**draft, "num_target_features": len(draft["target_layer_ids"])}
         )

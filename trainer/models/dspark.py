@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .common import target_architectures
 from .dflash import BlockDraftBackbone, DFlashConfig, _read, _write, run_block
 
 __all__ = [
@@ -40,7 +41,9 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 @dataclass
 class DSparkConfig(DFlashConfig):
     """DFlash's fields plus DSpark's heads. `markov_rank` 0 turns the Markov head off (and with it the
-    confidence head's Markov input)."""
+    confidence head's Markov input). `architecture` is the draft class written to the export's
+    `architectures`: `from_target_config` takes it from the registry (`draftfeed.server.architectures`,
+    by the target's `config.architectures`) and fails there for a family that has no entry."""
 
     block_size: int = 7
     num_anchors: int = 512
@@ -49,6 +52,7 @@ class DSparkConfig(DFlashConfig):
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
     final_logit_softcapping: float | None = None
+    architecture: str | None = None
 
     algorithm: ClassVar[str] = "dspark"
     min_block_size: ClassVar[int] = 1
@@ -67,16 +71,37 @@ class DSparkConfig(DFlashConfig):
             )
 
     @classmethod
+    def from_target_config(cls, target_config, **kwargs):
+        """DFlash's `from_target_config`; `architecture` None -> the registry's draft class for the target
+        (InvalidArgument naming the registered families when the target's has none)."""
+        if kwargs.get("architecture") is None:
+            from draftfeed.server.architectures import dspark_draft_architecture
+
+            kwargs["architecture"] = dspark_draft_architecture(target_architectures(target_config))
+        return super().from_target_config(target_config, **kwargs)
+
+    @classmethod
     def _target_extras(cls, d: dict) -> dict:
         cap = d.get("final_logit_softcapping")
         return {"final_logit_softcapping": float(cap) if cap else None}
 
+    @classmethod
+    def _export_extras(cls, d: dict) -> dict:
+        return {"architecture": (d.get("architectures") or [None])[0]}
+
     def to_export_dict(self) -> dict:
-        """config.json in the DeepSpec/AutoModel `Qwen3DSparkModel` layout (fields top level)."""
+        """config.json in the DeepSpec/AutoModel `Qwen3DSparkModel` layout (fields top level), with
+        `architectures: [self.architecture]`."""
+        if not self.architecture:
+            raise ValueError(
+                "DSparkConfig.architecture is not set, so the export cannot name its draft class: build the "
+                "config with DSparkConfig.from_target_config (the registry in draftfeed.server.architectures "
+                "picks it) or pass architecture= explicitly"
+            )
         out = self._base_export_dict()
         out.pop("dflash_config", None)
         out.update(
-            architectures=["Qwen3DSparkModel"],
+            architectures=[self.architecture],
             mask_token_id=self.mask_token_id,
             target_layer_ids=list(self.target_layer_ids),
             num_anchors=self.num_anchors,
@@ -212,7 +237,8 @@ def propose_block(
 
 def export_dspark(model: DSparkDraft, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write config.json + model.safetensors in the `Qwen3DSparkModel` layout (DFlash keys + embed_tokens,
-    lm_head, markov_head.markov_w{1,2}, confidence_head.proj). `dtype` None keeps the model's dtype."""
+    lm_head, markov_head.markov_w{1,2}, confidence_head.proj), `architectures` = the config's
+    `architecture` (the registry's draft class for the target). `dtype` None keeps the model's dtype."""
     return _write(model, model.config.to_export_dict(), out_dir, dtype)
 
 

@@ -27,6 +27,7 @@ from .common import (
     document_ids,
     rope_cos_sin,
     rope_inv_freq,
+    text_config_dict,
     tokens_left_in_document,
 )
 
@@ -107,6 +108,7 @@ class Eagle3DraftConfig:
     ) -> Eagle3DraftConfig:
         """Build from a transformers config (the text config is used when the config nests one)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        dims = text_config_dict(config)  # GPT-2's n_inner / activation_function under the usual names
         rope_theta = getattr(text, "rope_theta", None)
         rope_scaling = getattr(text, "rope_scaling", None)
         params = getattr(text, "rope_parameters", None)
@@ -118,7 +120,7 @@ class Eagle3DraftConfig:
             hidden_size=text.hidden_size,
             num_attention_heads=text.num_attention_heads,
             num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-            intermediate_size=text.intermediate_size,
+            intermediate_size=int(dims["intermediate_size"]),
             vocab_size=text.vocab_size,
             draft_vocab_size=draft_vocab_size,
             head_dim=head_dim,
@@ -127,7 +129,7 @@ class Eagle3DraftConfig:
             rope_scaling=dict(rope_scaling) if rope_scaling else None,
             attention_bias=bool(getattr(text, "attention_bias", False)),
             max_position_embeddings=getattr(text, "max_position_embeddings", 2048),
-            hidden_act=getattr(text, "hidden_act", "silu"),
+            hidden_act=str(dims.get("hidden_act") or "silu"),
         )
         names = {f.name for f in fields(cls)}
         unknown = set(overrides) - names
