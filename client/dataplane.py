@@ -20,7 +20,10 @@ will take never pile up: what waits is bounded by what arrives in `unclaimed_ttl
 
 A connection that breaks (server gone, reset, a malformed frame) marks the client `broken`: waiting
 and later `take`s raise Unavailable (a retryable error), and the remote client falls back to the
-gRPC frames for the rest of its session.
+gRPC frames for the rest of its session. A server that closes the socket on purpose (its session
+closed, or the server is stopping) first sends the close frame, a frame head with request id
+`CLOSE_FRAME_ID` and no tensors: the client then ends the same way but `closed_by_server` is set, and
+nobody calls it a break.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ __all__ = [
     "ACCEPTED",
     "REFUSED",
     "MAX_FRAME_TENSORS",
+    "CLOSE_FRAME_ID",
     "frame_head",
     "recv_exact",
     "DataPlaneClient",
@@ -55,6 +59,8 @@ FRAME_HEAD = struct.Struct("<QQI")  # request_id, total_bytes, n_tensors; then n
 TICKET_BYTES = 32
 ACCEPTED, REFUSED = b"\x01", b"\x00"
 MAX_FRAME_TENSORS = 4096  # a frame announcing more is malformed
+# a frame head with this request id and no tensors: the server closes the socket on purpose
+CLOSE_FRAME_ID = 2**64 - 1
 _ALIGN = 64
 
 
@@ -79,6 +85,10 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
+class _ClosedByServer(Exception):
+    """The close frame arrived: the server closes this socket because the session or the server ends."""
+
+
 def _data_loss(message: str, request_id: int) -> DraftfeedError:
     err = error_for_code(grpc.StatusCode.DATA_LOSS, message)
     err.request_id = request_id
@@ -94,7 +104,8 @@ class DataPlaneClient:
     reuse_buffers: 0 gives each frame a fresh buffer (its tensors stay valid); K > 0 reuses a ring
         of K buffers, so a frame's tensors are overwritten K frames later (see wire.ReplyAssembler).
     pin_memory: page-locked buffers (fast asynchronous copies to a GPU).
-    on_break(reason): called from the reader thread once when the connection breaks (not on close).
+    on_break(reason): called from the reader thread once when the connection breaks (not when this
+        client closes it, nor when the server closes it with the close frame).
     unclaimed_ttl_s: how long a frame waits for its header, and how long a discarded request id is
         remembered so its late frame is dropped (default: `timeout`).
 
@@ -144,7 +155,8 @@ class DataPlaneClient:
         self.replies = 0  # frames received
         self.bytes = 0  # payload bytes received
         self.dropped = 0  # frames dropped: late (their request was discarded) or never claimed
-        self.broken: str | None = None  # why the connection broke; None while it works
+        self.broken: str | None = None  # why the connection ended; None while it works
+        self.closed_by_server = False  # it ended with the server's close frame: a clean close, not a break
         self._closing = False
         # request id -> (buffer, offsets, sizes, arrival time) of frames no header claimed yet
         self._frames: dict[int, tuple[torch.Tensor | None, list[int], tuple[int, ...], float]] = {}
@@ -172,6 +184,8 @@ class DataPlaneClient:
 
     def _read_frame(self) -> None:
         rid, total, count = FRAME_HEAD.unpack(recv_exact(self.sock, FRAME_HEAD.size))
+        if rid == CLOSE_FRAME_ID and not total and not count:
+            raise _ClosedByServer("closed by the server: its session closed or the server is stopping")
         if count > MAX_FRAME_TENSORS:
             raise ValueError(f"frame {rid} announces {count} tensors (at most {MAX_FRAME_TENSORS})")
         sizes = struct.unpack(f"<{count}Q", recv_exact(self.sock, 8 * count)) if count else ()
@@ -214,17 +228,22 @@ class DataPlaneClient:
             )
 
     def _read(self) -> None:
+        clean = False
         try:
             while True:
                 self._read_frame()
         except Exception as err:  # noqa: BLE001 - any failure ends the connection (OSError, a bad frame)
             reason = str(err) or type(err).__name__
+            clean = isinstance(err, _ClosedByServer)
         with self._cond:
             closing = self._closing
             self.broken = "closed by this client" if closing else reason
+            self.closed_by_server = clean and not closing
             self._cond.notify_all()
         self._shutdown()
-        if not closing:
+        if self.closed_by_server:
+            log.info("data plane %s:%d %s", *self.address, reason)
+        elif not closing:
             log.warning("data plane %s:%d broke: %s", *self.address, reason)
             if self.on_break is not None:
                 self.on_break(reason)

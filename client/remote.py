@@ -13,7 +13,9 @@ Data plane (`data_plane=True`, the default): a session on a single-address URL a
 a TCP data plane (client/dataplane.py) and, when offered, reads reply payloads from that socket,
 2-4x faster than Python gRPC's frames (bench/results/transport-*); control and reply headers stay on
 gRPC. If the data socket cannot be opened or breaks, the session falls back to gRPC frames with one
-warning; re-opening the session (a server restart) opens a new data socket.
+warning; a socket the server closes on purpose (the session closed, the server stopping: its close
+frame) is no break and is logged at INFO only. Re-opening the session (a server restart) opens a new
+data socket.
 
 TLS, mutual TLS and job tokens: `grpcs://` URLs with `ca_file=`, `client_cert=`/`client_key=` and
 `token=` (see client/channel.py); the data plane uses the same TLS settings. One URL may also name several servers behind one balanced
@@ -136,12 +138,18 @@ class _Server:
             )
 
     def data_plane_usable(self) -> bool:
-        """Whether new requests should ask for the data plane; warns once when it broke."""
+        """Whether new requests should ask for the data plane; warns once when it broke (a clean close by
+        the server, which is stopping or closed the session, is logged at INFO only)."""
         data = self.data
         if data is None:
             return False
         if data.usable:
             return True
+        if data.closed_by_server:
+            if not self._data_warned:
+                self._data_warned = True
+                log.info("draftfeed: %s closed this session's data plane (%s)", self.url, data.broken)
+            return False
         self._fall_back(f"its data plane broke ({data.broken})")
         return False
 

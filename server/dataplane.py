@@ -20,7 +20,9 @@ socket of its own (frame format: client/dataplane.py and the proto's "Data plane
   reply goes as gRPC chunk frames instead. A socket lost between that check and the send loses the
   reply: the client's `take` raises UNAVAILABLE (retryable) and its next requests go on gRPC.
 - A socket is closed when its client closes it, when its session closes (CloseSession, expiry,
-  shutdown: `session.closed`), or by `close()`; a frame being written is finished first.
+  shutdown: `session.closed`), or by `close()`; a frame being written is finished first. When its
+  session closed or the server stops, the close frame (`CLOSE_FRAME_ID`, no tensors) goes first, so
+  the client knows it is no break; a socket closed while its session lives gets none.
 
 With TLS configured, the listener uses the gRPC port's certificate and client-CA rules.
 """
@@ -41,7 +43,7 @@ from typing import Any
 
 import torch
 
-from draftfeed.client.dataplane import ACCEPTED, REFUSED, TICKET_BYTES, frame_head, recv_exact
+from draftfeed.client.dataplane import ACCEPTED, CLOSE_FRAME_ID, REFUSED, TICKET_BYTES, frame_head, recv_exact
 from draftfeed.client.wire import chunk_frames, header_frame, reply_parts
 
 from .auth import AccessControl, is_loopback_peer
@@ -100,9 +102,22 @@ class _Connection:
             self.frames += 1
             return True
 
-    def close(self) -> None:
+    def close(self, stopping: bool = False) -> None:
+        """Closes the socket after the frame being written; with the close frame first when the session
+        closed or the server is `stopping` (a clean close the client need not warn about)."""
         with self.lock:
+            if not self.closed and (stopping or self.session.closed):
+                self._say_close()
             self._close_locked()
+
+    def _say_close(self) -> None:
+        """The close frame, without blocking: a client that stopped reading (full buffer) gets none,
+        and then sees a break, as it would without the frame."""
+        try:
+            self.sock.setblocking(False)
+            self.sock.send(frame_head(CLOSE_FRAME_ID, []))
+        except OSError:  # ssl.SSLWantWriteError and BlockingIOError included
+            pass
 
     def _close_locked(self) -> None:
         if self.closed:
@@ -200,7 +215,7 @@ class DataPlaneServer:
             self._conns.clear()
             self._tickets.clear()
         for conn in conns:
-            conn.close()
+            conn.close(stopping=True)
 
     # -- the listener thread ------------------------------------------------------------------
 

@@ -250,8 +250,10 @@ def test_fallback_when_the_data_plane_breaks(server, model):
     with RemoteDFlashTargetModel.from_urls([server.url]) as remote:
         assert_same(remote.generate_batch(*inputs()), local.generate_batch(*inputs()))
         data = _data(remote)
-        server.dataplane.close_session(remote.servers[0].session_id)  # the socket breaks mid-session
+        # the socket goes while its session lives (no close frame): a break
+        server.dataplane.close_session(remote.servers[0].session_id)
         _wait(lambda: not data.usable)
+        assert not data.closed_by_server
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for s in range(3):
@@ -270,12 +272,15 @@ def test_server_restart_reopens_the_data_plane_and_drain_closes_it(model):
     before = remote.generate_batch(*inputs())
     old = _data(remote)
     assert old.replies == 1
-    first.stop(grace=5)  # the drain closes the data socket after the replies
+    first.stop(grace=5)  # the drain closes the data socket after the replies, with the close frame
     _wait(lambda: not old.usable)
+    assert old.closed_by_server  # a clean close, not a break
     second = start_server(model, port=port)
     try:
-        with pytest.warns(UserWarning, match="data plane broke"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             after = remote.generate_batch(*inputs())  # NOT_FOUND -> re-open (new data plane) -> retry
+        assert not [str(w.message) for w in caught if "data plane" in str(w.message)]
         assert_same(before, after)
         assert _data(remote) is not old and _data(remote).usable
         assert_same(remote.generate_batch(*inputs()), before)
@@ -502,3 +507,39 @@ def test_idle_connections_cannot_pile_up(caplog):
         for sock in idle:
             sock.close()
         plane.close()
+
+
+def test_a_normal_server_stop_is_a_clean_close_not_a_break(model, caplog):
+    """A server that stops (drain, then its sockets close) says so on the data plane before closing it:
+    a two-URL client fails over to the other server without any 'data plane broke' warning or log line
+    (it logs the clean close at INFO); `test_fallback_when_the_data_plane_breaks` keeps the warning for a
+    socket closed while its session lives."""
+    caplog.set_level(logging.INFO, logger="draftfeed.client")
+    a, b = start_server(model), start_server(model)
+    local = HFDFlashTargetModel(model)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with RemoteDFlashTargetModel.from_urls([a.url, b.url]) as remote:
+                on_a = remote.servers[0].data
+                for s in range(2):  # one request on each server, both over their data planes
+                    assert_same(remote.generate_batch(*inputs(seed=s)), local.generate_batch(*inputs(seed=s)))
+                assert on_a.replies == 1 and remote.servers[1].data.replies == 1
+                a.stop(grace=5)
+                _wait(lambda: not on_a.usable)
+                assert on_a.closed_by_server and "server" in on_a.broken
+                for s in range(4):  # a's turns fail over to b
+                    assert_same(remote.generate_batch(*inputs(seed=s)), local.generate_batch(*inputs(seed=s)))
+                assert remote.servers[1].data.usable
+        broke = [str(w.message) for w in caught if "broke" in str(w.message)]
+        assert not broke, broke
+        warned = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and "data plane" in r.getMessage()
+        ]
+        assert not warned, warned
+        assert "closed this session's data plane" in caplog.text
+    finally:
+        a.stop(grace=0)
+        b.stop(grace=0)
