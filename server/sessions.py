@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +97,7 @@ class SessionTable:
         self.vocab_size = vocab_size
         self.device = device
         self._sessions: dict[str, Session] = {}
+        self.finished: deque[Session] = deque(maxlen=256)  # the latest closed sessions, for reports
         self._lock = threading.Lock()
 
     def open(
@@ -159,6 +161,7 @@ class SessionTable:
         if session is None:
             raise NotFound(f"unknown session {session_id!r}: already closed or never opened")
         session.closed = True
+        self.finished.append(session)
         log.info(
             "session closed: %s job=%s tokens=%d requests=%d",
             session_id[:8],

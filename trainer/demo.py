@@ -233,6 +233,10 @@ def run_demo_train(s: DemoSettings = DemoSettings(), out: str | None = None) -> 
         train_s = time.perf_counter() - start
     finally:
         server.stop(grace=1)
+    served = {}  # job name -> (tokens, bytes) the server sent it, over all its sessions
+    for sess in [*server.sessions.finished, *server.sessions.list()]:
+        t, b = served.get(sess.job_name, (0, 0))
+        served[sess.job_name] = (t + sess.stats.tokens, b + sess.stats.bytes_sent)
     prompts = load_prompt_sets(["mtbench"], tokenizer, s.eval_prompts)["mtbench"]
     rows = measure_exports(
         model, tokenizer, {NAMES[a]: out_dir / a / "export" for a in algorithms}, prompts,
@@ -245,7 +249,12 @@ def run_demo_train(s: DemoSettings = DemoSettings(), out: str | None = None) -> 
     )
     for a in algorithms:
         r = results[a]
-        print(f"  {NAMES[a]:8s} {r.steps} steps, {r.tokens:,} tokens in {r.seconds:.0f} s")
+        tokens, nbytes = served.get(cfgs[a].target.job_name, (0, 0))
+        print(
+            f"  {NAMES[a]:8s} {r.steps} steps, {r.tokens:,} tokens in {r.seconds:.0f} s; server sent "
+            f"{tokens:,} tokens ({tokens / max(r.seconds, 1e-9):,.0f} tok/s, "
+            f"{nbytes / max(tokens, 1):,.0f} bytes/token)"
+        )
     print(f"  ({train_s:.0f} s with loading, data regeneration and both jobs)")
     print(f"\ntau on {len(prompts)} MT-Bench prompts (greedy, {s.eval_max_new_tokens} new tokens each):")
     print(f"  {'draft':8s}  {'proposal':16s}  {'max tau':>7s}  {'untrained':>9s}  {'trained':>7s}")
