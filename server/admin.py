@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from draftfeed.client.errors import PermissionDenied
 
-from .nemo_http import http_peer
+from .nemo_http import http_peer, stop_uvicorn
 from .status import StatusHistory, status_json, status_page, status_page_csp
 
 __all__ = ["build_admin_app", "AdminServer", "prometheus_text", "sessions_json"]
@@ -193,5 +193,4 @@ class AdminServer:
         return self
 
     def stop(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(10)
+        stop_uvicorn(self.uvicorn, self.thread, 10.0)

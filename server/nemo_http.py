@@ -575,6 +575,17 @@ class NemoHTTPServer:
         return self
 
     def stop(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(self.grace_s + 5)
+        stop_uvicorn(self.uvicorn, self.thread, self.grace_s)
         self.clients.close_all()
+
+
+def stop_uvicorn(server: uvicorn.Server, thread: threading.Thread, grace_s: float) -> None:
+    """Stop listening, let the requests in flight finish (up to `grace_s`), then close every connection
+    at once: an idle keep-alive TLS connection would otherwise hold the server for asyncio's 30 s TLS
+    shutdown timeout (measured: 30.1 s per stop with one NeMo client connected over TLS, 1.0 s after)."""
+    server.should_exit = True
+    deadline = time.monotonic() + grace_s
+    while thread.is_alive() and server.server_state.tasks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.force_exit = True
+    thread.join(5)
