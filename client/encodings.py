@@ -34,6 +34,7 @@ rebuilds `target_probs` with `latent_target_probs`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -551,22 +552,30 @@ def _parse(name: str) -> tuple[str, dict, str]:
 
 def get_encoding(name: str, kind: str) -> Encoding:
     """The encoding `name` (e.g. 'fp8', 'topk:64') for tensor kind `kind`, or InvalidArgument."""
+    return _get_encoding(str(name), kind)
+
+
+@functools.lru_cache(maxsize=256)  # called per field of every reply; an error is not cached
+def _get_encoding(name: str, kind: str) -> Encoding:
     if kind not in KINDS:
         raise InvalidArgument(f"unknown tensor kind {kind!r}; expected one of {', '.join(KINDS)}")
-    supported = ", ".join(supported_encodings()[kind])
+
+    def supported() -> str:
+        return ", ".join(supported_encodings()[kind])
+
     try:
         base, params, canonical = _parse(name)
     except ValueError as e:
-        raise InvalidArgument(f"{e}; supported for tensor kind '{kind}': {supported}") from None
+        raise InvalidArgument(f"{e}; supported for tensor kind '{kind}': {supported()}") from None
     kinds = SUPERVISION_MODES[base] if base in SUPERVISION_MODES else CODECS[base].kinds
     if kind not in kinds:
         raise InvalidArgument(
-            f"encoding {name!r} is not supported for tensor kind '{kind}'; supported: {supported}"
+            f"encoding {name!r} is not supported for tensor kind '{kind}'; supported: {supported()}"
         )
     if base in CODECS and not CODECS[base].available():
         raise InvalidArgument(
             f"encoding {name!r} needs the Python package '{CODECS[base].requires}', which is not installed "
-            f"here; supported for tensor kind '{kind}': {supported}"
+            f"here; supported for tensor kind '{kind}': {supported()}"
         )
     return Encoding(canonical, kind, base, params)
 
