@@ -1,7 +1,7 @@
 #!/bin/bash
 # Every GPU measurement of issues 5 and 6 in ONE device call (H100), written under $OUT:
 #   1. GPU proof that nothing after the forward syncs (tests/test_host_syncs.py, test_encodings' GPU test)
-#   2. issue 5: aggregate supervision tok/s for 1, 2, 4, 8 jobs (B=1, S=1024 and 4096) on the default target
+#   2. issue 5: aggregate supervision tok/s for 1, 2, 4, 8 jobs (B=1, S=1024 and 4096, data plane; 2b: gRPC frames) on the default target
 #      and on Llama-3.2-1B dims, vs one job alone and vs lock-per-request, GPU busy fraction, plain forward
 #   3. issue 6: latent+fp8 server tok/s as a fraction of the plain forward (default target, 1B, 8B dims)
 #   4. issue 6: trainer-side decode of `latent` vs one EAGLE-3 draft training step (bench/decode_cost.py)
@@ -49,10 +49,11 @@ PLAN (estimated seconds; budget $BUDGET_S s of command time, ~1-2 min more for t
   1 GPU sync tests (tiny model, 2 files)                                     ~45
   2 serving: $DEFAULT + llama-3.2-1b-dims, S=1024,4096, jobs 1,2,4,8 + lock@4,
     latent+fp8 (20 runs ~3 s, 2 builds, plain fwd at B=1..8, 8 spawns)     ~120
+  2b the same over gRPC frames, jobs 1,4,8 (no lock runs)                   ~40
   3 serving: llama-3.1-8b-dims, S=1024,4096, jobs 1,4, latent+fp8 (4 runs)  ~70
   4 decode_cost: 3 dims, B=1 S=2048, 10 timed steps each                    ~40
   5 summary                                                                 ~5
-  total                                                                      ~280
+  total                                                                      ~320
 EOF
 
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }

@@ -1,7 +1,9 @@
 """Serving throughput: aggregate supervision tokens/s for 1-8 concurrent jobs against one server.
 
 Each job is a separate client process that streams EAGLE-3 requests (B=1, S tokens, draft vocab
-32000) and receives the full reply (no decode: this measures what the server delivers). Compared,
+32000; WINDOW in flight, like a trainer's prefetch) on one GenerateStream and receives the full reply
+(no decode: this measures what the server delivers), its payload on the TCP data plane
+(`--transport dataplane`, the client's default) or in gRPC frames (`--transport grpc`). Compared,
 in the same run: one job alone; the lock-per-request design (all jobs share one lock around each
 request, so the server serves one request at a time and the GPU waits while it is sent); and the
 plain forward of the same target at the same batch shape. Targets use random weights (speed does
