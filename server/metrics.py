@@ -65,9 +65,9 @@ class BusyTime:
             if start is not None:
                 self._add(start, end)
 
-    def between(self, t0: float, t1: float | None = None) -> float:
-        """Busy seconds inside [t0, t1] (t1 default now): at most t1 - t0."""
-        now = time.perf_counter()
+    def between(self, t0: float, t1: float | None = None, now: float | None = None) -> float:
+        """Busy seconds inside [t0, t1] (t1 default now; `now` default the clock): at most t1 - t0."""
+        now = time.perf_counter() if now is None else now
         t1 = now if t1 is None else min(t1, now)
         with self._lock:
             spans = list(zip(self._starts, self._ends, strict=True))
@@ -85,9 +85,9 @@ class BusyTime:
             total += folded if t1 >= horizon else 0.0
         return min(total, max(t1 - t0, 0.0))
 
-    def total(self) -> float:
-        """Busy seconds since `since`."""
-        return self.between(self.since)
+    def total(self, now: float | None = None) -> float:
+        """Busy seconds since `since`, up to `now` (default the clock)."""
+        return self.between(self.since, now=now)
 
 
 @dataclass

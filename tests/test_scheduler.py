@@ -187,7 +187,9 @@ def test_busy_time_counts_a_running_interval_up_to_now_and_folds_old_ones():
     now = time.perf_counter()
     busy = BusyTime(since=now - 10.0, keep_s=1.0)
     busy.open("span", now - 2.0)
-    assert 1.9 <= busy.total() <= 2.0 + (time.perf_counter() - now)
+    assert busy.total(now=now) == pytest.approx(2.0)  # the running interval counts up to now
+    assert busy.total(now=now + 0.5) == pytest.approx(2.5)
+    assert 2.0 <= busy.total() <= 2.0 + (time.perf_counter() - now)  # the default `now` is the clock
     busy.close("span", now - 1.0)
     assert busy.total() == pytest.approx(1.0)
     for k in range(5):  # old intervals fold into a total, the newest stay
