@@ -8,17 +8,15 @@ or publish it for monitoring hosts only."""
 
 from __future__ import annotations
 
-import threading
 import time
 from contextlib import asynccontextmanager
 
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from draftfeed.client.errors import PermissionDenied
 
-from .nemo_http import http_peer, stop_uvicorn
+from .http_thread import UvicornThread, http_peer
 from .status import StatusHistory, status_json, status_page, status_page_csp
 
 __all__ = ["build_admin_app", "AdminServer", "prometheus_text", "sessions_json"]
@@ -173,24 +171,8 @@ def build_admin_app(server) -> FastAPI:
     return app
 
 
-class AdminServer:
-    """uvicorn in a background thread; `port` is the bound port (0 picks a free one)."""
+class AdminServer(UvicornThread):
+    """The admin app of `server` on its own port (server/http_thread.py)."""
 
     def __init__(self, server, host: str, port: int):
-        self.config = uvicorn.Config(build_admin_app(server), host=host, port=port, log_level="warning")
-        self.uvicorn = uvicorn.Server(self.config)
-        self.thread = threading.Thread(target=self.uvicorn.run, name="draftfeed-admin", daemon=True)
-        self.port = port
-
-    def start(self) -> AdminServer:
-        self.thread.start()
-        deadline = time.time() + 15
-        while not self.uvicorn.started and time.time() < deadline and self.thread.is_alive():
-            time.sleep(0.02)
-        if not self.uvicorn.started:
-            raise OSError(f"the admin HTTP server did not start on {self.config.host}:{self.config.port}")
-        self.port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def stop(self) -> None:
-        stop_uvicorn(self.uvicorn, self.thread, 10.0)
+        super().__init__(build_admin_app(server), host, port, name="draftfeed-admin")

@@ -220,7 +220,7 @@ class TargetServer:
 def _banner(server: TargetServer) -> str:
     admin = ""
     if server.admin is not None:
-        admin = f", admin on {'https' if server.cfg.tls else 'http'}://{server.cfg.host}:{server.admin.port}"
+        admin = f", admin on {server.admin.url}"
     tls = " (mutual TLS)" if server.cfg.tls_client_ca else (" (TLS)" if server.cfg.tls else "")
     nemo = f", NeMo HTTP on {server.nemo_http.url}" if server.nemo_http is not None else ""
     data = f", data plane on port {server.dataplane.port}" if server.dataplane is not None else ""

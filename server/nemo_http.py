@@ -51,7 +51,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -70,6 +69,7 @@ from draftfeed.client.payload import decode_fields
 from .auth import Caller
 from .checks import check_generate_inputs
 from .features import TokenBatch
+from .http_thread import UvicornThread, http_peer
 from .nemo_blob import BlobLimits, BlobTooLarge, blob_segments, decode_blob
 from .sessions import Session
 
@@ -222,15 +222,6 @@ class NemoClients:
         except NotFound:
             pass
         self.server.scheduler.cancel_session(session.id)
-
-
-def http_peer(request: Request) -> str:
-    """The request's peer as a gRPC peer string (`ipv4:HOST:PORT`, `ipv6:[HOST]:PORT`) for the access rules."""
-    client = request.scope.get("client")
-    if not client:
-        return "unknown:"
-    host, port = client[0], client[1]
-    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
 def http_token(request: Request) -> str | None:
@@ -425,8 +416,8 @@ def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> 
         check_generate_inputs(
             tb.input_ids, tb.attention_mask, tb.loss_mask, vocab_size=info.vocab_size, limits=limits
         )
-        admit = functools.partial(server.access.admit, request.state.caller)
-        reply = await _result(session, await _submit(server.scheduler, session, tb, queue_wait_s, admit))
+        charge = functools.partial(server.access.charge, request.state.caller)
+        reply = await _result(session, await _submit(server.scheduler, session, tb, queue_wait_s, charge))
         if reply.ready is not None:
             await run_in_threadpool(reply.wait)
         fields = decode_fields(reply.tensors, reply.meta)
@@ -478,21 +469,17 @@ def _expect_keys(blob: dict, keys: tuple[str, ...], endpoint: str) -> None:
         )
 
 
-async def _submit(scheduler, session: Session, tb: TokenBatch, wait_s: float, admit=None):
-    """Charge the request to its job's quota (`admit(tokens) -> release`, server/auth.py) and queue it;
-    while the job is over quota or the shared queue is full, wait (their client does not retry a
-    refusal), up to `wait_s`."""
+async def _submit(scheduler, session: Session, tb: TokenBatch, wait_s: float, charge=None):
+    """Queue the request, charged to its job's quota (`charge(tokens, submit)`, server/auth.py); while
+    the job is over quota or the shared queue is full, wait (their client does not retry a refusal),
+    up to `wait_s`."""
     loop = asyncio.get_running_loop()
     deadline, delay = loop.time() + wait_s, 0.01
+    submit = functools.partial(scheduler.submit, session, tb)
     while True:
-        release = None
         try:
-            if admit is not None:
-                release = admit(tb.input_ids.numel())
-            future = scheduler.submit(session, tb)
+            return charge(tb.input_ids.numel(), submit) if charge is not None else submit()
         except ResourceExhausted as err:
-            if release is not None:
-                release(refund=True)
             hinted = getattr(err, "retry_after_s", None)
             pause = delay if hinted is None else max(hinted, 0.01)
             if loop.time() + pause > deadline:
@@ -504,10 +491,6 @@ async def _submit(scheduler, session: Session, tb: TokenBatch, wait_s: float, ad
                 raise Unavailable(f"{what} for {wait_s:.0f} s ({err})") from None
             await asyncio.sleep(pause)
             delay = min(2 * delay, 0.5)
-            continue
-        if release is not None:
-            future.add_done_callback(lambda _f, done=release: done())
-        return future
 
 
 async def _result(session: Session, future):
@@ -527,9 +510,9 @@ async def _result(session: Session, future):
     )
 
 
-class NemoHTTPServer:
-    """uvicorn serving the NeMo protocol for `target_server` in a background thread; `port` is the
-    bound port after `start()` (0 picks a free one). `stop()` closes the sessions it opened."""
+class NemoHTTPServer(UvicornThread):
+    """The NeMo protocol for `target_server` on its own port (server/http_thread.py); `stop()` also
+    closes the sessions it opened."""
 
     def __init__(
         self,
@@ -544,48 +527,16 @@ class NemoHTTPServer:
     ):
         self.clients = NemoClients(target_server, keep_alive_s, max_clients)
         self.app = build_nemo_app(target_server, self.clients, queue_wait_s)
-        self.config = uvicorn.Config(
-            self.app,
-            host=host,
-            port=port,
-            log_level="warning",
-            timeout_keep_alive=int(keep_alive_s),
-            timeout_graceful_shutdown=int(grace_s),
-        )
-        self.uvicorn = uvicorn.Server(self.config)
-        self.thread = threading.Thread(target=self.uvicorn.run, name="draftfeed-nemo-http", daemon=True)
-        self.host = host
-        self.port = port
-        self.grace_s = grace_s
-
-    @property
-    def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]") else self.host
-        return f"{'https' if self.config.ssl_certfile else 'http'}://{host}:{self.port}"
+        super().__init__(
+            self.app, host, port, name="draftfeed-nemo-http", grace_s=grace_s,
+            timeout_keep_alive=int(keep_alive_s), timeout_graceful_shutdown=int(grace_s),
+        )  # fmt: skip
 
     def start(self) -> NemoHTTPServer:
-        self.thread.start()
-        deadline = time.time() + 15
-        while not self.uvicorn.started and time.time() < deadline and self.thread.is_alive():
-            time.sleep(0.02)
-        if not self.uvicorn.started:
-            raise OSError(f"the NeMo HTTP server did not start on {self.config.host}:{self.config.port}")
-        self.port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
+        super().start()
         log.info("NeMo remote-target HTTP protocol on %s", self.url)
         return self
 
     def stop(self) -> None:
-        stop_uvicorn(self.uvicorn, self.thread, self.grace_s)
+        super().stop()
         self.clients.close_all()
-
-
-def stop_uvicorn(server: uvicorn.Server, thread: threading.Thread, grace_s: float) -> None:
-    """Stop listening, let the requests in flight finish (up to `grace_s`), then close every connection
-    at once: an idle keep-alive TLS connection would otherwise hold the server for asyncio's 30 s TLS
-    shutdown timeout (measured: 30.1 s per stop with one NeMo client connected over TLS, 1.0 s after)."""
-    server.should_exit = True
-    deadline = time.monotonic() + grace_s
-    while thread.is_alive() and server.server_state.tasks and time.monotonic() < deadline:
-        time.sleep(0.05)
-    server.force_exit = True
-    thread.join(5)
