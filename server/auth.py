@@ -28,6 +28,8 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
@@ -285,6 +287,18 @@ class AccessControl:
                     bucket.refund(tokens)
 
         return release
+
+    def charge(self, caller: Caller, tokens: int, submit: Callable[[], Future]) -> Future:
+        """`submit()` (queueing a request) with `tokens` charged to the caller's job (`admit`): refunded
+        when the submit raises, released when the request's future is done."""
+        release = self.admit(caller, tokens)
+        try:
+            future = submit()
+        except BaseException:
+            release(refund=True)
+            raise
+        future.add_done_callback(lambda _f: release())
+        return future
 
     def in_flight(self, job: str) -> int:
         with self._lock:

@@ -213,13 +213,7 @@ class TargetServicer:
             vocab_size=self.info.vocab_size,
             limits=self.limits,
         )
-        release = self.access.admit(caller, tb.input_ids.numel())
-        try:
-            future = self.scheduler.submit(session, tb)
-        except BaseException:
-            release(refund=True)
-            raise
-        future.add_done_callback(lambda _f: release())
+        future = self.access.charge(caller, tb.input_ids.numel(), lambda: self.scheduler.submit(session, tb))
         return session, future
 
     def _frames(self, request_id, session, future, data_plane, context):
