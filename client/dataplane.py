@@ -12,7 +12,7 @@ can be viewed as any dtype without a copy). The gRPC reply of such a request is 
 `wire.ReplyAssembler(data_plane=...)` matches it to the frame by request id (`take`). Several
 requests may be in flight: frames wait by request id until their header claims them.
 
-Late frames: the server writes a frame before it answers on gRPC, so a request whose call failed or
+Late frames: a frame travels apart from its gRPC reply header, so a request whose call failed or
 timed out on the client (`discard`, or a `take` that gave up) may still get its frame afterwards.
 Such a request id is remembered for `unclaimed_ttl_s` and its frame is dropped when it comes; a
 frame no header claimed within `unclaimed_ttl_s` is dropped too (with a warning). So frames nobody

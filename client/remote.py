@@ -146,17 +146,19 @@ class _Server:
         if data.usable:
             return True
         if data.closed_by_server:
-            if not self._data_warned:
-                self._data_warned = True
-                log.info("draftfeed: %s closed this session's data plane (%s)", self.url, data.broken)
-            return False
-        self._fall_back(f"its data plane broke ({data.broken})")
+            self._fall_back(f"it closed this session's data plane ({data.broken})", clean=True)
+        else:
+            self._fall_back(f"its data plane broke ({data.broken})")
         return False
 
-    def _fall_back(self, why: str) -> None:
+    def _fall_back(self, why: str, clean: bool = False) -> None:
+        """Says once per session that replies go on gRPC: a warning, or at INFO for a clean close."""
         if not self._data_warned:
             self._data_warned = True
             message = f"draftfeed: {self.url}: {why}; this session's replies go on gRPC from now on"
+            if clean:
+                log.info(message)
+                return
             log.warning(message)
             warnings.warn(message, stacklevel=4)
 

@@ -280,18 +280,11 @@ class BatchScheduler:
         try:
             self._serve(works)
         except torch.OutOfMemoryError:
+            if len(works) == 1:
+                self._fail_out_of_memory(works[0], "running")
+                return
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if len(works) == 1:
-                w = works[0]
-                b, s = w.tb.input_ids.shape
-                self._fail(
-                    w,
-                    ResourceExhausted(
-                        f"out of device memory for one request of {b}x{s} tokens; send smaller batches"
-                    ),
-                )
-                return
             self.metrics.oom_splits += 1
             log.warning("out of memory on a batch of %d requests; splitting it", len(works))
             half = len(works) // 2
@@ -301,6 +294,18 @@ class BatchScheduler:
             log.exception("batch of %d requests failed", len(works))
             for w in works:
                 self._fail(w, err)
+
+    def _fail_out_of_memory(self, w: _Work, doing: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        b, s = w.tb.input_ids.shape
+        self._fail(
+            w,
+            ResourceExhausted(
+                f"out of device memory {doing} one request of {b}x{s} tokens; send smaller batches "
+                "or retry when the server is less busy"
+            ),
+        )
 
     def _fail(self, w: _Work, err: BaseException) -> None:
         w.session.stats.in_flight -= 1
@@ -380,9 +385,8 @@ class BatchScheduler:
         stream = self._post_stream
         if stream is not None:
             stream.wait_event(item.done)
-            for t in _device_tensors(
-                item.cap, item.tbs
-            ):  # freed here while the post stream may still read them
+            # allocated on the compute stream, freed here: not reused before the post stream read them
+            for t in _device_tensors(item.cap, item.tbs):
                 t.record_stream(stream)
             start_ev = self._gpu_span(stream)
         p0 = time.perf_counter()
@@ -399,16 +403,7 @@ class BatchScheduler:
                     )
                     reply = self._to_host(pending, w)
                 except torch.OutOfMemoryError:
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    b, s = tb.input_ids.shape
-                    self._fail(
-                        w,
-                        ResourceExhausted(
-                            f"out of device memory encoding the reply of a {b}x{s} request; "
-                            "send smaller batches or retry when the server is less busy"
-                        ),
-                    )
+                    self._fail_out_of_memory(w, "encoding the reply of")
                     continue
                 except Exception as err:  # this request's post-processing failed: it fails alone
                     log.exception("post-processing a request of job %r failed", w.session.job_name)
