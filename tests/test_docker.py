@@ -193,6 +193,14 @@ TRAIN_FLAGS = {
 }
 
 
+def start_serve_entrypoint(env: dict, log_path) -> subprocess.Popen:
+    """docker/serve.sh (the server image's entrypoint) on CPU, its output written to `log_path`."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [str(DOCKER / "serve.sh"), "--device", "cpu"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
 def _wait_healthy(server, server_env, timeout=120):
     deadline = time.time() + timeout
     healthy = None
@@ -234,13 +242,7 @@ def test_entrypoints_run_the_compose_jobs(tmp_path, default_target):
         DRAFTFEED_TOKEN_FILE=str(secrets / "tokens.yaml"),  # compose: the server-tokens secret
     )
     log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [str(DOCKER / "serve.sh"), "--device", "cpu"],
-            env=server_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    server = start_serve_entrypoint(server_env, log_path)
     trainers = {}
     try:
         _wait_healthy(server, server_env)

@@ -120,21 +120,27 @@ def test_sigterm_finishes_every_request_in_flight(tiny_dirs, model):
         served.kill()
 
 
+def unread_stream(url: str, n: int):
+    """(channel, call): a stream of `n` requests whose big replies (~13 MB each) nobody reads, so a
+    draining server waits on flow control."""
+    channel = grpc.insecure_channel(parse_target(url).address)
+    stub = TargetStub(channel)
+    sid = stub.OpenSession(pb.OpenSessionRequest(algorithm="dflash", capture_logits=True)).session_id
+    ids, attn, loss = inputs(b=64, s=256)
+    request = pb.GenerateRequest(
+        session_id=sid,
+        input_ids=tensor_to_proto(ids),
+        attention_mask=tensor_to_proto(attn),
+        loss_mask=tensor_to_proto(loss),
+    )
+    return channel, stub.GenerateStream(iter([request] * n))
+
+
 def test_second_sigterm_exits_at_once(tiny_dirs):
     served = Served(tiny_dirs("llama"), "--grace-seconds", "60")
     try:
         # a stream whose big replies nobody reads keeps the drain waiting on flow control
-        channel = grpc.insecure_channel(parse_target(served.url).address)
-        stub = TargetStub(channel)
-        sid = stub.OpenSession(pb.OpenSessionRequest(algorithm="dflash", capture_logits=True)).session_id
-        ids, attn, loss = inputs(b=64, s=256)
-        request = pb.GenerateRequest(
-            session_id=sid,
-            input_ids=tensor_to_proto(ids),
-            attention_mask=tensor_to_proto(attn),
-            loss_mask=tensor_to_proto(loss),
-        )
-        call = stub.GenerateStream(iter([request] * 4))
+        channel, call = unread_stream(served.url, 4)
         time.sleep(1.5)
         served.proc.send_signal(signal.SIGTERM)
         served.wait_for("draining")
@@ -216,17 +222,7 @@ def test_a_draining_server_sends_new_requests_to_the_other_url(model):
     try:
         local = HFDFlashTargetModel(model)
         remote = RemoteDFlashTargetModel.from_urls([a.url, b.url])
-        channel = grpc.insecure_channel(parse_target(a.url).address)
-        stub = TargetStub(channel)
-        sid = stub.OpenSession(pb.OpenSessionRequest(algorithm="dflash", capture_logits=True)).session_id
-        ids, attn, loss = inputs(b=64, s=256)
-        request = pb.GenerateRequest(
-            session_id=sid,
-            input_ids=tensor_to_proto(ids),
-            attention_mask=tensor_to_proto(attn),
-            loss_mask=tensor_to_proto(loss),
-        )
-        call = stub.GenerateStream(iter([request] * 3))  # ~13 MB replies each, never read
+        channel, call = unread_stream(a.url, 3)
         time.sleep(1.0)
         stopper = threading.Thread(target=a.stop, kwargs={"grace": 60})
         stopper.start()

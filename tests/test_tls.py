@@ -226,7 +226,7 @@ def test_entrypoints_with_mutual_tls(tmp_path, tiny_dirs, pki):
     import subprocess
     import sys
 
-    from test_docker import DOCKER, _free_port, _wait_healthy
+    from test_docker import DOCKER, _free_port, _wait_healthy, start_serve_entrypoint
 
     port, data_port, admin_port = _free_port(), _free_port(), _free_port()
     server_env = dict(
@@ -251,13 +251,7 @@ def test_entrypoints_with_mutual_tls(tmp_path, tiny_dirs, pki):
         DRAFTFEED_HEALTH_CLIENT_KEY=pki["client_key"],
     )
     log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [str(DOCKER / "serve.sh"), "--device", "cpu"],
-            env=server_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    server = start_serve_entrypoint(server_env, log_path)
     try:
         _wait_healthy(server, probe_env)
         assert "(mutual TLS)" in log_path.read_text()
