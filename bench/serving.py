@@ -89,6 +89,33 @@ def plain_forward_tps(model, batch: int, seq: int, iters: int = 5) -> float:
     return batch * seq * iters / (time.perf_counter() - start)
 
 
+@torch.inference_mode()
+def plain_graphed_tps(model, batch: int, seq: int, iters: int = 5) -> float:
+    """The same plain forward replayed from a CUDA graph (an unpadded causal batch, sdpa is_causal as
+    in eager): what the target costs on this GPU without Python's launch overhead. NaN on CPU."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    from draftfeed.server.causal_mask import no_padding
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=model.device)
+    ones = torch.ones_like(ids)
+    with no_padding():
+        model(ids, attention_mask=ones)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            model(ids, attention_mask=ones)
+    graph.replay()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        graph.replay()
+    _sync()
+    tps = batch * seq * iters / (time.perf_counter() - start)
+    del graph
+    torch.cuda.empty_cache()
+    return tps
+
+
 def _job_worker(index, tasks, lock, out):
     """One training job's process, reused across runs: for each task open a session, send one
     warm-up request, report ready, wait for "go", stream the requests, report (tokens, s, bytes)."""
@@ -233,6 +260,9 @@ def main(argv=None) -> list[dict]:
         "--transport", default="dataplane", choices=("dataplane", "grpc"),
         help="where reply payloads travel: the TCP data plane (the client's default) or gRPC frames",
     )  # fmt: skip
+    ap.add_argument(
+        "--graphs", default="on", help="server CUDA graphs: on, off, or off,on (both, in the same run)"
+    )
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     from draftfeed.server.app import TargetServer
@@ -252,48 +282,68 @@ def main(argv=None) -> list[dict]:
             vocab = model.config.vocab_size
             for seq in (int(s) for s in args.seqs.split(",")):
                 requests = max(2, args.tokens_per_job // seq)
-                cfg = ServeConfig(
-                    port=0, max_batch_tokens=max(jobs_list) * seq, limits=Limits(max_seq_len=8192)
-                )
-                server = TargetServer(cfg, model=model).start()
-                try:
-                    fwd = {j: plain_forward_tps(model, j, seq) for j in sorted({1, *jobs_list})}
-                    for enc in args.encodings.split(","):
-                        base = None
-                        for jobs in jobs_list:
-                            r = pool.run(
-                                server, vocab, seq, jobs, requests, ENCODINGS[enc], transport=args.transport
-                            )
-                            base = base or r
-                            lock = None
-                            if jobs in lock_jobs:
-                                lock = pool.run(
-                                    server, vocab, seq, jobs, requests, ENCODINGS[enc], lockstep=True,
-                                    transport=args.transport,
-                                )  # fmt: skip
-                            row = dict(
-                                target=tname, seq=seq, enc=enc, transport=args.transport, jobs=jobs, tok_s=r["tok_s"], busy=r["busy"],
-                                bpt=r["bytes_per_token"], vs_one=r["tok_s"] / base["tok_s"],
-                                lock_tok_s=lock["tok_s"] if lock else float("nan"),
-                                lock_busy=lock["busy"] if lock else float("nan"),
-                                fwd1=fwd[1], fwdj=fwd[jobs], frac=r["tok_s"] / fwd[jobs], wall_s=r["wall_s"],
-                            )  # fmt: skip
-                            rows.append(row)
-                            print(
-                                f"{tname:18s} S={seq:5d} {enc:10s} jobs={jobs}: {r['tok_s']:9,.0f} tok/s "
-                                f"({row['vs_one']:.2f}x one job, lock-per-request {row['lock_tok_s']:8,.0f}), "
-                                f"busy {r['busy']:.2f}, {row['bpt']:8,.0f} B/tok, plain fwd B={jobs} "
-                                f"{fwd[jobs]:9,.0f} -> {row['frac']:.2f}x ({r['wall_s']:.1f} s)",
-                                flush=True,
-                            )
-                finally:
-                    server.stop(grace=1)
+                fwd = {j: plain_forward_tps(model, j, seq) for j in sorted({1, *jobs_list})}
+                fwd_graph = {j: plain_graphed_tps(model, j, seq) for j in sorted({1, *jobs_list})}
+                for graphs in args.graphs.split(","):
+                    cfg = ServeConfig(
+                        port=0, max_batch_tokens=max(jobs_list) * seq, limits=Limits(max_seq_len=8192),
+                        cuda_graphs=graphs == "on",
+                    )  # fmt: skip
+                    server = TargetServer(cfg, model=model).start()
+                    try:
+                        rows += _serve_runs(pool, server, tname, vocab, seq, requests, jobs_list, lock_jobs,
+                                            fwd, fwd_graph, graphs, args)  # fmt: skip
+                    finally:
+                        server.stop(grace=1)
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     finally:
         pool.close()
     write(rows, device, args)
+    return rows
+
+
+def _serve_runs(
+    pool, server, tname, vocab, seq, requests, jobs_list, lock_jobs, fwd, fwd_graph, graphs, args
+):
+    rows = []
+    for enc in args.encodings.split(","):
+        base = None
+        for jobs in jobs_list:
+            # untimed first: the batch shapes this many jobs make get their CUDA graphs captured here
+            pool.run(server, vocab, seq, jobs, min(requests, 6), ENCODINGS[enc], transport=args.transport)
+            r = pool.run(server, vocab, seq, jobs, requests, ENCODINGS[enc], transport=args.transport)
+            base = base or r
+            lock = None
+            if jobs in lock_jobs:
+                lock = pool.run(
+                    server,
+                    vocab,
+                    seq,
+                    jobs,
+                    requests,
+                    ENCODINGS[enc],
+                    lockstep=True,
+                    transport=args.transport,
+                )
+            row = dict(
+                target=tname, seq=seq, enc=enc, transport=args.transport, graphs=graphs, jobs=jobs,
+                tok_s=r["tok_s"], busy=r["busy"], bpt=r["bytes_per_token"], vs_one=r["tok_s"] / base["tok_s"],
+                lock_tok_s=lock["tok_s"] if lock else float("nan"),
+                lock_busy=lock["busy"] if lock else float("nan"),
+                fwd1=fwd[1], fwdj=fwd[jobs], frac=r["tok_s"] / fwd[jobs],
+                fwd_graph=fwd_graph[jobs], frac_graph=r["tok_s"] / fwd_graph[jobs], wall_s=r["wall_s"],
+            )  # fmt: skip
+            rows.append(row)
+            print(
+                f"{tname:18s} S={seq:5d} {enc:10s} graphs={graphs:3s} jobs={jobs}: {r['tok_s']:9,.0f} tok/s "
+                f"({row['vs_one']:.2f}x one job, lock-per-request {row['lock_tok_s']:8,.0f}), "
+                f"busy {r['busy']:.2f}, {row['bpt']:8,.0f} B/tok, plain fwd B={jobs} "
+                f"{fwd[jobs]:9,.0f} -> {row['frac']:.2f}x, graphed {fwd_graph[jobs]:9,.0f} -> "
+                f"{row['frac_graph']:.2f}x ({r['wall_s']:.1f} s)",
+                flush=True,
+            )
     return rows
 
 
@@ -309,15 +359,19 @@ def write(rows, device, args) -> None:
         "`vs one` = aggregate tok/s over one job alone (same run);",
         "`lock` = the same jobs sharing one lock around each request (lock-per-request design); `plain fwd` = the target's",
         "forward with logits at B=jobs, S, in the same run; `frac` = served tok/s / plain fwd tok/s; `busy` = GPU",
-        "busy fraction over the run (union of CUDA-event intervals of batches and reply copies, <= 1).",
+        "busy fraction over the run (union of CUDA-event intervals of batches and reply copies, <= 1);",
+        "`graphs` = the server's CUDA graphs (--no-cuda-graphs when off); `graphed fwd` = the plain forward replayed",
+        "from a CUDA graph (no launch overhead), `frac g` = served tok/s / graphed fwd tok/s.",
         "",
-        "| target | S | encoding | jobs | tok/s | vs one | lock tok/s | busy | bytes/tok | plain fwd tok/s | frac |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | S | encoding | graphs | jobs | tok/s | vs one | lock tok/s | busy | bytes/tok | plain fwd tok/s | frac "
+        "| graphed fwd tok/s | frac g |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['target']} | {r['seq']} | {r['enc']} | {r['jobs']} | {r['tok_s']:,.0f} | {r['vs_one']:.2f}x | "
-            f"{r['lock_tok_s']:,.0f} | {r['busy']:.2f} | {r['bpt']:,.0f} | {r['fwdj']:,.0f} | {r['frac']:.2f} |"
+            f"| {r['target']} | {r['seq']} | {r['enc']} | {r['graphs']} | {r['jobs']} | {r['tok_s']:,.0f} | "
+            f"{r['vs_one']:.2f}x | {r['lock_tok_s']:,.0f} | {r['busy']:.2f} | {r['bpt']:,.0f} | {r['fwdj']:,.0f} | "
+            f"{r['frac']:.2f} | {r['fwd_graph']:,.0f} | {r['frac_graph']:.2f} |"
         )
     out = Path(args.out) / f"serving-{device.replace(' ', '_')}-{date}{args.tag}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,21 @@ def prometheus_text(server) -> str:
         [({}, m.window()["batch_fill"])],
     )
     metric("oom_splits_total", "counter", "Batches split after out-of-memory.", [({}, m.oom_splits)])
+    if server.graphs is not None:
+        g = server.graphs
+        metric(
+            "cuda_graph_replays_total",
+            "counter",
+            "Target forwards run by replaying a CUDA graph.",
+            [({}, g.replays)],
+        )
+        metric("cuda_graphs", "gauge", "Batch shapes captured as CUDA graphs.", [({}, g.captures)])
+        metric(
+            "cuda_graph_failures_total",
+            "counter",
+            "Batch shapes that could not be captured.",
+            [({}, g.failed)],
+        )
     sessions = server.sessions.list()
     metric("sessions", "gauge", "Open sessions.", [({}, len(sessions))])
     for field, help_ in (

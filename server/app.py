@@ -35,6 +35,7 @@ from .auth import AccessControl, load_token_file
 from .capture import discover
 from .config import ServeConfig
 from .dataplane import DataPlaneServer, data_ssl_context
+from .graphs import GraphedForward
 from .metrics import ServerMetrics
 from .model_info import build_model_info, fingerprint
 from .scheduler import BatchScheduler
@@ -89,7 +90,14 @@ class TargetServer:
         self.metrics = ServerMetrics()
         device = next(model.parameters()).device
         self.sessions = SessionTable(self.layout.num_layers, self.layout.vocab_size, device)
-        extra = {"forward": tp.forward} if tp is not None else {}
+        self.graphs = None  # a GraphedForward when the forward replays CUDA graphs
+        if tp is not None:
+            extra = {"forward": tp.forward}
+        elif cfg.cuda_graphs and device.type == "cuda":
+            self.graphs = GraphedForward()
+            extra = {"forward": self.graphs}
+        else:
+            extra = {}
         self.scheduler = BatchScheduler(
             model,
             self.layout,

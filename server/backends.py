@@ -6,6 +6,8 @@ builds the batch (server/features.py). The remote clients return exactly these b
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -20,28 +22,55 @@ from draftfeed.client.layers import (
 )
 
 from .capture import TargetLayout, discover, run_target
+from .causal_mask import no_padding
 from .checks import Limits, check_generate_inputs
 from .features import DFlashFeatures, DSparkFeatures, Eagle3Features, Needs, TokenBatch, VocabMapping
 from .packing import packed_attention_mask
 from .supervision import check_vocab_mapping
 
-__all__ = ["HFEagle3TargetModel", "HFDFlashTargetModel", "HFDSparkTargetModel", "forward_for"]
+__all__ = [
+    "HFEagle3TargetModel",
+    "HFDFlashTargetModel",
+    "HFDSparkTargetModel",
+    "forward_for",
+    "forward_inputs",
+]
 
 
-def forward_for(model: nn.Module, layout: TargetLayout, tb: TokenBatch, needs: Needs):
-    """One target forward over `tb` (on the model's device) capturing `needs`."""
+def forward_inputs(model: nn.Module, tb: TokenBatch):
+    """(input_ids, attention mask, position_ids) for the HF forward of `tb`.
+
+    Packed rows get their block-causal mask (server/packing.py). `tb.attention_mask is None` means
+    the caller checked on the host that no position is padding (the scheduler does): the forward
+    then gets an all-ones mask made on the device and must run inside `no_padding()`.
+    """
     if tb.packed:
         mask = packed_attention_mask(
             model.config.get_text_config(), tb.position_ids, tb.seq_lens, tb.input_ids.shape[1], model.dtype
         )
+    elif tb.attention_mask is None:
+        mask = torch.ones_like(tb.input_ids, dtype=torch.long)
     else:
         mask = tb.attention_mask
+    position_ids = tb.position_ids.long() if tb.position_ids is not None else None
+    return tb.input_ids.long(), mask, position_ids
+
+
+def forward_for(model: nn.Module, layout: TargetLayout, tb: TokenBatch, needs: Needs):
+    """One target forward over `tb` (on the model's device) capturing `needs`."""
+    unpadded = not tb.packed and tb.attention_mask is None
+    with no_padding() if unpadded else nullcontext():
+        return run_needs(model, layout, *forward_inputs(model, tb), needs)
+
+
+def run_needs(model: nn.Module, layout: TargetLayout, input_ids, mask, position_ids, needs: Needs):
+    """`run_target` on prepared inputs (`forward_inputs`), capturing `needs`."""
     return run_target(
         model,
         layout,
-        tb.input_ids.long(),
+        input_ids,
         mask,
-        tb.position_ids.long() if tb.position_ids is not None else None,
+        position_ids,
         layer_ids=needs.layers,
         want_first_input=needs.first_input,
         want_final=needs.final,

@@ -32,6 +32,7 @@ def _serve_config(args):
         max_batch_tokens=args.max_batch_tokens,
         max_queue=args.max_queue,
         max_queued_per_session=args.max_queued_per_job,
+        cuda_graphs=not args.no_cuda_graphs,
         grace_seconds=args.grace_seconds,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -130,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-chunk-bytes", type=int, default=1 << 20, help="reply chunk size")
     serve.add_argument("--max-queue", type=int, default=256, help="requests waiting for the GPU, all jobs")
     serve.add_argument("--max-queued-per-job", type=int, default=32, help="requests waiting, per session")
+    serve.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="run every target forward eagerly (default on a GPU: replay a CUDA graph for repeated batch shapes)",
+    )
     serve.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on SIGTERM")
     _add_serve_security(serve)
     serve.set_defaults(run=_run_serve)

@@ -28,6 +28,7 @@ class ServeConfig:
     max_batch_tokens: int = 16384
     max_queue: int = 256
     max_queued_per_session: int = 32
+    cuda_graphs: bool = True  # on a GPU without tensor parallel: replay repeated batch shapes (graphs.py)
     grpc_workers: int = 32
     grace_seconds: float = 30.0
     # security: TLS on the gRPC and admin ports, mutual TLS with a client CA, per-job tokens

@@ -37,7 +37,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -107,6 +107,7 @@ class _Work:
     tb: TokenBatch
     future: Future
     enqueued: float = field(default_factory=time.perf_counter)
+    unpadded: bool = False  # no padding, checked on the host at submit (see server/causal_mask.py)
 
     @property
     def tokens(self) -> int:
@@ -179,6 +180,8 @@ class BatchScheduler:
         if self._copy_stream is not None:  # pinned on the handler's thread: the worker copies without waiting
             tb = TokenBatch(**{k: (v.pin_memory() if v is not None else None) for k, v in vars(tb).items()})
         fut: Future = Future()
+        mask = tb.attention_mask
+        unpadded = not tb.packed and mask is not None and mask.device.type == "cpu" and bool(mask.all())
         with self._cv:
             if self._stopping:
                 raise Unavailable(
@@ -196,7 +199,7 @@ class BatchScheduler:
                 )
             if session.id not in self._vtime:  # a newcomer starts level with the others, not ahead
                 self._vtime[session.id] = min(self._vtime.values(), default=0.0)
-            q.append(_Work(session, tb, fut))
+            q.append(_Work(session, tb, fut, unpadded=unpadded))
             self.metrics.queue_depth += 1
             session.stats.in_flight += 1
             self._cv.notify()
@@ -358,6 +361,8 @@ class BatchScheduler:
             start_ev = self._gpu_span(compute)
         tbs = [w.tb.to(self.device, non_blocking=True) for w in works]
         stacked = _stack(tbs)
+        if not stacked.packed and all(w.unpadded for w in works):
+            stacked = replace(stacked, attention_mask=None)  # the forward skips reading it (causal_mask.py)
         needs = works[0].session.features.needs
         for w in works[1:]:
             needs = needs | w.session.features.needs

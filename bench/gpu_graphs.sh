@@ -1,0 +1,42 @@
+#!/bin/bash
+# CUDA graphs of the target forward (issues 5 and 6) in ONE device call (H100), written under $OUT:
+#   1. every GPU-marked test (graph replays equal the eager forward bit for bit; no sync after the forward)
+#   2. serving with the server's graphs off and on in the same run: SmolLM2-135M dims and Llama-3.2-1B dims,
+#      S=1024 and 4096, 1 and 4 jobs, latent+fp8 over the data plane; plain forward eager and replayed from a graph
+#   3. the same for Llama-3.1-8B dims at S=1024 (graphs should not matter there: GPU-bound)
+#
+#   run(command="bash bench/gpu_graphs.sh", carry=[".devtmp/eagle3/whl"], timeout_s=590)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/graphs_session.log") 2>&1
+T0=$(date +%s)
+BUDGET_S=${BUDGET_S:-500}
+source bench/device_env.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, grpc; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__)"
+
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget)
+  local name=$1 cap=$2
+  shift 2
+  local l=$(left)
+  [ "$cap" -gt "$l" ] && cap=$l
+  if [ "$cap" -le 5 ]; then
+    echo "== $name: SKIPPED (budget spent)"
+    return
+  fi
+  echo "== $name (cap ${cap}s, t=$(($(date +%s) - T0))s)"
+  local t=$(date +%s)
+  timeout -k 5 "$cap" "$@"
+  echo "== $name: rc=$? in $(($(date +%s) - t)) s"
+}
+
+part "1a GPU graph tests" 120 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_graphs.py
+part "1b other GPU tests" 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/test_graphs.py
+part "2 serving, graphs off/on" 240 python3 bench/serving.py --targets smollm2-135m-dims,llama-3.2-1b-dims \
+  --seqs 1024,4096 --jobs 1,4 --lock-jobs "" --encodings latent+fp8 --graphs off,on --tag=-graphs --out "$OUT"
+part "3 serving 8B dims, graphs off/on" 120 python3 bench/serving.py --targets llama-3.1-8b-dims --seqs 1024 \
+  --jobs 1,4 --lock-jobs "" --encodings latent+fp8 --graphs off,on --tag=-graphs-8b --out "$OUT"
+rm -f "$OUT"/*.json
+echo "total $(($(date +%s) - T0)) s"
