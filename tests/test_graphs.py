@@ -16,7 +16,7 @@ import threading
 
 import pytest
 import torch
-from test_backends import inputs
+from test_backends import inputs, mapping
 from test_host_syncs import HostSyncGuard
 from test_packing import packed_inputs
 
@@ -229,6 +229,7 @@ def test_a_server_with_graphs_answers_like_one_without(tiny_model):
         server = TargetServer(ServeConfig(port=0, cuda_graphs=graphs), model=model).start()
         try:
             remote = RemoteEagle3TargetModel(server.url)
+            remote.set_vocab_mapping(*mapping(model.config.vocab_size))
             got = [remote.generate_batch(*_unpadded(seed=s)) for s in (1, 2, 3, 4)]
             got += [remote.generate_batch(*inputs(seed=s, b=2, s=12)) for s in (1, 2, 3)]
             remote.close()
