@@ -9,7 +9,7 @@
 #
 #   run(command="bash bench/gpu_graphs.sh", carry=[".devtmp/eagle3/whl", ".devtmp/web"], timeout_s=590)
 # .devtmp/web holds wheels the GPU machine lacks: fastapi, uvicorn and their pure-Python dependencies,
-# pydantic-core for CPython 3.12, py-spy.
+# opentelemetry-api, pydantic-core for CPython 3.12, py-spy.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"

@@ -12,6 +12,11 @@ buffers before each replay; the captured outputs are copied out right after it o
 so the post stage may read them while the next replay runs. All graphs share one memory pool (they
 run one at a time on one stream, and their outputs are never read after the next replay).
 
+Memory: a graph keeps its static inputs and outputs (for EAGLE-3 the [B,S,V] logits: 4.2 GB for a
+1B-class target at 4x4096 tokens in bf16), and its intermediates live in the shared pool, bounded by
+the largest graph. Once the static bytes of all graphs reach `max_graph_bytes` (default a fifth
+of the device's memory), or `max_graphs` shapes are held, new shapes run eagerly.
+
 A forward that cannot be captured (a host sync inside the model, an op CUDA graphs refuse) runs
 eagerly for that key from then on, with one warning; so does an unpadded batch whose mask HF would
 not let sdpa skip under capture (the graph's attention would differ from the eager forward's).
@@ -58,6 +63,11 @@ def _signature(flat: list) -> tuple:
     return tuple(None if t is None else (tuple(t.shape), t.dtype) for t in flat)
 
 
+def _tensors(cap: Captured):
+    yield from cap.layers.values()
+    yield from (t for t in (cap.first_input, cap.final, cap.logits) if t is not None)
+
+
 def _copy_out(cap: Captured) -> Captured:
     keep = lambda t: None if t is None else t.clone()  # noqa: E731
     return Captured(
@@ -72,13 +82,17 @@ class GraphedForward:
     """A drop-in for `forward_for` on a CUDA device (the scheduler's `forward`): eager the first
     time a key is seen, captured the second, replayed after. CPU batches run eagerly.
 
-    max_graphs bounds the captured shapes (each holds its static inputs and outputs); keys beyond it
-    run eagerly. Counters: `captures`, `replays`, `eager`, `failed` (keys that could not be captured).
+    max_graphs and max_graph_bytes (static inputs and outputs of all graphs; default a fifth of the
+    device's memory) bound what graphs hold; shapes beyond them run eagerly. Counters: `captures`,
+    `replays`, `eager`, `failed` (keys that could not be captured), `graph_bytes`.
     """
 
-    def __init__(self, *, capture_after: int = 1, max_graphs: int = 32):
+    def __init__(self, *, capture_after: int = 1, max_graphs: int = 32, max_graph_bytes: int | None = None):
         self.capture_after = capture_after
         self.max_graphs = max_graphs
+        self.max_graph_bytes = max_graph_bytes
+        self.graph_bytes = 0
+        self._told_full = False
         self._graphs: dict[tuple, _Graph | None] = {}  # None: this key runs eagerly for good
         self._seen: Counter = Counter()
         self._pool = None
@@ -93,7 +107,7 @@ class GraphedForward:
             graph = self._graphs.get(key, False)
             if graph is False and ids.is_cuda:
                 self._seen[key] += 1
-                if self._seen[key] > self.capture_after and len(self._graphs) < self.max_graphs:
+                if self._seen[key] > self.capture_after and self._room(flat, ids.device):
                     graph = self._graphs[key] = self._capture(model, layout, flat, mask, needs, unpadded)
             if not graph:
                 self.eager += 1
@@ -105,6 +119,20 @@ class GraphedForward:
             graph.graph.replay()
             self.replays += 1
             return _copy_out(graph.out)
+
+    def _room(self, flat: list, device: torch.device) -> bool:
+        """Whether one more graph fits the bounds (its outputs are estimated no smaller than its inputs)."""
+        if self.max_graph_bytes is None:
+            self.max_graph_bytes = torch.cuda.get_device_properties(device).total_memory // 5
+        need = sum(t.nbytes for t in flat if t is not None)
+        fits = len(self._graphs) < self.max_graphs and self.graph_bytes + need <= self.max_graph_bytes
+        if not fits and not self._told_full:
+            self._told_full = True
+            log.warning(
+                "CUDA graphs hold %d shapes, %.1f GB (limits %d shapes, %.1f GB): new shapes run eagerly",
+                len(self._graphs), self.graph_bytes / 1e9, self.max_graphs, self.max_graph_bytes / 1e9,
+            )  # fmt: skip
+        return fits
 
     def _capture(self, model, layout, flat, mask, needs: Needs, unpadded: bool) -> _Graph | None:
         static = [None if t is None else t.clone() for t in flat]
@@ -126,5 +154,8 @@ class GraphedForward:
             return None
         self._pool = graph.pool()
         self.captures += 1
+        self.graph_bytes += sum(t.nbytes for t in static if t is not None) + sum(
+            t.nbytes for t in _tensors(out)
+        )
         log.info("captured a CUDA graph of the %dx%d forward (%d graphs)", b, s, self.captures)
         return _Graph(graph, static, out)

@@ -23,6 +23,11 @@ compute stream, each post stage on its stream, each reply's copy on the side str
 the host clock and merged by `ServerMetrics.busy` (server/metrics.py): overlapping intervals count
 once.
 
+The forward is `forward_for`, or on a GPU `GraphedForward` (server/graphs.py: a CUDA graph per
+repeated batch shape). Requests are checked for padding on the handler's thread (host memory); a
+batch with none reaches the forward with `attention_mask=None`, so HF need not read the mask on the
+device (server/causal_mask.py).
+
 Stacking only requests of equal length keeps every answer bit-identical to serving it alone on
 CPU in fp32; padding to a common length changes sdpa's numerics (measured: 1.3e-6 max abs on
 SmolLM2 dims), so requests of other lengths run in their own forward.

@@ -218,6 +218,26 @@ def test_a_forward_that_cannot_be_captured_runs_eagerly(tiny_model):
 
 @pytest.mark.gpu
 @gpu
+def test_graphs_stay_within_their_shape_and_byte_bounds(tiny_model):
+    from draftfeed.server.graphs import GraphedForward
+
+    model = copy.deepcopy(tiny_model("llama")).cuda()
+    layout = discover(model)
+    needs = _needs(layout)
+    cases = _cases(layout, "cuda")
+    one_shape = GraphedForward(max_graphs=1)
+    no_bytes = GraphedForward(max_graph_bytes=1)
+    for _name, tb in cases:
+        want = forward_for(model, layout, tb, needs)
+        for graphed in (one_shape, no_bytes):
+            _assert_same(graphed(model, layout, tb, needs), want)
+    assert one_shape.captures == 1 and one_shape.replays == 2 and one_shape.eager == 7
+    assert no_bytes.captures == 0 and no_bytes.eager == 9 and no_bytes.graph_bytes == 0
+    assert one_shape.graph_bytes > 0
+
+
+@pytest.mark.gpu
+@gpu
 def test_a_server_with_graphs_answers_like_one_without(tiny_model):
     from draftfeed.client.remote import RemoteEagle3TargetModel
     from draftfeed.server.app import TargetServer
@@ -241,6 +261,7 @@ def test_a_server_with_graphs_answers_like_one_without(tiny_model):
         finally:
             server.stop(grace=1)
     for a, b in zip(answers[True], answers[False], strict=True):
+        a, b = a.tensors(), b.tensors()
         assert set(a) == set(b)
         for k in b:
             assert torch.equal(a[k], b[k]), k
