@@ -311,8 +311,11 @@ def _serve_runs(
     for enc in args.encodings.split(","):
         base = None
         for jobs in jobs_list:
-            # untimed first: the batch shapes this many jobs make get their CUDA graphs captured here
-            pool.run(server, vocab, seq, jobs, min(requests, 6), ENCODINGS[enc], transport=args.transport)
+            # untimed first: the batch shapes this many jobs make (B = 1 .. jobs x window) get their CUDA
+            # graphs captured here, as they would in the first steps of training
+            pool.run(
+                server, vocab, seq, jobs, min(requests, 3 * WINDOW), ENCODINGS[enc], transport=args.transport
+            )
             r = pool.run(server, vocab, seq, jobs, requests, ENCODINGS[enc], transport=args.transport)
             base = base or r
             lock = None

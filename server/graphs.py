@@ -14,7 +14,7 @@ run one at a time on one stream, and their outputs are never read after the next
 
 Memory: a graph keeps its static inputs and outputs (for EAGLE-3 the [B,S,V] logits: 4.2 GB for a
 1B-class target at 4x4096 tokens in bf16), and its intermediates live in the shared pool, bounded by
-the largest graph. Once the static bytes of all graphs reach `max_graph_bytes` (default a fifth
+the largest graph. Once the static bytes of all graphs reach `max_graph_bytes` (default an eighth
 of the device's memory), or `max_graphs` shapes are held, new shapes run eagerly.
 
 A forward that cannot be captured (a host sync inside the model, an op CUDA graphs refuse) runs
@@ -82,7 +82,7 @@ class GraphedForward:
     """A drop-in for `forward_for` on a CUDA device (the scheduler's `forward`): eager the first
     time a key is seen, captured the second, replayed after. CPU batches run eagerly.
 
-    max_graphs and max_graph_bytes (static inputs and outputs of all graphs; default a fifth of the
+    max_graphs and max_graph_bytes (static inputs and outputs of all graphs; default an eighth of the
     device's memory) bound what graphs hold; shapes beyond them run eagerly. Counters: `captures`,
     `replays`, `eager`, `failed` (keys that could not be captured), `graph_bytes`.
     """
@@ -123,7 +123,7 @@ class GraphedForward:
     def _room(self, flat: list, device: torch.device) -> bool:
         """Whether one more graph fits the bounds (its outputs are estimated no smaller than its inputs)."""
         if self.max_graph_bytes is None:
-            self.max_graph_bytes = torch.cuda.get_device_properties(device).total_memory // 5
+            self.max_graph_bytes = torch.cuda.get_device_properties(device).total_memory // 8
         need = sum(t.nbytes for t in flat if t is not None)
         fits = len(self._graphs) < self.max_graphs and self.graph_bytes + need <= self.max_graph_bytes
         if not fits and not self._told_full:
@@ -134,14 +134,31 @@ class GraphedForward:
             )  # fmt: skip
         return fits
 
+    def _record(self, graph: torch.cuda.CUDAGraph, device: torch.device, fn) -> Captured:
+        """Capture `fn` on a side stream into the shared pool. Unlike `torch.cuda.graph`, without a device
+        sync and without emptying the device and pinned-host caches: the worker keeps running, and the
+        post stage keeps its pinned buffers."""
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return out
+
     def _capture(self, model, layout, flat, mask, needs: Needs, unpadded: bool) -> _Graph | None:
         static = [None if t is None else t.clone() for t in flat]
         graph = torch.cuda.CUDAGraph()
         b, s = flat[0].shape
+        device = flat[0].device
         try:
             with no_padding() if unpadded else nullcontext() as skipped:
-                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                    out = run_needs(model, layout, *_unflat(static, mask), needs)
+                out = self._record(
+                    graph, device, lambda: run_needs(model, layout, *_unflat(static, mask), needs)
+                )
                 if unpadded and skipped() == 0:
                     raise RuntimeError(
                         "HF built an explicit attention mask under capture, not sdpa's is_causal"
