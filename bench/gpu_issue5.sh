@@ -3,6 +3,7 @@
 # transport at 16 and 64 MiB (issue 4, after the header-first change), in ONE device call (H100), under $OUT:
 #
 #   run(command="bash bench/gpu_issue5.sh", carry=[".devtmp/eagle3/whl", ".devtmp/web"], timeout_s=590)
+# TRANSPORT=0 skips the transport runs.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -30,7 +31,7 @@ part "1 GPU tests" 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests
 part "2 serving, issue 5 table" 240 python3 bench/serving.py --targets smollm2-135m-dims,llama-3.2-1b-dims \
   --seqs 1024,4096 --jobs 1,2,4,8 --lock-jobs 4 --encodings latent+fp8 --tokens-per-job 65536 \
   --tag=-issue5-graphs --out "$OUT"
-for i in 1 2; do
+for i in $([ "${TRANSPORT:-1}" = 1 ] && echo 1 2); do
   part "3 transport run $i" 60 python3 bench/transport.py --sizes 16,64 --chunks 1024 --windows bdp --no-drain \
     --out "$OUT/transport$i"
 done
