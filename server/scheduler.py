@@ -243,8 +243,11 @@ class BatchScheduler:
     # -- worker side --------------------------------------------------------------------------
 
     def _take(self) -> list[_Work] | None:
-        """The next batch: the lead request from the session with the least weighted service,
-        then more requests of the same shape class in the same order, up to the token budget."""
+        """The next batch: the lead request from the session with the least weighted service, then
+        more requests of the same shape class, one per session in that order, round after round, up
+        to the token budget. A session gives at most half of what it has queued (at least one), so
+        its other requests form the next batch, which runs while this one's replies are encoded and
+        sent: a job with several requests in flight never waits for all of them at once."""
         with self._cv:
             while not any(self._queues.values()):
                 if self._stopping:
@@ -252,15 +255,20 @@ class BatchScheduler:
                 self._cv.wait()
             order = sorted((sid for sid, q in self._queues.items() if q), key=lambda sid: self._vtime[sid])
             lead = self._queues[order[0]][0]
+            share = {sid: (len(self._queues[sid]) + 1) // 2 for sid in order}
             batch, budget = [], self.max_batch_tokens
-            for sid in order:
-                q = self._queues[sid]
-                while q and q[0].key == lead.key and (not batch or q[0].tokens <= budget):
-                    w = q.popleft()
-                    batch.append(w)
-                    budget -= w.tokens
-                    self._vtime[sid] += w.tokens / w.session.weight
-                if budget <= 0:
+            while budget > 0:
+                took = False
+                for sid in order:
+                    q = self._queues[sid]
+                    if share[sid] and q and q[0].key == lead.key and (not batch or q[0].tokens <= budget):
+                        w = q.popleft()
+                        batch.append(w)
+                        budget -= w.tokens
+                        share[sid] -= 1
+                        self._vtime[sid] += w.tokens / w.session.weight
+                        took = True
+                if not took:
                     break
             self.metrics.queue_depth -= len(batch)
             return batch

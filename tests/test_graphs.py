@@ -125,21 +125,21 @@ def test_the_scheduler_marks_only_unpadded_batches(tiny_model):
         return recording(*a)
 
     table = SessionTable(layout.num_layers, layout.vocab_size)
-    session = table.open("dflash", [1, 2], "job")
+    one, two = table.open("dflash", [1, 2], "one"), table.open("dflash", [1, 2], "two")
     sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gated)
-    first = sched.submit(session, TokenBatch(*_unpadded(seed=1)))  # alone: the worker waits at the gate
+    first = sched.submit(one, TokenBatch(*_unpadded(seed=1)))  # alone: the worker waits at the gate
     threading.Event().wait(0.2)
     rest = [
-        sched.submit(session, TokenBatch(*_unpadded(seed=2))),
-        sched.submit(session, TokenBatch(*_unpadded(seed=3))),
+        sched.submit(one, TokenBatch(*_unpadded(seed=2))),
+        sched.submit(two, TokenBatch(*_unpadded(seed=3))),
     ]
     gate.set()
     for f in [first, *rest]:
         f.result(timeout=60).wait()
     sched._forward = recording
     mixed = [
-        sched.submit(session, TokenBatch(*_unpadded(seed=4))),
-        sched.submit(session, TokenBatch(*inputs(seed=5, b=2, s=12))),
+        sched.submit(one, TokenBatch(*_unpadded(seed=4))),
+        sched.submit(two, TokenBatch(*inputs(seed=5, b=2, s=12))),
     ]
     for f in mixed:
         f.result(timeout=60).wait()

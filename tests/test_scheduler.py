@@ -118,6 +118,38 @@ def test_a_flooding_job_does_not_starve_a_light_one(model):
     sched.stop()
 
 
+def test_a_job_gives_half_of_its_queue_to_a_batch(model):
+    """With several requests queued, a job's batch takes half of them (at least one), so its other
+    requests make the next batch, which runs while the first one's replies go out; two jobs' requests
+    interleave in one batch instead of one job filling it."""
+    layout = discover(model)
+    table = SessionTable(layout.num_layers, layout.vocab_size)
+    gate = Gate()
+    sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
+    a, b = table.open("dspark", [1, 2], "a"), table.open("dspark", [1, 2], "b")
+    blocker = sched.submit(a, tb(inputs(seed=0)))  # 2 rows each
+    time.sleep(0.2)
+    futures = [sched.submit(a, tb(inputs(seed=i))) for i in range(1, 5)]
+    gate.event.set()
+    for f in [blocker, *futures]:
+        f.result(timeout=60)
+    assert gate.rows == [2, 4, 2, 2], gate.rows  # 4 queued: 2, then 1 of 2, then the last
+    gate.rows.clear()
+    gate.event.clear()
+    order = []
+    blocker = sched.submit(a, tb(inputs(seed=0)))
+    time.sleep(0.2)
+    futures = [sched.submit(s, tb(inputs(seed=i))) for s in (a, b) for i in range(1, 5)]
+    for f, name in zip(futures, ["a"] * 4 + ["b"] * 4, strict=True):
+        f.add_done_callback(lambda _f, name=name: order.append(name))
+    gate.event.set()
+    for f in [blocker, *futures]:
+        f.result(timeout=60)
+    assert gate.rows[:2] == [2, 8], gate.rows  # 2 of a's and 2 of b's together
+    assert sorted(order[:4]) == ["a", "a", "b", "b"], order
+    sched.stop()
+
+
 def test_out_of_memory_splits_the_batch(model):
     layout = discover(model)
     table = SessionTable(layout.num_layers, layout.vocab_size)
