@@ -148,6 +148,33 @@ def test_the_scheduler_marks_only_unpadded_batches(tiny_model):
     assert seen[2:] in ([(4, False)], [(2, True), (2, False)]), seen  # together, or each as it came
 
 
+def test_metrics_show_how_forwards_ran_when_the_server_has_graphs(tiny_model):
+    """/metrics reports the graph counters of a server whose forward is a GraphedForward (on CPU every
+    forward runs eagerly: replays 0, eager counted); a server without graphs shows none of them."""
+    import urllib.request
+
+    from draftfeed.client.remote import RemoteDFlashTargetModel
+    from draftfeed.server.app import TargetServer
+    from draftfeed.server.config import ServeConfig
+    from draftfeed.server.graphs import GraphedForward
+
+    model = tiny_model("llama")
+    server = TargetServer(ServeConfig(port=0, admin_port=0), model=model)
+    assert server.graphs is None  # CPU: no graphs by default
+    server.graphs = server.scheduler._forward = GraphedForward()
+    server.start()
+    try:
+        with RemoteDFlashTargetModel.from_urls([server.url]) as job:
+            for seed in (1, 2, 3):
+                job.generate_batch(*_unpadded(seed=seed))
+        text = urllib.request.urlopen(f"{server.admin.url}/metrics", timeout=10).read().decode()
+    finally:
+        server.stop(grace=1)
+    assert server.graphs.eager == 3 and server.graphs.replays == 0
+    assert "draftfeed_cuda_graph_replays_total 0" in text and "draftfeed_cuda_graphs 0" in text
+    assert "draftfeed_cuda_graph_failures_total 0" in text
+
+
 # -- CUDA graphs (GPU) -----------------------------------------------------------------------------
 
 
@@ -254,7 +281,12 @@ def test_a_server_with_graphs_answers_like_one_without(tiny_model):
             got += [remote.generate_batch(*inputs(seed=s, b=2, s=12)) for s in (1, 2, 3)]
             remote.close()
             if graphs:
+                from draftfeed.server.admin import prometheus_text
+
                 assert server.graphs.replays >= 4 and server.graphs.failed == 0
+                text = prometheus_text(server)
+                assert f"draftfeed_cuda_graph_replays_total {server.graphs.replays}" in text
+                assert f"draftfeed_cuda_graphs {server.graphs.captures}" in text
             else:
                 assert server.graphs is None
             answers[graphs] = got
