@@ -1,4 +1,4 @@
-# Source on the GPU machine (bench/gpu_*.sh do): this checkout importable as `draftfeed`, the carried wheels
+# Source on the GPU machine (bench/gpu_*.sh do; set T0 and BUDGET_S first for `part`): this checkout importable as `draftfeed`, the carried wheels
 # installed (.whl, .devtmp/eagle3/whl, .devtmp/web: fastapi/uvicorn stack and py-spy), and the real default target's GGUF assembled from its two carried
 # pieces when they are there (/tmp/stash/gguf.part00 from an earlier call of the same warm machine, plus
 # .devtmp/eagle3/p2/gguf.part01 carried now: ../shared/DEVICE.md). DEFAULT_TARGET_GGUF=1 when it is installed.
@@ -16,3 +16,20 @@ DEFAULT_TARGET_GGUF=$([ -f $GGUF ] && echo 1 || echo 0)
 mkdir -p /tmp/dfsrc/draftfeed
 for d in client server trainer bench; do ln -sfn "$PWD/$d" /tmp/dfsrc/draftfeed/$d; done
 export PYTHONPATH=/tmp/dfsrc:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+
+# Time-capped parts of a script (the scripts set T0 and BUDGET_S before sourcing this file).
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget)
+  local name=$1 cap=$2
+  shift 2
+  local l=$(left)
+  [ "$cap" -gt "$l" ] && cap=$l
+  if [ "$cap" -le 5 ]; then
+    echo "== $name: SKIPPED (budget spent)"
+    return
+  fi
+  echo "== $name (cap ${cap}s, t=$(($(date +%s) - T0))s)"
+  local t=$(date +%s)
+  timeout -k 5 "$cap" "$@"
+  echo "== $name: rc=$? in $(($(date +%s) - t)) s"
+}

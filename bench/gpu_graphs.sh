@@ -20,21 +20,6 @@ source bench/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, grpc; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__)"
 
-left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
-part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget)
-  local name=$1 cap=$2
-  shift 2
-  local l=$(left)
-  [ "$cap" -gt "$l" ] && cap=$l
-  if [ "$cap" -le 5 ]; then
-    echo "== $name: SKIPPED (budget spent)"
-    return
-  fi
-  echo "== $name (cap ${cap}s, t=$(($(date +%s) - T0))s)"
-  local t=$(date +%s)
-  timeout -k 5 "$cap" "$@"
-  echo "== $name: rc=$? in $(($(date +%s) - t)) s"
-}
 
 part "1a GPU graph tests" 120 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_graphs.py
 part "1b other GPU tests" 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/test_graphs.py

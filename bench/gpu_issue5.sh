@@ -12,21 +12,6 @@ T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-480}
 source bench/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
-part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget)
-  local name=$1 cap=$2
-  shift 2
-  local l=$(left)
-  [ "$cap" -gt "$l" ] && cap=$l
-  if [ "$cap" -le 5 ]; then
-    echo "== $name: SKIPPED (budget spent)"
-    return
-  fi
-  echo "== $name (cap ${cap}s, t=$(($(date +%s) - T0))s)"
-  local t=$(date +%s)
-  timeout -k 5 "$cap" "$@"
-  echo "== $name: rc=$? in $(($(date +%s) - t)) s"
-}
 part "1 GPU tests" 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests
 part "2 serving, issue 5 table" 240 python3 bench/serving.py --targets smollm2-135m-dims,llama-3.2-1b-dims \
   --seqs 1024,4096 --jobs 1,2,4,8 --lock-jobs 4 --encodings latent+fp8 --tokens-per-job 65536 \

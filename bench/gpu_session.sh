@@ -46,22 +46,6 @@ PLAN (estimated seconds; budget $BUDGET_S s of command time, ~1-2 min more for t
   total                                                                      ~320
 EOF
 
-left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
-part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget)
-  local name=$1 cap=$2
-  shift 2
-  local l=$(left)
-  [ "$cap" -gt "$l" ] && cap=$l
-  if [ "$cap" -le 5 ]; then
-    echo "== $name: SKIPPED (budget spent)"
-    return
-  fi
-  echo "== $name (cap ${cap}s, t=$(($(date +%s) - T0))s)"
-  local t=$(date +%s)
-  timeout -k 5 "$cap" "$@"
-  echo "== $name: rc=$? in $(($(date +%s) - t)) s"
-}
-
 part "1 GPU sync tests" 90 python3 -m pytest -q -p no:cacheprovider tests/test_host_syncs.py \
   "tests/test_encodings.py::test_gpu_encode_gives_the_same_parts_as_cpu" -k "gpu"
 part "2 serving (issue 5)" 200 python3 bench/serving.py --targets $DEFAULT,llama-3.2-1b-dims --seqs 1024,4096 \

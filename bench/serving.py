@@ -76,21 +76,26 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-@torch.inference_mode()
-def plain_forward_tps(model, batch: int, seq: int, iters: int = 5) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=model.device)
+def _tokens_per_s(run, batch: int, seq: int, iters: int = 5) -> float:
+    """Tokens/s of `run()` over `iters` calls after two warm-up calls, device work included."""
     for _ in range(2):
-        model(ids)
+        run()
     _sync()
     start = time.perf_counter()
     for _ in range(iters):
-        model(ids)
+        run()
     _sync()
     return batch * seq * iters / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
-def plain_graphed_tps(model, batch: int, seq: int, iters: int = 5) -> float:
+def plain_forward_tps(model, batch: int, seq: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=model.device)
+    return _tokens_per_s(lambda: model(ids), batch, seq)
+
+
+@torch.inference_mode()
+def plain_graphed_tps(model, batch: int, seq: int) -> float:
     """The same plain forward replayed from a CUDA graph (an unpadded causal batch, sdpa is_causal as
     in eager): what the target costs on this GPU without Python's launch overhead. NaN on CPU."""
     if not torch.cuda.is_available():
@@ -104,13 +109,7 @@ def plain_graphed_tps(model, batch: int, seq: int, iters: int = 5) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             model(ids, attention_mask=ones)
-    graph.replay()
-    _sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        graph.replay()
-    _sync()
-    tps = batch * seq * iters / (time.perf_counter() - start)
+    tps = _tokens_per_s(graph.replay, batch, seq)
     del graph
     torch.cuda.empty_cache()
     return tps

@@ -21,15 +21,14 @@ __all__ = ["no_padding"]
 _state = threading.local()
 _install_lock = threading.Lock()
 _hf_sdpa_mask = None  # HF's registered sdpa mask function, wrapped once
+_causal = None  # HF's plain causal mask function: the only one answered here
 
 
 def _sdpa_mask(*args, **kwargs):
-    from transformers.masking_utils import causal_mask_function
-
     if (
         getattr(_state, "depth", 0)
         and not args  # HF passes every argument by name; anything else is not the call we know
-        and kwargs.get("mask_function") is causal_mask_function
+        and kwargs.get("mask_function") is _causal
         and kwargs.get("allow_is_causal_skip", True)
         and kwargs.get("q_length") == kwargs.get("kv_length")
         and kwargs.get("q_offset", 0) == 0
@@ -42,12 +41,13 @@ def _sdpa_mask(*args, **kwargs):
 
 
 def _install() -> None:
-    global _hf_sdpa_mask
+    global _hf_sdpa_mask, _causal
     with _install_lock:
         if _hf_sdpa_mask is not None:
             return
-        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
+        _causal = causal_mask_function
         _hf_sdpa_mask = AttentionMaskInterface._global_mapping["sdpa"]
         AttentionMaskInterface.register("sdpa", _sdpa_mask)
 

@@ -96,7 +96,16 @@ class GraphedForward:
         self._graphs: dict[tuple, _Graph | None] = {}  # None: this key runs eagerly for good
         self._seen: Counter = Counter()
         self._pool = None
-        self.captures = self.replays = self.eager = self.failed = 0
+        self.replays = self.eager = 0
+
+    @property
+    def captures(self) -> int:
+        return sum(g is not None for g in self._graphs.values())
+
+    @property
+    def failed(self) -> int:
+        """Shapes that could not be captured (they run eagerly)."""
+        return sum(g is None for g in self._graphs.values())
 
     def __call__(self, model: nn.Module, layout: TargetLayout, tb: TokenBatch, needs: Needs) -> Captured:
         with torch.inference_mode():
@@ -164,15 +173,13 @@ class GraphedForward:
                         "HF built an explicit attention mask under capture, not sdpa's is_causal"
                     )
         except Exception as err:  # noqa: BLE001 - this shape runs eagerly instead
-            self.failed += 1
             log.warning(
                 "CUDA graph capture of a %dx%d forward failed (%s); this shape runs eagerly", b, s, err
             )
             return None
         self._pool = graph.pool()
-        self.captures += 1
         self.graph_bytes += sum(t.nbytes for t in static if t is not None) + sum(
             t.nbytes for t in _tensors(out)
         )
-        log.info("captured a CUDA graph of the %dx%d forward (%d graphs)", b, s, self.captures)
+        log.info("captured a CUDA graph of the %dx%d forward (%d graphs)", b, s, self.captures + 1)
         return _Graph(graph, static, out)

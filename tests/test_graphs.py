@@ -178,6 +178,14 @@ def test_metrics_show_how_forwards_ran_when_the_server_has_graphs(tiny_model):
 # -- CUDA graphs (GPU) -----------------------------------------------------------------------------
 
 
+@pytest.fixture
+def cuda_llama(tiny_model):
+    """(model, layout, needs) of the tiny llama on the GPU, fp32."""
+    model = copy.deepcopy(tiny_model("llama")).cuda()
+    layout = discover(model)
+    return model, layout, _needs(layout)
+
+
 def _cases(layout, device):
     """(name, TokenBatch) cases of three kinds, two of each with different tokens."""
     out = []
@@ -221,12 +229,10 @@ def test_replayed_graphs_equal_the_eager_forward(tiny_model, family, dtype):
 
 @pytest.mark.gpu
 @gpu
-def test_a_forward_that_cannot_be_captured_runs_eagerly(tiny_model):
+def test_a_forward_that_cannot_be_captured_runs_eagerly(cuda_llama):
     from draftfeed.server.graphs import GraphedForward
 
-    model = copy.deepcopy(tiny_model("llama")).cuda()
-    layout = discover(model)
-    needs = _needs(layout)
+    model, layout, needs = cuda_llama
     syncs = []
     handle = layout.layers[0].register_forward_hook(lambda _m, _a, out: syncs.append(out[0].sum().item()))
     try:
@@ -245,12 +251,10 @@ def test_a_forward_that_cannot_be_captured_runs_eagerly(tiny_model):
 
 @pytest.mark.gpu
 @gpu
-def test_graphs_stay_within_their_shape_and_byte_bounds(tiny_model):
+def test_graphs_stay_within_their_shape_and_byte_bounds(cuda_llama):
     from draftfeed.server.graphs import GraphedForward
 
-    model = copy.deepcopy(tiny_model("llama")).cuda()
-    layout = discover(model)
-    needs = _needs(layout)
+    model, layout, needs = cuda_llama
     cases = _cases(layout, "cuda")
     one_shape = GraphedForward(max_graphs=1)
     no_bytes = GraphedForward(max_graph_bytes=1)
@@ -265,12 +269,12 @@ def test_graphs_stay_within_their_shape_and_byte_bounds(tiny_model):
 
 @pytest.mark.gpu
 @gpu
-def test_a_server_with_graphs_answers_like_one_without(tiny_model):
+def test_a_server_with_graphs_answers_like_one_without(cuda_llama):
     from draftfeed.client.remote import RemoteEagle3TargetModel
     from draftfeed.server.app import TargetServer
     from draftfeed.server.config import ServeConfig
 
-    model = copy.deepcopy(tiny_model("llama")).cuda()
+    model = cuda_llama[0]
     answers = {}
     for graphs in (True, False):
         server = TargetServer(ServeConfig(port=0, cuda_graphs=graphs), model=model).start()

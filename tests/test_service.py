@@ -164,6 +164,19 @@ def test_client_survives_a_server_restart(model):
         second.stop(grace=0)
 
 
+def _generate_request(session_id, ids, attn, loss=None):
+    """A raw GenerateRequest; without `loss`, its loss_mask is left out."""
+    from draftfeed.client.pb import draftfeed_pb2 as pb
+    from draftfeed.client.wire import tensor_to_proto
+
+    req = pb.GenerateRequest(
+        session_id=session_id, input_ids=tensor_to_proto(ids), attention_mask=tensor_to_proto(attn)
+    )
+    if loss is not None:
+        req.loss_mask.CopyFrom(tensor_to_proto(loss))
+    return req
+
+
 def _stub_call(server, method, request):
     from draftfeed.client.wire import ReplyAssembler, TargetStub
 
@@ -228,21 +241,12 @@ def test_bad_inputs_get_their_status(server, model):
     assert_same(futures[0].result(timeout=60), local.generate_batch(*inputs(seed=1)))
     assert_same(futures[2].result(timeout=60), local.generate_batch(*inputs(seed=2)))
     # raw protocol: a missing field, unknown session, unknown algorithm, layer ids, mapping checks
-    req = pb.GenerateRequest(
-        session_id=remote.servers[0].session_id,
-        input_ids=tensor_to_proto(ids),
-        attention_mask=tensor_to_proto(attn),
-    )
+    req = _generate_request(remote.servers[0].session_id, ids, attn)  # no loss_mask
     with pytest.raises(grpc.RpcError) as e:
         _stub_call(server, "Generate", req)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "GenerateRequest.loss_mask is missing" in e.value.details()
-    req = pb.GenerateRequest(
-        session_id="nope",
-        input_ids=tensor_to_proto(ids),
-        attention_mask=tensor_to_proto(attn),
-        loss_mask=tensor_to_proto(loss),
-    )
+    req = _generate_request("nope", ids, attn, loss)
     with pytest.raises(grpc.RpcError) as e:
         _stub_call(server, "Generate", req)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown session" in e.value.details()
@@ -268,12 +272,7 @@ def test_bad_inputs_get_their_status(server, model):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "EAGLE-3 sessions" in e.value.details()
     _stub_call(server, "CloseSession", pb.CloseSessionRequest(session_id=dflash))
     eagle = _stub_call(server, "OpenSession", pb.OpenSessionRequest(algorithm="eagle3")).session_id
-    req = pb.GenerateRequest(
-        session_id=eagle,
-        input_ids=tensor_to_proto(ids),
-        attention_mask=tensor_to_proto(attn),
-        loss_mask=tensor_to_proto(loss),
-    )
+    req = _generate_request(eagle, ids, attn, loss)
     with pytest.raises(grpc.RpcError) as e:
         _stub_call(server, "Generate", req)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
