@@ -1,6 +1,8 @@
-"""What a trainer imports: backend interfaces, batch dataclasses, errors, layer ids, the token map.
+"""What a trainer imports: backend interfaces, batch dataclasses, errors, layer ids, the token map,
+and the remote backends (`from draftfeed.client import RemoteEagle3TargetModel`).
 
-Never imports transformers or server code, so a trainer box needs only this package.
+Never imports transformers or server code, so a trainer box needs only this package. The remote
+backends are imported on first use (they pull in the gRPC stubs and the encodings, ~0.1 s).
 """
 
 from .backend import DFlashTargetBackend, DSparkTargetBackend, Eagle3TargetBackend
@@ -25,7 +27,10 @@ from .layers import (
 )
 from .vocab import TokenCounter, build_token_map, d2t_t2d
 
+_REMOTE = ("RemoteEagle3TargetModel", "RemoteDFlashTargetModel", "RemoteDSparkTargetModel")
+
 __all__ = [
+    *_REMOTE,
     "Eagle3TargetBackend",
     "DFlashTargetBackend",
     "DSparkTargetBackend",
@@ -50,3 +55,15 @@ __all__ = [
     "build_token_map",
     "d2t_t2d",
 ]
+
+
+def __getattr__(name: str):
+    if name in _REMOTE:
+        from . import remote
+
+        return getattr(remote, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_REMOTE))

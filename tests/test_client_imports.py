@@ -21,6 +21,7 @@ for name in names:
 # and the trainer-side API works, not just imports
 import torch
 from draftfeed.client import Eagle3TargetBatch, TokenCounter, build_token_map, default_dspark_layer_ids
+from draftfeed.client import RemoteEagle3TargetModel, RemoteDFlashTargetModel, RemoteDSparkTargetModel
 assert default_dspark_layer_ids(30) == [1, 8, 15, 22, 29]
 counter = TokenCounter(10)
 counter.update(torch.tensor([[4, 4, 7]]), torch.tensor([[1, 1, 1]]))
@@ -31,6 +32,19 @@ bad = sorted(n for n in sys.modules if n.split('.')[0] == 'transformers' or n.st
 assert not bad, bad
 print('ok')
 """
+
+
+def test_remote_backends_are_exported_from_the_package_lazily():
+    code = (
+        "import sys; import draftfeed.client as c; assert 'draftfeed.client.remote' not in sys.modules; "
+        "from draftfeed.client import RemoteEagle3TargetModel, RemoteDFlashTargetModel, RemoteDSparkTargetModel; "
+        "from draftfeed.client.remote import RemoteEagle3TargetModel as R; assert RemoteEagle3TargetModel is R; "
+        "assert set(c.__all__) >= {'RemoteEagle3TargetModel', 'RemoteDFlashTargetModel', 'RemoteDSparkTargetModel'}; "
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
 
 
 def test_client_imports_without_transformers_or_server():
