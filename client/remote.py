@@ -3,11 +3,15 @@
 `RemoteEagle3TargetModel.from_urls(["grpc://gpu-box:50051"], device="cuda")` checks the server's
 model info against what it was asked for, opens a session per server and remembers the session's
 state, so a server that restarted (NOT_FOUND) gets the session re-opened and the request retried
-once. UNAVAILABLE is retried with backoff and then failed over to the next server; a job over its
-quota (RESOURCE_EXHAUSTED with a retry hint) waits as told and tries again; every other error
-(INVALID_ARGUMENT above all) is raised as is. Several URLs are used round-robin, and a dead server
-is skipped with a warning. `generate_batch_async` keeps up to `max_in_flight` requests in flight
-over one bidirectional stream per server.
+once. UNAVAILABLE is retried with backoff (0.25 s doubling to 2 s), failing over to the next server,
+for up to `retry_budget` seconds (default 60: a server restart of typical length, kill -9 included,
+is ridden out); a job over its quota (RESOURCE_EXHAUSTED with a retry hint) waits as told and tries
+again; every other error (INVALID_ARGUMENT above all) is raised as is. Several URLs are used
+round-robin, and a dead server is skipped with a warning. `generate_batch_async` keeps up to
+`max_in_flight` requests in flight over one bidirectional stream per server. Every future it returns
+completes: with the batch, or with the error once the retry budget is spent. A stream that breaks
+(the server died or restarted) or gives no reply for `timeout` seconds is abandoned, and its
+requests are retried as `generate_batch` does; `max_wait_s` bounds how long any future can take.
 
 Data plane (`data_plane=True`, the default): a session on a single-address URL asks the server for
 a TCP data plane (client/dataplane.py) and, when offered, reads reply payloads from that socket,
@@ -66,7 +70,10 @@ log = logging.getLogger("draftfeed.client")
 
 _BATCHES = {"eagle3": Eagle3TargetBatch, "dflash": DFlashTargetBatch, "dspark": DSparkTargetBatch}
 _INPUTS = ("input_ids", "attention_mask", "loss_mask", "position_ids", "seq_lens", "doc_remaining")
-_BACKOFF_S = (0.5, 1.0, 2.0)
+_BACKOFF_S = (0.25, 0.5, 1.0, 2.0)  # then 2 s per retry until the retry budget is spent
+# a channel whose server went away reconnects with gRPC's backoff (up to 120 s by default): keep its
+# attempts close enough that a restarted server is found within a couple of seconds
+_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 def _raise(err: grpc.RpcError) -> DraftfeedError:
@@ -85,11 +92,12 @@ class _Server:
         self.url = url
         self.target = parse_target(url)
         self.security = security
-        self.channel = open_channel(self.target, security, grpc_options())
+        self.channel = open_channel(self.target, security, grpc_options() + _RECONNECT)
         self.stub = TargetStub(self.channel)
         self.timeout = timeout
         self.session_id: str | None = None
         self.stream: _Stream | None = None
+        self.reopen_lock = threading.Lock()  # one re-open at a time after a restart
         self.data: DataPlaneClient | None = None
         self._data_warned = False  # one fallback warning per session
         try:
@@ -201,6 +209,7 @@ class _RemoteTarget:
         capture_logits: bool = False,
         weight: float = 1.0,
         timeout: float = 120.0,
+        retry_budget: float = 60.0,
         max_in_flight: int = 2,
         cache_dir: str | Path | None = "~/.cache/draftfeed/weights",
         ca_file: str | None = None,
@@ -219,6 +228,9 @@ class _RemoteTarget:
         self.capture_logits = capture_logits
         self.weight = weight
         self.timeout = timeout
+        if not retry_budget >= 0:
+            raise InvalidArgument(f"retry_budget={retry_budget!r}: expected seconds >= 0")
+        self.retry_budget = float(retry_budget)
         self.max_in_flight = max(1, max_in_flight)
         self.data_plane = data_plane
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
@@ -322,22 +334,35 @@ class _RemoteTarget:
                 getattr(req, name).CopyFrom(tensor_to_proto(t.detach().cpu()))
         return req
 
+    def _reopen(self, server: _Server, stale: str | None) -> None:
+        """Re-open the session on `server` unless another thread already did since `stale` failed."""
+        with server.reopen_lock:
+            if server.session_id == stale:
+                log.warning("session unknown on %s (server restarted?): re-opening it", server.url)
+                self._open(server)
+
     def _with_retries(self, fn):
         """Run `fn(server)`: re-open the session once on NOT_FOUND, back off and fail over on
-        UNAVAILABLE, wait out a quota (RESOURCE_EXHAUSTED with a retry hint) for up to `timeout`."""
+        UNAVAILABLE for up to `retry_budget` seconds, wait out a quota (RESOURCE_EXHAUSTED with a
+        retry hint) for up to `timeout`."""
         last = None
         throttled = 0.0
-        for attempt in range(len(_BACKOFF_S) + 1):
+        deadline = time.monotonic() + self.retry_budget
+        for attempt in itertools.count():
             server = self.servers[next(self._turn)]
             reopened = False
             while True:
+                sid = server.session_id
                 try:
                     return fn(server)
                 except NotFound:
                     if reopened or server.balanced:
                         raise
-                    log.warning("session unknown on %s (server restarted?): re-opening it", server.url)
-                    self._open(server)
+                    try:
+                        self._reopen(server, sid)
+                    except Unavailable as err:  # down again: back off as for any unavailable call
+                        last = err
+                        break
                     reopened = True
                 except ResourceExhausted as err:
                     wait = retry_after_s(err)
@@ -349,10 +374,13 @@ class _RemoteTarget:
                 except Unavailable as err:
                     last = err
                     break
-            if attempt < len(_BACKOFF_S):
-                log.warning("%s unavailable (%s); retrying in %.1f s", server.url, last, _BACKOFF_S[attempt])
-                time.sleep(_BACKOFF_S[attempt])
-        raise last
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            wait = min(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)], left)
+            log.warning("%s unavailable (%s); retrying in %.2f s", server.url, last, wait)
+            time.sleep(wait)
+        raise Unavailable(f"{last} (retried for {self.retry_budget:.0f} s: retry_budget= sets how long)")
 
     def _generate_on(self, server: _Server, inputs) -> object:
         req = self._request(server, inputs)
@@ -414,7 +442,21 @@ class _RemoteTarget:
         with self._lock:
             if server.stream is None or server.stream.broken:
                 server.stream = _Stream(self, server)
-        return server.stream.submit(inputs)
+            stream = server.stream
+        fut = stream.submit(inputs)
+        if fut is None:  # the stream broke before the request was on it: retry it as generate_batch does
+            fut = Future()
+            threading.Thread(
+                target=_complete, args=(fut, self.generate_batch, inputs), name="draftfeed-retry", daemon=True
+            ).start()
+        return fut
+
+    @property
+    def max_wait_s(self) -> float:
+        """The longest a `generate_batch_async` future can take: each request ahead of it on its
+        stream may take `timeout`, then the retries (`retry_budget`, then one last `timeout`), then a
+        quota wait of up to `timeout`. A caller waiting longer has found a bug, not a slow server."""
+        return (self.max_in_flight + 3) * self.timeout + self.retry_budget
 
     @property
     def num_remote_servers(self) -> int:
@@ -496,8 +538,22 @@ class _RemoteTarget:
             pass
 
 
+def _complete(fut: Future, fn, inputs) -> None:
+    """Run `fn(**inputs)` into `fut` (its result, or the exception it raised)."""
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        fut.set_result(fn(**inputs))
+    except Exception as exc:  # noqa: BLE001 - delivered through the future
+        fut.set_exception(exc)
+
+
 class _Stream:
-    """One GenerateStream call: up to `max_in_flight` requests outstanding, replies in order."""
+    """One GenerateStream call: up to `max_in_flight` requests outstanding, replies in order.
+
+    The stream is abandoned (`broken`) when it fails, or when a request waits for its reply longer
+    than `timeout` (a watchdog cancels the call); its pending requests are then retried with
+    `generate_batch` (backoff, failover, the retry budget), so every future completes."""
 
     def __init__(self, target: _RemoteTarget, server: _Server):
         self.target = target
@@ -508,19 +564,42 @@ class _Stream:
         self.order = threading.Lock()  # a request and its pending entry are queued together
         self.broken = False
         self.closing = False
+        self.progress = time.monotonic()  # the last reply, or the first request after an idle spell
+        self.done = threading.Event()
         metadata = server.security.metadata + target._session_metadata(server)
         self.call = server.stub.GenerateStream(iter(self.requests.get, None), metadata=metadata)
         self.reader = threading.Thread(target=self._read, name="draftfeed-stream", daemon=True)
         self.reader.start()
+        self.watchdog = threading.Thread(target=self._watch, name="draftfeed-stream-watchdog", daemon=True)
+        self.watchdog.start()
 
-    def submit(self, inputs) -> Future:
+    def submit(self, inputs) -> Future | None:
+        """The request's future, or None when the stream broke before it could be queued."""
         self.window.acquire()
         fut: Future = Future()
         request = self.target._request(self.server, inputs)
         with self.order:  # threads submitting at once: replies come in the order requests were sent
+            if self.broken:  # its reader has finished: nobody would answer or retry this request
+                self.window.release()
+                return None
+            if self.pending.empty():
+                self.progress = time.monotonic()
             self.pending.put((fut, inputs, request.request_id))
             self.requests.put(request)
         return fut
+
+    def _watch(self):
+        """Cancel the call when the oldest request has waited `timeout` seconds for its reply."""
+        timeout = self.target.timeout
+        while not self.done.wait(min(1.0, timeout / 4)):
+            if not self.pending.empty() and time.monotonic() - self.progress > timeout:
+                log.warning(
+                    "generate stream to %s: no reply for %.0f s; abandoning it and retrying its requests",
+                    self.server.url,
+                    timeout,
+                )
+                self.call.cancel()
+                return
 
     def _read(self):
         assembler = ReplyAssembler(data_plane=self.server)
@@ -542,7 +621,9 @@ class _Stream:
             log.warning("generate stream to %s broke: %s", self.server.url, err)
             self.call.cancel()  # abandoned: the server stops answering it
         finally:
-            self.broken = True
+            with self.order:  # from now on submit() queues nothing here
+                self.broken = True
+            self.done.set()
             self._retry_pending()
 
     def _resolve(self, reply, err):
@@ -553,6 +634,7 @@ class _Stream:
                 grpc.StatusCode.DATA_LOSS, f"reply {got} came where reply {due} was due; stream abandoned"
             )  # what is pending stays there: _retry_pending retries it
         fut, inputs, _rid = self.pending.get()
+        self.progress = time.monotonic()
         self.window.release()
         if not fut.set_running_or_notify_cancel():
             return
@@ -576,6 +658,9 @@ class _Stream:
             fut.set_exception(exc)
 
     def _retry_pending(self):
+        """Retry what the broken stream left unanswered; once a retry gave up on an unreachable
+        server (its whole retry budget spent), the rest fail with that error at once."""
+        gave_up = None
         while True:
             try:
                 fut, inputs, rid = self.pending.get_nowait()
@@ -583,11 +668,22 @@ class _Stream:
                 return
             self.server.discard(rid)  # its frame may still come on the data plane: drop it then
             self.window.release()
-            if fut.set_running_or_notify_cancel():
-                self._retry(fut, inputs)
+            if not fut.set_running_or_notify_cancel():
+                continue
+            if gave_up is not None:
+                fut.set_exception(Unavailable(str(gave_up)))
+                continue
+            try:
+                fut.set_result(self.target.generate_batch(**inputs))
+            except Unavailable as exc:
+                gave_up = exc
+                fut.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - delivered through the future
+                fut.set_exception(exc)
 
     def close(self):
         self.closing = True
+        self.done.set()
         self.requests.put(None)
         self.call.cancel()
 

@@ -98,6 +98,11 @@ class TargetConfig:
     encodings: dict[str, str] | None = flag(None, "per tensor kind encoding for a remote target", None)
     job_name: str = flag("--job-name", "label of this job on the server", "draftfeed-train")
     timeout: float = flag(None, "seconds per remote request", 120.0)
+    retry_s: float = flag(
+        "--target-retry-s",
+        "seconds to keep retrying an unreachable server (riding out a restart) before the run fails",
+        60.0,
+    )
     token_file: str | None = flag(
         "--target-token-file",
         "file holding this job's token for a server started with --token-file (read once; never logged)",
@@ -134,6 +139,7 @@ class TargetConfig:
             path = getattr(self, name)
             flag_name = "--target-" + name.replace("_", "-")
             _check(path is None or Path(path).is_file(), f"{flag_name} {path!r}: no such file")
+        _check(self.retry_s >= 0, f"--target-retry-s {self.retry_s}: expected seconds >= 0")
         _check(
             (self.client_cert is None) == (self.client_key is None),
             "--target-client-cert and --target-client-key go together: give both for mutual TLS, or neither",
@@ -156,6 +162,7 @@ class TargetConfig:
             "job_name": self.job_name,
             "encodings": self.encodings,
             "timeout": self.timeout,
+            "retry_budget": self.retry_s,
             "token": token,
             "ca_file": self.ca_file,
             "client_cert": self.client_cert,

@@ -36,6 +36,8 @@ import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from draftfeed.client.errors import Unavailable
+
 from .algorithms import DistContext, DraftAlgorithm
 from .config import DistConfig, TrainConfig, config_to_dict
 from .progress import ProgressBar, progress_enabled
@@ -327,6 +329,18 @@ class Trainer:
         else:
             print(msg, file=sys.stderr, flush=True)
 
+    def _target_batch(self, future):
+        """The target's answer for one batch. A remote backend's future always completes (its retry
+        budget rides out a server restart); `max_wait_s` bounds the wait in case it does not."""
+        bound = getattr(self.backend, "max_wait_s", None)
+        try:
+            return future.result(timeout=bound)
+        except TimeoutError:
+            raise Unavailable(
+                f"the target gave no answer for a batch in {bound:.0f} s (the client's timeout and retry "
+                f"budget); training stopped at step {self.step}"
+            ) from None
+
     def _optimizer_step(self) -> dict[str, float]:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
@@ -377,7 +391,7 @@ class Trainer:
                     if not pending:
                         break
                     tb, future = pending.popleft()
-                    target = future.result()
+                    target = self._target_batch(future)
                     fill()  # keep the target busy while this batch trains
                     window_wait += time.perf_counter() - t0  # in-process: the target's forwards themselves
                     metrics = self._micro_step(target, sync=done == accum - 1)
