@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_loop import word_tokenizer
 
+from draftfeed.client.errors import InvalidArgument
 from draftfeed.trainer.regenerate import RegenerateSettings, regenerate, regenerate_cached
 
 CONVS = [
@@ -88,3 +89,87 @@ def test_sampling_is_seeded_and_the_cache_is_reused_only_for_the_same_settings(s
     assert again[0][1]["content"] == "from the cache"
     other = regenerate_cached(path, sharp_target, tok, CONVS, source="x", target_id="other", settings=s)
     assert other == a
+
+
+def test_a_greedy_cache_key_leaves_out_batch_size_seed_and_top_p(sharp_target, tmp_path):
+    tok = word_tokenizer()
+    path = tmp_path / "regen.jsonl"
+    s = RegenerateSettings(max_new_tokens=5, batch_size=2, seed=1)
+    regenerate_cached(path, sharp_target, tok, CONVS, source="x", target_id="t", settings=s)
+    edited = [json.loads(line) for line in path.read_text().splitlines()]
+    edited[0]["messages"][1]["content"] = "from the cache"
+    path.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    same = RegenerateSettings(max_new_tokens=5, batch_size=3, seed=7, top_p=0.5)  # greedy: the same answers
+    assert (
+        regenerate_cached(path, None, tok, CONVS, source="x", target_id=None, settings=same)[0][1]["content"]
+        == "from the cache"
+    )
+    # sampled answers depend on the batches' seeds: there they are part of the key
+    sampled = (RegenerateSettings(max_new_tokens=5, temperature=1.0, batch_size=b) for b in (2, 3))
+    first = regenerate_cached(
+        path, sharp_target, tok, CONVS, source="x", target_id="t", settings=next(sampled)
+    )
+    assert regenerate_cached(
+        path, sharp_target, tok, CONVS, source="x", target_id="t", settings=next(sampled)
+    )
+    assert first  # both generated
+
+
+def test_a_cache_of_other_settings_names_the_difference_and_loads_the_target_only_then(
+    sharp_target, tmp_path, capsys
+):
+    tok = word_tokenizer()
+    path = tmp_path / "regen.jsonl"
+    regenerate_cached(
+        path, sharp_target, tok, CONVS, source="x", target_id="t", settings=RegenerateSettings(4)
+    )
+    other = RegenerateSettings(max_new_tokens=6)
+    with pytest.raises(InvalidArgument, match="max_new_tokens 4 in the cache, 6 now"):
+        regenerate_cached(path, None, tok, CONVS, source="x", target_id=None, settings=other)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return sharp_target, "t"
+
+    capsys.readouterr()
+    regenerate_cached(path, None, tok, CONVS, source="x", target_id=None, settings=other, load_target=load)
+    assert loads == [1] and "max_new_tokens 4 in the cache, 6 now); regenerating" in capsys.readouterr().err
+    assert json.loads(path.with_name("regen.jsonl.meta.json").read_text())["settings"]["max_new_tokens"] == 6
+    regenerate_cached(path, None, tok, CONVS, source="x", target_id=None, settings=other, load_target=load)
+    assert loads == [1]  # matched: not loaded again
+
+
+def test_remote_train_with_a_cache_of_other_settings_regenerates_instead_of_crashing(
+    sharp_target, tmp_path, capsys
+):
+    from test_loop import make_cfg, write_chats
+
+    from draftfeed.server.app import TargetServer
+    from draftfeed.server.config import ServeConfig
+    from draftfeed.trainer.train import build_run
+
+    target_dir = tmp_path / "target"
+    sharp_target.save_pretrained(target_dir)
+    word_tokenizer().save_pretrained(target_dir)
+    data = write_chats(tmp_path / "chats.jsonl", 6, turns=(1, 1))
+    srv = TargetServer(ServeConfig(port=0), model=sharp_target).start()
+    meta = tmp_path / "out/regenerated.jsonl.meta.json"
+
+    def build(**regen):
+        regen = {"regenerate": True, "regen_max_turns": 1, "regen_max_new_tokens": 4, **regen}
+        run = build_run(
+            make_cfg(tmp_path / "out", str(target_dir), data, target={"url": [srv.url]}, data=regen)
+        )
+        run.close()
+        return capsys.readouterr().err
+
+    try:
+        build()  # no cache: the local copy regenerates
+        assert json.loads(meta.read_text())["target"]
+        err = build(regen_max_new_tokens=5)  # a cache of other settings (this crashed with AttributeError)
+        assert "max_new_tokens 4 in the cache, 5 now); regenerating" in err
+        assert json.loads(meta.read_text())["settings"]["max_new_tokens"] == 5
+        assert "reusing" in build(regen_max_new_tokens=5, regen_batch_size=3)  # not part of a greedy key
+    finally:
+        srv.stop(grace=0)

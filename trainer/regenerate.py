@@ -6,8 +6,11 @@ prompts are rendered with the chat template, sorted by length, left-padded and r
 in batches (greedy, or sampled at `temperature` with a seed per batch). A conversation stops at a turn
 whose prompt is longer than `max_prompt_tokens` or whose answer comes out empty; conversations without
 any answer are dropped. The result is cached as OpenAI-style JSONL (`{"messages": [...]}`) next to a
-`.meta.json` naming the source, the target and the settings; a later call with the same ones reads the
-cache instead of generating.
+`.meta.json` naming the source, the target and the settings that change the answers (greedy answers do
+not depend on the batch size, the seed or top_p, so those are left out of a greedy cache's key); a later
+call with the same ones reads the cache instead of generating. A cache made under other settings is
+regenerated, saying which setting differs; a caller that has not loaded the target (a remote run) passes
+`load_target` to load it only then, and its unknown target (`target_id=None`) is not compared.
 """
 
 from __future__ import annotations
@@ -16,15 +19,24 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from draftfeed.client.errors import InvalidArgument
+
 from .data import read_chat_file
 
-__all__ = ["RegenerateSettings", "regenerate", "regenerate_cached", "write_chat_jsonl"]
+__all__ = [
+    "RegenerateSettings",
+    "regenerate",
+    "regenerate_cached",
+    "cache_settings",
+    "cache_differences",
+    "write_chat_jsonl",
+]
 
 Conversation = list[dict[str, str]]
 
@@ -147,6 +159,32 @@ def write_chat_jsonl(path: str | Path, conversations: Sequence[Conversation]) ->
     tmp.replace(path)
 
 
+def cache_settings(settings: RegenerateSettings) -> dict:
+    """The settings that change the regenerated answers (the cache key's part): greedy answers do not
+    depend on the batch size, the seed or top_p; sampled ones do (each batch draws from its own seed)."""
+    key = asdict(settings)
+    if settings.temperature == 0:
+        for name in ("batch_size", "seed", "top_p"):
+            key.pop(name)
+    return key
+
+
+def cache_differences(cached: dict, wanted: dict) -> list[str]:
+    """What differs between a cache's meta and the wanted one, in words; `wanted["target"]` None is
+    not compared (the target was not loaded), nor are cached settings the wanted key leaves out."""
+    out = []
+    for name in ("source", "num_input", "target"):
+        if name == "target" and wanted[name] is None:
+            continue
+        if cached.get(name) != wanted[name]:
+            out.append(f"{name} {cached.get(name)!r} in the cache, {wanted[name]!r} now")
+    old = cached.get("settings") if isinstance(cached.get("settings"), dict) else {}
+    for name, value in wanted["settings"].items():
+        if old.get(name, "unset") != value:
+            out.append(f"{name} {old.get(name, 'unset')!r} in the cache, {value!r} now")
+    return out
+
+
 def regenerate_cached(
     path: str | Path,
     model,
@@ -154,29 +192,51 @@ def regenerate_cached(
     conversations: Sequence[Conversation],
     *,
     source: str,
-    target_id: str,
+    target_id: str | None,
     settings: RegenerateSettings = RegenerateSettings(),
+    load_target: Callable[[], tuple[object, str]] | None = None,
 ) -> list[Conversation]:
-    """`regenerate`, cached at `path`: reused when its meta file names the same source, target and settings.
+    """`regenerate`, cached at `path`: reused when its meta file names the same source, target and the
+    settings that change the answers (`cache_settings`).
 
     `source` identifies the input conversations (e.g. the file and the limit); `target_id` the target (e.g.
-    its fingerprint)."""
+    its fingerprint; None: unknown, not compared). `model` None: `load_target()` -> (model, target_id) is
+    called when the cache cannot be used."""
     path = Path(path).expanduser()
     meta_path = path.with_name(path.name + ".meta.json")
     meta = {
         "source": source,
         "target": target_id,
         "num_input": len(conversations),
-        "settings": asdict(settings),
+        "settings": cache_settings(settings),
     }
-    if path.is_file() and meta_path.is_file():
+    if path.is_file():
         try:
-            same = json.loads(meta_path.read_text()) == meta
-        except json.JSONDecodeError:
-            same = False
-        if same:
+            cached = json.loads(meta_path.read_text())
+            differs = (
+                cache_differences(cached, meta) if isinstance(cached, dict) else ["an unreadable meta file"]
+            )
+        except (OSError, json.JSONDecodeError):
+            differs = [f"no readable {meta_path.name}"]
+        if not differs:
             print(f"regenerate: reusing {path}", file=sys.stderr, flush=True)
             return read_chat_file(path)
+        why = "; ".join(differs)
+        if model is None and load_target is None:
+            raise InvalidArgument(
+                f"the regenerated data at {path} were made under other settings ({why}) and no target is "
+                "loaded to regenerate them: use the same settings, or another --regen-cache file"
+            )
+        print(
+            f"regenerate: {path} was made under other settings ({why}); regenerating",
+            file=sys.stderr,
+            flush=True,
+        )
+    if model is None:
+        if load_target is None:
+            raise InvalidArgument(f"no regenerated data at {path} and no target loaded to make them")
+        model, target_id = load_target()
+        meta["target"] = target_id
     out = regenerate(
         model, tokenizer, conversations, settings, log=lambda m: print(m, file=sys.stderr, flush=True)
     )

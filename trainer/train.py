@@ -57,8 +57,11 @@ def special_ids(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
 
 
-def load_training_conversations(cfg: TrainConfig, tokenizer, target=None, target_id: str = "") -> list:
-    """The conversations to train on; with `data.regenerate`, the target's own answers (cached)."""
+def load_training_conversations(
+    cfg: TrainConfig, tokenizer, target=None, target_id: str | None = None, load_target=None
+) -> list:
+    """The conversations to train on; with `data.regenerate`, the target's own answers (cached).
+    `target` None: `load_target()` -> (model, fingerprint) loads it if the cache cannot be used."""
     d = cfg.data
     convs = read_chat_file(d.path, limit=d.limit) if d.path else load_sharegpt(limit=d.limit)
     if not convs:
@@ -82,6 +85,7 @@ def load_training_conversations(cfg: TrainConfig, tokenizer, target=None, target
         source=source,
         target_id=target_id,
         settings=settings,
+        load_target=load_target,
     )
 
 
@@ -140,8 +144,7 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
     dist = init_distributed(cfg.dist, device)
     algorithm = ALGORITHMS[cfg.algorithm](cfg)
     tokenizer = load_tokenizer(cfg.target.model)
-    need_local = not cfg.target.remote or (cfg.data.regenerate and not cfg.regen_cache_path().is_file())
-    if model is None and need_local:
+    if model is None and not cfg.target.remote:
         model = load_target(cfg.target.model, device=device, dtype=target_dtype(cfg.target.dtype, device))
     if model is not None:
         target_config = model.config
@@ -158,7 +161,17 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
         )
     if target_id is None and model is not None and cfg.data.regenerate:
         target_id = target_fingerprint(model)
-    convs = load_training_conversations(cfg, tokenizer, model, target_id or "")
+
+    def load_local():  # a remote run regenerates with its local copy of the target, loaded only if needed
+        if dist.world_size > 1:
+            raise ValueError(
+                f"--regenerate under torchrun needs the regenerated data at {cfg.regen_cache_path()} made "
+                "with the same settings first: run `draftfeed regenerate` with the same flags, then train"
+            )
+        local = load_target(cfg.target.model, device=device, dtype=target_dtype(cfg.target.dtype, device))
+        return local, target_fingerprint(local)
+
+    convs = load_training_conversations(cfg, tokenizer, model, target_id, load_local)
     dataset = ChatDataset(convs, tokenizer, cfg.data.seq_len)
     backend = algorithm.open_backend(None if cfg.target.remote else model, device)
     try:
