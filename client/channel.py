@@ -258,12 +258,12 @@ def speaks_tls(host: str, port: int, timeout: float = 2.0) -> bool | None:
 def explain_unavailable(target: Target, security: ChannelSecurity, err: DraftfeedError) -> DraftfeedError:
     """A connection failure with what to do about it: plaintext to a TLS port, TLS to a plaintext
     port, or a TLS handshake the server refused (certificate, CA, or a missing client cert)."""
+    if not isinstance(err, Unavailable):
+        return err
     hp = target.host_port
-    if not isinstance(err, Unavailable) or hp is None:
-        return err
-    tls = speaks_tls(*hp)
-    if tls is None:
-        return err
+    tls = speaks_tls(*hp) if hp is not None else None
+    if tls is None:  # nothing answers there
+        return Unavailable(f"{target.url}: is `draftfeed serve` running at {target.address}? ({err})")
     if tls and not target.tls:
         return Unavailable(
             f"{target.url}: the server speaks TLS and this URL is plaintext; use grpcs://{target.address} "

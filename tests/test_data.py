@@ -407,3 +407,75 @@ def test_examples_without_supervised_tokens_are_skipped(tiny_tokenizer):
     data = ChatDataset(convs, tiny_tokenizer, max_length=8)  # truncation leaves no assistant token
     with pytest.raises(ValueError, match="supervised"):
         next(TokenBatchIterator(data, 1, 8))
+
+
+# ---------------------------------------------------------------- user mistakes: one line, no traceback
+
+
+def _train_cli(tmp_path, target_dir, data_path, url=None) -> tuple[int, str]:
+    """`draftfeed train eagle3` in this process: (exit code, stderr)."""
+    import contextlib
+    import io
+    import socket
+
+    from draftfeed.server.cli import main
+
+    if url is None:  # a port nothing listens on
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            url = f"grpc://127.0.0.1:{s.getsockname()[1]}"
+    err = io.StringIO()
+    argv = ["train", "eagle3", "--target", url, "--target-model", str(target_dir), "--data", str(data_path)]
+    with contextlib.redirect_stderr(err):
+        code = main(["--log-level", "WARNING", *argv, "--out", str(tmp_path / "out"), "--device", "cpu"])
+    return code, err.getvalue()
+
+
+@pytest.fixture
+def chat_target_dir(tmp_path, tiny_dirs):
+    """The tiny Llama with a word-level tokenizer that has a chat template."""
+    import shutil
+
+    from test_loop import word_tokenizer
+
+    d = tmp_path / "target"
+    shutil.copytree(tiny_dirs("llama"), d)
+    word_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_a_data_file_that_is_not_chat_records_is_one_clear_line(tmp_path, chat_target_dir):
+    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    code, err = _train_cli(tmp_path, chat_target_dir, readme)
+    assert code == 2 and "Traceback" not in err, err
+    assert "README.md: line 1 is not JSON" in err and "ShareGPT" in err and "OpenAI" in err
+    useless = tmp_path / "useless.jsonl"
+    useless.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    code, err = _train_cli(tmp_path, chat_target_dir, useless)
+    assert code == 2 and "Traceback" not in err and "no usable conversation" in err, err
+
+
+def test_a_target_without_a_chat_template_is_one_clear_line(tmp_path, chat_target_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_target_dir)
+    tok.chat_template = None
+    tok.save_pretrained(chat_target_dir)
+    for name in os.listdir(chat_target_dir):
+        if name.endswith(".jinja"):
+            os.remove(os.path.join(chat_target_dir, name))
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(
+        json.dumps({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]})
+    )
+    code, err = _train_cli(tmp_path, chat_target_dir, chats)
+    assert code == 2 and "Traceback" not in err, err
+    assert "has no chat template" in err and "instruct" in err
+
+
+def test_a_refused_connection_asks_whether_the_server_runs(tmp_path, chat_target_dir):
+    from test_loop import write_chats
+
+    code, err = _train_cli(tmp_path, chat_target_dir, write_chats(tmp_path / "c.jsonl", 4))
+    assert code == 2 and "Traceback" not in err, err
+    assert "is `draftfeed serve` running at 127.0.0.1:" in err

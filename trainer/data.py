@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from draftfeed.client.errors import InvalidArgument
+
 __all__ = [
     "EvalPrompt",
     "TokenizedChat",
@@ -43,6 +45,7 @@ __all__ = [
     "load_mtbench",
     "load_humaneval",
     "tokenize_chat",
+    "check_chat_template",
 ]
 
 _SHAREGPT_ROLES = {
@@ -58,6 +61,10 @@ _SHAREGPT_ROLES = {
 _OPENAI_ROLES = {"system", "user", "assistant"}
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SEPARATORS = re.compile(r"[\s,]*")
+_FORMATS = (
+    'expected a JSON array or JSON lines of ShareGPT records ({"conversations": [{"from", "value"}]}) '
+    'or OpenAI records ({"messages": [{"role", "content"}]})'
+)
 
 
 # ---------------------------------------------------------------- reading files
@@ -76,7 +83,7 @@ def iter_json_array(path: str | Path, chunk_chars: int = 1 << 22) -> Iterator[An
         eof = len(buf) < chunk_chars
         start = buf.lstrip()
         if not start.startswith("["):
-            raise ValueError(f"{path}: expected a JSON array (first character '['), got {start[:20]!r}")
+            raise InvalidArgument(f"{path}: expected a JSON array (first character '['), got {start[:20]!r}")
         pos = buf.index("[") + 1
         while True:
             pos = _SEPARATORS.match(buf, pos).end()
@@ -103,8 +110,11 @@ def iter_json_array(path: str | Path, chunk_chars: int = 1 << 22) -> Iterator[An
 
 def _iter_records(path: Path) -> Iterator[Any]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            head = f.read(4096).lstrip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{path} cannot be read as text ({exc}); {_FORMATS}") from None
     if head.startswith("["):
         yield from iter_json_array(path)
         return
@@ -114,7 +124,9 @@ def _iter_records(path: Path) -> Iterator[Any]:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: not a JSON line ({exc})") from exc
+                    raise InvalidArgument(
+                        f"{path}: line {lineno} is not JSON ({exc.msg} at column {exc.colno}); {_FORMATS}"
+                    ) from None
 
 
 def normalize_conversation(record: dict) -> list[dict[str, str]] | None:
@@ -149,7 +161,8 @@ def normalize_conversation(record: dict) -> list[dict[str, str]] | None:
 
 
 def read_chat_file(path: str | Path, limit: int | None = None) -> list[list[dict[str, str]]]:
-    """Conversations from a JSON array / JSONL file (ShareGPT or OpenAI records; either may be `.gz`)."""
+    """Conversations from a JSON array / JSONL file (ShareGPT or OpenAI records; either may be `.gz`).
+    InvalidArgument when the file is not JSON records (naming the line and the formats expected)."""
     out = []
     for record in _iter_records(Path(path)):
         messages = normalize_conversation(record) if isinstance(record, dict) else None
@@ -215,6 +228,17 @@ class TokenizedChat:
     loss_mask: list[int]
 
 
+def check_chat_template(tokenizer) -> None:
+    """InvalidArgument when the tokenizer has no chat template (a base model's): conversations are
+    rendered with it."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the target's tokenizer"
+        raise InvalidArgument(
+            f"{name} has no chat template, and draftfeed renders the training conversations with it: use a "
+            "chat (instruct) model as the target, or add a chat_template to its tokenizer_config.json"
+        )
+
+
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -273,6 +297,7 @@ def tokenize_chat(
     is transformers' `return_assistant_tokens_mask`; otherwise a token is an assistant token when its
     character span overlaps an assistant span found by `_assistant_char_spans`. Truncated to `max_length`.
     """
+    check_chat_template(tokenizer)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     if use_generation_tags is None:
         use_generation_tags = bool(_GENERATION_TAG.search(template or ""))
@@ -303,6 +328,7 @@ class ChatDataset:
     """Conversations tokenized on first access (and cached as compact arrays)."""
 
     def __init__(self, conversations: Sequence[Sequence[dict[str, str]]], tokenizer, max_length: int):
+        check_chat_template(tokenizer)
         self.conversations = conversations
         self.tokenizer = tokenizer
         self.max_length = max_length

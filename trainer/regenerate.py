@@ -27,7 +27,7 @@ import torch
 
 from draftfeed.client.errors import InvalidArgument
 
-from .data import read_chat_file
+from .data import check_chat_template, read_chat_file
 
 __all__ = [
     "RegenerateSettings",
@@ -98,6 +98,7 @@ def regenerate(
     log=None,
 ) -> list[Conversation]:
     """Conversations whose assistant turns are the target's own answers (system and user turns kept)."""
+    check_chat_template(tokenizer)
     states: list[Conversation] = []
     users: list[list[str]] = []
     for conv in conversations:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from draftfeed.client.errors import InvalidArgument
 from draftfeed.client.vocab import TokenCounter
 
 from .algorithms import ALGORITHMS, DistContext, DraftAlgorithm
@@ -65,7 +66,11 @@ def load_training_conversations(
     d = cfg.data
     convs = read_chat_file(d.path, limit=d.limit) if d.path else load_sharegpt(limit=d.limit)
     if not convs:
-        raise ValueError(f"no usable conversation in {d.path or 'the packaged ShareGPT file'}")
+        raise InvalidArgument(
+            f"no usable conversation in {d.path or 'the packaged ShareGPT file'}: a record needs a user turn "
+            "followed by an assistant turn (ShareGPT conversations: [{from, value}] or OpenAI messages: "
+            "[{role, content}])"
+        )
     if not d.regenerate:
         return convs
     settings = RegenerateSettings(
