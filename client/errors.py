@@ -18,7 +18,11 @@ __all__ = [
     "Unauthenticated",
     "PermissionDenied",
     "error_for_code",
+    "capped",
+    "MAX_MESSAGE_BYTES",
 ]
+
+MAX_MESSAGE_BYTES = 2048
 
 
 class DraftfeedError(Exception):
@@ -80,6 +84,17 @@ _BY_CODE = {
         PermissionDenied,
     )
 }
+
+
+def capped(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`message` cut to at most `limit` UTF-8 bytes. An error that echoes its input (a list of ids, a
+    name) must stay small: a gRPC status message travels percent-encoded in a trailer, and past the
+    peer's metadata limit (8-16 KiB) the client sees RESOURCE_EXHAUSTED instead of the real error."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    kept = data[: max(0, limit - 40)].decode("utf-8", "ignore")
+    return f"{kept}... ({len(data) - len(kept.encode())} more bytes)"
 
 
 def error_for_code(code: grpc.StatusCode, message: str) -> DraftfeedError:

@@ -103,6 +103,18 @@ def _policy(name: str, entry, where: str) -> JobPolicy:
     return JobPolicy(name, digest, float(rate) if rate else None, in_flight, algorithms)
 
 
+def _parse_error(err: Exception) -> str:
+    """What is wrong and where, never the text there: the offending line may hold a token (a YAML
+    error's str() quotes it)."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:  # yaml.MarkedYAMLError
+        what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+        return f"{what or 'invalid YAML'} at line {mark.line + 1}, column {mark.column + 1} (text not shown)"
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at line {err.lineno}, column {err.colno} (text not shown)"
+    return f"{type(err).__name__} (text not shown)"
+
+
 def load_token_file(path: str | Path) -> dict[str, JobPolicy]:
     """Job name -> policy from a YAML or JSON token file; InvalidArgument naming what is wrong."""
     path = Path(path)
@@ -118,7 +130,7 @@ def load_token_file(path: str | Path) -> dict[str, JobPolicy]:
 
             data = yaml.safe_load(text)
     except Exception as err:  # noqa: BLE001 - json or yaml parse errors
-        raise InvalidArgument(f"--token-file {str(path)!r} does not parse: {err}") from None
+        raise InvalidArgument(f"--token-file {str(path)!r} does not parse: {_parse_error(err)}") from None
     if not isinstance(data, dict) or not data:
         raise InvalidArgument(f"--token-file {str(path)!r}: expected a table of job name -> token")
     jobs = {str(name): _policy(str(name), entry, str(path)) for name, entry in data.items()}

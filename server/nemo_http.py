@@ -17,9 +17,13 @@ Endpoints, the NMET blob (server/nemo_blob.py) and the reply dtypes are theirs. 
   (their client then needs `REQUESTS_CA_BUNDLE` for a private CA); with --tls-client-ca it requires a
   client certificate, which NeMo's client as published cannot present.
 - Errors: malformed input is 4xx, the rest 500, with the message in the JSON body
-  (`{"detail": ...}`); uvicorn always sends the standard reason phrase, so the message cannot travel
-  as the reason as in NeMo's server. Their client calls `raise_for_status()` and retries only
-  connection errors and timeouts, so every 4xx/5xx fails the call the same way as their 500 did.
+  (`{"detail": ...}`) and, as NeMo's server does, in the status line's reason phrase (ASCII, at most
+  `_REASON_CHARS`), which is all their client shows (`raise_for_status()`: "400 Client Error: <reason>").
+  uvicorn always sends the standard phrase, so this port runs uvicorn's h11 protocol with one change
+  (`_ReasonH11Protocol`: an `X-Draftfeed-Reason` header becomes the reason phrase). Their client retries only connection errors and timeouts, so every 4xx/5xx
+  fails the call the same way as their 500 did. Messages are capped (client/errors.py `capped`) and
+  never echo an Authorization header. A client that disconnects mid-request is logged at INFO, without
+  a traceback.
 
 Which client is which. ASGI gives a handler no connection object: `scope["client"]` (peer host, port)
 is one TCP connection, but a NeMo client does not keep one connection. uvicorn closes a connection
@@ -50,10 +54,13 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import h11
 import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from draftfeed.client.errors import (
     FailedPrecondition,
@@ -63,6 +70,7 @@ from draftfeed.client.errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    capped,
 )
 from draftfeed.client.payload import decode_fields
 
@@ -88,6 +96,9 @@ _TOKEN_HINT = (
     "put it in the URL (remote_urls: [http://JOB:TOKEN@host:port]; requests sends it as HTTP Basic auth) "
     "or send the header 'Authorization: Bearer <token>'"
 )
+_REASON_HEADER = "X-Draftfeed-Reason"
+_REASON_CHARS = 1024  # http.client reads a status line of up to 64 KiB; a reason stays far below
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
 _CHUNK = 1 << 20  # measured (2-core VM, loopback, 277 MiB reply): 2.3-2.6 GB/s sent at 1 MiB, 1-1.9 at 4 MiB
 
 # error class -> HTTP status (the first matching base wins; anything else is 500)
@@ -243,7 +254,43 @@ def http_token(request: Request) -> str | None:
                 "the Authorization header's Basic credentials are not base64 of user:password"
             ) from None
         return password or user or None
-    raise InvalidArgument(f"Authorization scheme {scheme[:20]!r} is not supported here; use Basic or Bearer")
+    # the value is never echoed: a header without a scheme is often the bare token itself
+    raise InvalidArgument(
+        "the Authorization header's scheme is not supported here (its value is not shown: it may be a "
+        f"credential); use Basic or Bearer: {_TOKEN_HINT}"
+    )
+
+
+def _reason(message: str) -> str:
+    """An HTTP reason phrase carrying `message`: printable ASCII, one line, at most `_REASON_CHARS`."""
+    text = _UNPRINTABLE.sub(" ", message).strip()
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
+def _error_response(message: str, status: int) -> JSONResponse:
+    """`{"detail": message}`, the message also marked to go out as the reason phrase."""
+    return JSONResponse({"detail": message}, status_code=status, headers={_REASON_HEADER: _reason(message)})
+
+
+class _ReasonH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, except that a response with an `X-Draftfeed-Reason` header sends its
+    value as the status line's reason phrase instead (and not as a header): uvicorn writes the standard
+    phrase for every status, and its ASGI messages have no field for another."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        plain = self.conn.send  # the connection every request-response cycle of this socket writes to
+        key = _REASON_HEADER.lower().encode()
+
+        def send(event):
+            if isinstance(event, h11.Response):
+                reason = next((v for k, v in event.headers if k == key), None)
+                if reason is not None:
+                    headers = [(k, v) for k, v in event.headers if k != key]
+                    event = h11.Response(status_code=event.status_code, headers=headers, reason=reason)
+            return plain(event)
+
+        self.conn.send = send
 
 
 def _status_of(err: BaseException) -> int:
@@ -259,18 +306,21 @@ def _endpoint(fn):
 
     @functools.wraps(fn)
     async def handler(request: Request) -> Response:
+        name = fn.__name__.removeprefix("_")
         try:
             response = await fn(request)
+        except ClientDisconnect:  # nobody to answer: not a server error
+            log.info("/%s: the client disconnected before sending the whole request", name)
+            return Response(status_code=400)
         except Exception as err:  # noqa: BLE001 - mapped to a status; the server keeps serving
             status = _status_of(err)
-            name = fn.__name__.removeprefix("_")
             if status == 500:
                 log.exception("/%s failed", name)
-                msg = f"/{name} failed inside the server: {type(err).__name__}: {err}"
+                msg = capped(f"/{name} failed inside the server: {type(err).__name__}: {err}")
             else:
-                log.info("/%s: %d %s", name, status, err)
-                msg = str(err)
-            response = JSONResponse({"detail": msg}, status_code=status)
+                msg = capped(str(err))  # a message that echoes a huge input stays small
+                log.info("/%s: %d %s", name, status, msg)
+            response = _error_response(msg, status)
             if status == 503:
                 response.headers["Retry-After"] = "1"
             if status == 401:
@@ -530,6 +580,7 @@ class NemoHTTPServer(UvicornThread):
         super().__init__(
             self.app, host, port, name="draftfeed-nemo-http", grace_s=grace_s,
             timeout_keep_alive=int(keep_alive_s), timeout_graceful_shutdown=int(grace_s),
+            http=_ReasonH11Protocol,
         )  # fmt: skip
 
     def start(self) -> NemoHTTPServer:

@@ -22,7 +22,7 @@ import grpc
 import torch
 
 from draftfeed.client.channel import RETRY_AFTER_KEY, session_spec_from_metadata
-from draftfeed.client.errors import DraftfeedError, InvalidArgument, Unavailable
+from draftfeed.client.errors import DraftfeedError, InvalidArgument, Unavailable, capped
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import encode_error_reply, encode_reply, tensor_from_proto
 
@@ -51,10 +51,10 @@ def _rpc(fn):
             retry = getattr(err, "retry_after_s", None)
             if retry is not None:
                 context.set_trailing_metadata(((RETRY_AFTER_KEY, str(round(retry * 1000))),))
-            context.abort(err.code, str(err))
+            context.abort(err.code, capped(str(err)))  # a message that echoes a huge input stays small
         log.exception("%s failed", name)
         context.abort(
-            grpc.StatusCode.INTERNAL, f"{name} failed inside the server: {type(err).__name__}: {err}"
+            grpc.StatusCode.INTERNAL, capped(f"{name} failed inside the server: {type(err).__name__}: {err}")
         )
 
     if inspect.isgeneratorfunction(fn):

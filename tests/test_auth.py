@@ -91,6 +91,24 @@ def test_token_file_parsing(tmp_path):
             load_token_file(path)
 
 
+def test_a_token_file_that_does_not_parse_never_shows_its_text(tmp_path):
+    token = "s3cret-token-0123456789abcdef"
+    cases = [
+        (f'job-a: {token}\njob-b: "{token}x\n', "t.yaml", "line 3"),
+        (f"job-a: {token}\n  - {token}y: [\n", "t.yaml", "line 2, column"),
+        (f"job-a: {{token: {token}, x: [}}\n", "t.yaml", "line 1, column"),
+        (f"job-a:\n\ttoken: {token}\n", "t.yaml", "line 2, column 1"),
+        (f'{{"job-a": "{token}",}}', "t.json", "line 1, column"),
+    ]
+    for text, name, where in cases:
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(InvalidArgument, match="does not parse") as err:
+            load_token_file(path)
+        assert where in str(err.value) and "text not shown" in str(err.value)
+        assert token[:6] not in str(err.value) and token[-6:] not in str(err.value), str(err.value)
+
+
 def test_missing_and_wrong_tokens(server):
     with pytest.raises(Unauthenticated, match="needs a job token"):
         RemoteDSparkTargetModel.from_urls([server.url])

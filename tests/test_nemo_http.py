@@ -674,3 +674,57 @@ def test_tls_and_mutual_tls_on_the_nemo_port(model, pki):  # noqa: F811 - the fi
         t0 = time.monotonic()
         srv.stop(grace=0)
         assert time.monotonic() - t0 < 10
+
+
+def test_errors_travel_in_the_reason_phrase_that_nemos_client_shows(url, model):
+    c = Client(url)
+    r = c.post("generate", gen_blob(*inputs()))  # before /set_vocab_mapping
+    assert r.status_code == 409 and r.reason.startswith("no vocab mapping for this client yet")
+    with pytest.raises(requests.HTTPError, match="409 Client Error: no vocab mapping for this client yet"):
+        r.raise_for_status()  # all their client shows
+    assert "x-draftfeed-reason" not in r.headers and "no vocab mapping" in r.json()["detail"]
+    c.set_vocab_mapping(*mapping(160))
+    r = c.post("generate", gen_blob(*inputs())[:-5])
+    assert r.status_code == 400 and "truncated NMET blob" in r.reason
+    bad = pack({"\u00e9\r\n" * 300: inputs()[0]})  # non-ASCII and line breaks: a one-line ASCII reason
+    r = c.post("generate", bad)
+    assert r.status_code == 400 and r.reason.isascii() and "\n" not in r.reason and len(r.reason) <= 1024
+    assert_exact(c.generate(*inputs()), expected(model, mapping(160), inputs()))
+    c.call("disconnect")
+
+
+def test_an_authorization_header_without_scheme_is_never_echoed(token_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    url = token_server[1].url
+    r = Client(url, {"Authorization": TOKENS["nemo-a"]}).post("model_info")
+    assert r.status_code == 400 and "use Basic or Bearer" in r.json()["detail"]
+    for text in (r.text, r.reason, caplog.text):
+        assert TOKENS["nemo-a"][:8] not in text and TOKENS["nemo-a"][-8:] not in text
+
+
+def test_a_client_that_disconnects_mid_body_is_one_info_line(url, caplog):
+    import socket
+
+    caplog.set_level(logging.INFO, logger="draftfeed.nemo_http")
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+    deadline = time.monotonic() + 60
+    while "disconnected before sending the whole request" not in caplog.text:
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(0.01)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+
+
+def test_a_clean_stop_logs_no_traceback(model, caplog, capfd):
+    caplog.set_level(logging.DEBUG)  # uvicorn's own loggers do not propagate: their lines are on stderr
+    target = TargetServer(ServeConfig(port=0, limits=LIMITS), model=model).start()
+    nemo = NemoHTTPServer(target, "127.0.0.1", 0).start()
+    try:
+        assert Client(nemo.url).post("model_info").status_code == 200
+    finally:
+        nemo.stop()
+        target.stop(grace=0)
+    assert "CancelledError" not in caplog.text and not [r for r in caplog.records if r.exc_info], caplog.text
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "CancelledError" not in err, err

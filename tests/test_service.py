@@ -398,3 +398,15 @@ def test_closed_sessions_keep_their_totals_for_reports(server, model):
     assert done.closed and done.stats.requests == 3
     assert done.stats.tokens == 3 * inputs()[0].numel() and done.stats.bytes_sent > 0
     assert all(s.job_name != "report-me" for s in server.sessions.list())
+
+
+def test_an_error_that_echoes_a_huge_input_keeps_its_code(server):
+    from draftfeed.client.errors import MAX_MESSAGE_BYTES
+    from draftfeed.client.pb import draftfeed_pb2 as pb
+
+    with pytest.raises(
+        grpc.RpcError
+    ) as err:  # the message quotes the 100 kB name; uncapped: RESOURCE_EXHAUSTED
+        _stub_call(server, "OpenSession", pb.OpenSessionRequest(algorithm="x" * 100_000))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown algorithm" in err.value.details() and len(err.value.details()) <= MAX_MESSAGE_BYTES
