@@ -9,7 +9,6 @@ or publish it for monitoring hosts only."""
 from __future__ import annotations
 
 import time
-from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
@@ -132,15 +131,9 @@ def build_admin_app(server) -> FastAPI:
         "Referrer-Policy": "no-referrer",
     }
 
-    @asynccontextmanager
-    async def lifespan(_app):
-        history.start()
-        try:
-            yield
-        finally:
-            history.stop()
-
-    app = FastAPI(title="draftfeed admin", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # the sampler is started and stopped by AdminServer, not an ASGI lifespan: uvicorn cancels a
+    # lifespan still running when it is stopped at once, and logs a CancelledError traceback for it
+    app = FastAPI(title="draftfeed admin", docs_url=None, redoc_url=None)
     app.state.status_history = history
 
     @app.middleware("http")
@@ -190,4 +183,20 @@ class AdminServer(UvicornThread):
     """The admin app of `server` on its own port (server/http_thread.py)."""
 
     def __init__(self, server, host: str, port: int):
-        super().__init__(build_admin_app(server), host, port, name="draftfeed-admin")
+        app = build_admin_app(server)
+        self.history = app.state.status_history
+        super().__init__(app, host, port, name="draftfeed-admin")
+
+    def start(self) -> AdminServer:
+        self.history.start()
+        try:
+            return super().start()
+        except BaseException:
+            self.history.stop()
+            raise
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self.history.stop()

@@ -17,7 +17,9 @@ class UvicornThread:
     keyword arguments go to `uvicorn.Config`; TLS is set on `config` before `start()` (server/app.py)."""
 
     def __init__(self, app, host: str, port: int, *, name: str, grace_s: float = 10.0, **config):
-        config.setdefault("lifespan", "off")  # no startup/shutdown events; "on" logs a CancelledError at stop
+        # no ASGI lifespan: `stop()` ends the server at once (force_exit), and uvicorn then cancels a
+        # lifespan still waiting for its shutdown event and logs a CancelledError traceback for it
+        config.setdefault("lifespan", "off")
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", **config)
         self.uvicorn = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.uvicorn.run, name=name, daemon=True)

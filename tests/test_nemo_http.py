@@ -716,12 +716,14 @@ def test_a_client_that_disconnects_mid_body_is_one_info_line(url, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
 
 
-def test_a_clean_stop_logs_no_traceback(model, caplog, capfd):
+def test_a_clean_stop_of_the_nemo_and_admin_ports_logs_no_traceback(model, caplog, capfd):
     caplog.set_level(logging.DEBUG)  # uvicorn's own loggers do not propagate: their lines are on stderr
-    target = TargetServer(ServeConfig(port=0, limits=LIMITS), model=model).start()
+    target = TargetServer(ServeConfig(port=0, admin_port=0, limits=LIMITS), model=model).start()
     nemo = NemoHTTPServer(target, "127.0.0.1", 0).start()
     try:
         assert Client(nemo.url).post("model_info").status_code == 200
+        status = requests.get(f"http://127.0.0.1:{target.admin.port}/status.json", timeout=10).json()
+        assert status["load"]["series"]  # the admin port's status sampler runs
     finally:
         nemo.stop()
         target.stop(grace=0)
