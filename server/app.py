@@ -245,7 +245,6 @@ def serve(cfg: ServeConfig) -> int:
         if tp.rank != 0:
             return tp.follow(model)
     server = TargetServer(cfg, model=model, tp=tp).start()
-    print(_banner(server), flush=True)
     signals = {"n": 0}
 
     def on_signal(signum, _frame):
@@ -262,6 +261,7 @@ def serve(cfg: ServeConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    print(_banner(server), flush=True)  # after the handlers: a signal sent once this line is out drains
     while not server.wait(0.5):  # wake up regularly so signal handlers run promptly
         pass
     print("draftfeed: drained and stopped", file=sys.stderr, flush=True)

@@ -201,7 +201,9 @@ def start_serve_entrypoint(env: dict, log_path) -> subprocess.Popen:
         )
 
 
-def _wait_healthy(server, server_env, timeout=120):
+def _wait_healthy(server, server_env, log_path=None, timeout=600):
+    """Until docker/healthcheck.sh says SERVING and, with `log_path`, the server has printed its
+    "serving on" banner (health answers before the banner is out). `timeout` only bounds a hang."""
     deadline = time.time() + timeout
     healthy = None
     while time.time() < deadline and server.poll() is None:
@@ -212,6 +214,9 @@ def _wait_healthy(server, server_env, timeout=120):
             break
         time.sleep(0.5)
     assert healthy is not None and healthy.returncode == 0 and healthy.stdout.strip() == "SERVING"
+    while log_path is not None and "serving on" not in log_path.read_text():
+        assert time.time() < deadline and server.poll() is None, log_path.read_text()[-3000:]
+        time.sleep(0.05)
 
 
 def test_entrypoints_run_the_compose_jobs(tmp_path, default_target):
@@ -245,7 +250,7 @@ def test_entrypoints_run_the_compose_jobs(tmp_path, default_target):
     server = start_serve_entrypoint(server_env, log_path)
     trainers = {}
     try:
-        _wait_healthy(server, server_env)
+        _wait_healthy(server, server_env, log_path)
         banner = log_path.read_text()
         assert "token auth on (2 jobs)" in banner and f"data plane on port {data_port}" in banner, banner
         python = _trainer_python(tmp_path)
@@ -320,7 +325,7 @@ def test_entrypoints_run_the_compose_jobs(tmp_path, default_target):
             server.wait(10)
 
 
-def test_serve_entrypoint_without_tokens_or_data_plane(default_target):
+def test_serve_entrypoint_without_tokens_or_data_plane(default_target, tmp_path):
     """DRAFTFEED_DATA_PORT=off is --no-data-plane; without a token file the server says it answers only
     loopback clients; the healthcheck script sees it SERVING; SIGTERM exits 0."""
     port = _free_port()
@@ -336,17 +341,13 @@ def test_serve_entrypoint_without_tokens_or_data_plane(default_target):
         DRAFTFEED_DATA_PORT="off",
         DRAFTFEED_GRACE_SECONDS="5",
     )
-    server = subprocess.Popen(
-        [str(DOCKER / "serve.sh"), "--device", "cpu"],
-        env=server_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log_path = tmp_path / "server.log"
+    server = start_serve_entrypoint(server_env, log_path)
     try:
-        _wait_healthy(server, server_env)
+        _wait_healthy(server, server_env, log_path)  # the banner is out: its signal handlers are in place
         server.send_signal(signal.SIGTERM)
-        out, _ = server.communicate(timeout=30)
+        server.wait(timeout=60)
+        out = log_path.read_text()
         assert server.returncode == 0, out[-3000:]
         banner = next(ln for ln in out.splitlines() if "draftfeed: serving on" in ln)
         assert "data plane" not in banner and "only clients on this machine" in banner, banner

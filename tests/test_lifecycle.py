@@ -34,7 +34,7 @@ def model(tiny_model):
 class Served:
     """`draftfeed serve` in a subprocess; stdout/stderr collected by threads."""
 
-    def __init__(self, model_dir, *args, launcher=(sys.executable,), timeout=60):
+    def __init__(self, model_dir, *args, launcher=(sys.executable,), timeout=300):  # bounds a hang only
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         cmd = [*launcher, "-m", "draftfeed.server.cli", "serve", "--model", model_dir, "--port", "0"]
         self.proc = subprocess.Popen(
@@ -60,7 +60,7 @@ class Served:
         m = re.search(r"admin on http://[^:]+:([0-9]+)", banner)
         self.admin = f"http://127.0.0.1:{m.group(1)}" if m else None
 
-    def wait_for(self, text, timeout=10):
+    def wait_for(self, text, timeout=300):  # bounds a hang only
         deadline = time.time() + timeout
         while not any(text in line for line in self.err):
             assert time.time() < deadline, f"no {text!r} in stderr: {''.join(self.err)[-3000:]}"
@@ -136,12 +136,27 @@ def unread_stream(url: str, n: int):
     return channel, stub.GenerateStream(iter([request] * n))
 
 
+def wait_until(predicate, what: str, timeout: float = 300.0) -> None:
+    """Poll `predicate` until it holds (`timeout` only bounds a hang, it is no guess of how long)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.01)
+
+
 def test_second_sigterm_exits_at_once(tiny_dirs):
-    served = Served(tiny_dirs("llama"), "--grace-seconds", "60")
+    import requests
+
+    served = Served(tiny_dirs("llama"), "--grace-seconds", "60", "--admin-port", "0")
     try:
         # a stream whose big replies nobody reads keeps the drain waiting on flow control
         channel, call = unread_stream(served.url, 4)
-        time.sleep(1.5)
+
+        def stream_reached_the_server():
+            listed = requests.get(f"{served.admin}/sessions", timeout=30).json()["sessions"]
+            return any(s["requests"] or s["in_flight"] for s in listed)
+
+        wait_until(stream_reached_the_server, "the unread stream's requests reach the server")
         served.proc.send_signal(signal.SIGTERM)
         served.wait_for("draining")
         time.sleep(1.0)
@@ -223,13 +238,13 @@ def test_a_draining_server_sends_new_requests_to_the_other_url(model):
         local = HFDFlashTargetModel(model)
         remote = RemoteDFlashTargetModel.from_urls([a.url, b.url])
         channel, call = unread_stream(a.url, 3)
-        time.sleep(1.0)
+        wait_until(  # only the stream has sent requests to a so far
+            lambda: any(x.stats.requests or x.stats.in_flight for x in a.sessions.list()),
+            "the unread stream's requests reach a",
+        )
         stopper = threading.Thread(target=a.stop, kwargs={"grace": 60})
         stopper.start()
-        deadline = time.time() + 10
-        while not a.servicer.draining:
-            assert time.time() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: a.servicer.draining, "a starts draining")
         mine = a.sessions.get(remote.servers[0].session_id)  # the two-URL client's session on a
         before = (mine.stats.requests, sum(x.stats.requests for x in b.sessions.list()))
         for s in range(4):  # every other request is a's turn: refused there, answered by b
@@ -240,7 +255,7 @@ def test_a_draining_server_sends_new_requests_to_the_other_url(model):
         with pytest.raises(Unavailable):
             RemoteDFlashTargetModel.from_urls([a.url], timeout=5)
         call.cancel()
-        stopper.join(30)
+        stopper.join(300)
         assert not stopper.is_alive() and a.sessions.list() == []
         remote.close()
     finally:

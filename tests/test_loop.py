@@ -10,12 +10,12 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from test_repo import run_while_it_progresses
 
 from draftfeed.server.app import TargetServer
 from draftfeed.server.config import ServeConfig
@@ -331,7 +331,7 @@ def test_ddp_on_two_cpu_processes_runs_two_steps(tmp_path, target_dir, data_file
         "--steps", "2", "--seq-len", "48", "--batch-size", "2", "--device", "cpu", "--no-export",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    proc = run_while_it_progresses(cmd, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = tmp_path / "o/checkpoints/step_0000002"
     assert (ckpt / "complete").is_file()

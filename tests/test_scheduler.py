@@ -41,15 +41,17 @@ def fields_of(fut):
 
 
 class Gate:
-    """A forward that waits for `open()` on its first call, so requests pile up behind it."""
+    """A forward that waits for `event` (set by the test), so requests pile up behind it."""
 
     def __init__(self, fail_over_rows: int | None = None):
         self.event = threading.Event()
+        self.entered = threading.Event()  # a forward is at the gate: what a test waits for, not a sleep
         self.rows: list[int] = []
         self.fail_over_rows = fail_over_rows
 
     def __call__(self, model, layout, batch, needs):
-        self.event.wait(30)
+        self.entered.set()
+        self.event.wait(300)  # only bounds a test that never opens it
         rows = batch.input_ids.shape[0]
         self.rows.append(rows)
         if self.fail_over_rows is not None and rows > self.fail_over_rows:
@@ -67,7 +69,7 @@ def test_mixed_jobs_in_one_forward_get_their_own_exact_answers(model):
     f = table.open("dflash", [2, 6], "f", capture_logits=True)
     s = table.open("dspark", [-1, 2, 7], "s")
     blocker = sched.submit(f, tb(inputs(seed=9, s=5)))  # holds the worker at the gate
-    time.sleep(0.2)
+    assert gate.entered.wait(300)  # the worker holds the first request at the gate
     reqs = [
         (e, inputs(seed=0)),
         (f, inputs(seed=1)),
@@ -106,7 +108,7 @@ def test_a_flooding_job_does_not_starve_a_light_one(model):
     flood = [sched.submit(heavy, tb(inputs(seed=i))) for i in range(20)]  # 24 tokens each: one per forward
     for fut in flood:
         fut.add_done_callback(lambda _f: done.append("heavy"))
-    time.sleep(0.1)
+    assert gate.entered.wait(300)  # the worker holds the first request at the gate
     mine = sched.submit(light, tb(inputs(seed=99)))
     mine.add_done_callback(lambda _f: done.append("light"))
     gate.event.set()
@@ -128,7 +130,7 @@ def test_a_job_gives_half_of_its_queue_to_a_batch(model):
     sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
     a, b = table.open("dspark", [1, 2], "a"), table.open("dspark", [1, 2], "b")
     blocker = sched.submit(a, tb(inputs(seed=0)))  # 2 rows each
-    time.sleep(0.2)
+    assert gate.entered.wait(300)  # the worker holds the first request at the gate
     futures = [sched.submit(a, tb(inputs(seed=i))) for i in range(1, 5)]
     gate.event.set()
     for f in [blocker, *futures]:
@@ -136,9 +138,10 @@ def test_a_job_gives_half_of_its_queue_to_a_batch(model):
     assert gate.rows == [2, 4, 2, 2], gate.rows  # 4 queued: 2, then 1 of 2, then the last
     gate.rows.clear()
     gate.event.clear()
+    gate.entered.clear()
     order = []
     blocker = sched.submit(a, tb(inputs(seed=0)))
-    time.sleep(0.2)
+    assert gate.entered.wait(300)  # the worker holds the first request at the gate
     futures = [sched.submit(s, tb(inputs(seed=i))) for s in (a, b) for i in range(1, 5)]
     for f, name in zip(futures, ["a"] * 4 + ["b"] * 4, strict=True):
         f.add_done_callback(lambda _f, name=name: order.append(name))
@@ -157,7 +160,7 @@ def test_out_of_memory_splits_the_batch(model):
     sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
     jobs = [table.open("dflash", [1, 5], f"job{i}") for i in range(4)]
     first = sched.submit(jobs[0], tb(inputs(seed=0)))
-    time.sleep(0.2)
+    assert gate.entered.wait(300)  # the worker holds the first request at the gate
     futures = [sched.submit(j, tb(inputs(seed=i))) for i, j in enumerate(jobs)]
     gate.event.set()
     first.result(timeout=60)
@@ -177,7 +180,7 @@ def test_closing_a_session_cancels_only_its_queued_requests(model):
     a = table.open("dspark", [1, 2], "a")
     b = table.open("dspark", [1, 2], "b")
     running = sched.submit(a, tb(inputs(seed=0)))
-    time.sleep(0.2)
+    assert gate.entered.wait(300)  # the worker holds the first request at the gate
     queued_a = [sched.submit(a, tb(inputs(seed=i))) for i in range(3)]
     queued_b = [sched.submit(b, tb(inputs(seed=i))) for i in range(3)]
     table.close(a.id)
@@ -304,7 +307,7 @@ def test_a_request_failing_after_the_forward_fails_alone(model):
     broken.features = Raising(broken.features, ValueError("injected: a bug in this session's features"))
     oom.features = Raising(oom.features, torch.OutOfMemoryError("injected: CUDA out of memory"))
     blocker = sched.submit(fine, tb(inputs(seed=9, s=5)))  # holds the worker at the gate
-    time.sleep(0.2)
+    assert gate.entered.wait(300)  # the worker holds the first request at the gate
     futures = [sched.submit(s, tb(inputs(seed=i))) for i, s in enumerate((broken, oom, fine))]
     gate.event.set()
     blocker.result(timeout=60)

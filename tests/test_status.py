@@ -114,7 +114,12 @@ def test_status_json_with_two_live_jobs(server, jobs):
         eagle.generate_batch(*inputs(seed=i))
     for i in range(2):
         dspark.generate_batch(*inputs(seed=i))
-    time.sleep(1.3)  # the sampler takes at least one sample after the last reply
+    answered = time.time()  # wait for the sampler's first sample after the last reply (about 1 s)
+    history = server.admin.history
+    deadline = time.monotonic() + 300  # only bounds a hang
+    while history.overall_samples()[-1].t <= answered:
+        assert time.monotonic() < deadline, "the status sampler took no sample"
+        time.sleep(0.05)
     raw = requests.get(f"{base(server)}/status.json", timeout=10).text
     doc = json.loads(raw)
 

@@ -253,7 +253,7 @@ def test_entrypoints_with_mutual_tls(tmp_path, tiny_dirs, pki):
     log_path = tmp_path / "server.log"
     server = start_serve_entrypoint(server_env, log_path)
     try:
-        _wait_healthy(server, probe_env)
+        _wait_healthy(server, probe_env, log_path)  # healthy, and the banner is out
         assert "(mutual TLS)" in log_path.read_text()
         no_cert = {k: v for k, v in probe_env.items() if not k.startswith("DRAFTFEED_HEALTH_CLIENT")}
         refused = subprocess.run(
