@@ -144,3 +144,35 @@ def test_trainer_survives_a_kill_9_and_restart_mid_run(tmp_path, tiny_dirs, serv
         assert losses(result) == losses(reference), took  # every batch delivered, each the right one
     finally:
         run.close()
+
+
+def test_the_trainers_wait_for_a_batch_is_bounded(tmp_path, tiny_dirs):
+    """A backend future that never completes (the bug of issue 16) stops the run with a clear error
+    after the backend's `max_wait_s`, instead of hanging it."""
+    from concurrent.futures import Future
+
+    from test_loop import make_cfg, word_tokenizer, write_chats
+
+    from draftfeed.trainer.train import build_run
+
+    target_dir = tmp_path / "target"
+    shutil.copytree(tiny_dirs("llama"), target_dir)
+    word_tokenizer().save_pretrained(target_dir)
+    run = build_run(make_cfg(tmp_path / "out", str(target_dir), write_chats(tmp_path / "c.jsonl", 8)))
+    inner = run.trainer.backend
+
+    class NeverAnswers:
+        max_wait_s = 1.0
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def generate_batch_async(self, *args, **kwargs):
+            return Future()
+
+    run.trainer.backend = NeverAnswers()
+    try:
+        with pytest.raises(Unavailable, match="no answer for a batch in 1 s"):
+            run.trainer.train()
+    finally:
+        run.close()
