@@ -207,7 +207,9 @@ def single(args):
                     if mode == "remote":
                         backend.close()
                 except Exception as err:  # noqa: BLE001 - one failed config must not end the table
-                    rec = dict(algo=algo, B=b, S=args.seq, mode=mode, encodings=enc or "-", error=repr(err)[:300])
+                    rec = dict(
+                        algo=algo, B=b, S=args.seq, mode=mode, encodings=enc or "-", error=repr(err)[:300]
+                    )
                 append(out, "single.jsonl", rec)
                 del trainer
                 if torch.cuda.is_available():
@@ -264,7 +266,7 @@ def step_bench(args):
     from draftfeed.server.loading import load_target
     from draftfeed.trainer import algorithms as algs
     from draftfeed.trainer import block_drafting as bd
-    from draftfeed.trainer.algorithms import ALGORITHMS, DistContext
+    from draftfeed.trainer.algorithms import ALGORITHMS
     from draftfeed.trainer.losses import eagle3_batch_loss
 
     out = Path(args.out)
@@ -277,7 +279,9 @@ def step_bench(args):
     originals = (algs.eagle3_batch_loss, bd.dspark_objective)
     fidelity(args, model, tb, out)
     for algo in args.algos.split(","):
-        cfg = train_config(algo, out / "steps", args.target, None, b, s, None, 1, "steps", min(8192, conf.vocab_size // 2))
+        cfg = train_config(
+            algo, out / "steps", args.target, None, b, s, None, 1, "steps", min(8192, conf.vocab_size // 2)
+        )
         algorithm = ALGORITHMS[algo](cfg)
         backend = algorithm.open_backend(model, dev)
         counts = torch.arange(conf.vocab_size, 0, -1).float()
@@ -310,16 +314,7 @@ def step_bench(args):
                 algs.eagle3_batch_loss, bd.dspark_objective = originals
             params = [p for p in draft.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4)
-            dist = DistContext()
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    out_ = algorithm.loss(draft, target, dist)
-                out_.loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return out_
+            step = partial(_train_step, algorithm, draft, target, params, opt, dev)
 
             rec = dict(algo=algo, impl=impl, B=b, S=s)
             try:
@@ -350,10 +345,22 @@ def step_bench(args):
             except Exception as err:  # noqa: BLE001
                 rec["error"] = repr(err)[:300]
             append(out, "steps.jsonl", rec)
-            del draft, opt
+            del draft, opt, step
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         algs.eagle3_batch_loss, bd.dspark_objective = originals
+
+
+def _train_step(algorithm, draft, target, params, opt, dev):
+    from draftfeed.trainer.algorithms import DistContext
+
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        out = algorithm.loss(draft, target, DistContext())
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out
 
 
 def profile(step, path: Path) -> None:
@@ -396,9 +403,12 @@ def fidelity(args, model, tb, out):
         "fidelity.jsonl",
         dict(
             what="EAGLE-3 target_probs, exact (latent, rebuilt on the trainer) vs raw, bf16 target on the GPU",
-            rows=int(p.shape[0] * p.shape[1]), bit_equal=bool(torch.equal(p, q)),
+            rows=int(p.shape[0] * p.shape[1]),
+            bit_equal=bool(torch.equal(p, q)),
             equal_fraction=round(float((p == q).float().mean()), 4),
-            max_abs=float((p - q).abs().max()), kl_mean=float(kl.mean()), kl_max=float(kl.max()),
+            max_abs=float((p - q).abs().max()),
+            kl_mean=float(kl.mean()),
+            kl_max=float(kl.max()),
             top1_agree=float((p.argmax(-1) == q.argmax(-1)).float().mean()),
             position_mask_equal=bool(torch.equal(got["raw"].position_mask, got["exact"].position_mask)),
         ),  # fmt: skip
@@ -442,7 +452,14 @@ def report(args):
         lines.append("")
     fid = _rows(out / "fidelity.jsonl")
     for r in fid:
-        lines += ["## exact (latent) vs raw EAGLE-3 probabilities, bf16 on the GPU", "", "```", json.dumps(r, indent=1), "```", ""]
+        lines += [
+            "## exact (latent) vs raw EAGLE-3 probabilities, bf16 on the GPU",
+            "",
+            "```",
+            json.dumps(r, indent=1),
+            "```",
+            "",
+        ]
     single_rows = _rows(out / "single.jsonl")
     if single_rows:
         lines += ["## One job: co-located vs remote", ""]
@@ -453,7 +470,9 @@ def report(args):
         coloc = {(r["algo"], r["B"]): r.get("tok_s") for r in single_rows if r["mode"] == "co-located"}
         for r in single_rows:
             if "error" in r:
-                lines.append(f"| {r['algo']} | {r['B']} | {r['mode']} | {r['encodings']} | error: {r['error']} |")
+                lines.append(
+                    f"| {r['algo']} | {r['B']} | {r['mode']} | {r['encodings']} | error: {r['error']} |"
+                )
                 continue
             base = coloc.get((r["algo"], r["B"]))
             ratio = f"{r['tok_s'] / base:.2f}" if base and r["mode"] == "remote" else ""
@@ -466,7 +485,10 @@ def report(args):
     job_rows = _rows(out / "jobs.jsonl")
     if job_rows:
         lines += ["## Concurrent jobs against one server (one process each)", ""]
-        lines += ["| jobs | job | algorithm | B | tok/s | target wait | bytes/token |", "|---:|---:|---|---:|---:|---:|---:|"]
+        lines += [
+            "| jobs | job | algorithm | B | tok/s | target wait | bytes/token |",
+            "|---:|---:|---|---:|---:|---:|---:|",
+        ]
         for group in sorted({r["group"] for r in job_rows}):
             rows = sorted((r for r in job_rows if r["group"] == group), key=lambda r: r["index"])
             for r in rows:
@@ -474,7 +496,9 @@ def report(args):
                     f"| {r['jobs']} | {r['index']} | {r['algo']} | {r['B']} | {r['tok_s']:,} | "
                     f"{100 * r['target_wait']:.0f}% | {r['bytes_per_token']} |"
                 )
-            lines.append(f"| {rows[0]['jobs']} | all | aggregate | | **{sum(r['tok_s'] for r in rows):,}** | | |")
+            lines.append(
+                f"| {rows[0]['jobs']} | all | aggregate | | **{sum(r['tok_s'] for r in rows):,}** | | |"
+            )
         lines.append("")
     (out / "train_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -508,9 +532,14 @@ def main(argv=None):
     rp.add_argument("--command", default="")
     rp.add_argument("--device", default=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    {"make-target": make_target, "steps": step_bench, "single": single, "jobs": jobs, "job": job, "report": report}[
-        args.cmd
-    ](args)
+    {
+        "make-target": make_target,
+        "steps": step_bench,
+        "single": single,
+        "jobs": jobs,
+        "job": job,
+        "report": report,
+    }[args.cmd](args)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # grpc / loader threads must not hold the process open

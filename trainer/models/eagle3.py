@@ -261,7 +261,9 @@ def _ttt_sdpa(q: torch.Tensor, cache: list, allowed: torch.Tensor | None, scale:
     mask = torch.where(allowed, zero, zero + neg)  # [B,1,S,S]
     if extra == 0:
         return F.scaled_dot_product_attention(q, k0, v0, attn_mask=mask, scale=scale)
-    n = -(-(s + extra) // 16) * 16 - s  # sink keys: S + n a multiple of 16 (the fused kernels' bias alignment)
+    n = (
+        -(-(s + extra) // 16) * 16 - s
+    )  # sink keys: S + n a multiple of 16 (the fused kernels' bias alignment)
     w = -(-extra // 8) * 8  # head dims added for the sinks' one-hot values (q/k get zeros there)
     diag = torch.stack([(q * ki).sum(-1) for ki, _ in cache[1:]], dim=-1) * scale  # [B,h,S,k]
     sinks = torch.cat((diag.to(q.dtype), diag.new_full((b, h, s, n - extra), neg, dtype=q.dtype)), dim=-1)
