@@ -6,14 +6,15 @@
 # grpcio-health-checking / grpcio-reflection wheels in .devtmp/i17/whl:
 #   run(command="cd .wt/i17 && WHL=../../.devtmp/i17/whl bash bench/gpu_train_throughput.sh",
 #       carry=[".wt/i17", ".devtmp/i17"], timeout_s=340)
-# Knobs: BUDGET_S SEQ SECONDS BATCHES. Writes $OUT/{session.log,train_throughput.md,profiles.txt,results.jsonl,server.log}.
+# Knobs: BUDGET_S SEQ RUN_SECONDS BATCHES PARTS (default 1234: which parts run). Writes $OUT/{session.log,train_throughput.md,profiles.txt,results.jsonl,server.log}.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/session.log") 2>&1
 T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-320}
-SEQ=${SEQ:-2048}; SECONDS_PER_RUN=${SECONDS:-2.5}; BATCHES=${BATCHES:-16,4,1}; TINY=${TINY:-}
+SEQ=${SEQ:-2048}; BATCHES=${BATCHES:-16,4,1}; TINY=${TINY:-}
+SECONDS_PER_RUN=${RUN_SECONDS:-2.5}  # not $SECONDS: bash counts the shell's seconds in it
 if [ -n "${WHL:-}" ] && ls "$WHL"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl
 fi
@@ -46,13 +47,13 @@ SERVER=$!
 for _ in $(seq 1 90); do grep -q "serving on" $R/server.log && break; sleep 1; done
 echo "server up at t=$(($(date +%s) - T0)) s"
 URL=grpc://127.0.0.1:$PORT
-part "1 draft steps + profile" 80 python3 $B steps --target $TGT --url $URL --out $R --batch ${STEP_BATCH:-16} --seq $SEQ --steps ${STEPS:-4}
-part "2 one job: co-located vs remote" 150 python3 $B single --target $TGT --url $URL --out $R --batches $BATCHES --seq $SEQ --seconds $SECONDS_PER_RUN
-part "3 two jobs" 35 python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark --batch ${JOB_BATCH:-4} --seq $SEQ --seconds 4
-part "4 four jobs" 45 python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark,dflash,eagle3 --batch ${JOB_BATCH:-4} --seq $SEQ --seconds 4
+[[ ${PARTS:-1234} == *1* ]] && part "1 draft steps + profile" 80 python3 $B steps --target $TGT --url $URL --out $R --batch ${STEP_BATCH:-16} --seq $SEQ --steps ${STEPS:-4}
+[[ ${PARTS:-1234} == *2* ]] && part "2 one job: co-located vs remote" 150 python3 $B single --target $TGT --url $URL --out $R --batches $BATCHES --seq $SEQ --seconds $SECONDS_PER_RUN
+[[ ${PARTS:-1234} == *3* ]] && part "3 two jobs" 35 python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark --batch ${JOB_BATCH:-4} --seq $SEQ --seconds 4
+[[ ${PARTS:-1234} == *4* ]] && part "4 four jobs" 45 python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark,dflash,eagle3 --batch ${JOB_BATCH:-4} --seq $SEQ --seconds 4
 kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1); DEV=${DEV:-cpu}
-python3 $B report --out $R --device "$DEV" --command "bash bench/gpu_train_throughput.sh (SEQ=$SEQ SECONDS=$SECONDS_PER_RUN BATCHES=$BATCHES)"
+python3 $B report --out $R --device "$DEV" --command "bash bench/gpu_train_throughput.sh (SEQ=$SEQ RUN_SECONDS=$SECONDS_PER_RUN BATCHES=$BATCHES)"
 cp $R/train_throughput.md "$OUT/"
 cat $R/*.jsonl >"$OUT/results.jsonl" 2>/dev/null
 for f in $R/profile_*.txt; do [ -f "$f" ] && { echo "=== $(basename $f)"; cat "$f"; echo; }; done >"$OUT/profiles.txt"

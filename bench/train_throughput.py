@@ -10,9 +10,9 @@ target loaded in the trainer), in one run on one GPU, through the real training 
 The target is a random-weight LlamaConfig of SmolLM2-135M's dimensions (speed does not depend on the values;
 `--tiny` for a CPU dry run). Batches are random token rows, loss on all but the first eighth of each row.
 
-`steps`: each algorithm's draft step (forward, backward, AdamW) on one target batch at B x S, the reference
-implementation (explicit-matmul EAGLE-3 attention, autograd soft cross-entropy, checkpointed DSpark
-objective) against the default fast one; tokens/s, MFU (FLOPs counted by torch's FlopCounterMode over
+`steps`: each algorithm's draft step (forward, backward, AdamW) on one target batch at B x S (EAGLE-3: the
+reference implementation, explicit-matmul attention and autograd soft cross-entropy, against the default
+fast one); tokens/s, MFU (FLOPs counted by torch's FlopCounterMode over
 989 TFLOP/s bf16), the target forward alone, and a torch-profiler table of each step's top CUDA ops.
 Also the GPU bf16 difference between the `exact` (latent) and the raw EAGLE-3 probabilities.
 `single`: every algorithm x batch size, co-located, remote with the default encodings and with `compact`:
@@ -265,7 +265,6 @@ def jobs(args):
 def step_bench(args):
     from draftfeed.server.loading import load_target
     from draftfeed.trainer import algorithms as algs
-    from draftfeed.trainer import block_drafting as bd
     from draftfeed.trainer.algorithms import ALGORITHMS
     from draftfeed.trainer.losses import eagle3_batch_loss
 
@@ -276,7 +275,7 @@ def step_bench(args):
     b, s = args.batch, args.seq
     batches = RandomBatches(b, s, conf.vocab_size)
     tb = next(batches)
-    originals = (algs.eagle3_batch_loss, bd.dspark_objective)
+    original = algs.eagle3_batch_loss
     fidelity(args, model, tb, out)
     for algo in args.algos.split(","):
         cfg = train_config(
@@ -300,18 +299,15 @@ def step_bench(args):
             target_s = time.perf_counter() - t1
         target = type(target)(**{k: v.clone() for k, v in target.to(dev).tensors().items()})
         del t0
-        for impl in ("reference", "fast"):
+        for impl in ("reference", "fast") if algo == "eagle3" else ("default",):
             torch.manual_seed(0)
             draft = algorithm.build_draft(
                 backend, conf, counts if algorithm.needs_token_counts(conf.vocab_size) else None, [0]
             ).to(dev)
+            algs.eagle3_batch_loss = original
             if impl == "reference":
                 algs.eagle3_batch_loss = partial(eagle3_batch_loss, fused=False)
-                bd.dspark_objective = partial(originals[1], fused=False)
-                if algo == "eagle3":
-                    draft.midlayer.self_attn.impl = "reference"
-            else:
-                algs.eagle3_batch_loss, bd.dspark_objective = originals
+                draft.midlayer.self_attn.impl = "reference"
             params = [p for p in draft.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4)
             step = partial(_train_step, algorithm, draft, target, params, opt, dev)
@@ -348,7 +344,7 @@ def step_bench(args):
             del draft, opt, step
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        algs.eagle3_batch_loss, bd.dspark_objective = originals
+        algs.eagle3_batch_loss = original
 
 
 def _train_step(algorithm, draft, target, params, opt, dev):

@@ -330,20 +330,13 @@ def dspark_objective(
     markov_head: torch.nn.Module | None = None,
     final_logit_softcapping: float | None = None,
     chunk_rows: int = 1024,
-    fused: bool = True,
 ):
     """Per-row DSpark terms for supervised rows: hidden, teacher_hidden [R,H]; prev, labels [R].
 
     z = softcap(lm_head(h)) + B(prev); p_t = softmax(softcap(lm_head(teacher))) (no grad). Returns
     (ce [R], D [R] = sum_v |softmax(z) - p_t|, hit [R] argmax(z) == label), all computed in fp32.
-    `fused` (default) computes the gradient by hand (`_DSparkRows`); False checkpoints each chunk of
-    the autograd reference.
     """
     cap = final_logit_softcapping
-    if fused and hidden.shape[0] and hidden.requires_grad and not lm_head_weight.requires_grad:
-        return _dspark_rows_fused(
-            hidden, prev, labels, teacher_hidden, lm_head_weight, markov_head, cap, chunk_rows
-        )
 
     def rows(h, p, y, th):
         w = lm_head_weight.to(h.dtype)
@@ -364,76 +357,6 @@ def dspark_objective(
         z = hidden.new_zeros(0, dtype=torch.float32)
         return z, z, torch.zeros(0, dtype=torch.bool, device=hidden.device)
     return _chunked(rows, (hidden, prev, labels, teacher_hidden), chunk_rows)
-
-
-class _DSparkRows(torch.autograd.Function):
-    """`dspark_objective`'s per-row terms with the gradient written out (`fused=True`): the forward keeps
-    only its inputs; the backward recomputes the logits and the teacher once and forms
-    dz = g_ce (p - onehot(y)) + g_tv p (s - <s, p>), s = sign(p - p_t), instead of replaying an autograd
-    graph of a dozen [R,V] fp32 tensors per chunk. The Markov bias enters as u @ W2.T, u = W1[prev]."""
-
-    @staticmethod
-    def _terms(h, u, th, w, w2, cap):
-        z = F.linear(h, w.to(h.dtype)).float()
-        if cap is not None:
-            z = torch.tanh(z / cap) * cap
-        if w2 is not None:
-            z = z + F.linear(u, w2.to(u.dtype)).float()
-        zt = F.linear(th.to(w.dtype), w).float()
-        p_t = torch.softmax(zt if cap is None else torch.tanh(zt / cap) * cap, dim=-1)
-        return z, p_t
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, u, th, y, w, w2, cap):
-        z, p_t = _DSparkRows._terms(h, u, th, w, w2, cap)
-        logp = torch.log_softmax(z, dim=-1)
-        ce = -logp.gather(-1, y[:, None]).squeeze(-1)
-        tv = (logp.exp_() - p_t).abs_().sum(-1)
-        hit = z.argmax(-1) == y
-        ctx.save_for_backward(h, u, th, y, w, w2)
-        ctx.cap = cap
-        ctx.mark_non_differentiable(hit)
-        return ce, tv, hit
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, g_ce, g_tv, _g_hit):
-        h, u, th, y, w, w2 = ctx.saved_tensors
-        cap = ctx.cap
-        with torch.no_grad():
-            z, p_t = _DSparkRows._terms(h, u, th, w, w2, cap)
-            p = torch.softmax(z, dim=-1)
-            s = torch.sign(p - p_t)
-            s -= (s * p).sum(-1, keepdim=True)
-            dz = s.mul_(p).mul_(g_tv[:, None])
-            dz += p.mul_(g_ce[:, None])
-            dz[torch.arange(len(y), device=y.device), y] -= g_ce
-            d_base = dz
-            if cap is not None:
-                base = F.linear(h, w.to(h.dtype)).float()
-                d_base = dz * (1 - torch.tanh(base / cap) ** 2)
-            grad_h = F.linear(d_base.to(h.dtype), w.to(h.dtype).t())
-            grad_u = grad_w2 = None
-            if w2 is not None:
-                grad_u = F.linear(dz.to(u.dtype), w2.to(u.dtype).t())
-                if ctx.needs_input_grad[5]:
-                    grad_w2 = (dz.t() @ u.float()).to(w2.dtype)
-        return grad_h, grad_u, None, None, None, grad_w2, None
-
-
-def _dspark_rows_fused(hidden, prev, labels, teacher_hidden, lm_head_weight, markov_head, cap, chunk_rows):
-    """`dspark_objective(..., fused=True)`: `_DSparkRows` per chunk of rows."""
-    outs = []
-    for start in range(0, hidden.shape[0], max(1, chunk_rows)):
-        sl = slice(start, start + chunk_rows)
-        h, y, th = hidden[sl], labels[sl], teacher_hidden[sl]
-        if markov_head is not None:
-            u, w2 = markov_head.prev_embed(prev[sl]), markov_head.markov_w2.weight
-        else:
-            u, w2 = h.new_zeros(h.shape[0], 0), None
-        outs.append(_DSparkRows.apply(h, u, th, y, lm_head_weight, w2, cap))
-    return tuple(torch.cat(x) for x in zip(*outs, strict=True))
 
 
 def accept_lengths(hits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
