@@ -185,12 +185,12 @@ class Eagle3Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        allowed: torch.Tensor,
+        allowed: torch.Tensor | None,
         cache: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """x [B,S,2H]; `cache` holds (K_i, V_i) of earlier steps (post-RoPE, heads expanded) and gets
-        this step's appended. Step 0 is causal attention under `allowed`; step k adds, per slot t,
-        the columns Q_k[t].K_i[t] for i = 1..k to the same softmax."""
+        this step's appended. Step 0 is causal attention under `allowed` (None: plainly causal, "sdpa"
+        only); step k adds, per slot t, the columns Q_k[t].K_i[t] for i = 1..k to the same softmax."""
         bsz, seq_len, _ = x.shape
         groups = self.num_heads // self.num_kv_heads
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -256,11 +256,18 @@ def _ttt_sdpa(q: torch.Tensor, cache: list, allowed: torch.Tensor | None, scale:
     b, h, s, d = q.shape
     neg = torch.finfo(q.dtype).min  # not -inf: a row with no allowed key is uniform, as in "reference"
     zero = q.new_zeros(())
-    if allowed is None:
+    causal = allowed is None
+    if causal:
         allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()[None, None]
-    mask = torch.where(allowed, zero, zero + neg)  # [B,1,S,S]
+    # A slot with no allowed step-0 key (left padding) averages all step-0 values at step 0, and its
+    # scores get no gradient, as "reference"'s masked_fill gives: its query against the step-0 keys is
+    # zeroed and, at step 0, its row left unmasked (a fully masked row is special-cased by some kernels).
+    live = allowed.any(-1, keepdim=True)  # [B,1,S,1]
+    q0 = q if causal else q * live.to(q.dtype)
     if extra == 0:
-        return F.scaled_dot_product_attention(q, k0, v0, attn_mask=mask, scale=scale)
+        mask0 = torch.where(allowed | ~live, zero, zero + neg)
+        return F.scaled_dot_product_attention(q0, k0, v0, attn_mask=mask0, scale=scale)
+    mask = torch.where(allowed, zero, zero + neg)  # [B,1,S,S]
     n = (
         -(-(s + extra) // 16) * 16 - s
     )  # sink keys: S + n a multiple of 16 (the fused kernels' bias alignment)
@@ -268,7 +275,7 @@ def _ttt_sdpa(q: torch.Tensor, cache: list, allowed: torch.Tensor | None, scale:
     diag = torch.stack([(q * ki).sum(-1) for ki, _ in cache[1:]], dim=-1) * scale  # [B,h,S,k]
     sinks = torch.cat((diag.to(q.dtype), diag.new_full((b, h, s, n - extra), neg, dtype=q.dtype)), dim=-1)
     bias = torch.cat((mask.expand(b, h, s, s), sinks), dim=-1)
-    qp = torch.cat((q, q.new_zeros(b, h, s, w)), dim=-1)  # zero columns: the scores stay Q.K
+    qp = torch.cat((q0, q.new_zeros(b, h, s, w)), dim=-1)  # zero columns: the scores stay Q.K
     zeros_s = q.new_zeros(()).expand(b, h, s, w)
     kp = torch.cat((torch.cat((k0, zeros_s), dim=-1), q.new_zeros(()).expand(b, h, n, d + w)), dim=2)
     sink_values = torch.zeros(n, d + w, dtype=q.dtype, device=q.device)
