@@ -704,6 +704,7 @@ def latent_target_probs(
 
 ENCODING_PRESETS = ("exact", "compact", "raw")
 _ALL_KINDS = ("hidden", "final", "probs", "mask", "ids")  # the session kinds (client/payload.py)
+_CODEC_KINDS = {"final": "hidden"}  # the latent final state takes the hidden-state codecs
 
 
 def parse_encodings(spec: str | dict | None) -> tuple[str, dict[str, str]]:
@@ -743,9 +744,6 @@ def parse_encodings(spec: str | dict | None) -> tuple[str, dict[str, str]]:
             )
         overrides[kind] = get_encoding(name, _CODEC_KINDS.get(kind, kind)).name
     return preset, overrides
-
-
-_CODEC_KINDS = {"final": "hidden"}
 
 
 def _offered_bases(offered) -> dict[str, set[str]]:
