@@ -65,6 +65,9 @@ __all__ = [
     "unpack_encoded",
     "latent_target_probs",
     "fidelity",
+    "ENCODING_PRESETS",
+    "parse_encodings",
+    "session_encodings",
 ]
 
 KINDS = ("hidden", "probs", "mask", "ids")
@@ -695,3 +698,89 @@ def latent_target_probs(
             logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
         out[start : start + chunk_rows] = torch.softmax(logits.float(), dim=-1)
     return out.reshape(*h_final.shape[:-1], weight.shape[0])
+
+
+# ---- what a session asks for: presets and per-kind overrides (`--encodings`) ----
+
+ENCODING_PRESETS = ("exact", "compact", "raw")
+_ALL_KINDS = ("hidden", "final", "probs", "mask", "ids")  # the session kinds (client/payload.py)
+_CODEC_KINDS = {"final": "hidden"}  # the latent final state takes the hidden-state codecs
+
+
+def parse_encodings(spec: str | dict | None) -> tuple[str, dict[str, str]]:
+    """(preset, per-kind overrides) of an `--encodings` value, validated (InvalidArgument otherwise).
+
+    `spec` is None (= "exact"), a preset name, `kind=name` items (`hidden=fp8,probs=latent`), a preset
+    followed by items (`compact,probs=raw`), or a dict {kind: name} (overrides on "exact"). Presets:
+    `exact` (the default: every tensor bit-exact; an EAGLE-3 session gets its `target_probs` as
+    `latent`, rebuilt on the trainer from the final-norm state), `compact` (exact + fp8 hidden states,
+    lossy), `raw` (every tensor as the server holds it; fp32 draft-vocab probabilities).
+    """
+    if spec is None:
+        return "exact", {}
+    if isinstance(spec, dict):
+        items = [(str(k).strip(), str(v).strip()) for k, v in spec.items()]
+        preset = "exact"
+    else:
+        preset, items = "exact", []
+        for i, part in enumerate(p.strip() for p in str(spec).split(",")):
+            if not part:
+                continue
+            if "=" not in part:
+                if i != 0 or part not in ENCODING_PRESETS:
+                    raise InvalidArgument(
+                        f"encodings {spec!r}: {part!r} is neither a preset ({', '.join(ENCODING_PRESETS)}, "
+                        "first only) nor KIND=NAME; e.g. 'compact' or 'hidden=fp8,probs=latent'"
+                    )
+                preset = part
+                continue
+            kind, _, name = part.partition("=")
+            items.append((kind.strip(), name.strip()))
+    overrides = {}
+    for kind, name in items:
+        if kind not in _ALL_KINDS:
+            raise InvalidArgument(
+                f"encodings: unknown tensor kind {kind!r}; expected one of {', '.join(_ALL_KINDS)}"
+            )
+        overrides[kind] = get_encoding(name, _CODEC_KINDS.get(kind, kind)).name
+    return preset, overrides
+
+
+def _offered_bases(offered) -> dict[str, set[str]]:
+    """kind -> encoding base names, from the model info's `kind/name` entries (`probs/topk:K`, `hidden/zstd[:LEVEL]`)."""
+    out: dict[str, set[str]] = {}
+    for entry in offered:
+        kind, _, name = str(entry).partition("/")
+        out.setdefault(kind, set()).add(name.split(":")[0].split("[")[0])
+    return out
+
+
+def session_encodings(
+    spec: str | dict | None, algorithm: str, offered, server: str = "the server"
+) -> dict[str, str]:
+    """The per-kind encodings a session of `algorithm` asks for, given what the server `offered`
+    (its model info's `kind/name` list): the preset's choices where the server offers them (so the
+    default never fails against an older server; without `probs/latent` an EAGLE-3 session takes raw
+    probabilities), then the overrides, each of which the server must offer (InvalidArgument naming
+    what it offers). Kinds left out are raw."""
+    preset, overrides = parse_encodings(spec)
+    bases = _offered_bases(offered)
+    out: dict[str, str] = {}
+    if preset != "raw" and algorithm == "eagle3" and "latent" in bases.get("probs", ()):
+        out["probs"] = "latent"  # exact: the trainer rebuilds softmax(h @ lm_head[ids].T)
+    if preset == "compact":
+        overrides = {"hidden": "fp8", **overrides}
+    for kind, name in overrides.items():
+        base = name.split(":")[0]
+        if name != "raw" and base not in bases.get(kind, ()):
+            have = ", ".join(sorted(bases.get(kind, ()))) or "nothing"
+            raise InvalidArgument(
+                f"{server} does not offer encoding {name!r} for tensor kind {kind!r} (it offers {have}); "
+                "choose one it offers, or --encodings exact"
+            )
+        if kind == "probs" and base == "latent" and algorithm != "eagle3":
+            raise InvalidArgument(
+                f"encodings: probs=latent is for EAGLE-3 sessions only, not {algorithm}; drop it"
+            )
+        out[kind] = name
+    return out

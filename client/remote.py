@@ -21,6 +21,13 @@ warning; a socket the server closes on purpose (the session closed, the server s
 frame) is no break and is logged at INFO only. Re-opening the session (a server restart) opens a new
 data socket.
 
+Encodings (`encodings=`, the train CLI's `--encodings`): a preset, `KIND=NAME` overrides, or both
+(client/encodings.py `parse_encodings`). The default, `exact`, is bit-exact and compact: an EAGLE-3
+session gets the final-norm state and the server-decided position_mask instead of fp32 draft-vocab
+probabilities and rebuilds them here (`latent`; raw only when the server does not offer it);
+`compact` adds fp8 hidden states (lossy, opt-in). The server's offer is checked before the first
+request, with an error naming what it offers.
+
 TLS, mutual TLS and job tokens: `grpcs://` URLs with `ca_file=`, `client_cert=`/`client_key=` and
 `token=` (see client/channel.py); the data plane uses the same TLS settings. One URL may also name several servers behind one balanced
 channel (`grpc://dns:///NAME:PORT`, `ipv4:A:P,B:P`); every session call then carries the session's
@@ -57,7 +64,7 @@ from .channel import (
     session_spec_metadata,
 )
 from .dataplane import DataPlaneClient
-from .encodings import latent_target_probs
+from .encodings import latent_target_probs, parse_encodings, session_encodings
 from .errors import DraftfeedError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, error_for_code
 from .layers import LAYER_IDS
 from .payload import decode_fields, resolve_encodings
@@ -205,7 +212,7 @@ class _RemoteTarget:
         device: str | torch.device = "cpu",
         layer_ids: list[int] | None = None,
         job_name: str = "",
-        encodings: dict[str, str] | None = None,
+        encodings: str | dict[str, str] | None = None,
         capture_logits: bool = False,
         weight: float = 1.0,
         timeout: float = 120.0,
@@ -224,7 +231,9 @@ class _RemoteTarget:
             raise InvalidArgument("from_urls needs at least one server URL (grpc://HOST:PORT)")
         self.device = torch.device(device)
         self.job_name = job_name
-        self.encodings = resolve_encodings(encodings)
+        self._encodings_spec = encodings
+        parse_encodings(encodings)  # a bad name fails here, before any server is asked
+        self.encodings = resolve_encodings(None)  # set from the server's offer in _check_info
         self.capture_logits = capture_logits
         self.weight = weight
         self.timeout = timeout
@@ -279,12 +288,8 @@ class _RemoteTarget:
             raise InvalidArgument(
                 f"server {self.servers[0].url} does not serve {self.algorithm} (it serves {', '.join(info.algorithms)})"
             )
-        offered = set(info.encodings)
-        for kind, name in self.encodings.items():
-            if f"{kind}/{name.split(':')[0]}" not in {e.split(":")[0] for e in offered} and name != "raw":
-                raise InvalidArgument(
-                    f"server does not offer encoding {name!r} for {kind}; it offers {sorted(offered)}"
-                )
+        asked = session_encodings(self._encodings_spec, self.algorithm, info.encodings, self.servers[0].url)
+        self.encodings = resolve_encodings(asked)
         n = info.num_hidden_layers
         default, validate = LAYER_IDS[self.algorithm]
         self.layer_ids = validate(layer_ids, n) if layer_ids else None

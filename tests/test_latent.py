@@ -44,7 +44,7 @@ def test_latent_rebuilds_target_probs_and_the_trainer_loss(server, model):
     local = HFEagle3TargetModel(model)
     local.set_vocab_mapping(sel, mask)
     want = local.generate_batch(*inputs())
-    with remote(server) as raw, remote(server, probs="latent") as latent:
+    with remote(server, probs="raw") as raw, remote(server, probs="latent") as latent:
         got_raw, got_latent = raw.generate_batch(*inputs()), latent.generate_batch(*inputs())
     assert torch.equal(got_latent.position_mask, want.position_mask)  # decided on the server, full vocab
     assert torch.equal(got_latent.aux_hidden_states, want.aux_hidden_states)

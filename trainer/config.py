@@ -95,7 +95,13 @@ class TargetConfig:
     layer_ids: list[int] | None = flag(
         "--layer-ids", "target layer ids to capture (default: the algorithm's)", None
     )
-    encodings: dict[str, str] | None = flag(None, "per tensor kind encoding for a remote target", None)
+    encodings: str | dict[str, str] | None = flag(
+        "--encodings",
+        "how a remote target's tensors travel: exact (default: bit-exact; EAGLE-3 probabilities rebuilt "
+        "here from the final state), compact (exact + fp8 hidden states), raw, and/or KIND=NAME overrides "
+        "(hidden=fp8,probs=latent)",
+        None,
+    )
     job_name: str = flag("--job-name", "label of this job on the server", "draftfeed-train")
     timeout: float = flag(None, "seconds per remote request", 120.0)
     retry_s: float = flag(
@@ -131,6 +137,12 @@ class TargetConfig:
                 parse_target(u)
             except InvalidArgument as err:
                 raise ConfigError(f"--target: {err}") from None
+        from draftfeed.client.encodings import parse_encodings
+
+        try:
+            parse_encodings(self.encodings)
+        except InvalidArgument as err:
+            raise ConfigError(f"--encodings {self.encodings!r}: {err}") from None
         _check(
             self.dtype in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"),
             f"--target-dtype {self.dtype!r}: expected auto, bfloat16, float16 or float32",

@@ -24,6 +24,7 @@ __all__ = [
     "NORMALIZATIONS",
     "Eagle3Loss",
     "soft_cross_entropy",
+    "fused_soft_cross_entropy",
     "ttt_step_weights",
     "target_distribution",
     "eagle3_ttt_loss",
@@ -54,6 +55,36 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
     """-sum_v P(v) log softmax(logits)(v) over the last dim, in fp32 (fp64 stays fp64): [..., V] -> [...]."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return -(target_probs.to(dtype) * torch.log_softmax(logits.to(dtype), dim=-1)).sum(-1)
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """`soft_cross_entropy` with its gradient written out: saves the logits (in their dtype) and the
+    fp32 log-normaliser, not the [..., V] fp32 log-probabilities, and needs no autograd graph of the
+    elementwise steps. l = lse(z) sum(P) - <P, z>; dl/dz = softmax(z) sum(P) - P."""
+
+    @staticmethod
+    def forward(ctx, logits, target_probs):
+        z = logits.float()
+        lse = torch.logsumexp(z, dim=-1)
+        mass = target_probs.sum(-1)
+        loss = lse * mass - (target_probs * z).sum(-1)
+        ctx.save_for_backward(logits, target_probs, lse, mass)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, target_probs, lse, mass = ctx.saved_tensors
+        p = torch.exp(logits.float() - lse[..., None])
+        g = grad[..., None]
+        return ((p * mass[..., None] - target_probs) * g).to(logits.dtype), None
+
+
+def fused_soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """`soft_cross_entropy` (fp32 math) through `_SoftCrossEntropy`: the same values, a smaller and
+    cheaper backward. fp64 inputs (and targets that need a gradient) take the reference."""
+    if logits.dtype == torch.float64 or target_probs.requires_grad:
+        return soft_cross_entropy(logits, target_probs)
+    return _SoftCrossEntropy.apply(logits, target_probs)
 
 
 def ttt_step_weights(num_steps: int, decay: float = 0.8) -> list[float]:
@@ -88,6 +119,7 @@ def eagle3_ttt_loss(
     doc_remaining: torch.Tensor | None = None,
     normalization: str = "masked_mean",
     decay: float = 0.8,
+    fused: bool = True,
 ) -> Eagle3Loss:
     """The TTT loss over `step_logits` (logits_k [B,S,Vd] for k = 0..K-1, a list or a generator).
 
@@ -97,7 +129,11 @@ def eagle3_ttt_loss(
 
     Simulated tau (AutoModel): hit_k = AND_{i<=k} correct_i at the same slot, valid_k = AND_{i<=k} LM_i;
     tau_sim = 1 + sum_k sum(hit_k) / max(1, sum(valid_k)).
+
+    `fused` (default) scores each step with `fused_soft_cross_entropy`; False runs the reference
+    `soft_cross_entropy` (same values within float rounding).
     """
+    sce = fused_soft_cross_entropy if fused else soft_cross_entropy
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization={normalization!r}; expected one of {NORMALIZATIONS}")
     if position_mask.dim() == 3:
@@ -108,6 +144,8 @@ def eagle3_ttt_loss(
     valid = torch.ones_like(m0)
     total = weights = None
     losses, counts, correct_counts, tau_terms = [], [], [], []
+    with torch.no_grad():
+        target_top = target_probs.argmax(-1)  # once, not per step
     for k, logits in enumerate(step_logits):
         n = max(seq_len - k, 0)  # slots whose target is still inside the row
         m, lm = m0[:, k:], lm0[:, k:]
@@ -116,7 +154,7 @@ def eagle3_ttt_loss(
             m, lm = m & in_doc, lm & in_doc
         step_logits_k = logits[:, :n]
         probs = target_probs[:, k:]
-        per_slot = soft_cross_entropy(step_logits_k, probs)
+        per_slot = sce(step_logits_k, probs)
         masked_sum = (per_slot * m).sum()
         count = m.sum()
         denom = count.clamp_min(1) if normalization == "masked_mean" else bsz * seq_len
@@ -125,7 +163,7 @@ def eagle3_ttt_loss(
         total = step_loss * w if total is None else total + step_loss * w
         weights = w if weights is None else weights + w
         with torch.no_grad():
-            correct = (step_logits_k.argmax(-1) == probs.argmax(-1)) & m
+            correct = (step_logits_k.argmax(-1) == target_top[:, k:]) & m
             hit[:, :n] &= correct
             hit[:, n:] = False
             valid[:, :n] &= lm
@@ -155,6 +193,7 @@ def eagle3_batch_loss(
     ttt_steps: int,
     normalization: str = "masked_mean",
     decay: float = 0.8,
+    fused: bool = True,
 ) -> Eagle3Loss:
     """Unroll `draft` on one `Eagle3TargetBatch.to_trainer_inputs()` dict and score it.
 
@@ -193,4 +232,5 @@ def eagle3_batch_loss(
         doc_remaining,
         normalization=normalization,
         decay=decay,
+        fused=fused,
     )

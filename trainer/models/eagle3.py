@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .common import (
@@ -155,7 +156,16 @@ def attention_allowed(attention_mask: torch.Tensor, doc_ids: torch.Tensor | None
 
 
 class Eagle3Attention(nn.Module):
-    """GQA attention over the [2H] input with the TTT cached-KV pattern."""
+    """GQA attention over the [2H] input with the TTT cached-KV pattern.
+
+    `impl` "sdpa" (default) runs `scaled_dot_product_attention`: step 0 as plain (causal) attention, and
+    step k >= 1 over the step-0 keys plus k "sink" keys whose per-slot scores Q_k[t].K_i[t] come in as a
+    differentiable additive bias and whose values are one-hot columns: their softmax weights multiply
+    V_i[t] afterwards. The same softmax over S+k columns as "reference" (explicit scores [B,h,S,S+k]),
+    without materialising the fp32 probabilities of every step for the backward.
+    """
+
+    impl = "sdpa"
 
     def __init__(self, cfg: Eagle3DraftConfig):
         super().__init__()
@@ -175,12 +185,12 @@ class Eagle3Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        allowed: torch.Tensor,
+        allowed: torch.Tensor | None,
         cache: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """x [B,S,2H]; `cache` holds (K_i, V_i) of earlier steps (post-RoPE, heads expanded) and gets
-        this step's appended. Step 0 is causal attention under `allowed`; step k adds, per slot t,
-        the columns Q_k[t].K_i[t] for i = 1..k to the same softmax."""
+        this step's appended. Step 0 is causal attention under `allowed` (None: plainly causal, "sdpa"
+        only); step k adds, per slot t, the columns Q_k[t].K_i[t] for i = 1..k to the same softmax."""
         bsz, seq_len, _ = x.shape
         groups = self.num_heads // self.num_kv_heads
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -190,6 +200,9 @@ class Eagle3Attention(nn.Module):
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         cache.append((k, v))
+        if self.impl == "sdpa":
+            out = _ttt_sdpa(q, cache, allowed, self.head_dim**-0.5)
+            return self.o_proj(out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim))
         scale = self.head_dim**-0.5
         k0, v0 = cache[0]
         scores = torch.matmul(q, k0.transpose(-1, -2)) * scale
@@ -231,6 +244,48 @@ class Eagle3Attention(nn.Module):
         probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
         out = torch.matmul(probs, values).transpose(1, 2).reshape(bsz, m, self.num_heads * self.head_dim)
         return self.o_proj(out), k, v
+
+
+def _ttt_sdpa(q: torch.Tensor, cache: list, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention of TTT step k = len(cache) - 1 through sdpa (see `Eagle3Attention`). `allowed` None =
+    plainly causal (no padding, one document): step 0 then runs is_causal (flash)."""
+    k0, v0 = cache[0]
+    extra = len(cache) - 1
+    if extra == 0 and allowed is None:
+        return F.scaled_dot_product_attention(q, k0, v0, is_causal=True, scale=scale)
+    b, h, s, d = q.shape
+    neg = torch.finfo(q.dtype).min  # not -inf: a row with no allowed key is uniform, as in "reference"
+    zero = q.new_zeros(())
+    causal = allowed is None
+    if causal:
+        allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()[None, None]
+    # A slot with no allowed step-0 key (left padding) averages all step-0 values at step 0, and its
+    # scores get no gradient, as "reference"'s masked_fill gives: its query against the step-0 keys is
+    # zeroed and, at step 0, its row left unmasked (a fully masked row is special-cased by some kernels).
+    live = allowed.any(-1, keepdim=True)  # [B,1,S,1]
+    q0 = q if causal else q * live.to(q.dtype)
+    if extra == 0:
+        mask0 = torch.where(allowed | ~live, zero, zero + neg)
+        return F.scaled_dot_product_attention(q0, k0, v0, attn_mask=mask0, scale=scale)
+    mask = torch.where(allowed, zero, zero + neg)  # [B,1,S,S]
+    n = (
+        -(-(s + extra) // 16) * 16 - s
+    )  # sink keys: S + n a multiple of 16 (the fused kernels' bias alignment)
+    w = -(-extra // 8) * 8  # head dims added for the sinks' one-hot values (q/k get zeros there)
+    diag = torch.stack([(q * ki).sum(-1) for ki, _ in cache[1:]], dim=-1) * scale  # [B,h,S,k]
+    sinks = torch.cat((diag.to(q.dtype), diag.new_full((b, h, s, n - extra), neg, dtype=q.dtype)), dim=-1)
+    bias = torch.cat((mask.expand(b, h, s, s), sinks), dim=-1)
+    qp = torch.cat((q0, q.new_zeros(b, h, s, w)), dim=-1)  # zero columns: the scores stay Q.K
+    zeros_s = q.new_zeros(()).expand(b, h, s, w)
+    kp = torch.cat((torch.cat((k0, zeros_s), dim=-1), q.new_zeros(()).expand(b, h, n, d + w)), dim=2)
+    sink_values = torch.zeros(n, d + w, dtype=q.dtype, device=q.device)
+    sink_values[:extra, d : d + extra] = torch.eye(extra, dtype=q.dtype, device=q.device)
+    vp = torch.cat((torch.cat((v0, zeros_s), dim=-1), sink_values.expand(b, h, n, d + w)), dim=2)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias, scale=scale)
+    y = out[..., :d]
+    for i, (_, vi) in enumerate(cache[1:]):
+        y = y + out[..., d + i, None] * vi
+    return y
 
 
 class Eagle3MLP(nn.Module):
@@ -374,7 +429,11 @@ class Eagle3DraftModel(nn.Module):
             positions = torch.arange(seq_len, device=input_ids.device).expand(bsz, seq_len)
         else:
             positions = position_ids.long()
-        allowed = attention_allowed(attention_mask, document_ids(seq_len, position_ids, seq_lens))
+        docs = document_ids(seq_len, position_ids, seq_lens)
+        if self.midlayer.self_attn.impl == "sdpa" and docs is None and bool(attention_mask.bool().all()):
+            allowed = None  # plainly causal: sdpa's is_causal
+        else:
+            allowed = attention_allowed(attention_mask, docs)
         g = self.project_hidden_states(hidden_states)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         ids = input_ids

@@ -1,0 +1,62 @@
+#!/bin/bash
+# Issue 17 in ONE device call (H200): draft-step profile (reference vs fast), end-to-end training tok/s remote vs
+# co-located for EAGLE-3 / DFlash / DSpark at B=16,4,1 (S=2048) with the default (exact) and compact encodings,
+# 2 and 4 concurrent jobs, and the bf16 difference of exact vs raw EAGLE-3 probabilities. Random-weight
+# SmolLM2-135M dims (no GGUF to carry). From main's root, with the worktree rsynced to .wt/i17 and the
+# grpcio-health-checking / grpcio-reflection wheels in .devtmp/i17/whl:
+#   run(command="cd .wt/i17 && WHL=../../.devtmp/i17/whl bash bench/gpu_train_throughput.sh",
+#       carry=[".wt/i17", ".devtmp/i17"], timeout_s=340)
+# Knobs: BUDGET_S SEQ RUN_SECONDS BATCHES PARTS (default 1234: which parts run). Writes $OUT/{session.log,train_throughput.md,profiles.txt,results.jsonl,server.log}.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/session.log") 2>&1
+T0=$(date +%s)
+BUDGET_S=${BUDGET_S:-320}
+SEQ=${SEQ:-2048}; BATCHES=${BATCHES:-16,4,1}; TINY=${TINY:-}
+SECONDS_PER_RUN=${RUN_SECONDS:-2.5}  # not $SECONDS: bash counts the shell's seconds in it
+if [ -n "${WHL:-}" ] && ls "$WHL"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl
+fi
+SRC=${SRC:-/tmp/dfsrc_i17}  # this checkout importable as `draftfeed`
+mkdir -p $SRC/draftfeed
+for d in client server trainer bench; do ln -sfn "$PWD/$d" $SRC/draftfeed/$d; done
+touch $SRC/draftfeed/__init__.py
+export PYTHONPATH=$SRC:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget), as bench/device_env.sh does
+  local name=$1 cap=$2
+  shift 2
+  local l=$(left)
+  [ "$cap" -gt "$l" ] && cap=$l
+  if [ "$cap" -le 5 ]; then echo "== $name: SKIPPED (budget spent)"; return; fi
+  echo "== $name (cap ${cap}s, t=$(($(date +%s) - T0))s)"
+  local t=$(date +%s)
+  timeout -k 5 "$cap" "$@"
+  echo "== $name: rc=$? in $(($(date +%s) - t)) s"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+python3 -c "import torch, transformers, grpc; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__)"
+R=/tmp/ttr; rm -rf $R; mkdir -p $R
+TGT=/tmp/tt_target
+B=bench/train_throughput.py
+part "0 random-weight target" 60 python3 $B make-target --dir $TGT $TINY
+PORT=${PORT:-50051}
+python3 -m draftfeed.server.cli serve --model $TGT --dtype bfloat16 --port $PORT >$R/server.log 2>&1 &
+SERVER=$!
+for _ in $(seq 1 90); do grep -q "serving on" $R/server.log && break; sleep 1; done
+echo "server up at t=$(($(date +%s) - T0)) s"
+URL=grpc://127.0.0.1:$PORT
+[[ ${PARTS:-1234} == *1* ]] && part "1 draft steps + profile" 80 python3 $B steps --target $TGT --url $URL --out $R --batch ${STEP_BATCH:-16} --seq $SEQ --steps ${STEPS:-4}
+[[ ${PARTS:-1234} == *2* ]] && part "2 one job: co-located vs remote" 150 python3 $B single --target $TGT --url $URL --out $R --batches $BATCHES --seq $SEQ --seconds $SECONDS_PER_RUN
+[[ ${PARTS:-1234} == *3* ]] && part "3 two jobs" 35 python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark --batch ${JOB_BATCH:-4} --seq $SEQ --seconds 4
+[[ ${PARTS:-1234} == *4* ]] && part "4 four jobs" 45 python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark,dflash,eagle3 --batch ${JOB_BATCH:-4} --seq $SEQ --seconds 4
+kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1); DEV=${DEV:-cpu}
+python3 $B report --out $R --device "$DEV" --command "bash bench/gpu_train_throughput.sh (SEQ=$SEQ RUN_SECONDS=$SECONDS_PER_RUN BATCHES=$BATCHES)"
+cp $R/train_throughput.md "$OUT/"
+cat $R/*.jsonl >"$OUT/results.jsonl" 2>/dev/null
+for f in $R/profile_*.txt; do [ -f "$f" ] && { echo "=== $(basename $f)"; cat "$f"; echo; }; done >"$OUT/profiles.txt"
+tail -200 $R/server.log >"$OUT/server.log"
+for f in $R/*jobs_*.log; do [ -f "$f" ] && { echo "=== $f"; tail -5 "$f"; }; done
+echo "done at t=$(($(date +%s) - T0)) s"

@@ -1,0 +1,545 @@
+"""End-to-end draft training throughput: remote (a draftfeed server on the same GPU) against co-located (the
+target loaded in the trainer), in one run on one GPU, through the real training loop (`trainer/loop.py`).
+
+    python bench/train_throughput.py make-target --dir /tmp/tt/target [--tiny]
+    python bench/train_throughput.py steps  --target /tmp/tt/target --out OUT        # draft step: reference vs fast
+    python bench/train_throughput.py single --target /tmp/tt/target --url grpc://127.0.0.1:50051 --out OUT
+    python bench/train_throughput.py jobs   --target /tmp/tt/target --url grpc://... --algos eagle3,dspark --out OUT
+    python bench/train_throughput.py report --out OUT --command "..."                 # OUT/train_throughput.md
+
+The target is a random-weight LlamaConfig of SmolLM2-135M's dimensions (speed does not depend on the values;
+`--tiny` for a CPU dry run). Batches are random token rows, loss on all but the first eighth of each row.
+
+`steps`: each algorithm's draft step (forward, backward, AdamW) on one target batch at B x S (EAGLE-3: the
+reference implementation, explicit-matmul attention and autograd soft cross-entropy, against the default
+fast one); tokens/s, MFU (FLOPs counted by torch's FlopCounterMode over
+989 TFLOP/s bf16), the target forward alone, and a torch-profiler table of each step's top CUDA ops.
+Also the GPU bf16 difference between the `exact` (latent) and the raw EAGLE-3 probabilities.
+`single`: every algorithm x batch size, co-located, remote with the default encodings and with `compact`:
+training tokens/s after a warm-up, target wait %, GPU memory, reply bytes/token. `jobs`: N concurrent
+training processes against the one server (a start barrier lines up their timed phases): per-job and
+aggregate tokens/s. Every part appends JSON lines to OUT/*.jsonl; `report` writes the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+SMOL = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+)  # fmt: skip
+TINY = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=4096,
+)  # fmt: skip
+PEAK_BF16 = 989e12  # H100/H200 dense bf16
+ALGOS = ("eagle3", "dflash", "dspark")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def append(out: Path, name: str, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / name, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def make_target(args):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**(TINY if args.tiny else SMOL))
+    cfg.architectures = ["LlamaForCausalLM"]
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(args.dir)
+    print(f"random-weight target ({'tiny' if args.tiny else 'SmolLM2-135M dims'}) at {args.dir}")
+
+
+class RandomBatches:
+    """Endless random `TokenBatch`es: ids in [3, V), loss on all but the first eighth of each row."""
+
+    def __init__(self, batch_size: int, seq_len: int, vocab: int, seed: int = 0):
+        self.b, self.s, self.v = batch_size, seq_len, vocab
+        self.g = torch.Generator().manual_seed(seed)
+        self.n = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from draftfeed.trainer.data import TokenBatch
+
+        self.n += 1
+        ids = torch.randint(3, self.v, (self.b, self.s), generator=self.g)
+        attn = torch.ones(self.b, self.s, dtype=torch.long)
+        loss = attn.clone()
+        loss[:, : self.s // 8] = 0
+        return TokenBatch(ids, attn, loss, data_state={"n": self.n})
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+
+def train_config(algo, out, target_dir, url, b, s, encodings, seconds, job, draft_vocab):
+    from draftfeed.trainer.config import DataConfig, Eagle3Config, LoopConfig, TargetConfig, TrainConfig
+
+    return TrainConfig(
+        out=str(out),
+        algorithm=algo,
+        target=TargetConfig(
+            url=[url] if url else [], model=target_dir, encodings=encodings, job_name=job, dtype="bfloat16"
+        ),
+        data=DataConfig(seq_len=s, batch_size=b),
+        eagle3=Eagle3Config(draft_vocab_size=draft_vocab),
+        loop=LoopConfig(
+            steps=10**6, time_limit=seconds, log_every=max(1, 32 // b), progress="off", export=False,
+            tensorboard=False, prefetch=2,
+        ),
+    )  # fmt: skip
+
+
+def build(algo, target_dir, url, b, s, encodings, seconds, out, job, model=None):
+    """(trainer, backend, byte counter) for one run; `model` = the co-located target (else remote)."""
+    from transformers import AutoConfig
+
+    from draftfeed.trainer.algorithms import ALGORITHMS
+    from draftfeed.trainer.loop import Trainer
+
+    conf = AutoConfig.from_pretrained(target_dir)
+    vocab = conf.vocab_size
+    cfg = train_config(algo, out, target_dir, url, b, s, encodings, seconds, job, min(8192, vocab // 2))
+    algorithm = ALGORITHMS[algo](cfg)
+    backend = algorithm.open_backend(model, device())
+    counts = torch.arange(vocab, 0, -1).float()
+    torch.manual_seed(0)
+    draft = algorithm.build_draft(backend, conf, counts if algorithm.needs_token_counts(vocab) else None, [0])
+    trainer = Trainer(cfg, algorithm, draft, backend, RandomBatches(b, s, vocab), 10**6, device=device())
+    trainer.save_checkpoint = lambda: None  # not part of what is measured
+    wire = {"bytes": 0, "tokens": 0}
+    if model is None:
+        decode = backend._batch
+
+        def counting(reply):
+            got = decode(reply)
+            wire["bytes"] += sum(t.numel() * t.element_size() for t in reply.tensors.values())
+            wire["tokens"] += got.input_ids.numel()
+            return got
+
+        backend._batch = counting
+    return trainer, backend, wire, cfg
+
+
+def timed_train(trainer, cfg, seconds, warm_steps=2, barrier=None):
+    """Warm up `warm_steps` optimizer steps, then train for `seconds`: (tok/s, target wait, peak bytes)."""
+    trainer.total_steps = warm_steps
+    cfg.loop.time_limit = None
+    trainer.train()
+    if barrier is not None:
+        barrier()
+    metrics = cfg.out_dir / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.total_steps = 10**6
+    cfg.loop.time_limit = seconds
+    result = trainer.train()
+    records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    spans = [1 / r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
+    wait = sum(r["target_wait"] * w for r, w in zip(records, spans, strict=False)) / max(sum(spans), 1e-9)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    return result.tokens / max(result.seconds, 1e-9), wait, peak, result.steps
+
+
+def gpu_used() -> int:
+    if not torch.cuda.is_available():
+        return 0
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def single(args):
+    from draftfeed.server.loading import load_target
+
+    out = Path(args.out)
+    model = load_target(args.target, dtype="bfloat16", device=device())
+    for b in [int(x) for x in args.batches.split(",")]:
+        for algo in args.algos.split(","):
+            modes = [("co-located", None), ("remote", "exact"), ("remote", "compact")]
+            for mode, enc in modes[:2] if b in args.no_compact_at else modes:
+                t0 = time.perf_counter()
+                trainer = None
+                try:
+                    trainer, backend, wire, cfg = build(
+                        algo, args.target, None if mode == "co-located" else args.url, b, args.seq, enc,
+                        args.seconds, out / "runs" / f"{algo}_{b}_{mode}_{enc}", f"{algo}-{b}-{enc}",
+                        model if mode == "co-located" else None,
+                    )  # fmt: skip
+                    tps, wait, peak, steps = timed_train(trainer, cfg, args.seconds)
+                    rec = dict(
+                        algo=algo, B=b, S=args.seq, mode=mode, encodings=enc or "-", tok_s=round(tps),
+                        target_wait=round(wait, 3), steps=steps, trainer_peak_gib=round(peak / 2**30, 2),
+                        gpu_used_gib=round(gpu_used() / 2**30, 2),
+                        bytes_per_token=round(wire["bytes"] / wire["tokens"]) if wire["tokens"] else None,
+                        wall_s=round(time.perf_counter() - t0, 1),
+                    )  # fmt: skip
+                    if mode == "remote":
+                        backend.close()
+                except Exception as err:  # noqa: BLE001 - one failed config must not end the table
+                    rec = dict(
+                        algo=algo, B=b, S=args.seq, mode=mode, encodings=enc or "-", error=repr(err)[:300]
+                    )
+                append(out, "single.jsonl", rec)
+                del trainer
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+
+def job(args):
+    """One training process of a concurrent-jobs run: warm up, wait for the others, train, write JSON."""
+    out = Path(args.out)
+    trainer, backend, wire, cfg = build(
+        args.algo, args.target, args.url, args.batch, args.seq, args.encodings, args.seconds,
+        out / "runs" / f"job{args.index}_{args.algo}", f"job{args.index}-{args.algo}",
+    )  # fmt: skip
+    ready = out / f"ready_{args.group}_{args.index}"
+
+    def barrier():
+        ready.touch()
+        deadline = time.time() + 120
+        while len(list(out.glob(f"ready_{args.group}_*"))) < args.of and time.time() < deadline:
+            time.sleep(0.05)
+
+    tps, wait, peak, steps = timed_train(trainer, cfg, args.seconds, barrier=barrier)
+    backend.close()
+    rec = dict(
+        group=args.group, jobs=args.of, index=args.index, algo=args.algo, B=args.batch, S=args.seq,
+        encodings=args.encodings, tok_s=round(tps), target_wait=round(wait, 3), steps=steps,
+        trainer_peak_gib=round(peak / 2**30, 2),
+        bytes_per_token=round(wire["bytes"] / wire["tokens"]) if wire["tokens"] else None,
+    )  # fmt: skip
+    append(out, "jobs.jsonl", rec)
+
+
+def jobs(args):
+    algos = args.algos.split(",")
+    procs = []
+    group = f"{len(algos)}jobs"
+    for i, algo in enumerate(algos):
+        cmd = [
+            sys.executable, __file__, "job", "--target", args.target, "--url", args.url, "--algo", algo,
+            "--batch", str(args.batch), "--seq", str(args.seq), "--seconds", str(args.seconds),
+            "--encodings", args.encodings, "--index", str(i), "--of", str(len(algos)), "--group", group,
+            "--out", args.out,
+        ]  # fmt: skip
+        log = open(Path(args.out) / f"{group}_{i}.log", "w")  # noqa: SIM115
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    for p in procs:
+        p.wait()
+
+
+# ---- the draft step alone ----
+
+
+def step_bench(args):
+    from draftfeed.server.loading import load_target
+    from draftfeed.trainer import algorithms as algs
+    from draftfeed.trainer.algorithms import ALGORITHMS
+    from draftfeed.trainer.losses import eagle3_batch_loss
+
+    out = Path(args.out)
+    dev = device()
+    model = load_target(args.target, dtype="bfloat16", device=dev)
+    conf = model.config
+    b, s = args.batch, args.seq
+    batches = RandomBatches(b, s, conf.vocab_size)
+    tb = next(batches)
+    original = algs.eagle3_batch_loss
+    fidelity(args, model, tb, out)
+    for algo in args.algos.split(","):
+        cfg = train_config(
+            algo, out / "steps", args.target, None, b, s, None, 1, "steps", min(8192, conf.vocab_size // 2)
+        )
+        algorithm = ALGORITHMS[algo](cfg)
+        backend = algorithm.open_backend(model, dev)
+        counts = torch.arange(conf.vocab_size, 0, -1).float()
+        draft0 = algorithm.build_draft(
+            backend, conf, counts if algorithm.needs_token_counts(conf.vocab_size) else None, [0]
+        )
+        algorithm.prepare_backend(backend, draft0)
+        with torch.no_grad():
+            sync()
+            t0 = time.perf_counter()
+            target = backend.generate_batch(**tb.backend_kwargs())
+            sync()
+            t1 = time.perf_counter()
+            target = backend.generate_batch(**tb.backend_kwargs())
+            sync()
+            target_s = time.perf_counter() - t1
+        target = type(target)(**{k: v.clone() for k, v in target.to(dev).tensors().items()})
+        del t0
+        for impl in ("reference", "fast") if algo == "eagle3" else ("default",):
+            torch.manual_seed(0)
+            draft = algorithm.build_draft(
+                backend, conf, counts if algorithm.needs_token_counts(conf.vocab_size) else None, [0]
+            ).to(dev)
+            algs.eagle3_batch_loss = original
+            if impl == "reference":
+                algs.eagle3_batch_loss = partial(eagle3_batch_loss, fused=False)
+                draft.midlayer.self_attn.impl = "reference"
+            params = [p for p in draft.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4)
+            step = partial(_train_step, algorithm, draft, target, params, opt, dev)
+
+            rec = dict(algo=algo, impl=impl, B=b, S=s)
+            try:
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                for _ in range(2):
+                    o = step()
+                sync()
+                t0 = time.perf_counter()
+                n = args.steps
+                for _ in range(n):
+                    o = step()
+                sync()
+                dt = (time.perf_counter() - t0) / n
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as fc:
+                    step()
+                flops = fc.get_total_flops()
+                rec.update(
+                    step_ms=round(dt * 1e3, 1), tok_s=round(b * s / dt), target_fwd_ms=round(target_s * 1e3, 1),
+                    colocated_tok_s=round(b * s / (dt + target_s)), tflop_per_step=round(flops / 1e12, 2),
+                    mfu=round(flops / dt / PEAK_BF16, 3), loss=round(float(o.loss), 4),
+                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else 0,
+                )  # fmt: skip
+                if dev.type == "cuda":
+                    profile(step, out / f"profile_{algo}_{impl}.txt")
+            except Exception as err:  # noqa: BLE001
+                rec["error"] = repr(err)[:300]
+            append(out, "steps.jsonl", rec)
+            del draft, opt, step
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        algs.eagle3_batch_loss = original
+
+
+def _train_step(algorithm, draft, target, params, opt, dev):
+    from draftfeed.trainer.algorithms import DistContext
+
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        out = algorithm.loss(draft, target, DistContext())
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out
+
+
+def profile(step, path: Path) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(2):
+            step()
+        sync()
+    averages = p.key_averages()
+    for key in ("self_cuda_time_total", "self_device_time_total"):
+        try:
+            path.write_text(averages.table(sort_by=key, row_limit=15, max_name_column_width=60))
+            return
+        except (AttributeError, KeyError, ValueError):
+            continue
+
+
+def fidelity(args, model, tb, out):
+    """GPU bf16: the EAGLE-3 probabilities rebuilt from the latent reply against the raw reply."""
+    if not args.url:
+        return
+    from draftfeed.client.remote import RemoteEagle3TargetModel
+    from draftfeed.client.vocab import build_token_map
+
+    vocab = model.config.vocab_size
+    sel, mask = build_token_map(torch.arange(vocab, 0, -1).float(), min(8192, vocab // 2), [0])
+    got = {}
+    for enc in ("raw", "exact"):
+        r = RemoteEagle3TargetModel.from_urls([args.url], device=device(), encodings=enc, cache_dir=None)
+        r.set_vocab_mapping(sel, mask)
+        kw = {k: v[:4] for k, v in tb.backend_kwargs().items()}
+        got[enc] = r.generate_batch(**kw)
+        r.close()
+    p, q = got["raw"].target_probs.float(), got["exact"].target_probs.float()
+    kl = (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1)
+    append(
+        out,
+        "fidelity.jsonl",
+        dict(
+            what="EAGLE-3 target_probs, exact (latent, rebuilt on the trainer) vs raw, bf16 target on the GPU",
+            rows=int(p.shape[0] * p.shape[1]),
+            bit_equal=bool(torch.equal(p, q)),
+            equal_fraction=round(float((p == q).float().mean()), 4),
+            max_abs=float((p - q).abs().max()),
+            kl_mean=float(kl.mean()),
+            kl_max=float(kl.max()),
+            top1_agree=float((p.argmax(-1) == q.argmax(-1)).float().mean()),
+            position_mask_equal=bool(torch.equal(got["raw"].position_mask, got["exact"].position_mask)),
+        ),  # fmt: skip
+    )
+
+
+# ---- report ----
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def report(args):
+    out = Path(args.out)
+    lines = [
+        "# Draft training throughput: remote vs co-located (bench/train_throughput.py)",
+        "",
+        f"Device: {args.device}. Date: {time.strftime('%Y-%m-%d')}. Command: `{args.command}`.",
+        "Target: random-weight LlamaConfig of SmolLM2-135M's dimensions, bf16; server (`draftfeed serve`, CUDA graphs on,",
+        "data plane) and trainer on the same GPU; random token rows, S as given. tok/s = training tokens per second",
+        "after a warm-up (the real loop: prefetch 2, bf16 autocast, AdamW); target wait = time the loop waited on the",
+        "target; bytes/token = reply payload per token; trainer peak = the trainer process's max allocated.",
+        "",
+    ]
+    steps = _rows(out / "steps.jsonl")
+    if steps:
+        lines += ["## Draft step alone (one target batch, forward + backward + AdamW)", ""]
+        lines += [
+            "| algorithm | step | B x S | ms/step | draft tok/s | MFU | TFLOP/step | peak GiB | target fwd ms | co-located tok/s (fwd + step) | loss |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in steps:
+            if "error" in r:
+                lines.append(f"| {r['algo']} | {r['impl']} | {r['B']}x{r['S']} | error: {r['error']} |")
+                continue
+            lines.append(
+                f"| {r['algo']} | {r['impl']} | {r['B']}x{r['S']} | {r['step_ms']} | {r['tok_s']:,} | {r['mfu']} | "
+                f"{r['tflop_per_step']} | {r['peak_gib']} | {r['target_fwd_ms']} | {r['colocated_tok_s']:,} | {r['loss']} |"
+            )
+        lines.append("")
+    fid = _rows(out / "fidelity.jsonl")
+    for r in fid:
+        lines += [
+            "## exact (latent) vs raw EAGLE-3 probabilities, bf16 on the GPU",
+            "",
+            "```",
+            json.dumps(r, indent=1),
+            "```",
+            "",
+        ]
+    single_rows = _rows(out / "single.jsonl")
+    if single_rows:
+        lines += ["## One job: co-located vs remote", ""]
+        lines += [
+            "| algorithm | B | mode | encodings | tok/s | remote / co-located | target wait | bytes/token | trainer peak GiB | GPU used GiB |",
+            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        coloc = {(r["algo"], r["B"]): r.get("tok_s") for r in single_rows if r["mode"] == "co-located"}
+        for r in single_rows:
+            if "error" in r:
+                lines.append(
+                    f"| {r['algo']} | {r['B']} | {r['mode']} | {r['encodings']} | error: {r['error']} |"
+                )
+                continue
+            base = coloc.get((r["algo"], r["B"]))
+            ratio = f"{r['tok_s'] / base:.2f}" if base and r["mode"] == "remote" else ""
+            lines.append(
+                f"| {r['algo']} | {r['B']} | {r['mode']} | {r['encodings']} | {r['tok_s']:,} | {ratio} | "
+                f"{100 * r['target_wait']:.0f}% | {r['bytes_per_token'] if r['bytes_per_token'] is not None else ''} | "
+                f"{r['trainer_peak_gib']} | {r['gpu_used_gib']} |"
+            )
+        lines.append("")
+    job_rows = _rows(out / "jobs.jsonl")
+    if job_rows:
+        lines += ["## Concurrent jobs against one server (one process each)", ""]
+        lines += [
+            "| jobs | job | algorithm | B | tok/s | target wait | bytes/token |",
+            "|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for group in sorted({r["group"] for r in job_rows}):
+            rows = sorted((r for r in job_rows if r["group"] == group), key=lambda r: r["index"])
+            for r in rows:
+                lines.append(
+                    f"| {r['jobs']} | {r['index']} | {r['algo']} | {r['B']} | {r['tok_s']:,} | "
+                    f"{100 * r['target_wait']:.0f}% | {r['bytes_per_token']} |"
+                )
+            lines.append(
+                f"| {rows[0]['jobs']} | all | aggregate | | **{sum(r['tok_s'] for r in rows):,}** | | |"
+            )
+        lines.append("")
+    (out / "train_throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    mt = sub.add_parser("make-target")
+    mt.add_argument("--dir", required=True)
+    mt.add_argument("--tiny", action="store_true")
+    for name in ("steps", "single", "jobs", "job"):
+        q = sub.add_parser(name)
+        q.add_argument("--target", required=True)
+        q.add_argument("--url", default=None)
+        q.add_argument("--out", required=True)
+        q.add_argument("--seq", type=int, default=2048)
+        q.add_argument("--seconds", type=float, default=4.0)
+        q.add_argument("--algos", default=",".join(ALGOS))
+        q.add_argument("--batch", type=int, default=16)
+        q.add_argument("--batches", default="16,4,1")
+        q.add_argument("--no-compact-at", type=lambda x: [int(v) for v in x.split(",") if v], default=[1])
+        q.add_argument("--steps", type=int, default=5)
+        q.add_argument("--encodings", default="exact")
+        q.add_argument("--algo", default="eagle3")
+        q.add_argument("--index", type=int, default=0)
+        q.add_argument("--of", type=int, default=1)
+        q.add_argument("--group", default="g")
+    rp = sub.add_parser("report")
+    rp.add_argument("--out", required=True)
+    rp.add_argument("--command", default="")
+    rp.add_argument("--device", default=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    {
+        "make-target": make_target,
+        "steps": step_bench,
+        "single": single,
+        "jobs": jobs,
+        "job": job,
+        "report": report,
+    }[args.cmd](args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # grpc / loader threads must not hold the process open
+
+
+if __name__ == "__main__":
+    main()
