@@ -190,4 +190,4 @@ class AdminServer(UvicornThread):
     """The admin app of `server` on its own port (server/http_thread.py)."""
 
     def __init__(self, server, host: str, port: int):
-        super().__init__(build_admin_app(server), host, port, name="draftfeed-admin")
+        super().__init__(build_admin_app(server), host, port, name="draftfeed-admin", flag="--admin-port")

@@ -36,6 +36,7 @@ from .capture import discover
 from .config import ServeConfig
 from .dataplane import DataPlaneServer, data_ssl_context
 from .graphs import GraphedForward
+from .listening import GRPC_EXCLUSIVE_PORT, port_taken
 from .metrics import ServerMetrics
 from .model_info import build_model_info, fingerprint
 from .scheduler import BatchScheduler
@@ -129,6 +130,7 @@ class TargetServer:
         options = grpc_options() + [
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+            GRPC_EXCLUSIVE_PORT,
         ]
         self.grpc = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers), options=options)
         add_to_server(self.servicer, self.grpc)
@@ -139,13 +141,16 @@ class TargetServer:
         )
         address = f"{cfg.host}:{cfg.port}"
         creds = server_credentials(cfg)
-        self.port = (
-            self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
-        )
+        try:
+            self.port = (
+                self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
+            )
+        except RuntimeError:  # grpcio >= 1.60 raises where older ones returned 0
+            self.port = 0
         if self.port == 0:
             if self.dataplane is not None:
                 self.dataplane.close()
-            raise OSError(f"cannot listen on {address} (address in use or not local)")
+            raise port_taken("--port", cfg.host, cfg.port, "address in use or not local")
         self.admin = None
         self.nemo_http = None
         self._stopped = threading.Event()
@@ -164,16 +169,20 @@ class TargetServer:
         self.grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.cfg.admin_port is not None:
-            self._start_admin()
-        if self.cfg.nemo_http_port is not None:
-            from .nemo_http import NemoHTTPServer
+        try:
+            if self.cfg.admin_port is not None:
+                self._start_admin()
+            if self.cfg.nemo_http_port is not None:
+                from .nemo_http import NemoHTTPServer
 
-            nemo = NemoHTTPServer(
-                self, self.cfg.host, self.cfg.nemo_http_port, grace_s=self.cfg.grace_seconds
-            )
-            _http_tls(nemo.config, self.cfg)
-            self.nemo_http = nemo.start()
+                nemo = NemoHTTPServer(
+                    self, self.cfg.host, self.cfg.nemo_http_port, grace_s=self.cfg.grace_seconds
+                )
+                _http_tls(nemo.config, self.cfg)
+                self.nemo_http = nemo.start()
+        except BaseException:  # a port taken: give back what was started, then report it
+            self.stop(grace=0)
+            raise
         log.info(
             "serving %s (%d layers, hidden %d, vocab %d, %s) on %s%s; %s",
             self.info.architectures[0],

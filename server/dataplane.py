@@ -47,6 +47,7 @@ from draftfeed.client.dataplane import ACCEPTED, CLOSE_FRAME_ID, REFUSED, TICKET
 from draftfeed.client.wire import chunk_frames, header_frame, reply_parts
 
 from .auth import AccessControl, is_loopback_peer
+from .listening import bind_tcp
 
 __all__ = ["DataPlaneServer", "data_ssl_context", "reply_frames"]
 
@@ -156,8 +157,7 @@ class DataPlaneServer:
         self.ticket_ttl_s = ticket_ttl_s
         self.handshake_timeout_s = handshake_timeout_s
         self.send_timeout_s = send_timeout_s
-        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-        self.listener = socket.create_server((host.strip("[]"), port), family=family)
+        self.listener = bind_tcp(host, port, "--data-port")
         self.port = self.listener.getsockname()[1]
         self._tickets: dict[bytes, tuple[Any, float]] = {}  # sha256(ticket) -> (session, expiry)
         self._conns: dict[str, _Connection] = {}  # session id -> its socket

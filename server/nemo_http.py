@@ -528,7 +528,7 @@ class NemoHTTPServer(UvicornThread):
         self.clients = NemoClients(target_server, keep_alive_s, max_clients)
         self.app = build_nemo_app(target_server, self.clients, queue_wait_s)
         super().__init__(
-            self.app, host, port, name="draftfeed-nemo-http", grace_s=grace_s,
+            self.app, host, port, name="draftfeed-nemo-http", flag="--nemo-http-port", grace_s=grace_s,
             timeout_keep_alive=int(keep_alive_s), timeout_graceful_shutdown=int(grace_s),
         )  # fmt: skip
 
