@@ -157,10 +157,10 @@ def build_admin_app(server) -> FastAPI:
 
     @app.get("/readyz")
     def readyz():
-        ready = server.ready
-        return JSONResponse(
-            {"ready": ready, "draining": server.servicer.draining}, status_code=200 if ready else 503
-        )
+        saturated = server.saturated  # every Generate/GenerateStream slot taken (server/admission.py)
+        ready = server.ready and not saturated
+        body = {"ready": ready, "draining": server.servicer.draining, "saturated": saturated}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     def metrics():
