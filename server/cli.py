@@ -147,14 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--grpc-workers",
         type=int,
-        default=64,
+        default=128,
         help="gRPC worker threads; a quarter (at least 4) is kept for health checks and other short calls",
     )
     serve.add_argument(
         "--max-streams-per-job",
         type=int,
-        default=8,
-        help="Generate/GenerateStream calls a job may have open at once (each holds a worker thread)",
+        default=32,
+        help="Generate/GenerateStream calls a job (without --token-file: a client connection) may have open "
+        "at once; each holds a worker thread (default 32)",
     )
     serve.add_argument(
         "--no-cuda-graphs",
