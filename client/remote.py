@@ -331,13 +331,16 @@ class _RemoteTarget:
             server = self.servers[next(self._turn)]
             reopened = False
             while True:
+                sent_as = server.session_id
                 try:
                     return fn(server)
-                except NotFound:
+                except NotFound as err:
                     if reopened or server.balanced:
                         raise
-                    log.warning("session unknown on %s (server restarted?): re-opening it", server.url)
-                    self._open(server)
+                    with self._lock:  # threads that failed together re-open the session once
+                        if server.session_id == sent_as:
+                            log.warning("session unknown on %s (%s): re-opening it", server.url, err)
+                            self._open(server)
                     reopened = True
                 except ResourceExhausted as err:
                     wait = retry_after_s(err)
