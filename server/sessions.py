@@ -179,38 +179,36 @@ class SessionTable:
         """Close the sessions whose last request is over `ttl_s` seconds old and that have none in
         flight; returns them (the caller frees what else they hold: queues, data-plane sockets)."""
         now = time.time() if now is None else now
-        with self._lock:
+        with self._lock:  # checked and removed at once: a call that finds it after this gets NOT_FOUND
             due = [s for s in self._sessions.values() if now - s.last_seen > ttl_s and s.stats.in_flight == 0]
             for s in due:
+                del self._sessions[s.id]
                 self._expired[s.id] = now - s.last_seen
             while len(self._expired) > 4096:
                 self._expired.popitem(last=False)
-        closed = []
         for s in due:
-            try:
-                closed.append(
-                    self.close(s.id, why=f"expired after {now - s.last_seen:.0f} s without a request")
-                )
-            except NotFound:  # closed meanwhile
-                pass
-        return closed
+            self._finish(s, f"expired after {now - s.last_seen:.0f} s without a request")
+        return due
 
-    def close(self, session_id: str, why: str = "closed") -> Session:
+    def close(self, session_id: str) -> Session:
         with self._lock:
             session = self._sessions.pop(session_id, None)
         if session is None:
             raise NotFound(f"unknown session {session_id!r}: already closed or never opened")
+        self._finish(session, "closed")
+        return session
+
+    def _finish(self, session: Session, why: str) -> None:
         session.closed = True
         self.finished.append(session)
         log.info(
             "session %s: %s job=%s tokens=%d requests=%d",
             why,
-            session_id[:8],
+            session.id[:8],
             session.job_name,
             session.stats.tokens,
             session.stats.requests,
         )
-        return session
 
     def list(self) -> list[Session]:
         with self._lock:
