@@ -9,7 +9,7 @@ import pytest
 import requests
 import torch
 from test_backends import inputs, mapping
-from test_nemo_http import Client
+from test_nemo_http import Client, pack
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
@@ -132,7 +132,7 @@ def test_shallow_targets_on_a_server():
     """6 layers: model info lists no EAGLE-3 / DFlash default, a session naming no ids gets a clear
     INVALID_ARGUMENT, duplicate ids are refused. 4 layers with `--aux-layer-ids`: the default is the
     operator's, reported in model info, and a NeMo client (which cannot choose) is served with it."""
-    six = TargetServer(ServeConfig(port=0, data_port=None), model=_shallow(6)).start()
+    six = TargetServer(ServeConfig(port=0, data_port=None, nemo_http_port=0), model=_shallow(6)).start()
     try:
         with grpc.insecure_channel(six.url.removeprefix("grpc://")) as ch:
             stub = TargetStub(ch)
@@ -151,6 +151,11 @@ def test_shallow_targets_on_a_server():
                 assert "distinct" in err.value.details(), err.value.details()
             ok = stub.OpenSession(pb.OpenSessionRequest(algorithm="eagle3", layer_ids=[1, 3, 5]))
             assert list(ok.layer_ids) == [1, 3, 5]
+        nemo = Client(six.nemo_http.url)  # NeMo's client cannot choose: a clear 400 naming the flag
+        assert nemo.post("model_info").json()["aux_layer_ids"] == []
+        ids, mask = mapping(160)
+        r = nemo.post("set_vocab_mapping", pack({"selected_token_ids": ids, "selected_token_mask": mask}))
+        assert r.status_code == 400 and "--aux-layer-ids" in r.json()["detail"]
     finally:
         six.stop(grace=0)
 
