@@ -108,3 +108,36 @@ def test_without_tokens_each_connection_is_bounded_alone(model):
         for ch in channels:
             ch.close()
         srv.stop(grace=1)
+
+
+def test_the_client_waits_for_a_slot_of_its_job(model, token_file):  # noqa: F811
+    """Over its job's bound, the draftfeed client is told to retry (RESOURCE_EXHAUSTED with a retry
+    hint): its call waits and is answered once a slot frees, instead of failing."""
+    from test_backends import mapping
+
+    from draftfeed.client.remote import RemoteEagle3TargetModel
+    from draftfeed.server.backends import HFEagle3TargetModel
+
+    srv = start_server(model, token_file=token_file, max_streams_per_job=1)
+    stop = threading.Event()
+    channel = grpc.insecure_channel(srv.url.removeprefix("grpc://"))
+    try:
+        idle = _idle_streams(TargetStub(channel), 1, stop, _auth("eagle-a"))  # noqa: F841 - kept open
+        _wait(lambda: srv.servicer.slots.held("job:eagle-a") == 1, "the idle stream's slot")
+        local = HFEagle3TargetModel(model)
+        local.set_vocab_mapping(*mapping(160))
+        with RemoteEagle3TargetModel.from_urls([srv.url], token=TOKENS["eagle-a"], timeout=60) as remote:
+            remote.set_vocab_mapping(*mapping(160))
+            refused = srv.servicer.slots.refused
+            got = {}
+            waiter = threading.Thread(target=lambda: got.setdefault("b", remote.generate_batch(*inputs())))
+            waiter.start()
+            _wait(lambda: srv.servicer.slots.refused > refused, "the call to be refused once")
+            assert "b" not in got
+            stop.set()  # the idle stream ends: its slot frees and the waiting call goes through
+            waiter.join(60)
+        assert_same(got["b"], local.generate_batch(*inputs()))
+    finally:
+        stop.set()
+        channel.close()
+        srv.stop(grace=1)
