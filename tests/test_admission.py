@@ -11,14 +11,14 @@ import grpc
 import pytest
 import requests
 from test_auth import TOKENS, token_file  # noqa: F401 - fixture
-from test_backends import inputs
+from test_backends import inputs, mapping
 from test_service import assert_same, start_server
 
 from draftfeed.client.channel import check_health
 from draftfeed.client.pb import draftfeed_pb2 as pb
-from draftfeed.client.remote import RemoteDFlashTargetModel
+from draftfeed.client.remote import RemoteDFlashTargetModel, RemoteEagle3TargetModel
 from draftfeed.client.wire import TargetStub
-from draftfeed.server.backends import HFDFlashTargetModel
+from draftfeed.server.backends import HFDFlashTargetModel, HFEagle3TargetModel
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +113,6 @@ def test_without_tokens_each_connection_is_bounded_alone(model):
 def test_the_client_waits_for_a_slot_of_its_job(model, token_file):  # noqa: F811
     """Over its job's bound, the draftfeed client is told to retry (RESOURCE_EXHAUSTED with a retry
     hint): its call waits and is answered once a slot frees, instead of failing."""
-    from test_backends import mapping
-
-    from draftfeed.client.remote import RemoteEagle3TargetModel
-    from draftfeed.server.backends import HFEagle3TargetModel
-
     srv = start_server(model, token_file=token_file, max_streams_per_job=1)
     stop = threading.Event()
     channel = grpc.insecure_channel(srv.url.removeprefix("grpc://"))
