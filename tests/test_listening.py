@@ -4,10 +4,7 @@ no traceback."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 
 import pytest
 from test_service import start_server
@@ -22,24 +19,18 @@ def model(tiny_model):
     return tiny_model("llama")
 
 
-def test_a_second_serve_on_a_taken_grpc_port_exits_with_the_flag_named(tiny_dirs, model):
+def test_a_second_server_on_a_taken_grpc_port_refuses_to_start(tiny_dirs, model, capsys):
     first = start_server(model)  # a real gRPC server, as the first `draftfeed serve` would be
     try:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "draftfeed.server.cli", "serve", "--model", tiny_dirs("llama")]
-        proc = subprocess.run(
-            [*cmd, "--device", "cpu", "--port", str(first.port)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,  # without the fix it serves (sharing the port) until killed here
-        )
+        # without SO_REUSEPORT off, this second server would bind and share the port's connections
+        with pytest.raises(FailedPrecondition, match=f"--port {first.port}: cannot listen"):
+            start_server(model, port=first.port, data_port=None)
+        argv = ["serve", "--model", tiny_dirs("llama"), "--device", "cpu", "--port", str(first.port)]
+        assert cli.main(argv) == 2
     finally:
         first.stop(grace=0)
-    assert proc.returncode != 0
-    assert "serving on" not in proc.stdout
-    assert f"--port {first.port}" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    err = capsys.readouterr().err
+    assert f"--port {first.port}" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("flag", ["--data-port", "--admin-port", "--nemo-http-port"])
