@@ -2,7 +2,8 @@
 
 Validation lives in server/checks.py, batching in server/scheduler.py, math in features/supervision,
 who-may-do-what in server/auth.py, session ids (and adoption across replicas) in server/directory.py,
-the optional TCP data plane for reply payloads in server/dataplane.py.
+the optional TCP data plane for reply payloads in server/dataplane.py, the per-job bound on open
+Generate/GenerateStream calls (each holds a worker thread) in server/admission.py.
 `_rpc` authenticates every call and maps draftfeed errors to `abort(code, message)` (a quota error
 also sends its retry hint as trailing metadata), and anything else to INTERNAL, logged with the RPC
 name, without stopping the server. While draining, new work gets UNAVAILABLE and open streams end
