@@ -702,7 +702,8 @@ def test_client_caps_and_eviction_stay_within_one_job(token_server, model):
         assert b.post("generate", gen_blob(*inputs())).status_code == 409
         slow = Client(with_userinfo(nemo.url, f"slow:{TOKENS['slow']}"))
         r = slow.post(
-            "set_vocab_mapping", pack(dict(zip(("selected_token_ids", "selected_token_mask"), maps["b"])))
+            "set_vocab_mapping",
+            pack({"selected_token_ids": maps["b"][0], "selected_token_mask": maps["b"][1]}),
         )
         assert r.status_code == 503 and "cap" in r.json()["detail"]  # a job with no client here: no room
         assert [s.job_name for s in target.sessions.list()].count("nemo-a") == 3
