@@ -37,12 +37,14 @@ def _check_ints(ids: Sequence[int], what: str) -> list[int]:
 
 
 def default_eagle3_layer_ids(num_layers: int) -> list[int]:
-    """EAGLE-3's aux layers: [1, N//2 - 1, N - 4]."""
+    """EAGLE-3's aux layers: [1, N//2 - 1, N - 4]; InvalidArgument when they are not 3 distinct
+    layers (N < 7: N=6 gives [1, 2, 2])."""
     ids = [1, num_layers // 2 - 1, num_layers - 4]
-    if num_layers < 6:
+    if len(set(ids)) != 3 or min(ids) < 0:
         raise InvalidArgument(
-            f"EAGLE-3's default aux layers [1, N//2-1, N-4] are not distinct for a target with "
-            f"N={num_layers} decoder layers; pass 3 distinct aux_layer_ids in [0, {num_layers})"
+            f"EAGLE-3's default aux layers [1, N//2-1, N-4] = {ids} are not 3 distinct layers for a target "
+            f"with N={num_layers} decoder layers; pass 3 distinct aux_layer_ids in 0..{num_layers - 1} "
+            "(a server sets a default for clients that cannot choose with `draftfeed serve --aux-layer-ids`)"
         )
     return ids
 
@@ -70,13 +72,21 @@ def validate_eagle3_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
 
 
 def default_dflash_layer_ids(num_layers: int, num_target_layers: int = 5) -> list[int]:
-    """K == 1 -> [N//2]; else round(1 + i*(N-4)/(K-1)) for i in range(K)."""
+    """K == 1 -> [N//2]; else round(1 + i*(N-4)/(K-1)) for i in range(K); InvalidArgument when
+    these repeat a layer (shallow targets: N=6, K=5 gives [1, 2, 2, 2, 3])."""
     k = num_target_layers
     if k < 1:
         raise InvalidArgument(f"DFlash needs at least one target layer, got num_target_layers={k}")
     if k == 1:
         return [num_layers // 2]
-    return [round(1 + i * (num_layers - 4) / (k - 1)) for i in range(k)]
+    ids = [round(1 + i * (num_layers - 4) / (k - 1)) for i in range(k)]
+    if len(set(ids)) != k or not all(0 <= i < num_layers for i in ids):
+        raise InvalidArgument(
+            f"DFlash's default {k} target layers round(1 + i*(N-4)/(K-1)) = {ids} are not {k} distinct "
+            f"layers of a target with N={num_layers} decoder layers; pass {k} distinct target_layer_ids "
+            f"in 0..{num_layers - 1}, or fewer target layers"
+        )
+    return ids
 
 
 def validate_dflash_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
@@ -92,6 +102,12 @@ def validate_dflash_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
                 f"DFlash target layer id {i} is out of range: valid ids are 0..{num_layers - 1} "
                 f"for a target with {num_layers} decoder layers"
             )
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise InvalidArgument(
+            f"DFlash target_layer_ids must be distinct, got {ids} (id {dup} repeats); each layer is "
+            f"captured once: pick different ids in 0..{num_layers - 1}"
+        )
     return ids
 
 

@@ -150,10 +150,10 @@ def build_admin_app(server) -> FastAPI:
 
     @app.get("/readyz")
     def readyz():
-        ready = server.ready
-        return JSONResponse(
-            {"ready": ready, "draining": server.servicer.draining}, status_code=200 if ready else 503
-        )
+        saturated = server.saturated  # every Generate/GenerateStream slot taken (server/admission.py)
+        ready = server.ready and not saturated
+        body = {"ready": ready, "draining": server.servicer.draining, "saturated": saturated}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     def metrics():
@@ -185,7 +185,7 @@ class AdminServer(UvicornThread):
     def __init__(self, server, host: str, port: int):
         app = build_admin_app(server)
         self.history = app.state.status_history
-        super().__init__(app, host, port, name="draftfeed-admin")
+        super().__init__(app, host, port, name="draftfeed-admin", flag="--admin-port")
 
     def start(self) -> AdminServer:
         self.history.start()

@@ -29,13 +29,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from draftfeed.client.channel import MAX_METADATA_BYTES
+from draftfeed.client.errors import InvalidArgument
+from draftfeed.client.layers import validate_eagle3_layer_ids
 from draftfeed.client.wire import SERVICE_NAME, add_to_server, grpc_options
 
+from .admission import CallSlots, reserve_for
 from .auth import AccessControl, load_token_file
 from .capture import discover
 from .config import ServeConfig
 from .dataplane import DataPlaneServer, data_ssl_context
 from .graphs import GraphedForward
+from .leases import SessionLeases
+from .listening import GRPC_EXCLUSIVE_PORT, port_taken
 from .metrics import ServerMetrics
 from .model_info import build_model_info, fingerprint
 from .scheduler import BatchScheduler
@@ -71,6 +76,16 @@ def _http_tls(uvicorn_config, cfg: ServeConfig) -> None:
         uvicorn_config.ssl_cert_reqs = ssl.CERT_REQUIRED
 
 
+def _default_layer_ids(cfg: ServeConfig, num_layers: int) -> dict[str, list[int]]:
+    """The operator's default layer ids per algorithm (`--aux-layer-ids`), checked against the target."""
+    if not cfg.aux_layer_ids:
+        return {}
+    try:
+        return {"eagle3": validate_eagle3_layer_ids(cfg.aux_layer_ids, num_layers)}
+    except InvalidArgument as err:
+        raise InvalidArgument(f"--aux-layer-ids {','.join(map(str, cfg.aux_layer_ids))}: {err}") from None
+
+
 class TargetServer:
     """Build with a config (and optionally an already loaded model), then `start()` / `stop()`.
 
@@ -89,7 +104,12 @@ class TargetServer:
         self.layout = discover(model)
         self.metrics = ServerMetrics()
         device = next(model.parameters()).device
-        self.sessions = SessionTable(self.layout.num_layers, self.layout.vocab_size, device)
+        self.sessions = SessionTable(
+            self.layout.num_layers,
+            self.layout.vocab_size,
+            device,
+            _default_layer_ids(cfg, self.layout.num_layers),
+        )
         self.graphs = None  # a GraphedForward when the forward replays CUDA graphs
         if tp is not None:
             extra = {"forward": tp.forward}
@@ -125,10 +145,12 @@ class TargetServer:
             access=self.access,
             gather=tp.gather if tp is not None else None,
             dataplane=self.dataplane,
+            slots=CallSlots(cfg.grpc_workers - reserve_for(cfg.grpc_workers), cfg.max_streams_per_job),
         )
         options = grpc_options() + [
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+            GRPC_EXCLUSIVE_PORT,
         ]
         self.grpc = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers), options=options)
         add_to_server(self.servicer, self.grpc)
@@ -139,15 +161,19 @@ class TargetServer:
         )
         address = f"{cfg.host}:{cfg.port}"
         creds = server_credentials(cfg)
-        self.port = (
-            self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
-        )
+        try:
+            self.port = (
+                self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
+            )
+        except RuntimeError:  # grpcio >= 1.60 raises where older ones returned 0
+            self.port = 0
         if self.port == 0:
             if self.dataplane is not None:
                 self.dataplane.close()
-            raise OSError(f"cannot listen on {address} (address in use or not local)")
+            raise port_taken("--port", cfg.host, cfg.port, "address in use or not local")
         self.admin = None
         self.nemo_http = None
+        self.leases = SessionLeases(self, cfg.session_ttl_s) if cfg.session_ttl_s > 0 else None
         self._stopped = threading.Event()
         self._stopping = threading.Lock()
 
@@ -160,20 +186,31 @@ class TargetServer:
     def ready(self) -> bool:
         return not self.servicer.draining and not self._stopped.is_set()
 
+    @property
+    def saturated(self) -> bool:
+        """Every Generate/GenerateStream slot is taken: new data calls are refused (/readyz: 503)."""
+        return self.servicer.slots.saturated
+
     def start(self) -> TargetServer:
         self.grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.cfg.admin_port is not None:
-            self._start_admin()
-        if self.cfg.nemo_http_port is not None:
-            from .nemo_http import NemoHTTPServer
+        if self.leases is not None:
+            self.leases.start()
+        try:
+            if self.cfg.admin_port is not None:
+                self._start_admin()
+            if self.cfg.nemo_http_port is not None:
+                from .nemo_http import NemoHTTPServer
 
-            nemo = NemoHTTPServer(
-                self, self.cfg.host, self.cfg.nemo_http_port, grace_s=self.cfg.grace_seconds
-            )
-            _http_tls(nemo.config, self.cfg)
-            self.nemo_http = nemo.start()
+                nemo = NemoHTTPServer(
+                    self, self.cfg.host, self.cfg.nemo_http_port, grace_s=self.cfg.grace_seconds
+                )
+                _http_tls(nemo.config, self.cfg)
+                self.nemo_http = nemo.start()
+        except BaseException:  # a port taken: give back what was started, then report it
+            self.stop(grace=0)
+            raise
         log.info(
             "serving %s (%d layers, hidden %d, vocab %d, %s) on %s%s; %s",
             self.info.architectures[0],
@@ -208,6 +245,8 @@ class TargetServer:
             deadline = time.monotonic() + grace
             self.servicer.drain()
             self.health.enter_graceful_shutdown()
+            if self.leases is not None:
+                self.leases.stop()
             self.scheduler.stop(drain=True, timeout=grace)
             if self.nemo_http is not None:
                 self.nemo_http.stop()

@@ -34,6 +34,10 @@ def _serve_config(args):
         max_queued_per_session=args.max_queued_per_job,
         cuda_graphs=not args.no_cuda_graphs,
         grace_seconds=args.grace_seconds,
+        grpc_workers=args.grpc_workers,
+        max_streams_per_job=args.max_streams_per_job,
+        aux_layer_ids=args.aux_layer_ids,
+        session_ttl_s=args.session_ttl,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
@@ -42,6 +46,15 @@ def _serve_config(args):
         tensor_parallel=int(os.environ.get("WORLD_SIZE", "1")),  # set by torchrun
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
+
+
+def _layer_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", ",").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of layer ids (e.g. 1,2,3)"
+        ) from None
 
 
 def _run_serve(args) -> int:
@@ -132,11 +145,38 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=256, help="requests waiting for the GPU, all jobs")
     serve.add_argument("--max-queued-per-job", type=int, default=32, help="requests waiting, per session")
     serve.add_argument(
+        "--grpc-workers",
+        type=int,
+        default=128,
+        help="gRPC worker threads; a quarter (at least 4) is kept for health checks and other short calls",
+    )
+    serve.add_argument(
+        "--max-streams-per-job",
+        type=int,
+        default=32,
+        help="Generate/GenerateStream calls a job (without --token-file: a client connection) may have open "
+        "at once; each holds a worker thread (default 32)",
+    )
+    serve.add_argument(
         "--no-cuda-graphs",
         action="store_true",
         help="run every target forward eagerly (default on a GPU: replay a CUDA graph for repeated batch shapes)",
     )
     serve.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on SIGTERM")
+    serve.add_argument(
+        "--aux-layer-ids",
+        type=_layer_ids,
+        default=None,
+        help="EAGLE-3 aux layer ids (3 distinct, e.g. 1,2,3) for sessions that name none, such as NeMo HTTP "
+        "clients (default: [1, N//2-1, N-4], which needs N >= 7 decoder layers)",
+    )
+    serve.add_argument(
+        "--session-ttl",
+        type=float,
+        default=900.0,
+        help="seconds a session may go without a request before it is closed and freed (its client "
+        "re-opens it on its next request); 0: never (default 900)",
+    )
     _add_serve_security(serve)
     serve.set_defaults(run=_run_serve)
 

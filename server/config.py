@@ -29,7 +29,11 @@ class ServeConfig:
     max_queue: int = 256
     max_queued_per_session: int = 32
     cuda_graphs: bool = True  # on a GPU without tensor parallel: replay repeated batch shapes (graphs.py)
-    grpc_workers: int = 32
+    grpc_workers: int = 128  # gRPC's thread pool; a quarter (at least 4) is kept for short calls
+    max_streams_per_job: int = 32  # Generate/GenerateStream calls open at once per job (admission.py)
+    # EAGLE-3 aux layer ids for sessions that name none (NeMo's HTTP clients); None: [1, N//2-1, N-4]
+    aux_layer_ids: list[int] | None = None
+    session_ttl_s: float = 900.0  # a session unused this long is closed and freed; 0 = never
     grace_seconds: float = 30.0
     # security: TLS on the gRPC and admin ports, mutual TLS with a client CA, per-job tokens
     tls_cert: str | None = None
@@ -69,6 +73,14 @@ class ServeConfig:
         ):
             if path is not None and not Path(path).is_file():
                 raise InvalidArgument(f"{flag} {path!r} is not a readable file")
+        if self.grpc_workers < 8:
+            raise InvalidArgument(f"--grpc-workers {self.grpc_workers} is too few; use at least 8")
+        if self.max_streams_per_job < 1:
+            raise InvalidArgument(f"--max-streams-per-job {self.max_streams_per_job} must be >= 1")
+        if self.session_ttl_s < 0:
+            raise InvalidArgument(
+                f"--session-ttl {self.session_ttl_s} must be >= 0 (0: sessions never expire)"
+            )
         if self.tensor_parallel < 1:
             raise InvalidArgument(f"tensor parallel size {self.tensor_parallel} must be >= 1")
 

@@ -10,8 +10,10 @@ socket of its own (frame format: client/dataplane.py and the proto's "Data plane
 - A connection sends the ticket within `handshake_timeout_s` and gets one status byte: accepted (the
   socket is now that session's, replacing an older one) or refused. A wrong, used or expired
   ticket is refused and logged with the peer's address, never the ticket. At most
-  `max_handshakes` connections wait for their ticket at once; more are closed at once (so idle
-  connections cannot pile up threads). Without a token file
+  `max_handshakes_per_peer` connections of one peer host, and `max_handshakes` in all, wait for
+  their ticket at once: a new connection past either bound closes the oldest waiting one (of that
+  peer, or of all), so idle connections can neither pile up threads nor keep new binds out (a real
+  client sends its ticket as soon as it connects). Without a token file
   (and without --insecure-allow-remote) only loopback peers are accepted, as on the gRPC port.
 - `reply_frames` yields the gRPC header alone, then sends the reply's payload on its session's
   socket (one `sendall` per tensor, straight from the tensors' memory): the header's trip overlaps
@@ -47,6 +49,7 @@ from draftfeed.client.dataplane import ACCEPTED, CLOSE_FRAME_ID, REFUSED, TICKET
 from draftfeed.client.wire import chunk_frames, header_frame, reply_parts
 
 from .auth import AccessControl, is_loopback_peer
+from .listening import bind_tcp
 
 __all__ = ["DataPlaneServer", "data_ssl_context", "reply_frames"]
 
@@ -131,6 +134,24 @@ class _Connection:
         self.sock.close()
 
 
+class _Waiting:
+    """A connection that has not sent its ticket yet."""
+
+    def __init__(self, sock: socket.socket, host: str):
+        self.sock = sock  # replaced by its TLS socket once wrapped
+        self.host = host
+        self.since = time.monotonic()
+        self.was_cut = False
+
+    def cut(self) -> None:
+        """Ends the wait: the handshake thread's read returns and it closes the socket."""
+        self.was_cut = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class DataPlaneServer:
     """The data-plane listener of one server process.
 
@@ -149,15 +170,18 @@ class DataPlaneServer:
         handshake_timeout_s: float = 10.0,
         send_timeout_s: float = 300.0,
         max_handshakes: int = 64,
+        max_handshakes_per_peer: int = 8,
     ):
         self.ssl_context = ssl_context
-        self._handshakes = threading.BoundedSemaphore(max_handshakes)
+        self.max_handshakes = max_handshakes
+        self.max_handshakes_per_peer = max_handshakes_per_peer
+        self.evicted = 0
+        self._waiting: dict[int, _Waiting] = {}  # connections waiting for their ticket, oldest first
         self.access = access or AccessControl()
         self.ticket_ttl_s = ticket_ttl_s
         self.handshake_timeout_s = handshake_timeout_s
         self.send_timeout_s = send_timeout_s
-        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-        self.listener = socket.create_server((host.strip("[]"), port), family=family)
+        self.listener = bind_tcp(host, port, "--data-port")
         self.port = self.listener.getsockname()[1]
         self._tickets: dict[bytes, tuple[Any, float]] = {}  # sha256(ticket) -> (session, expiry)
         self._conns: dict[str, _Connection] = {}  # session id -> its socket
@@ -243,19 +267,41 @@ class DataPlaneServer:
             sock, addr = self.listener.accept()
         except OSError:
             return
-        if not self._handshakes.acquire(blocking=False):
-            log.warning("data plane: refused %s:%s: too many connections waiting to send a ticket", *addr[:2])
-            sock.close()
-            return
+        waiting = _Waiting(sock, addr[0])
+        with self._lock:
+            mine = [w for w in self._waiting.values() if w.host == waiting.host]
+            victim = None
+            if len(mine) >= self.max_handshakes_per_peer:
+                victim = mine[0]
+            elif len(self._waiting) >= self.max_handshakes:
+                victim = next(iter(self._waiting.values()))
+            if victim is not None:
+                del self._waiting[id(victim)]
+                self.evicted += 1
+            self._waiting[id(waiting)] = waiting
+        if victim is not None:
+            log.warning(
+                "data plane: closed a connection from %s that sent no ticket for %.1f s (too many waiting: "
+                "at most %d per peer host, %d in all)",
+                victim.host,
+                time.monotonic() - victim.since,
+                self.max_handshakes_per_peer,
+                self.max_handshakes,
+            )
+            victim.cut()
         threading.Thread(
-            target=self._handshake_slot, args=(sock, addr), name="draftfeed-dataplane-handshake", daemon=True
+            target=self._handshake_slot,
+            args=(waiting, addr),
+            name="draftfeed-dataplane-handshake",
+            daemon=True,
         ).start()
 
-    def _handshake_slot(self, sock: socket.socket, addr) -> None:
+    def _handshake_slot(self, waiting: _Waiting, addr) -> None:
         try:
-            self._handshake(sock, addr)
+            self._handshake(waiting, addr)
         finally:
-            self._handshakes.release()
+            with self._lock:
+                self._waiting.pop(id(waiting), None)
 
     def _reap_closed_sessions(self) -> None:
         with self._lock:
@@ -279,8 +325,9 @@ class DataPlaneServer:
         peer = f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
         return is_loopback_peer(peer, self.access.trusted_networks)
 
-    def _handshake(self, sock: socket.socket, addr) -> None:
+    def _handshake(self, waiting: _Waiting, addr) -> None:
         peer = f"{addr[0]}:{addr[1]}"
+        sock = waiting.sock
         try:
             sock.settimeout(self.handshake_timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -289,10 +336,14 @@ class DataPlaneServer:
                 sock.close()
                 return
             if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_side=True)
+                sock = waiting.sock = self.ssl_context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+                sock.do_handshake()
             ticket = recv_exact(sock, TICKET_BYTES)
         except (OSError, ConnectionError) as err:
-            log.warning("data plane: handshake with %s failed: %s", peer, err)
+            if not waiting.was_cut:
+                log.warning("data plane: handshake with %s failed: %s", peer, err)
             sock.close()
             return
         with self._lock:

@@ -115,6 +115,10 @@ class SessionDirectory:
     def _close(self, local: str) -> None:
         self.table.close(local)
         self.cancel(local)
+        self.forget(local)
+
+    def forget(self, local: str) -> None:
+        """Drop what the directory keeps about a closed session (its aliases, its mapping digest)."""
         with self._lock:
             self._mapping.pop(local, None)
             for client_id in [c for c, loc in self._alias.items() if loc == local]:

@@ -9,6 +9,8 @@ import time
 import uvicorn
 from fastapi import Request
 
+from .listening import bind_tcp
+
 __all__ = ["UvicornThread", "http_peer"]
 
 
@@ -16,14 +18,18 @@ class UvicornThread:
     """`app` on `host:port` (0 picks a free port; `port` is the bound one after `start()`). Extra
     keyword arguments go to `uvicorn.Config`; TLS is set on `config` before `start()` (server/app.py)."""
 
-    def __init__(self, app, host: str, port: int, *, name: str, grace_s: float = 10.0, **config):
+    def __init__(self, app, host: str, port: int, *, name: str, flag: str, grace_s: float = 10.0, **config):
         # no ASGI lifespan: `stop()` ends the server at once (force_exit), and uvicorn then cancels a
         # lifespan still waiting for its shutdown event and logs a CancelledError traceback for it
         config.setdefault("lifespan", "off")
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", **config)
         self.uvicorn = uvicorn.Server(self.config)
-        self.thread = threading.Thread(target=self.uvicorn.run, name=name, daemon=True)
-        self.host, self.port, self.grace_s = host, port, grace_s
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.host, self.port, self.grace_s, self.flag = host, port, grace_s, flag
+        self.sock = None
+
+    def _run(self) -> None:
+        self.uvicorn.run(sockets=[self.sock])
 
     @property
     def url(self) -> str:
@@ -31,13 +37,16 @@ class UvicornThread:
         return f"{'https' if self.config.ssl_certfile else 'http'}://{host}:{self.port}"
 
     def start(self):
+        """Bind the port (`port_taken` naming `flag` when it is in use), then serve on the thread."""
+        self.sock = bind_tcp(self.host, self.port, self.flag)
         self.thread.start()
         deadline = time.monotonic() + 15
         while not self.uvicorn.started and time.monotonic() < deadline and self.thread.is_alive():
             time.sleep(0.02)
         if not self.uvicorn.started:
+            self.sock.close()
             raise OSError(f"{self.thread.name} did not start on {self.config.host}:{self.config.port}")
-        self.port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
+        self.port = self.sock.getsockname()[1]
         return self
 
     def stop(self) -> None:

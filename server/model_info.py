@@ -8,7 +8,8 @@ import json
 import torch
 
 from draftfeed.client.encodings import supported_encodings
-from draftfeed.client.layers import default_eagle3_layer_ids
+from draftfeed.client.errors import InvalidArgument
+from draftfeed.client.layers import LAYER_IDS
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import dtype_name
 
@@ -40,10 +41,14 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 def build_model_info(model: torch.nn.Module, layout: TargetLayout, cfg: ServeConfig, fp: str) -> pb.ModelInfo:
     n = layout.num_layers
-    try:
-        eagle_default = default_eagle3_layer_ids(n)
-    except ValueError:
-        eagle_default = []
+    defaults = {}
+    for algorithm, (rule, _validate) in LAYER_IDS.items():
+        try:
+            defaults[algorithm] = rule(n)
+        except InvalidArgument:  # a shallow target: the rule would repeat a layer
+            defaults[algorithm] = []
+    if cfg.aux_layer_ids:
+        defaults["eagle3"] = list(cfg.aux_layer_ids)
     by_kind = supported_encodings()
     by_kind["final"] = by_kind["hidden"]  # the latent final-norm state takes the hidden-state codecs
     encodings = [f"{kind}/{name}" for kind, names in by_kind.items() for name in names]
@@ -62,7 +67,11 @@ def build_model_info(model: torch.nn.Module, layout: TargetLayout, cfg: ServeCon
         ),
         algorithms=list(ALGORITHMS),
         encodings=encodings,
-        eagle3_default_layer_ids=eagle_default,
+        eagle3_default_layer_ids=defaults["eagle3"],
+        eagle3_default_layer_ids_from_server=bool(cfg.aux_layer_ids),
+        dflash_default_layer_ids=defaults["dflash"],
+        dspark_default_layer_ids=defaults["dspark"],
+        session_ttl_s=cfg.session_ttl_s,
         server_version=SERVER_VERSION,
     )
     if layout.final_logit_softcapping is not None:

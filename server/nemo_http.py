@@ -6,6 +6,12 @@ Endpoints, the NMET blob (server/nemo_blob.py) and the reply dtypes are theirs. 
 - Each HTTP client gets its OWN EAGLE-3 session (the server's default aux layer ids, raw encodings) on
   the shared scheduler, so its requests batch with the gRPC jobs and its vocab mapping never reaches
   another client. `/disconnect` closes only that session; the server keeps serving.
+- Caps count per job (per peer host without a token file): at most `max_clients_per_job` clients
+  per job (a new one closes the job's least recently used idle client) and `max_clients` in all (a
+  job finding the server full makes room among its own clients, or gets 503); one job's clients
+  never close another job's.
+- A client's session expires like any other (`--session-ttl`), but their client never re-opens
+  one (it never calls /heartbeat), so its next request re-opens it from the vocab mapping it sent.
 - `/init_nccl` answers `disabled`, so clients stay on the HTTP path.
 - The server's access rules hold here as on the gRPC port: with a token file every endpoint but
   `/health` needs a job token, which an unchanged NeMo client sends when it is in the URL
@@ -118,20 +124,40 @@ _STATUS = (
 class _Client:
     key: str
     how: str  # how the client was identified, for messages
+    job: str  # the bucket its caps count in: "job:NAME" with tokens, else "host:PEER"
+    job_name: str  # its session's label
     session: Session
+    mapping: tuple[torch.Tensor, torch.Tensor]  # kept to re-open an expired session
     last_seen: float
 
 
 class NemoClients:
-    """Who each HTTP client is, and its own EAGLE-3 session (thread-safe)."""
+    """Who each HTTP client is, and its own EAGLE-3 session (thread-safe).
 
-    def __init__(self, server, keep_alive_s: float = 75.0, max_clients: int = 256):
+    Caps count per job (per peer host without a token file): a job holds at most
+    `max_clients_per_job` clients, and a new one past that closes the job's least recently used
+    idle client; the server holds at most `max_clients`, and a job that finds it full can only
+    make room among its own clients. One job's clients never close another job's."""
+
+    def __init__(
+        self, server, keep_alive_s: float = 75.0, max_clients: int = 256, max_clients_per_job: int = 64
+    ):
         self.server = server
         self.keep_alive_s = keep_alive_s
         self.max_clients = max_clients
+        self.max_clients_per_job = max_clients_per_job
+        self.reopened = 0
         self._clients: dict[str, _Client] = {}
         self._by_conn: dict[tuple, tuple[str, float]] = {}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def job_of(request: Request, caller: Caller | None) -> str:
+        """The bucket a client's caps count in: its job with tokens, else its peer host."""
+        if caller is not None and caller.job is not None:
+            return f"job:{caller.name}"
+        peer = request.scope.get("client")
+        return f"host:{peer[0] if peer else '?'}"
 
     def identify(self, request: Request, caller: Caller | None = None) -> tuple[str, str, str | None]:
         """(key, how it was identified, a cookie value to set or None); the key is scoped by the
@@ -172,44 +198,58 @@ class NemoClients:
         return f"cookie:{cid}", how, cid
 
     def session(self, key: str) -> Session | None:
+        """The client's live session; one that expired (--session-ttl) is re-opened from the client's
+        vocab mapping, since NeMo's client cannot re-open it (it never calls /heartbeat)."""
         with self._lock:
             c = self._clients.get(key)
             if c is None:
                 return None
-            if c.session.closed:  # closed elsewhere (server stopping, admin)
-                del self._clients[key]
-                return None
+            if c.session.closed:
+                if not self.server.ready:  # closed by the server stopping
+                    del self._clients[key]
+                    return None
+                c.session = self.server.sessions.open("eagle3", None, c.job_name, False, None, 1.0, c.mapping)
+                self.reopened += 1
+                log.info("NeMo HTTP client %s: its expired session re-opened as %s", c.how, c.session.id[:8])
             c.last_seen = time.monotonic()
-            c.session.last_seen = time.time()  # what /sessions and the status page show
+            c.session.last_seen = time.time()  # renews its lease; what /sessions and the status page show
             return c.session
 
     def set_mapping(
-        self, key: str, how: str, job_name: str, ids: torch.Tensor, mask: torch.Tensor
+        self, key: str, how: str, job: str, job_name: str, ids: torch.Tensor, mask: torch.Tensor
     ) -> Session:
-        """Set the client's vocab mapping, opening its session on first use."""
+        """Set the client's vocab mapping, opening its session on first use (`job`: its caps' bucket)."""
         with self._lock:
             c = self._clients.get(key)
             if c is not None and not c.session.closed:
                 self.server.sessions.set_mapping(c.session, ids, mask)
+                c.mapping = (ids, mask)
                 c.last_seen = time.monotonic()
                 c.session.last_seen = time.time()
                 return c.session
-            if len(self._clients) >= self.max_clients:
-                self._evict_locked()
+            if c is None:
+                self._make_room_locked(job)
             session = self.server.sessions.open("eagle3", None, job_name, False, None, 1.0, (ids, mask))
-            self._clients[key] = _Client(key, how, session, time.monotonic())
+            self._clients[key] = _Client(key, how, job, job_name, session, (ids, mask), time.monotonic())
             return session
 
-    def _evict_locked(self) -> None:
-        idle = [c for c in self._clients.values() if c.session.stats.in_flight == 0]
+    def _make_room_locked(self, job: str) -> None:
+        own = [c for c in self._clients.values() if c.job == job]
+        if len(own) < self.max_clients_per_job and len(self._clients) < self.max_clients:
+            return
+        idle = [c for c in own if c.session.stats.in_flight == 0]
         if not idle:
-            raise ResourceExhausted(
-                f"this server already serves {self.max_clients} NeMo HTTP clients, all busy; retry later"
+            if len(own) >= self.max_clients_per_job:
+                raise ResourceExhausted(
+                    f"this job already has {len(own)} NeMo HTTP clients on this server (the cap per job), all "
+                    "busy; retry later or disconnect clients it no longer uses"
+                )
+            raise Unavailable(
+                f"this server already serves {len(self._clients)} NeMo HTTP clients (its cap); retry later "
+                "or use another server"
             )
         old = min(idle, key=lambda c: c.last_seen)
-        log.warning(
-            "NeMo HTTP clients at the cap of %d: closing the least recent, %s", self.max_clients, old.how
-        )
+        log.warning("NeMo HTTP clients of %s at the cap: closing its least recently used, %s", job, old.how)
         del self._clients[old.key]
         self._close_session(old.session)
 
@@ -434,7 +474,8 @@ def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> 
         server.access.check_algorithm(caller, "eagle3")
         named = request.headers.get(CLIENT_HEADER)
         job = server.access.job_name(caller, named if named is not None else _job_name(request, key))
-        clients.set_mapping(key, how, job, blob["selected_token_ids"], blob["selected_token_mask"])
+        bucket = clients.job_of(request, caller)
+        clients.set_mapping(key, how, bucket, job, blob["selected_token_ids"], blob["selected_token_mask"])
         return ok()
 
     async def _init_nccl(request: Request):
@@ -572,13 +613,14 @@ class NemoHTTPServer(UvicornThread):
         *,
         keep_alive_s: float = 75.0,
         max_clients: int = 256,
+        max_clients_per_job: int = 64,
         queue_wait_s: float = 60.0,
         grace_s: float = 10.0,
     ):
-        self.clients = NemoClients(target_server, keep_alive_s, max_clients)
+        self.clients = NemoClients(target_server, keep_alive_s, max_clients, max_clients_per_job)
         self.app = build_nemo_app(target_server, self.clients, queue_wait_s)
         super().__init__(
-            self.app, host, port, name="draftfeed-nemo-http", grace_s=grace_s,
+            self.app, host, port, name="draftfeed-nemo-http", flag="--nemo-http-port", grace_s=grace_s,
             timeout_keep_alive=int(keep_alive_s), timeout_graceful_shutdown=int(grace_s),
             http=_ReasonH11Protocol,
         )  # fmt: skip

@@ -2,7 +2,8 @@
 
 Validation lives in server/checks.py, batching in server/scheduler.py, math in features/supervision,
 who-may-do-what in server/auth.py, session ids (and adoption across replicas) in server/directory.py,
-the optional TCP data plane for reply payloads in server/dataplane.py.
+the optional TCP data plane for reply payloads in server/dataplane.py, the per-job bound on open
+Generate/GenerateStream calls (each holds a worker thread) in server/admission.py.
 `_rpc` authenticates every call and maps draftfeed errors to `abort(code, message)` (a quota error
 also sends its retry hint as trailing metadata), and anything else to INTERNAL, logged with the RPC
 name, without stopping the server. While draining, new work gets UNAVAILABLE and open streams end
@@ -26,6 +27,7 @@ from draftfeed.client.errors import DraftfeedError, InvalidArgument, Unavailable
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import encode_error_reply, encode_reply, tensor_from_proto
 
+from .admission import CallSlots
 from .auth import AccessControl, Caller
 from .checks import Limits, check_generate_inputs
 from .dataplane import DataPlaneServer, reply_frames
@@ -79,6 +81,21 @@ def _rpc(fn):
     return unary
 
 
+def _slot(fn):
+    """Hold one of the caller's long-call slots (server/admission.py) while the call runs."""
+
+    @functools.wraps(fn)
+    def call(self, request, context, caller):
+        if caller.job is not None:
+            job, what = f"job:{caller.name}", f"job {caller.name!r}"
+        else:  # no token file: each client connection is its own job
+            job = what = f"client {context.peer()}"
+        with self.slots.hold(job, what):
+            yield from fn(self, request, context, caller)
+
+    return call
+
+
 def _opt(msg, name):
     return tensor_from_proto(getattr(msg, name), name) if msg.HasField(name) else None
 
@@ -99,6 +116,7 @@ class TargetServicer:
         access: AccessControl | None = None,
         gather=None,
         dataplane: DataPlaneServer | None = None,
+        slots: CallSlots | None = None,
     ):
         """`gather(getter) -> tensor`: a full host copy of `model.<getter>().weight` (the tensor-parallel
         group's gather when the weights are sharded). `dataplane`: offered to sessions that ask."""
@@ -110,6 +128,7 @@ class TargetServicer:
         self.chunk_bytes = chunk_bytes
         self.access = access or AccessControl()
         self.dataplane = dataplane
+        self.slots = slots or CallSlots(total=1 << 30, per_job=1 << 30)  # default: unbounded
         self.directory = SessionDirectory(sessions, self.access, self._open, scheduler.cancel_session)
         self.gather = gather or (lambda getter: getattr(model, getter)().weight.detach().cpu().contiguous())
         self.draining = False
@@ -239,12 +258,14 @@ class TargetServicer:
         )
 
     @_rpc
+    @_slot
     def Generate(self, request, context, caller):
         session, future = self._submit(request, caller, _spec(context))
         context.add_callback(future.cancel)
         yield from self._frames(request.request_id, session, future, request.data_plane, context)
 
     @_rpc
+    @_slot
     def GenerateStream(self, request_iterator, context, caller):
         """Requests are read and queued as they arrive (several in flight); replies go back in
         request order. A request that fails alone gets an error frame; the stream goes on. When

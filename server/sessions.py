@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -92,12 +92,24 @@ class Session:
 class SessionTable:
     """The live sessions of one server, by id (thread-safe)."""
 
-    def __init__(self, num_layers: int, vocab_size: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_layers: int,
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+        default_layer_ids: dict[str, list[int]] | None = None,
+    ):
+        """`default_layer_ids`: algorithm -> the ids a session that names none gets (the operator's
+        `--aux-layer-ids` for "eagle3"); algorithms not listed get their rule's default."""
         self.num_layers = num_layers
         self.vocab_size = vocab_size
         self.device = device
+        self.default_layer_ids = dict(default_layer_ids or {})
+        for algorithm, ids in self.default_layer_ids.items():
+            ALGORITHMS[algorithm](list(ids), num_layers, False, False)  # InvalidArgument when unusable
         self._sessions: dict[str, Session] = {}
         self.finished: deque[Session] = deque(maxlen=256)  # the latest closed sessions, for reports
+        self._expired: OrderedDict[str, float] = OrderedDict()  # id -> idle seconds, for NOT_FOUND messages
         self._lock = threading.Lock()
 
     def open(
@@ -119,7 +131,8 @@ class SessionTable:
         latent = enc["probs"] == "latent"
         if latent and algorithm != "eagle3":
             raise InvalidArgument("the 'latent' probs encoding is for EAGLE-3 sessions only")
-        features = build(list(layer_ids or []), self.num_layers, capture_logits, latent)
+        ids = list(layer_ids or []) or list(self.default_layer_ids.get(algorithm, []))
+        features = build(ids, self.num_layers, capture_logits, latent)
         session = Session(uuid.uuid4().hex, job_name or "anonymous", algorithm, features, enc, weight)
         if mapping is not None:
             self.set_mapping(session, *mapping)
@@ -149,27 +162,53 @@ class SessionTable:
         with self._lock:
             session = self._sessions.get(session_id)
         if session is None:
+            with self._lock:
+                idle = self._expired.get(session_id)
+            if idle is not None:
+                raise NotFound(
+                    f"session {session_id!r} expired: no request for {idle:.0f} s (the server's --session-ttl); "
+                    "open a new session (the draftfeed client re-opens it by itself)"
+                )
             raise NotFound(
                 f"unknown session {session_id!r}: the server restarted or the session was closed; open a new session"
             )
-        session.last_seen = time.time()
+        session.last_seen = time.time()  # renews its lease
         return session
+
+    def expire(self, ttl_s: float, now: float | None = None) -> list[Session]:
+        """Close the sessions whose last request is over `ttl_s` seconds old and that have none in
+        flight; returns them (the caller frees what else they hold: queues, data-plane sockets)."""
+        now = time.time() if now is None else now
+        with self._lock:  # checked and removed at once: a call that finds it after this gets NOT_FOUND
+            due = [s for s in self._sessions.values() if now - s.last_seen > ttl_s and s.stats.in_flight == 0]
+            for s in due:
+                del self._sessions[s.id]
+                self._expired[s.id] = now - s.last_seen
+            while len(self._expired) > 4096:
+                self._expired.popitem(last=False)
+        for s in due:
+            self._finish(s, f"expired after {now - s.last_seen:.0f} s without a request")
+        return due
 
     def close(self, session_id: str) -> Session:
         with self._lock:
             session = self._sessions.pop(session_id, None)
         if session is None:
             raise NotFound(f"unknown session {session_id!r}: already closed or never opened")
+        self._finish(session, "closed")
+        return session
+
+    def _finish(self, session: Session, why: str) -> None:
         session.closed = True
         self.finished.append(session)
         log.info(
-            "session closed: %s job=%s tokens=%d requests=%d",
-            session_id[:8],
+            "session %s: %s job=%s tokens=%d requests=%d",
+            why,
+            session.id[:8],
             session.job_name,
             session.stats.tokens,
             session.stats.requests,
         )
-        return session
 
     def list(self) -> list[Session]:
         with self._lock:

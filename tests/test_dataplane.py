@@ -476,35 +476,38 @@ def test_cancelling_a_stream_cancels_its_queued_requests(model, caplog):
         srv.stop(grace=0)
 
 
-def test_idle_connections_cannot_pile_up(caplog):
-    """Connections that never send a ticket hold at most `max_handshakes` slots; more are closed at
-    once, and a slot frees when its connection goes."""
+def test_idle_connections_cannot_keep_new_binds_out(caplog):
+    """64 connections that never send a ticket (the issue's attack, from the client's own host) hold
+    no more than `max_handshakes_per_peer` waiting slots: each new connection past the bound closes
+    the oldest waiting one of its peer host, so a real client still binds at once; another peer
+    host's waiting connections are not touched."""
     from types import SimpleNamespace
 
     from draftfeed.server.dataplane import DataPlaneServer
 
     caplog.set_level(logging.WARNING, logger="draftfeed.dataplane")
-    plane = DataPlaneServer("127.0.0.1", 0, max_handshakes=2, handshake_timeout_s=30)
-    idle = [socket.create_connection(("127.0.0.1", plane.port), timeout=5) for _ in range(2)]
+    plane = DataPlaneServer("127.0.0.1", 0, handshake_timeout_s=30)  # 64 in all, 8 per peer host
+    other = [
+        socket.create_connection(("127.0.0.1", plane.port), timeout=5, source_address=("127.0.0.2", 0))
+        for _ in range(4)
+    ]
+    idle = [socket.create_connection(("127.0.0.1", plane.port), timeout=5) for _ in range(64)]
     try:
-        with socket.create_connection(("127.0.0.1", plane.port), timeout=5) as third:
-            assert third.recv(1) == b""  # closed without waiting for a ticket
-        assert "too many connections waiting" in caplog.text
-        for sock in idle:
-            sock.close()
+        for sock in idle[:56]:  # closed once 8 newer ones of the same host wait
+            assert sock.recv(1) == b""
         session = SimpleNamespace(id="s" * 32, closed=False)
-        deadline = time.monotonic() + 10
-        while True:  # the idle connections' slots free once the server sees them go
-            try:
-                client = DataPlaneClient("127.0.0.1", plane.port, plane.issue(session))
-                break
-            except (ConnectionError, OSError):
-                assert time.monotonic() < deadline, "slots never freed"
-                time.sleep(0.05)
+        client = DataPlaneClient("127.0.0.1", plane.port, plane.issue(session))  # binds at once
         assert plane.connected(session.id)
+        assert idle[56].recv(1) == b""  # the oldest waiting one of its host made room
+        for sock in other:  # the other host's connections still wait for their ticket
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+        assert plane.evicted == 57
+        assert "sent no ticket" in caplog.text
         client.close()
     finally:
-        for sock in idle:
+        for sock in idle + other:
             sock.close()
         plane.close()
 

@@ -90,9 +90,11 @@ def test_config_from_target_and_validation(target):
     )
     assert capped.final_logit_softcapping == 30.0
     with pytest.raises(ValueError, match="block_size"):
-        DFlashConfig.from_target_config(target.config, block_size=1)
+        DFlashConfig.from_target_config(target.config, target_layer_ids=LAYERS, block_size=1)
     with pytest.raises(ValueError, match="mask_token_id"):
-        DFlashConfig.from_target_config(target.config, mask_token_id=48)
+        DFlashConfig.from_target_config(target.config, target_layer_ids=LAYERS, mask_token_id=48)
+    with pytest.raises(ValueError, match=r"\[1, 1, 2, 2, 2\] are not 5 distinct"):  # 5 layers, N = 5
+        DFlashConfig.from_target_config(target.config)
     with pytest.raises(ValueError, match="out of range"):
         DFlashConfig.from_target_config(target.config, target_layer_ids=[5])
     with pytest.raises(ValueError, match="markov_rank"):

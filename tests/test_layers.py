@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import warnings
 
+import grpc
 import pytest
+import requests
+import torch
+from test_backends import inputs, mapping
+from test_nemo_http import Client, pack
+from transformers import AutoModelForCausalLM
 
+from conftest import tiny_config
 from draftfeed.client.errors import InvalidArgument
 from draftfeed.client.layers import (
     default_dflash_layer_ids,
@@ -15,6 +22,12 @@ from draftfeed.client.layers import (
     validate_dspark_layer_ids,
     validate_eagle3_layer_ids,
 )
+from draftfeed.client.pb import draftfeed_pb2 as pb
+from draftfeed.client.wire import TargetStub
+from draftfeed.server import cli
+from draftfeed.server.app import TargetServer
+from draftfeed.server.backends import HFEagle3TargetModel
+from draftfeed.server.config import ServeConfig
 
 
 @pytest.mark.parametrize("n", [8, 16, 28, 30, 36, 64])
@@ -85,3 +98,91 @@ def test_dspark_rules():
         InvalidArgument, match=r"must not be empty; pass strictly increasing ids from -1 and 0..7"
     ):
         validate_dspark_layer_ids([], 8)
+
+
+# ---- shallow targets (4 and 6 decoder layers): never a repeated layer, a clear error or the server's default ----
+
+
+def test_defaults_never_repeat_a_layer():
+    with pytest.raises(InvalidArgument, match=r"\[1, 2, 2\] are not 3 distinct.*--aux-layer-ids"):
+        default_eagle3_layer_ids(6)
+    assert default_eagle3_layer_ids(7) == [1, 2, 3]
+    with pytest.raises(InvalidArgument, match=r"\[1, 2, 2, 2, 3\] are not 5 distinct.*fewer target layers"):
+        default_dflash_layer_ids(6)
+    with pytest.raises(InvalidArgument, match="not 5 distinct"):
+        default_dflash_layer_ids(4)
+    assert default_dflash_layer_ids(4, 1) == [2]
+    for n in (4, 6):
+        ids = default_dspark_layer_ids(n)
+        assert len(set(ids)) == len(ids)
+    with pytest.raises(InvalidArgument, match=r"distinct, got \[0, 0, 0\] \(id 0 repeats\)"):
+        validate_dflash_layer_ids([0] * 3, 8)
+    with pytest.raises(InvalidArgument, match="distinct"):
+        validate_dflash_layer_ids([0] * 2000, 8)
+
+
+def _shallow(n: int):
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = n
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def test_shallow_targets_on_a_server():
+    """6 layers: model info lists no EAGLE-3 / DFlash default, a session naming no ids gets a clear
+    INVALID_ARGUMENT, duplicate ids are refused. 4 layers with `--aux-layer-ids`: the default is the
+    operator's, reported in model info, and a NeMo client (which cannot choose) is served with it."""
+    six = TargetServer(ServeConfig(port=0, data_port=None, nemo_http_port=0), model=_shallow(6)).start()
+    try:
+        with grpc.insecure_channel(six.url.removeprefix("grpc://")) as ch:
+            stub = TargetStub(ch)
+            info = stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert list(info.eagle3_default_layer_ids) == [] and list(info.dflash_default_layer_ids) == []
+            assert not info.eagle3_default_layer_ids_from_server and list(info.dspark_default_layer_ids)
+            for algorithm, ids in (
+                ("eagle3", []),
+                ("dflash", []),
+                ("dflash", [0, 0, 0]),
+                ("eagle3", [1, 2, 2]),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.OpenSession(pb.OpenSessionRequest(algorithm=algorithm, layer_ids=ids))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "distinct" in err.value.details(), err.value.details()
+            ok = stub.OpenSession(pb.OpenSessionRequest(algorithm="eagle3", layer_ids=[1, 3, 5]))
+            assert list(ok.layer_ids) == [1, 3, 5]
+        nemo = Client(six.nemo_http.url)  # NeMo's client cannot choose: a clear 400 naming the flag
+        assert nemo.post("model_info").json()["aux_layer_ids"] == []
+        ids, mask = mapping(160)
+        r = nemo.post("set_vocab_mapping", pack({"selected_token_ids": ids, "selected_token_mask": mask}))
+        assert r.status_code == 400 and "--aux-layer-ids" in r.json()["detail"]
+    finally:
+        six.stop(grace=0)
+
+    model = _shallow(4)
+    cfg = ServeConfig(port=0, data_port=None, aux_layer_ids=[0, 2, 3], nemo_http_port=0)
+    four = TargetServer(cfg, model=model).start()
+    try:
+        with grpc.insecure_channel(four.url.removeprefix("grpc://")) as ch:
+            info = TargetStub(ch).GetModelInfo(pb.GetModelInfoRequest())
+        assert list(info.eagle3_default_layer_ids) == [0, 2, 3] and info.eagle3_default_layer_ids_from_server
+        c = Client(four.nemo_http.url)
+        assert c.post("model_info").json()["aux_layer_ids"] == [0, 2, 3]
+        sel_mask = mapping(160)
+        c.set_vocab_mapping(*sel_mask)
+        got = c.generate(*inputs())
+        local = HFEagle3TargetModel(model, [0, 2, 3])
+        local.set_vocab_mapping(*sel_mask)
+        want = local.generate_batch(*inputs())
+        assert torch.equal(got["aux_hidden_states"], want.aux_hidden_states)
+        assert requests.get(f"{four.nemo_http.url}/health", timeout=5).ok
+    finally:
+        four.stop(grace=0)
+
+
+@pytest.mark.parametrize("ids", ["1,1,2", "0,2,9", "0,1"])
+def test_a_bad_aux_layer_ids_flag_is_refused_at_start(tiny_dirs, ids, capsys):
+    argv = ["serve", "--model", tiny_dirs("llama"), "--device", "cpu", "--port", "0", "--aux-layer-ids", ids]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--aux-layer-ids {ids}" in err and "Traceback" not in err

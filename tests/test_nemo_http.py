@@ -730,3 +730,40 @@ def test_a_clean_stop_of_the_nemo_and_admin_ports_logs_no_traceback(model, caplo
     assert "CancelledError" not in caplog.text and not [r for r in caplog.records if r.exc_info], caplog.text
     err = capfd.readouterr().err
     assert "Traceback" not in err and "CancelledError" not in err, err
+
+
+def test_client_caps_and_eviction_stay_within_one_job(token_server, model):
+    """One job opening many clients closes only its own least recent ones; another job's client
+    survives and keeps its answers (the issue: 256 clients of one job evicted another job's)."""
+    target, _ = token_server
+    nemo = NemoHTTPServer(target, "127.0.0.1", 0, max_clients=5, max_clients_per_job=3).start()
+    try:
+        url_a = with_userinfo(nemo.url, f"nemo-a:{TOKENS['nemo-a']}")
+        url_b = with_userinfo(nemo.url, f"nemo-b:{TOKENS['nemo-b']}")
+        maps = {"a": mapping(160, vd=40, seed=7), "b": mapping(160, vd=24, seed=8)}
+        b = Client(url_b)
+        b.set_vocab_mapping(*maps["b"])
+        flood = [Client(url_a) for _ in range(12)]  # more than the job's cap and the server's
+        for c in flood:
+            c.set_vocab_mapping(*maps["a"])
+        assert_exact(b.generate(*inputs()), expected(model, maps["b"], inputs()))  # b's session survived
+        assert_exact(flood[-1].generate(*inputs()), expected(model, maps["a"], inputs()))
+        assert flood[0].post("generate", gen_blob(*inputs())).status_code == 409  # a's oldest went
+        jobs = [s.job_name for s in target.sessions.list()]
+        assert jobs.count("nemo-a") == 3 and jobs.count("nemo-b") == 1
+        # the server is full (5): a job makes room among its own clients, never another job's
+        b2, b3 = Client(url_b), Client(url_b)
+        b2.set_vocab_mapping(*maps["b"])  # the 5th
+        b3.set_vocab_mapping(*maps["b"])  # closes job b's least recent client, b
+        assert b.post("generate", gen_blob(*inputs())).status_code == 409
+        slow = Client(with_userinfo(nemo.url, f"slow:{TOKENS['slow']}"))
+        r = slow.post(
+            "set_vocab_mapping",
+            pack({"selected_token_ids": maps["b"][0], "selected_token_mask": maps["b"][1]}),
+        )
+        assert r.status_code == 503 and "cap" in r.json()["detail"]  # a job with no client here: no room
+        assert [s.job_name for s in target.sessions.list()].count("nemo-a") == 3
+        for c in (b2, b3, *flood):
+            c.post("disconnect", b"{}")
+    finally:
+        nemo.stop()

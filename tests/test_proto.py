@@ -127,7 +127,7 @@ def test_a_changed_proto_is_detected(tmp_path, monkeypatch):
     source = (gen.PROTO_ROOT / gen.PROTO_FILE).read_text()
     edits = [
         source.replace(
-            "  string server_version = 12;\n", "  string server_version = 12;\n  uint32 extra = 13;\n"
+            "  string server_version = 12;\n", "  string server_version = 12;\n  uint32 extra = 9999;\n"
         ),
         source.replace(
             "  rpc CloseSession(", "  rpc Ping(GetModelInfoRequest) returns (ModelInfo);\n  rpc CloseSession("
