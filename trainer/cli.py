@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from .algorithms import ALGORITHMS
 from .config import (
@@ -40,10 +41,23 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run_train(args) -> int:
+    from .signals import StopSignals, TrainingInterrupted, exit_code, resume_command
     from .train import run_training
 
     cfg = train_config_from_args(args)
-    result = run_training(cfg)
+    try:
+        with StopSignals():  # while building; the loop installs its own (checkpoint first)
+            result = run_training(cfg)
+    except TrainingInterrupted as err:
+        if cfg.dist.rank == 0:
+            where = f"at step {err.step}" if err.step is not None else "before training started"
+            saved = f"checkpoint: {err.checkpoint}" if err.checkpoint else "no checkpoint yet"
+            print(
+                f"draftfeed: {err.name} {where}; {saved}; session closed. Resume with:\n"
+                f"  {resume_command(sys.argv[1:])}",
+                file=sys.stderr,
+            )
+        return exit_code(err.signum)
     if cfg.dist.rank == 0:
         print(
             f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; out: {cfg.out_dir}"

@@ -359,7 +359,11 @@ class LoopConfig:
     progress: str = flag(
         "--progress", "progress bar on stderr: auto (when it is a terminal), on, off", "auto"
     )
-    save_every: int = flag("--save-every", "optimizer steps between checkpoints (0: only at the end)", 0)
+    save_every: int = flag(
+        "--save-every",
+        "optimizer steps between checkpoints (0: only at the end; SIGINT / SIGTERM also save one)",
+        500,
+    )
     keep_checkpoints: int = flag("--keep-checkpoints", "checkpoints kept on disk", 2)
     resume: str | None = flag("--resume", "a checkpoint directory, or 'auto' (the latest in OUT)", None)
     export: bool = flag("--export", "write the SGLang/vLLM draft to OUT/export at the end", True)

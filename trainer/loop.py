@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .algorithms import DistContext, DraftAlgorithm
 from .config import DistConfig, TrainConfig, config_to_dict
 from .progress import ProgressBar, progress_enabled
+from .signals import StopSignals, TrainingInterrupted
 
 __all__ = [
     "lr_lambda",
@@ -367,7 +368,11 @@ class Trainer:
         start = window_start = time.perf_counter()
         window, window_tokens, window_wait = [], 0, 0.0
         accum = cfg.optim.grad_accum
+        stop = StopSignals()
+        committed = self.data_state  # the data position of the last optimizer step
+        saved = self.step if latest_checkpoint(self.out_dir) else None  # a step whose checkpoint exists
         try:
+            stop.__enter__()
             while self.step < self.total_steps:
                 sums: dict[str, float] = {}
                 done = step_tokens = 0
@@ -392,10 +397,19 @@ class Trainer:
                 if done < accum:  # the data ended inside an optimizer step: drop the partial step
                     self.optimizer.zero_grad(set_to_none=True)
                     break
-                entry = {"step": self.step + 1, **sums, **self._optimizer_step()}
-                self.step += 1
-                result.steps += 1
-                result.history.append(entry)
+                with stop.deferred():  # a signal here is raised after the step (and its checkpoint)
+                    entry = {"step": self.step + 1, **sums, **self._optimizer_step()}
+                    self.step += 1
+                    committed = self.data_state
+                    result.steps += 1
+                    result.history.append(entry)
+                    if (
+                        cfg.loop.save_every
+                        and self.step % cfg.loop.save_every == 0
+                        and self.step < self.total_steps
+                    ):
+                        self.save_checkpoint()
+                        saved = self.step
                 window.append({k: v for k, v in entry.items() if k != "step"})
                 if self._bar is not None:  # rank 0's tokens x ranks (equal shards); metrics.jsonl has the sum
                     self._bar.update(self.step, step_tokens * self.dist.world_size, entry)
@@ -403,20 +417,26 @@ class Trainer:
                     now = time.perf_counter()
                     self._log(window, now - window_start, window_tokens, window_wait)
                     window, window_tokens, window_wait, window_start = [], 0, 0.0, now
-                if (
-                    cfg.loop.save_every
-                    and self.step % cfg.loop.save_every == 0
-                    and self.step < self.total_steps
-                ):
-                    self.save_checkpoint()
                 if cfg.loop.time_limit is not None and self._time_is_up(start):
                     if window:
                         self._log(window, time.perf_counter() - window_start, window_tokens, window_wait)
                     self._say(f"time limit of {cfg.loop.time_limit:.0f} s reached at step {self.step}")
                     break
             if result.steps:
-                self.save_checkpoint()
+                with stop.deferred():
+                    self.save_checkpoint()
+        except TrainingInterrupted as err:
+            stop.hold()  # a second signal does not cut the save
+            err.step = self.step
+            self.data_state = committed  # batches of an unfinished step are trained again on resume
+            if saved != self.step and self.step > 0 and self.dist.world_size == 1:
+                self._say(f"{err.name}: saving a checkpoint of step {self.step} ...")
+                err.checkpoint = self.save_checkpoint()
+            else:  # nothing new, or several ranks (the periodic checkpoint is the latest)
+                err.checkpoint = latest_checkpoint(self.out_dir)
+            raise
         finally:
+            stop.__exit__(None, None, None)
             for _, future in pending:
                 future.cancel()
             self._close_logs()
