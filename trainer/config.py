@@ -534,8 +534,9 @@ def _list_parser(item):
     return parse
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    """One option per field that names a flag (nested sections recursively); dest = dotted path.
+def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", only: set[str] | None = None) -> None:
+    """One option per field that names a flag (nested sections recursively); dest = dotted path;
+    `only`: just the fields of these dotted paths.
 
     Defaults are SUPPRESS, so the namespace holds only the flags the user gave."""
     hints = _hints(cls)
@@ -543,10 +544,10 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
         tp = hints[f.name]
         path = f"{prefix}{f.name}"
         if _is_section(tp):
-            add_flags(parser, tp, path + ".")
+            add_flags(parser, tp, path + ".", only)
             continue
         name = f.metadata.get("flag")
-        if not name:
+        if not name or (only is not None and path not in only):
             continue
         help_text = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING and f.default is not None:
