@@ -27,7 +27,7 @@ from draftfeed.server.auth import load_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-SERVER_ONLY = ("fastapi", "uvicorn", "gguf", "grpc_health", "grpc_reflection")
+SERVER_ONLY = ("fastapi", "uvicorn", "gguf", "grpc_health", "grpc_reflection", "prometheus_client")
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
@@ -84,7 +84,14 @@ def test_trainer_requirements_are_pyproject_minus_the_server():
     deps = {name(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     lines = (DOCKER / "trainer-requirements.txt").read_text().splitlines()
     reqs = {name(ln) for ln in lines if ln.strip() and not ln.startswith("#")}
-    server_only = {"fastapi", "uvicorn", "gguf", "grpcio-health-checking", "grpcio-reflection"}
+    server_only = {
+        "fastapi",
+        "uvicorn",
+        "gguf",
+        "grpcio-health-checking",
+        "grpcio-reflection",
+        "prometheus-client",
+    }
     assert reqs == deps - server_only - {"torch"}
 
 
