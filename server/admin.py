@@ -18,13 +18,14 @@ from draftfeed.client.errors import PermissionDenied
 
 from .http_thread import UvicornThread, http_peer
 from .prometheus import CONTENT_TYPE, prometheus_text
-from .status import StatusHistory, status_json, status_page, status_page_csp
+from .status import StatusHistory, nemo_session_ids, status_json, status_page, status_page_csp, transport
 
 __all__ = ["build_admin_app", "AdminServer", "prometheus_text", "sessions_json"]
 
 
 def sessions_json(server) -> list[dict]:
     out = []
+    nemo_ids = nemo_session_ids(server)
     for s in server.sessions.list():
         st = s.stats
         out.append(
@@ -34,6 +35,9 @@ def sessions_json(server) -> list[dict]:
                 "algorithm": s.algorithm,
                 "layer_ids": s.layer_ids,
                 "encodings": s.encodings,
+                "transport": transport(server, s, nemo_ids),
+                "trainer_step": st.trainer_step,
+                "trainer_loss": st.trainer_loss,
                 "weight": s.weight,
                 "requests": st.requests,
                 "tokens": st.tokens,

@@ -410,6 +410,9 @@ class Trainer:
                     ):
                         self.save_checkpoint()
                         saved = self.step
+                report = getattr(self.backend, "report_progress", None)  # for the server's status page
+                if report is not None:
+                    report(self.step, entry.get("loss"))
                 window.append({k: v for k, v in entry.items() if k != "step"})
                 if self._bar is not None:  # rank 0's tokens x ranks (equal shards); metrics.jsonl has the sum
                     self._bar.update(self.step, step_tokens * self.dist.world_size, entry)
