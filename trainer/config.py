@@ -478,9 +478,13 @@ class EvalConfig:
         "--untrained", "measure the draft with re-initialised weights (the baseline)", False
     )
     out: str | None = flag("--out", "also write the results as JSON here", None)
+    progress: str = flag("--progress", "progress bar on stderr: auto (when it is a terminal), on, off", "auto")
 
     def __post_init__(self):
         _check(bool(self.draft), "--draft DIR is required")
+        _check(
+            self.progress in ("auto", "on", "off"), f"--progress {self.progress!r}: expected auto, on or off"
+        )
         _check(Path(self.draft).expanduser().is_dir(), f"--draft {self.draft!r}: no such directory")
         _check(self.num_draft_tokens >= 1, f"--num-draft-tokens {self.num_draft_tokens} must be >= 1")
         _check(

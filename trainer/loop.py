@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .algorithms import DistContext, DraftAlgorithm
 from .config import DistConfig, TrainConfig, config_to_dict
-from .progress import ProgressBar, progress_enabled
+from .progress import ProgressBar, format_duration, progress_enabled
 from .signals import StopSignals, TrainingInterrupted
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
 
 CHECKPOINT_DIR = "checkpoints"
 _COMPLETE = "complete"
+CPU_ETA_WARN_S = 600.0  # on a CPU, warn after the first step when the run would take longer than this
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float):
@@ -328,6 +329,24 @@ class Trainer:
         else:
             print(msg, file=sys.stderr, flush=True)
 
+    def _warn_if_slow_on_cpu(self, first_step_s: float) -> None:
+        """The defaults are sized for a GPU: on a CPU say how long the run will take, and what to shrink."""
+        eta = first_step_s * (self.total_steps - self.step)
+        if self.device.type != "cpu" or eta < CPU_ETA_WARN_S:
+            return
+        d = self.cfg.data
+        shrink = (
+            f"--seq-len {d.seq_len}, --batch-size {d.batch_size}, --grad-accum {self.cfg.optim.grad_accum}"
+        )
+        if self.cfg.algorithm in ("dflash", "dspark"):
+            b = self.cfg.block
+            shrink += f", --num-anchors {b.num_anchors}, --draft-layers {b.num_layers}"
+        self._say(
+            f"warning: training on the CPU: step {self.step} took {first_step_s:.0f} s, so the "
+            f"{self.total_steps - self.step} steps left need about {format_duration(eta)} (eta). The defaults "
+            f"are sized for a GPU: use --device cuda, or shrink {shrink}, or pass fewer --steps"
+        )
+
     def _optimizer_step(self) -> dict[str, float]:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
@@ -410,6 +429,8 @@ class Trainer:
                     ):
                         self.save_checkpoint()
                         saved = self.step
+                if result.steps == 1:
+                    self._warn_if_slow_on_cpu(time.perf_counter() - start)
                 report = getattr(self.backend, "report_progress", None)  # for the server's status page
                 if report is not None:
                     report(self.step, entry.get("loss"))
