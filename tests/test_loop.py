@@ -287,6 +287,26 @@ def test_progress_bar_shows_loss_accuracy_and_throughput(tmp_path, target_dir, d
         make_cfg(tmp_path / "q", target_dir, data_file, loop={"progress": "maybe"})
 
 
+def test_the_loop_reports_its_step_and_loss_to_the_server(
+    tmp_path, target_dir, data_file, server, monkeypatch
+):
+    """After each optimizer step the remote backend is told the step and its loss (the status page's)."""
+    from draftfeed.client.remote import _RemoteTarget
+
+    seen = []
+    original = _RemoteTarget.report_progress
+
+    def spy(self, step, loss=None):
+        seen.append((step, loss))
+        original(self, step, loss)
+
+    monkeypatch.setattr(_RemoteTarget, "report_progress", spy)
+    result = run_training(
+        make_cfg(tmp_path / "o", target_dir, data_file, target={"url": [server.url]}, loop={"steps": 2})
+    )
+    assert seen == [(h["step"], h["loss"]) for h in result.history] and len(seen) == 2
+
+
 def test_cpu_run_warns_with_its_eta(tmp_path, target_dir, data_file, capsys, monkeypatch):
     """On a CPU, a run whose first step says it will be long gets a warning with the eta and what to shrink."""
     import draftfeed.trainer.loop as loop

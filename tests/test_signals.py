@@ -13,7 +13,7 @@ import sys
 import threading
 
 import pytest
-from test_loop import data_file, target_dir  # noqa: F401 - fixtures
+from test_loop import data_file, server, target_dir  # noqa: F401 - fixtures
 
 from draftfeed.trainer.config import LoopConfig
 from draftfeed.trainer.signals import StopSignals, TrainingInterrupted, exit_code, resume_command
@@ -58,16 +58,21 @@ def _train(target, data, out, steps, *extra):
     cmd = [
         sys.executable, "-m", "draftfeed.server.cli", "train", "eagle3", "--target-model", target,
         "--data", data, "--out", str(out), "--steps", str(steps), "--seq-len", "48", "--batch-size", "2",
-        "--device", "cpu", "--no-export", "--log-every", "1", "--save-every", "0", "--progress", "off", *extra,
+        "--device", "cpu", "--no-export", "--log-every", "1", "--save-every", "0", "--progress", "off",
+        "--draft-vocab-size", "64", *extra,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_checkpoints_and_resume_continues(tmp_path, target_dir, data_file, sig):  # noqa: F811
+def test_signal_checkpoints_and_resume_continues(tmp_path, target_dir, data_file, server, sig):  # noqa: F811
+    """SIGINT against an in-process target; SIGTERM against a server, whose session of the job is closed
+    by the time the process exits, then resumed."""
     out = tmp_path / "run"
-    proc = _train(target_dir, data_file, out, 100_000)
+    job = f"signal-{sig}"
+    remote = ["--target", server.url, "--job-name", job] if sig == signal.SIGTERM else []
+    proc = _train(target_dir, data_file, out, 100_000, *remote)
     lines = []
     try:
         for line in proc.stderr:  # wait for the event: two optimizer steps logged
@@ -92,8 +97,9 @@ def test_signal_checkpoints_and_resume_continues(tmp_path, target_dir, data_file
     assert "session closed. Resume with:" in err and "--resume auto" in err
     if sig != signal.SIGTERM:
         return
+    assert not [x for x in server.sessions.list() if x.job_name == job], "the job's session is still open"
     # resume from it: the run continues at the next step
-    proc = _train(target_dir, data_file, out, step + 1, "--resume", "auto")
+    proc = _train(target_dir, data_file, out, step + 1, *remote, "--resume", "auto")
     _, err2 = proc.communicate(timeout=180)
     assert proc.returncode == 0, err2[-3000:]
     assert f"resumed from {ckpt} at step {step}/{step + 1}" in err2
