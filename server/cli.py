@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except DraftfeedError as err:
         print(f"draftfeed: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where a command has no handler of its own (train has one)
+        print("draftfeed: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

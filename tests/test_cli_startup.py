@@ -73,3 +73,15 @@ def test_regenerate_help_lists_only_its_flags():
     unused = {"--target", "--layer-ids", "--job-name", "--seq-len", "--batch-size", "--pack", "--regenerate"}
     assert not flags & unused, flags & unused
     assert "--layer-ids" not in sub.format_help()
+
+
+def test_ctrl_c_in_any_command_exits_130_without_a_traceback(monkeypatch, capsys):
+    import draftfeed.client.channel as channel
+    from draftfeed.server.cli import main
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(channel, "check_health", interrupted)
+    assert main(["health", "--target", "grpc://127.0.0.1:1"]) == 130
+    assert capsys.readouterr().err.strip() == "draftfeed: interrupted"
