@@ -221,6 +221,18 @@ def _wait_healthy(server, server_env, timeout=120):
     assert healthy is not None and healthy.returncode == 0 and healthy.stdout.strip() == "SERVING"
 
 
+def wait_logged(log_path, needle: str, proc, timeout: float = 60.0) -> str:
+    """The log's text once it holds `needle` (the server writes its banner after it is healthy, and a
+    health check that needs no torch answers first)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = Path(log_path).read_text()
+        if needle in text or proc.poll() is not None:
+            return text
+        time.sleep(0.1)
+    return Path(log_path).read_text()
+
+
 def test_entrypoints_run_the_compose_jobs(tmp_path, default_target):
     """What docker/compose.yaml runs, through the entrypoint scripts and compose's own environment: the
     server with the token file of docker/make-tokens.sh and a fixed data port, healthy by the image's
@@ -253,7 +265,7 @@ def test_entrypoints_run_the_compose_jobs(tmp_path, default_target):
     trainers = {}
     try:
         _wait_healthy(server, server_env)
-        banner = log_path.read_text()
+        banner = wait_logged(log_path, "draftfeed: serving on", server)
         assert "token auth on (2 jobs)" in banner and f"data plane on port {data_port}" in banner, banner
         python = _trainer_python(tmp_path)
         data = _chat_rows(tmp_path / "train.jsonl")

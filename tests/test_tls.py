@@ -226,7 +226,7 @@ def test_entrypoints_with_mutual_tls(tmp_path, tiny_dirs, pki):
     import subprocess
     import sys
 
-    from test_docker import DOCKER, _free_port, _wait_healthy, start_serve_entrypoint
+    from test_docker import DOCKER, _free_port, _wait_healthy, start_serve_entrypoint, wait_logged
 
     port, data_port, admin_port = _free_port(), _free_port(), _free_port()
     server_env = dict(
@@ -254,7 +254,7 @@ def test_entrypoints_with_mutual_tls(tmp_path, tiny_dirs, pki):
     server = start_serve_entrypoint(server_env, log_path)
     try:
         _wait_healthy(server, probe_env)
-        assert "(mutual TLS)" in log_path.read_text()
+        assert "(mutual TLS)" in wait_logged(log_path, "(mutual TLS)", server)
         no_cert = {k: v for k, v in probe_env.items() if not k.startswith("DRAFTFEED_HEALTH_CLIENT")}
         refused = subprocess.run(
             [str(DOCKER / "healthcheck.sh")], env=no_cert, capture_output=True, text=True
