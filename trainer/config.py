@@ -478,7 +478,9 @@ class EvalConfig:
         "--untrained", "measure the draft with re-initialised weights (the baseline)", False
     )
     out: str | None = flag("--out", "also write the results as JSON here", None)
-    progress: str = flag("--progress", "progress bar on stderr: auto (when it is a terminal), on, off", "auto")
+    progress: str = flag(
+        "--progress", "progress bar on stderr: auto (when it is a terminal), on, off", "auto"
+    )
 
     def __post_init__(self):
         _check(bool(self.draft), "--draft DIR is required")
