@@ -388,7 +388,9 @@ class Trainer:
         window, window_tokens, window_wait = [], 0, 0.0
         accum = cfg.optim.grad_accum
         stop = StopSignals()
-        committed = self.data_state  # the data position of the last optimizer step
+        # what a checkpoint of the last finished optimizer step holds beyond the weights: the data position,
+        # the RNG states and the algorithm's (anchor draws of a step cut by a signal are drawn again)
+        committed = (self.data_state, _rng_state(), self.algorithm.state_dict())
         saved = self.step if latest_checkpoint(self.out_dir) else None  # a step whose checkpoint exists
         try:
             stop.__enter__()
@@ -419,7 +421,7 @@ class Trainer:
                 with stop.deferred():  # a signal here is raised after the step (and its checkpoint)
                     entry = {"step": self.step + 1, **sums, **self._optimizer_step()}
                     self.step += 1
-                    committed = self.data_state
+                    committed = (self.data_state, _rng_state(), self.algorithm.state_dict())
                     result.steps += 1
                     result.history.append(entry)
                     if (
@@ -452,7 +454,10 @@ class Trainer:
         except TrainingInterrupted as err:
             stop.hold()  # a second signal does not cut the save
             err.step = self.step
-            self.data_state = committed  # batches of an unfinished step are trained again on resume
+            # the state after the last finished step: its batches and draws come again on resume
+            self.data_state, rng, algorithm_state = committed
+            _set_rng_state(rng)
+            self.algorithm.load_state_dict(algorithm_state)
             if saved != self.step and self.step > 0 and self.dist.world_size == 1:
                 self._say(f"{err.name}: saving a checkpoint of step {self.step} ...")
                 err.checkpoint = self.save_checkpoint()
