@@ -1,34 +1,44 @@
 """What a trainer imports: backend interfaces, batch dataclasses, errors, layer ids, the token map,
 and the remote backends (`from draftfeed.client import RemoteEagle3TargetModel`).
 
-Never imports transformers or server code, so a trainer box needs only this package. The remote
-backends are imported on first use (they pull in the gRPC stubs and the encodings, ~0.1 s).
+Never imports transformers or server code, so a trainer box needs only this package.
+
+Names are imported on first use (PEP 562), so `import draftfeed.client.channel` (the health check)
+loads grpc and not torch, and the remote backends' gRPC stubs and encodings (~0.1 s) load only when used.
 """
 
-from .backend import DFlashTargetBackend, DSparkTargetBackend, Eagle3TargetBackend
-from .batches import DFlashTargetBatch, DSparkTargetBatch, Eagle3TargetBatch
-from .errors import (
-    DraftfeedError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
-from .layers import (
-    default_dflash_layer_ids,
-    default_dspark_layer_ids,
-    default_eagle3_layer_ids,
-    validate_dflash_layer_ids,
-    validate_dspark_layer_ids,
-    validate_eagle3_layer_ids,
-)
-from .vocab import TokenCounter, build_token_map, d2t_t2d
+from importlib import import_module
+
+_LAZY = {
+    "DFlashTargetBackend": ".backend",
+    "DSparkTargetBackend": ".backend",
+    "Eagle3TargetBackend": ".backend",
+    "DFlashTargetBatch": ".batches",
+    "DSparkTargetBatch": ".batches",
+    "Eagle3TargetBatch": ".batches",
+    "DraftfeedError": ".errors",
+    "FailedPrecondition": ".errors",
+    "InvalidArgument": ".errors",
+    "NotFound": ".errors",
+    "PermissionDenied": ".errors",
+    "ResourceExhausted": ".errors",
+    "Unauthenticated": ".errors",
+    "Unavailable": ".errors",
+    "default_dflash_layer_ids": ".layers",
+    "default_dspark_layer_ids": ".layers",
+    "default_eagle3_layer_ids": ".layers",
+    "validate_dflash_layer_ids": ".layers",
+    "validate_dspark_layer_ids": ".layers",
+    "validate_eagle3_layer_ids": ".layers",
+    "TokenCounter": ".vocab",
+    "build_token_map": ".vocab",
+    "d2t_t2d": ".vocab",
+    "RemoteEagle3TargetModel": ".remote",
+    "RemoteDFlashTargetModel": ".remote",
+    "RemoteDSparkTargetModel": ".remote",
+}
 
 _REMOTE = ("RemoteEagle3TargetModel", "RemoteDFlashTargetModel", "RemoteDSparkTargetModel")
-
 __all__ = [
     *_REMOTE,
     "Eagle3TargetBackend",
@@ -58,12 +68,16 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in _REMOTE:
-        from . import remote
-
-        return getattr(remote, name)
+    """Import the submodule that defines `name` on first use."""
+    if name in _LAZY:
+        module = _LAZY[name]
+        value = getattr(
+            import_module(module, __name__) if module.startswith(".") else import_module(module), name
+        )
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_REMOTE))
+    return sorted(__all__)

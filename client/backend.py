@@ -48,6 +48,10 @@ class _TargetBackend(ABC):
     def close(self) -> None:  # noqa: B027 - optional for implementations
         """Release what the backend holds (a remote session, a model reference)."""
 
+    def report_progress(self, step: int, loss: float | None = None) -> None:  # noqa: B027 - optional
+        """The trainer's last finished optimizer step and its loss; a remote backend sends them with its
+        next requests (the server's status page shows them). Nothing for an in-process target."""
+
     @property
     def num_remote_servers(self) -> int:
         """How many target servers feed this backend (0 for an in-process target)."""

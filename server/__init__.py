@@ -1,20 +1,32 @@
-"""The GPU side: target loading, layer capture, supervision math, backends, and the gRPC service."""
+"""The GPU side: target loading, layer capture, supervision math, backends, and the gRPC service.
 
-from draftfeed.client.layers import (
-    default_dflash_layer_ids,
-    default_dspark_layer_ids,
-    default_eagle3_layer_ids,
-    validate_dflash_layer_ids,
-    validate_dspark_layer_ids,
-    validate_eagle3_layer_ids,
-)
-from draftfeed.client.vocab import build_token_map
+Names are imported on first use (PEP 562), so `draftfeed health` and `draftfeed --version` start
+without importing torch or transformers.
+"""
 
-from .architectures import DSPARK_DRAFTS, dspark_draft_architecture
-from .backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
-from .capture import TargetLayout, discover, run_target
-from .packing import block_causal_mask, packed_attention_mask
-from .supervision import project_supervision, shift_left
+from importlib import import_module
+
+_LAZY = {
+    "default_dflash_layer_ids": "draftfeed.client.layers",
+    "default_dspark_layer_ids": "draftfeed.client.layers",
+    "default_eagle3_layer_ids": "draftfeed.client.layers",
+    "validate_dflash_layer_ids": "draftfeed.client.layers",
+    "validate_dspark_layer_ids": "draftfeed.client.layers",
+    "validate_eagle3_layer_ids": "draftfeed.client.layers",
+    "build_token_map": "draftfeed.client.vocab",
+    "DSPARK_DRAFTS": ".architectures",
+    "dspark_draft_architecture": ".architectures",
+    "HFDFlashTargetModel": ".backends",
+    "HFDSparkTargetModel": ".backends",
+    "HFEagle3TargetModel": ".backends",
+    "TargetLayout": ".capture",
+    "discover": ".capture",
+    "run_target": ".capture",
+    "block_causal_mask": ".packing",
+    "packed_attention_mask": ".packing",
+    "project_supervision": ".supervision",
+    "shift_left": ".supervision",
+}
 
 __all__ = [
     "HFEagle3TargetModel",
@@ -37,3 +49,19 @@ __all__ = [
     "DSPARK_DRAFTS",
     "dspark_draft_architecture",
 ]
+
+
+def __getattr__(name: str):
+    """Import the submodule that defines `name` on first use."""
+    if name in _LAZY:
+        module = _LAZY[name]
+        value = getattr(
+            import_module(module, __name__) if module.startswith(".") else import_module(module), name
+        )
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

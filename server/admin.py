@@ -1,5 +1,5 @@
-"""The admin HTTP app (fastapi on its own port): health, readiness, Prometheus metrics, sessions,
-and the status page (`/` or `/status`, polling `/status.json`).
+"""The admin HTTP app (fastapi on its own port): health, readiness, Prometheus metrics
+(server/prometheus.py), sessions, and the status page (`/` or `/status`, polling `/status.json`).
 
 Read-only and without tokens (probes and scrapers carry none; it shows job names, never tokens). It
 follows the server's peer rule: without a token file only loopback peers are answered (403 for
@@ -11,18 +11,20 @@ from __future__ import annotations
 import time
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from draftfeed.client.errors import PermissionDenied
 
 from .http_thread import UvicornThread, http_peer
-from .status import StatusHistory, status_json, status_page, status_page_csp
+from .prometheus import CONTENT_TYPE, prometheus_text
+from .status import StatusHistory, nemo_session_ids, status_json, status_page, status_page_csp, transport
 
 __all__ = ["build_admin_app", "AdminServer", "prometheus_text", "sessions_json"]
 
 
 def sessions_json(server) -> list[dict]:
     out = []
+    nemo_ids = nemo_session_ids(server)
     for s in server.sessions.list():
         st = s.stats
         out.append(
@@ -32,6 +34,9 @@ def sessions_json(server) -> list[dict]:
                 "algorithm": s.algorithm,
                 "layer_ids": s.layer_ids,
                 "encodings": s.encodings,
+                "transport": transport(server, s, nemo_ids),
+                "trainer_step": st.trainer_step,
+                "trainer_loss": st.trainer_loss,
                 "weight": s.weight,
                 "requests": st.requests,
                 "tokens": st.tokens,
@@ -44,81 +49,6 @@ def sessions_json(server) -> list[dict]:
             }
         )
     return out
-
-
-def _label(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-
-
-def prometheus_text(server) -> str:
-    m = server.metrics
-    lines = []
-
-    def metric(name, kind, help_, samples):
-        lines.append(f"# HELP draftfeed_{name} {help_}")
-        lines.append(f"# TYPE draftfeed_{name} {kind}")
-        for labels, value in samples:
-            lab = "{" + ",".join(f'{k}="{_label(str(v))}"' for k, v in labels.items()) + "}" if labels else ""
-            lines.append(f"draftfeed_{name}{lab} {value}")
-
-    metric("requests_total", "counter", "Generate requests answered.", [({}, m.requests)])
-    metric("requests_failed_total", "counter", "Generate requests that failed.", [({}, m.requests_failed)])
-    metric("tokens_total", "counter", "Tokens served.", [({}, m.tokens)])
-    metric(
-        "bytes_sent_total",
-        "counter",
-        "Reply payload bytes by encoding.",
-        [({"encoding": k}, v) for k, v in sorted(m.bytes_by_encoding.items())],
-    )
-    metric("queue_depth", "gauge", "Requests waiting for the GPU.", [({}, m.queue_depth)])
-    metric("forwards_total", "counter", "Target forwards run.", [({}, m.forwards)])
-    metric("forward_seconds_total", "counter", "Time in target forwards.", [({}, m.forward_s)])
-    metric("encode_seconds_total", "counter", "Time in per-session post-processing.", [({}, m.encode_s)])
-    metric(
-        "queue_wait_seconds_total", "counter", "Time requests waited in the queue.", [({}, m.queue_wait_s)]
-    )
-    metric(
-        "gpu_busy_fraction", "gauge", "Fraction of uptime the worker ran batches.", [({}, m.busy_fraction)]
-    )
-    metric(
-        "batch_fill",
-        "gauge",
-        "Mean tokens per forward over the budget (last minute).",
-        [({}, m.window()["batch_fill"])],
-    )
-    metric("oom_splits_total", "counter", "Batches split after out-of-memory.", [({}, m.oom_splits)])
-    if server.graphs is not None:
-        g = server.graphs
-        metric(
-            "cuda_graph_replays_total",
-            "counter",
-            "Target forwards run by replaying a CUDA graph.",
-            [({}, g.replays)],
-        )
-        metric("cuda_graphs", "gauge", "Batch shapes captured as CUDA graphs.", [({}, g.captures)])
-        metric(
-            "cuda_graph_failures_total",
-            "counter",
-            "Batch shapes that could not be captured.",
-            [({}, g.failed)],
-        )
-    sessions = server.sessions.list()
-    metric("sessions", "gauge", "Open sessions.", [({}, len(sessions))])
-    for field, help_ in (
-        ("tokens", "Tokens served"),
-        ("requests", "Requests answered"),
-        ("bytes_sent", "Bytes sent"),
-    ):
-        metric(
-            f"session_{field}_total",
-            "counter",
-            f"{help_} per session.",
-            [
-                ({"session": s.id[:8], "job": s.job_name, "algorithm": s.algorithm}, getattr(s.stats, field))
-                for s in sessions
-            ],
-        )
-    return "\n".join(lines) + "\n"
 
 
 def build_admin_app(server) -> FastAPI:
@@ -157,7 +87,7 @@ def build_admin_app(server) -> FastAPI:
 
     @app.get("/metrics")
     def metrics():
-        return PlainTextResponse(prometheus_text(server), media_type="text/plain; version=0.0.4")
+        return Response(prometheus_text(server), media_type=CONTENT_TYPE)
 
     @app.get("/sessions")
     def sessions():

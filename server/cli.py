@@ -11,7 +11,17 @@ import logging
 import os
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "package_version"]
+
+
+def package_version() -> str:
+    """The installed draftfeed's version (`unknown` when run from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("draftfeed")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _serve_config(args):
@@ -104,6 +114,7 @@ def _run_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="draftfeed", description="Serve a frozen target LLM to draft trainers.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -232,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except DraftfeedError as err:
         print(f"draftfeed: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where a command has no handler of its own (train has one)
+        print("draftfeed: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

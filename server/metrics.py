@@ -1,5 +1,10 @@
 """Server counters, read by the admin app (`/metrics` in Prometheus text, `/sessions`, the status page).
 
+Distributions are prometheus_client histograms in the server's own registry (`ServerMetrics.registry`,
+exposed by `server/prometheus.py`): request latency (queued to reply ready) and queue wait, labelled by
+job name (`JobLabels`: at most `MAX_JOB_LABELS` names of at most `JOB_LABEL_CHARS` characters, the rest
+count under "other"), and the duration of each target forward.
+
 Busy time is the measure of the UNION of busy intervals (`BusyTime`), on the host's
 `time.perf_counter` clock: intervals that overlap (the compute stream's batch and the copy stream's
 device-to-host copies, or a span accounted late) count once, so busy time never exceeds wall time.
@@ -14,7 +19,43 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["ServerMetrics", "BusyTime"]
+from prometheus_client import CollectorRegistry, Histogram
+
+__all__ = ["ServerMetrics", "BusyTime", "JobLabels", "MAX_JOB_LABELS", "JOB_LABEL_CHARS", "OTHER_JOBS"]
+
+MAX_JOB_LABELS = 64  # distinct job label values at once; more jobs share the label OTHER_JOBS
+JOB_LABEL_CHARS = 64
+OTHER_JOBS = "other"
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class JobLabels:
+    """Job name -> metric label value, with a bounded number of values (a label per job, never per
+    session: job names come from the token file or the client, and a series costs memory per value)."""
+
+    def __init__(self, limit: int = MAX_JOB_LABELS):
+        self.limit = limit
+        self._names: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, job: str) -> str:
+        name = job[:JOB_LABEL_CHARS]
+        with self._lock:
+            if name in self._names:
+                return name
+            if len(self._names) < self.limit:
+                self._names.add(name)
+                return name
+        return OTHER_JOBS
+
+    def retain(self, jobs) -> list[str]:
+        """Keep the labels of `jobs` (the live ones); return the labels dropped."""
+        keep = {j[:JOB_LABEL_CHARS] for j in jobs}
+        with self._lock:
+            gone = sorted(self._names - keep)
+            self._names &= keep
+        return gone
 
 
 class BusyTime:
@@ -109,6 +150,30 @@ class ServerMetrics:
     lock: threading.Lock = field(default_factory=threading.Lock)
     busy: BusyTime = field(default_factory=BusyTime)  # the worker's (GPU's) busy intervals
     poll_busy: Callable[[], None] | None = None  # set by the scheduler: account finished GPU spans
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)  # the histograms below
+    job_labels: JobLabels = field(default_factory=JobLabels)
+
+    def __post_init__(self):
+        self.request_latency = Histogram(
+            "draftfeed_request_latency_seconds",
+            "Time from a request's arrival in the queue to its reply being ready, by job.",
+            ["job"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_queue_wait = Histogram(
+            "draftfeed_request_queue_wait_seconds",
+            "Time a request waited in the queue before its batch ran, by job.",
+            ["job"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.forward_duration = Histogram(
+            "draftfeed_forward_duration_seconds",
+            "Duration of one batched target forward.",
+            buckets=FORWARD_BUCKETS,
+            registry=self.registry,
+        )
 
     def record_forward(self, tokens: int, budget: int, forward_s: float) -> None:
         with self.lock:
@@ -116,6 +181,26 @@ class ServerMetrics:
             self.forward_tokens += tokens
             self.forward_s += forward_s
             self.recent.append((time.time(), tokens, tokens / max(budget, 1)))
+        self.forward_duration.observe(forward_s)
+
+    def record_request(self, job: str, queue_wait_s: float, latency_s: float, encode_s: float) -> None:
+        """A request of `job` whose reply is ready: it waited `queue_wait_s`, took `latency_s` in all."""
+        with self.lock:
+            self.queue_wait_s += queue_wait_s
+            self.encode_s += encode_s
+        label = self.job_labels.label(job)
+        self.request_queue_wait.labels(label).observe(queue_wait_s)
+        self.request_latency.labels(label).observe(latency_s)
+
+    def forget_jobs(self, live_jobs) -> None:
+        """Drop the histogram series of jobs that have no live session any more."""
+        live_jobs = set(live_jobs)
+        gone = self.job_labels.retain(live_jobs)
+        if len(live_jobs) <= self.job_labels.limit:  # every live job has its own label again
+            gone.append(OTHER_JOBS)
+        for label in gone:
+            self.request_queue_wait.remove(label)
+            self.request_latency.remove(label)
 
     def record_reply(self, tokens: int, nbytes_by_encoding: dict[str, int]) -> None:
         with self.lock:

@@ -432,8 +432,9 @@ class BatchScheduler:
                 st.queue_wait_s += item.t0 - w.enqueued
                 st.forward_s += item.t1 - item.t0
                 st.encode_s += now - e0
-                self.metrics.queue_wait_s += item.t0 - w.enqueued
-                self.metrics.encode_s += now - e0
+                self.metrics.record_request(
+                    w.session.job_name, item.t0 - w.enqueued, now - w.enqueued, now - e0
+                )
                 st.in_flight -= 1
                 w.future.set_result(reply)
         if stream is not None:

@@ -209,6 +209,9 @@ class TargetServicer:
             raise Unavailable("the server is draining and takes no new requests; use another server")
         session = self.directory.get(request.session_id, caller, spec)
         session.check_ready()
+        if request.trainer_step:  # shown on the status page only
+            session.stats.trainer_step = request.trainer_step
+            session.stats.trainer_loss = request.trainer_loss if request.HasField("trainer_loss") else None
         for name in ("input_ids", "attention_mask", "loss_mask"):
             if not request.HasField(name):
                 raise InvalidArgument(

@@ -61,6 +61,8 @@ class SessionStats:
     forward_s: float = 0.0
     encode_s: float = 0.0
     in_flight: int = 0
+    trainer_step: int = 0  # what the trainer last reported with a request (0: nothing)
+    trainer_loss: float | None = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
 import re
 import threading
@@ -182,15 +183,35 @@ def _rates(samples, last: Sample) -> dict:
     }
 
 
-def _session_json(session, samples: list[Sample], now: float) -> dict:
+def nemo_session_ids(server) -> set[str]:
+    """The sessions of the NeMo HTTP port's clients (none when that port is off)."""
+    nemo = getattr(server, "nemo_http", None)
+    clients = getattr(getattr(nemo, "clients", None), "_clients", None) or {}
+    return {c.session.id for c in list(clients.values())}
+
+
+def transport(server, session, nemo_ids: set[str]) -> str:
+    """How the session's replies travel: `data plane` (its TCP socket is bound), `gRPC frames`, or
+    `NeMo HTTP` (a client of the NeMo port)."""
+    if session.id in nemo_ids:
+        return "NeMo HTTP"
+    plane = getattr(server, "dataplane", None)
+    return "data plane" if plane is not None and plane.connected(session.id) else "gRPC frames"
+
+
+def _session_json(session, samples: list[Sample], now: float, how: str = "gRPC frames") -> dict:
     st = session.stats
     last = _session_sample(session, now)
+    loss = getattr(st, "trainer_loss", None)
     return {
         "session": session.id[:8],
         "job_name": session.job_name,
         "algorithm": session.algorithm,
         "layer_ids": [int(i) for i in session.layer_ids],
         "encodings": {str(k): str(v) for k, v in session.encodings.items()},
+        "transport": how,
+        "trainer_step": int(getattr(st, "trainer_step", 0)),
+        "trainer_loss": float(loss) if loss is not None and math.isfinite(loss) else None,
         "weight": float(session.weight),
         "requests": st.requests,
         "tokens": st.tokens,
@@ -216,6 +237,7 @@ def status_json(server, history: StatusHistory, now: float | None = None) -> dic
     last = _server_sample(m, now)
     forwards_1m = rate(overall, last, 60.0, "forwards")
     sessions = sorted(server.sessions.list(), key=lambda s: (s.job_name, s.created))
+    nemo_ids = nemo_session_ids(server)
     return {
         "time": now,
         "interval_s": history.interval,
@@ -262,7 +284,10 @@ def status_json(server, history: StatusHistory, now: float | None = None) -> dic
             "busy_series": series(overall, last, SERIES_S, "busy_s"),
         },
         "memory": memory_in_use(server.scheduler.device),
-        "sessions": [_session_json(s, history.session_samples(s), now) for s in sessions],
+        "sessions": [
+            _session_json(s, history.session_samples(s), now, transport(server, s, nemo_ids))
+            for s in sessions
+        ],
     }
 
 

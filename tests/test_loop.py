@@ -268,23 +268,61 @@ def test_progress_bar_shows_loss_accuracy_and_throughput(tmp_path, target_dir, d
 
     run_training(make_cfg(tmp_path / "o", target_dir, data_file, loop={"steps": 2, "progress": "on"}))
     err = capsys.readouterr().err
-    frames = [f for f in err.split("\r") if f.startswith("eagle3 [")]
-    assert len(frames) >= 2 and frames[0].startswith("eagle3 [##########..........] 1/2  50%")
-    last = frames[-1].split("\033[K")[0]
-    assert last.startswith("eagle3 [####################] 2/2 100%  loss ") and " acc " in last
+    frames = [f.rstrip("\n") for f in err.split("\r") if f.startswith("eagle3 [")]  # drawn by tqdm
+    assert any(f.startswith("eagle3 [##########..........] 1/2  50%, loss ") for f in frames), frames
+    last = frames[-1]
+    assert last.startswith("eagle3 [####################] 2/2 100%, loss ") and " acc " in last
     assert " tok/s  eta 0s" in last
-    # the periodic progress line is printed above the bar, not into it
-    assert "\r\033[Keagle3 step 2/2  loss" in err
+    # the periodic progress line is printed above the bar (its line cleared first), not into it
+    assert "\reagle3 step 2/2  loss" in err and "100%, loss" not in err.split("eagle3 step 2/2")[0][-30:]
     run_training(make_cfg(tmp_path / "p", target_dir, data_file, loop={"steps": 2, "progress": "auto"}))
     assert "eagle3 [" not in capsys.readouterr().err  # not a terminal: progress lines only
     stream = io.StringIO()
     bar = ProgressBar("x", 4, 1, enabled=True, stream=stream)
     bar.update(2, 1000, {"loss": 1.5, "accuracy": 0.25})
-    assert bar.line().startswith("x [##########..........] 2/4  50%  loss 1.5000  acc 0.250  ")
+    assert bar.line().startswith("x [##########..........] 2/4  50%, loss 1.5000  acc 0.250  ")
     assert progress_enabled("auto", stream) is False and progress_enabled("on", stream) is True
     assert (format_duration(59.6), format_duration(61), format_duration(3725)) == ("1m00s", "1m01s", "1h02m")
     with pytest.raises(ConfigError, match="--progress 'maybe'"):
         make_cfg(tmp_path / "q", target_dir, data_file, loop={"progress": "maybe"})
+
+
+def test_the_loop_reports_its_step_and_loss_to_the_server(
+    tmp_path, target_dir, data_file, server, monkeypatch
+):
+    """After each optimizer step the remote backend is told the step and its loss (the status page's)."""
+    from draftfeed.client.remote import _RemoteTarget
+
+    seen = []
+    original = _RemoteTarget.report_progress
+
+    def spy(self, step, loss=None):
+        seen.append((step, loss))
+        original(self, step, loss)
+
+    monkeypatch.setattr(_RemoteTarget, "report_progress", spy)
+    result = run_training(
+        make_cfg(tmp_path / "o", target_dir, data_file, target={"url": [server.url]}, loop={"steps": 2})
+    )
+    assert seen == [(h["step"], h["loss"]) for h in result.history] and len(seen) == 2
+
+
+def test_cpu_run_warns_with_its_eta(tmp_path, target_dir, data_file, capsys, monkeypatch):
+    """On a CPU, a run whose first step says it will be long gets a warning with the eta and what to shrink."""
+    import draftfeed.trainer.loop as loop
+
+    run_training(make_cfg(tmp_path / "fast", target_dir, data_file, loop={"steps": 2, "device": "cpu"}))
+    assert "warning: training on the CPU" not in capsys.readouterr().err  # a short run: no warning
+    monkeypatch.setattr(loop, "CPU_ETA_WARN_S", 0.0)
+    run_training(make_cfg(tmp_path / "slow", target_dir, data_file, loop={"steps": 3, "device": "cpu"}))
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if "warning: training on the CPU" in ln)
+    assert (
+        "2 steps left need about" in line
+        and "(eta)" in line
+        and "--seq-len" in line
+        and "--device cuda" in line
+    )
 
 
 def test_packing_gives_the_same_loss_as_padding(tmp_path, tiny_model):

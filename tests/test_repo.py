@@ -137,3 +137,13 @@ def test_readme_main_job():
     taus = re.findall(r"^  (EAGLE-3|DSpark) +(chain|block) of 7 +8 +([\d.]+) +([\d.]+)$", text, re.M)
     assert [name for name, *_ in taus] == ["EAGLE-3", "DSpark"], text
     assert all(1.0 <= float(u) <= 8 and 1.0 <= float(t) <= 8 for *_, u, t in taus), text
+
+
+def test_docs_do_not_point_users_at_shared_notes():
+    """The repository's docs stand alone: no README or docs/ page sends users to ../shared."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        assert "../shared" not in page.read_text(), page.name
+    readme = (ROOT / "README.md").read_text()
+    for linked in re.findall(r"\]\((docs/[\w./-]+)\)", readme):
+        assert (ROOT / linked).is_file(), linked

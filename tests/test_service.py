@@ -324,11 +324,10 @@ def test_health_reflection_and_admin(server, caplog):
         assert mine[0]["bytes_per_token"] > 0 and mine[0]["requests"] == 1
         sid = mine[0]["session_id"]
         during = requests.get(f"{base}/metrics", timeout=5).text
-        assert (
-            f'draftfeed_session_tokens_total{{session="{sid[:8]}",job="metrics-job",algorithm="dspark"}} 24'
-            in (during)
-        )
+        assert 'draftfeed_job_tokens_total{algorithm="dspark",job="metrics-job"} 24.0' in during
+        assert sid[:8] not in during  # series are per job, never per session
     after = requests.get(f"{base}/metrics", timeout=5).text
+    assert 'job="metrics-job"' not in after  # the closed session's job has no live session: its series went
     opened = [
         r.getMessage() for r in caplog.records if r.getMessage().startswith("session opened: " + sid[:8])
     ]

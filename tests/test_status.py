@@ -29,7 +29,7 @@ SESSION_KEYS = {
     "session", "job_name", "algorithm", "layer_ids", "encodings", "weight", "requests", "tokens",
     "bytes_sent", "bytes_per_token", "bytes_per_token_1m", "queue_wait_ms", "queue_wait_ms_1m",
     "in_flight", "created", "last_seen", "idle_s", "tokens_per_s_now", "tokens_per_s_1m",
-    "tokens_per_s_5m", "series",
+    "tokens_per_s_5m", "series", "transport", "trainer_step", "trainer_loss",
 }  # fmt: skip
 
 
@@ -197,6 +197,26 @@ def test_rates_move_after_more_requests(server, jobs):
     assert after["last_seen"] > before["last_seen"]
 
 
+def test_transport_and_the_trainers_step_and_loss(server, jobs):
+    """Each job's transport, and the step and loss its trainer reports with its requests."""
+    eagle, _ = jobs
+    assert by_job(get_status(server))[EAGLE_JOB]["transport"] == "data plane"
+    eagle.report_progress(7, 1.25)
+    eagle.generate_batch(*inputs(seed=20))
+    row = by_job(get_status(server))[EAGLE_JOB]
+    assert row["trainer_step"] == 7 and row["trainer_loss"] == 1.25
+    eagle.report_progress(8, float("nan"))  # a non-finite loss is not reported
+    eagle.generate_batch(*inputs(seed=21))
+    row = by_job(get_status(server))[EAGLE_JOB]
+    assert row["trainer_step"] == 8 and row["trainer_loss"] is None
+    listed = requests.get(f"{base(server)}/sessions", timeout=10).json()["sessions"]
+    assert {s["job_name"]: s["trainer_step"] for s in listed}[EAGLE_JOB] == 8
+    with RemoteDSparkTargetModel.from_urls([server.url], job_name="frames", data_plane=False) as frames:
+        frames.generate_batch(*inputs())
+        row = by_job(get_status(server))["frames"]
+        assert row["transport"] == "gRPC frames" and row["trainer_step"] == 0 and row["trainer_loss"] is None
+
+
 def test_closed_sessions_leave_the_page(server):
     job = RemoteDSparkTargetModel.from_urls([server.url], job_name="short-lived")
     job.generate_batch(*inputs())
@@ -274,6 +294,7 @@ def _rows(browser) -> dict[str, dict]:
             algorithm: tr.children[1].textContent, layers: tr.children[2].textContent,
             encodings: tr.children[3].textContent, tokens: tr.children[8].textContent,
             bpt: tr.children[9].textContent, plotted: Number(svg.dataset.points || 0),
+            transport: tr.children[13].textContent, trainer: tr.children[14].textContent,
             line: line ? line.getAttribute("points") : "", html: tr.children[0].innerHTML,
           };
         }
@@ -293,6 +314,7 @@ def render_page(server, jobs, tmp_path, screenshot: Path):
         )
         assert rows[EAGLE_JOB]["algorithm"] == "eagle3" and rows[DSPARK_JOB]["algorithm"] == "dspark"
         assert rows[DSPARK_JOB]["layers"] == "0, 3, 5"
+        assert rows[DSPARK_JOB]["transport"] == "data plane"
         assert (
             "hidden: bf16" in rows[EAGLE_JOB]["encodings"] and "probs: topk:8" in rows[EAGLE_JOB]["encodings"]
         )

@@ -9,18 +9,35 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from .algorithms import ALGORITHMS
 from .config import (
-    DataConfig,
     EvalConfig,
-    TargetConfig,
     TrainConfig,
     add_flags,
     build_config,
 )
 
-__all__ = ["register", "train_config_from_args", "dist_from_env"]
+__all__ = ["register", "train_config_from_args", "dist_from_env", "ALGORITHM_NAMES"]
+
+# the keys of algorithms.ALGORITHMS, spelt out so that building the parser does not import torch
+# (`draftfeed health` / `--version` stay light; tests/test_cli_startup.py checks they match)
+ALGORITHM_NAMES = ("dflash", "dspark", "eagle3")
+
+# what `draftfeed regenerate` reads of a TrainConfig (it runs the target in this process)
+REGENERATE_FLAGS = {
+    "target.model",
+    "target.dtype",
+    "loop.device",
+    "data.path",
+    "data.limit",
+    "data.regen_max_new_tokens",
+    "data.regen_temperature",
+    "data.regen_batch_size",
+    "data.regen_max_turns",
+    "data.regen_max_prompt_tokens",
+    "data.regen_cache",
+}
 
 
 def dist_from_env() -> dict:
@@ -40,10 +57,23 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run_train(args) -> int:
+    from .signals import StopSignals, TrainingInterrupted, exit_code, resume_command
     from .train import run_training
 
     cfg = train_config_from_args(args)
-    result = run_training(cfg)
+    try:
+        with StopSignals():  # while building; the loop installs its own (checkpoint first)
+            result = run_training(cfg)
+    except TrainingInterrupted as err:
+        if cfg.dist.rank == 0:
+            where = f"at step {err.step}" if err.step is not None else "before training started"
+            saved = f"checkpoint: {err.checkpoint}" if err.checkpoint else "no checkpoint yet"
+            print(
+                f"draftfeed: {err.name} {where}; {saved}; session closed. Resume with:\n"
+                f"  {resume_command(sys.argv[1:])}",
+                file=sys.stderr,
+            )
+        return exit_code(err.signum)
     if cfg.dist.rank == 0:
         print(
             f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; out: {cfg.out_dir}"
@@ -86,7 +116,7 @@ def _run_demo_train(args) -> int:
 
 def register(sub) -> None:
     train = sub.add_parser("train", help="train a draft against a target server or an in-process target")
-    train.add_argument("algorithm", choices=sorted(ALGORITHMS), help="draft algorithm")
+    train.add_argument("algorithm", choices=ALGORITHM_NAMES, help="draft algorithm")
     train.add_argument("--config", default=None, help="YAML file of config sections; flags override it")
     add_flags(train, TrainConfig)
     train.set_defaults(run=_run_train)
@@ -99,8 +129,7 @@ def register(sub) -> None:
         "--out", dest="out", default=argparse.SUPPRESS, help="output directory of the training run"
     )
     regen.add_argument("--seed", dest="seed", type=int, default=argparse.SUPPRESS, help="sampling seed")
-    add_flags(regen, TargetConfig, "target.")
-    add_flags(regen, DataConfig, "data.")
+    add_flags(regen, TrainConfig, only=REGENERATE_FLAGS)
     regen.set_defaults(run=_run_regenerate)
 
     ev = sub.add_parser("eval", help="acceptance length tau of an exported draft against the target")

@@ -378,7 +378,11 @@ class LoopConfig:
     progress: str = flag(
         "--progress", "progress bar on stderr: auto (when it is a terminal), on, off", "auto"
     )
-    save_every: int = flag("--save-every", "optimizer steps between checkpoints (0: only at the end)", 0)
+    save_every: int = flag(
+        "--save-every",
+        "optimizer steps between checkpoints (0: only at the end; SIGINT / SIGTERM also save one)",
+        500,
+    )
     keep_checkpoints: int = flag("--keep-checkpoints", "checkpoints kept on disk", 2)
     resume: str | None = flag("--resume", "a checkpoint directory, or 'auto' (the latest in OUT)", None)
     export: bool = flag("--export", "write the SGLang/vLLM draft to OUT/export at the end", True)
@@ -493,9 +497,15 @@ class EvalConfig:
         "--untrained", "measure the draft with re-initialised weights (the baseline)", False
     )
     out: str | None = flag("--out", "also write the results as JSON here", None)
+    progress: str = flag(
+        "--progress", "progress bar on stderr: auto (when it is a terminal), on, off", "auto"
+    )
 
     def __post_init__(self):
         _check(bool(self.draft), "--draft DIR is required")
+        _check(
+            self.progress in ("auto", "on", "off"), f"--progress {self.progress!r}: expected auto, on or off"
+        )
         _check(Path(self.draft).expanduser().is_dir(), f"--draft {self.draft!r}: no such directory")
         _check(self.num_draft_tokens >= 1, f"--num-draft-tokens {self.num_draft_tokens} must be >= 1")
         _check(
@@ -549,8 +559,9 @@ def _list_parser(item):
     return parse
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    """One option per field that names a flag (nested sections recursively); dest = dotted path.
+def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", only: set[str] | None = None) -> None:
+    """One option per field that names a flag (nested sections recursively); dest = dotted path;
+    `only`: just the fields of these dotted paths.
 
     Defaults are SUPPRESS, so the namespace holds only the flags the user gave."""
     hints = _hints(cls)
@@ -558,10 +569,10 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
         tp = hints[f.name]
         path = f"{prefix}{f.name}"
         if _is_section(tp):
-            add_flags(parser, tp, path + ".")
+            add_flags(parser, tp, path + ".", only)
             continue
         name = f.metadata.get("flag")
-        if not name:
+        if not name or (only is not None and path not in only):
             continue
         help_text = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING and f.default is not None:

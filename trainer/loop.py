@@ -40,7 +40,8 @@ from draftfeed.client.errors import Unavailable
 
 from .algorithms import DistContext, DraftAlgorithm
 from .config import DistConfig, TrainConfig, config_to_dict
-from .progress import ProgressBar, progress_enabled
+from .progress import ProgressBar, format_duration, progress_enabled
+from .signals import StopSignals, TrainingInterrupted
 
 __all__ = [
     "lr_lambda",
@@ -54,6 +55,7 @@ __all__ = [
 
 CHECKPOINT_DIR = "checkpoints"
 _COMPLETE = "complete"
+CPU_ETA_WARN_S = 600.0  # on a CPU, warn after the first step when the run would take longer than this
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float):
@@ -341,6 +343,24 @@ class Trainer:
                 f"budget); training stopped at step {self.step}"
             ) from None
 
+    def _warn_if_slow_on_cpu(self, first_step_s: float) -> None:
+        """The defaults are sized for a GPU: on a CPU say how long the run will take, and what to shrink."""
+        eta = first_step_s * (self.total_steps - self.step)
+        if self.device.type != "cpu" or eta < CPU_ETA_WARN_S:
+            return
+        d = self.cfg.data
+        shrink = (
+            f"--seq-len {d.seq_len}, --batch-size {d.batch_size}, --grad-accum {self.cfg.optim.grad_accum}"
+        )
+        if self.cfg.algorithm in ("dflash", "dspark"):
+            b = self.cfg.block
+            shrink += f", --num-anchors {b.num_anchors}, --draft-layers {b.num_layers}"
+        self._say(
+            f"warning: training on the CPU: step {self.step} took {first_step_s:.0f} s, so the "
+            f"{self.total_steps - self.step} steps left need about {format_duration(eta)} (eta). The defaults "
+            f"are sized for a GPU: use --device cuda, or shrink {shrink}, or pass fewer --steps"
+        )
+
     def _optimizer_step(self) -> dict[str, float]:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
@@ -381,7 +401,13 @@ class Trainer:
         start = window_start = time.perf_counter()
         window, window_tokens, window_wait = [], 0, 0.0
         accum = cfg.optim.grad_accum
+        stop = StopSignals()
+        # what a checkpoint of the last finished optimizer step holds beyond the weights: the data position,
+        # the RNG states and the algorithm's (anchor draws of a step cut by a signal are drawn again)
+        committed = (self.data_state, _rng_state(), self.algorithm.state_dict())
+        saved = self.step if latest_checkpoint(self.out_dir) else None  # a step whose checkpoint exists
         try:
+            stop.__enter__()
             while self.step < self.total_steps:
                 sums: dict[str, float] = {}
                 done = step_tokens = 0
@@ -406,10 +432,24 @@ class Trainer:
                 if done < accum:  # the data ended inside an optimizer step: drop the partial step
                     self.optimizer.zero_grad(set_to_none=True)
                     break
-                entry = {"step": self.step + 1, **sums, **self._optimizer_step()}
-                self.step += 1
-                result.steps += 1
-                result.history.append(entry)
+                with stop.deferred():  # a signal here is raised after the step (and its checkpoint)
+                    entry = {"step": self.step + 1, **sums, **self._optimizer_step()}
+                    self.step += 1
+                    committed = (self.data_state, _rng_state(), self.algorithm.state_dict())
+                    result.steps += 1
+                    result.history.append(entry)
+                    if (
+                        cfg.loop.save_every
+                        and self.step % cfg.loop.save_every == 0
+                        and self.step < self.total_steps
+                    ):
+                        self.save_checkpoint()
+                        saved = self.step
+                if result.steps == 1:
+                    self._warn_if_slow_on_cpu(time.perf_counter() - start)
+                report = getattr(self.backend, "report_progress", None)  # for the server's status page
+                if report is not None:
+                    report(self.step, entry.get("loss"))
                 window.append({k: v for k, v in entry.items() if k != "step"})
                 if self._bar is not None:  # rank 0's tokens x ranks (equal shards); metrics.jsonl has the sum
                     self._bar.update(self.step, step_tokens * self.dist.world_size, entry)
@@ -417,20 +457,29 @@ class Trainer:
                     now = time.perf_counter()
                     self._log(window, now - window_start, window_tokens, window_wait)
                     window, window_tokens, window_wait, window_start = [], 0, 0.0, now
-                if (
-                    cfg.loop.save_every
-                    and self.step % cfg.loop.save_every == 0
-                    and self.step < self.total_steps
-                ):
-                    self.save_checkpoint()
                 if cfg.loop.time_limit is not None and self._time_is_up(start):
                     if window:
                         self._log(window, time.perf_counter() - window_start, window_tokens, window_wait)
                     self._say(f"time limit of {cfg.loop.time_limit:.0f} s reached at step {self.step}")
                     break
             if result.steps:
-                self.save_checkpoint()
+                with stop.deferred():
+                    self.save_checkpoint()
+        except TrainingInterrupted as err:
+            stop.hold()  # a second signal does not cut the save
+            err.step = self.step
+            # the state after the last finished step: its batches and draws come again on resume
+            self.data_state, rng, algorithm_state = committed
+            _set_rng_state(rng)
+            self.algorithm.load_state_dict(algorithm_state)
+            if saved != self.step and self.step > 0 and self.dist.world_size == 1:
+                self._say(f"{err.name}: saving a checkpoint of step {self.step} ...")
+                err.checkpoint = self.save_checkpoint()
+            else:  # nothing new, or several ranks (the periodic checkpoint is the latest)
+                err.checkpoint = latest_checkpoint(self.out_dir)
+            raise
         finally:
+            stop.__exit__(None, None, None)
             for _, future in pending:
                 future.cancel()
             self._close_logs()

@@ -1,6 +1,7 @@
-"""The training progress bar: one line on a terminal, redrawn after every optimizer step.
+"""The training progress bar: one line on a terminal, redrawn after every optimizer step (tqdm draws
+it; the loss, accuracy, token rate and eta are ours).
 
-    eagle3 [#########...........] 450/1000  45%  loss 3.071  acc 0.512  15.4k tok/s  eta 1m12s
+    eagle3 [#########...........] 450/1000  45%, loss 3.071  acc 0.512  15.4k tok/s  eta 1m12s
 
 Loss and accuracy are the last step's (averaged over its micro-batches); tokens per second are over the
 steps since the bar started (a resumed run counts from the resume). Text printed while the bar is shown
@@ -13,6 +14,8 @@ from __future__ import annotations
 import sys
 import time
 from typing import TextIO
+
+from tqdm import tqdm
 
 __all__ = ["ProgressBar", "progress_enabled", "format_duration"]
 
@@ -41,7 +44,8 @@ def _rate(x: float) -> str:
 
 
 class ProgressBar:
-    """A redrawn one-line bar on `stream` (stderr by default); inert when `enabled` is False."""
+    """The bar on `stream` (stderr by default), drawn by tqdm; inert when `enabled` is False (then
+    `write` still prints its lines)."""
 
     def __init__(
         self,
@@ -53,56 +57,53 @@ class ProgressBar:
         stream: TextIO | None = None,
         width: int = 20,
     ):
-        self.label, self.total, self.width = label, max(1, total), width
+        self.label, self.total = label, max(1, total)
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
         self.start_step, self.step = initial, initial
         self.start = time.perf_counter()
         self.tokens = 0
         self.metrics: dict[str, float] = {}
-        self._shown = False
+        self._bar = tqdm(
+            total=self.total,
+            initial=min(initial, self.total),
+            desc=label,
+            file=self.stream,
+            disable=not enabled,
+            ascii=".#",
+            mininterval=0,
+            dynamic_ncols=False,
+            bar_format="{desc} [{bar:" + str(width) + "}] {n_fmt}/{total_fmt} {percentage:3.0f}%{postfix}",
+        )
 
-    def line(self) -> str:
-        """The bar's current text (no carriage return)."""
-        done = min(self.step, self.total)
-        filled = self.width * done // self.total
-        elapsed = time.perf_counter() - self.start
-        parts = [
-            f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} {100 * done // self.total:3d}%"
-        ]
+    def _postfix(self) -> str:
+        parts = []
         if "loss" in self.metrics:
             parts.append(f"loss {self.metrics['loss']:.4f}")
         if "accuracy" in self.metrics:
             parts.append(f"acc {self.metrics['accuracy']:.3f}")
         steps = self.step - self.start_step
+        elapsed = time.perf_counter() - self.start
         if steps and elapsed > 0:
+            done = min(self.step, self.total)
             parts.append(f"{_rate(self.tokens / elapsed)} tok/s")
             parts.append(f"eta {format_duration(elapsed / steps * (self.total - done))}")
         return "  ".join(parts)
 
-    def _draw(self) -> None:
-        self.stream.write("\r" + self.line() + "\033[K")
-        self.stream.flush()
-        self._shown = True
+    def line(self) -> str:
+        """The bar's current text."""
+        return self._bar.format_meter(**{**self._bar.format_dict, "postfix": self._postfix()})
 
     def update(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
         """After optimizer step `step` (1-based), which trained on `tokens` tokens."""
         self.step, self.tokens, self.metrics = step, self.tokens + tokens, metrics
-        if self.enabled:
-            self._draw()
+        self._bar.set_postfix_str(self._postfix(), refresh=False)
+        self._bar.update(min(step, self.total) - self._bar.n)
 
     def write(self, text: str) -> None:
         """Print `text` as its own line(s) above the bar."""
-        if self.enabled and self._shown:
-            self.stream.write("\r\033[K")
-        self.stream.write(text.rstrip("\n") + "\n")
-        if self.enabled and self._shown:
-            self._draw()
-        else:
-            self.stream.flush()
+        tqdm.write(text.rstrip("\n"), file=self.stream)
+        self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._shown = False
+        self._bar.close()

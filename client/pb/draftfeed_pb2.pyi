@@ -188,7 +188,7 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "input_ids", "attention_mask", "loss_mask", "position_ids", "seq_lens", "doc_remaining", "data_plane")
+    __slots__ = ("session_id", "request_id", "input_ids", "attention_mask", "loss_mask", "position_ids", "seq_lens", "doc_remaining", "data_plane", "trainer_step", "trainer_loss")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,8 @@ class GenerateRequest(_message.Message):
     SEQ_LENS_FIELD_NUMBER: _ClassVar[int]
     DOC_REMAINING_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_STEP_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_LOSS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: int
     input_ids: Tensor
@@ -207,7 +209,9 @@ class GenerateRequest(_message.Message):
     seq_lens: Tensor
     doc_remaining: Tensor
     data_plane: bool
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., loss_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., seq_lens: _Optional[_Union[Tensor, _Mapping]] = ..., doc_remaining: _Optional[_Union[Tensor, _Mapping]] = ..., data_plane: bool = ...) -> None: ...
+    trainer_step: int
+    trainer_loss: float
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., loss_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., seq_lens: _Optional[_Union[Tensor, _Mapping]] = ..., doc_remaining: _Optional[_Union[Tensor, _Mapping]] = ..., data_plane: bool = ..., trainer_step: _Optional[int] = ..., trainer_loss: _Optional[float] = ...) -> None: ...
 
 class StreamWeightsRequest(_message.Message):
     __slots__ = ("name",)
