@@ -157,6 +157,19 @@ def test_remote_and_in_process_training_give_identical_losses(tmp_path, target_d
     } <= set(lines[0])
 
 
+def test_a_draft_that_keeps_the_whole_vocabulary_trains_through_the_server(
+    tmp_path, target_dir, data_file, server
+):
+    """A draft vocab as large as the target's still sends a (identity) mapping: a remote session
+    answers nothing before it has one, so this run used to stop at its first batch."""
+    full = {"eagle3": {"draft_vocab_size": 160}, "loop": {"steps": 2}}
+    local = run_training(make_cfg(tmp_path / "local", target_dir, data_file, **full))
+    remote = run_training(
+        make_cfg(tmp_path / "remote", target_dir, data_file, target={"url": [server.url]}, **full)
+    )
+    assert len(remote.history) == 2 and losses(local) == losses(remote)
+
+
 def test_loss_goes_down_on_a_tiny_overfit_set(tmp_path, target_dir):
     """Against a target with peaked next-token distributions (its lm_head scaled up, so the soft-CE floor,
     the target's entropy, is low), a few chats are learnt: loss and accuracy move far."""

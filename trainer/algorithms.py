@@ -152,8 +152,9 @@ class Eagle3Algorithm(DraftAlgorithm):
         return draft
 
     def prepare_backend(self, backend, draft):
-        if draft.config.draft_vocab_size < draft.config.vocab_size:
-            backend.set_vocab_mapping(draft.selected_token_ids().cpu(), draft.t2d.cpu())
+        # always, also when the draft keeps the whole vocabulary (an identity mapping): a remote session
+        # answers nothing before it has a mapping
+        backend.set_vocab_mapping(draft.selected_token_ids().cpu(), draft.t2d.cpu())
 
     def loss(self, draft, batch, dist):
         e = self.cfg.eagle3
