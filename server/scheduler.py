@@ -53,6 +53,7 @@ from .backends import forward_for
 from .capture import Captured, TargetLayout
 from .features import TokenBatch
 from .metrics import ServerMetrics
+from .packing import stack_packed
 from .sessions import Session
 
 __all__ = ["BatchScheduler", "Reply"]
@@ -464,27 +465,20 @@ class BatchScheduler:
 
 
 def _stack(tbs: list[TokenBatch]) -> TokenBatch:
+    """The forward's batch: the requests' rows, one under the other. Packed requests may each send
+    another subset of the packing metadata; `stack_packed` gives every row the documents and
+    positions its request has alone. Replies are built from each request's own `TokenBatch`."""
     if len(tbs) == 1:
         return tbs[0]
 
-    def cat(name, pad_docs=False):
-        ts = [getattr(t, name) for t in tbs]
-        if ts[0] is None:
-            return None
-        ts = [t.long() for t in ts]
-        if pad_docs:
-            width = max(t.shape[1] for t in ts)
-            ts = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts]
-        return torch.cat(ts)
+    def cat(name):
+        return torch.cat([getattr(t, name).long() for t in tbs])
 
-    return TokenBatch(
-        cat("input_ids"),
-        cat("attention_mask"),
-        cat("loss_mask"),
-        cat("position_ids"),
-        cat("seq_lens", pad_docs=True),
-        cat("doc_remaining"),
-    )
+    ids, attn, loss = cat("input_ids"), cat("attention_mask"), cat("loss_mask")
+    if not tbs[0].packed:  # a batch's requests share one shape class (`_Work.key`): all packed or none
+        return TokenBatch(ids, attn, loss)
+    seq_lens, position_ids = stack_packed(tbs)
+    return TokenBatch(ids, attn, loss, position_ids, seq_lens)
 
 
 def _slice(cap: Captured, rows: slice) -> Captured:
