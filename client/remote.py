@@ -370,6 +370,11 @@ class _RemoteTarget:
             if frames is not None:
                 frames.cancel()
             raise
+        if len(replies) != 1:  # a server must answer a Generate with one reply or an error status
+            raise error_for_code(
+                grpc.StatusCode.DATA_LOSS,
+                f"{server.url} ended Generate with {len(replies)} replies instead of one; retry the batch",
+            )
         return self._batch(replies[0])
 
     def _batch(self, reply):

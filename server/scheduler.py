@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from draftfeed.client.errors import DraftfeedError, ResourceExhausted, Unavailable
+from draftfeed.client.errors import DraftfeedError, NotFound, ResourceExhausted, Unavailable
 from draftfeed.client.payload import PendingFields, encode_fields_on_device
 
 from .backends import forward_for
@@ -212,14 +212,16 @@ class BatchScheduler:
         return fut
 
     def cancel_session(self, session_id: str) -> int:
-        """Drop a closed session's queued requests (their futures are cancelled)."""
+        """Drop a closed session's queued requests: each future fails with NotFound naming the
+        session (its call answers that, never nothing). Requests already on the GPU finish."""
         with self._cv:
             q = self._queues.pop(session_id, deque())
             self._vtime.pop(session_id, None)
             self.metrics.queue_depth -= len(q)
         for w in q:
-            w.future.cancel()
             w.session.stats.in_flight -= 1
+            if w.future.set_running_or_notify_cancel():  # not cancelled with its call meanwhile
+                w.future.set_exception(_closed(w.session))
         return len(q)
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -282,12 +284,13 @@ class BatchScheduler:
             try:
                 live = []
                 for w in batch:
-                    if w.session.closed:
-                        w.future.cancel()  # closed after it was taken: cancel_session no longer sees it
-                    if not w.future.cancelled() and w.future.set_running_or_notify_cancel():
-                        live.append(w)
-                    else:
+                    if not w.future.set_running_or_notify_cancel():  # cancelled with its call
                         w.session.stats.in_flight -= 1
+                    elif w.session.closed:  # closed after it was taken: cancel_session no longer sees it
+                        w.session.stats.in_flight -= 1
+                        w.future.set_exception(_closed(w.session))
+                    else:
+                        live.append(w)
                 if live:
                     self._run(live)
             except Exception:  # the worker must outlive any batch
@@ -462,6 +465,13 @@ class BatchScheduler:
                 host[k] = h
             event = self._end_gpu_span(copy_start, stream)
         return Reply(pending.rebind(host), event, w.tokens, self._reply_failed)
+
+
+def _closed(session: Session) -> NotFound:
+    return NotFound(
+        f"session {session.id} (job {session.job_name!r}) was closed while this request was queued; "
+        "open a new session and send it again"
+    )
 
 
 def _stack(tbs: list[TokenBatch]) -> TokenBatch:

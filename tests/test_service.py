@@ -12,7 +12,7 @@ import torch
 from test_backends import inputs, mapping
 from test_packing import packed_inputs
 
-from draftfeed.client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from draftfeed.client.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from draftfeed.client.remote import RemoteDFlashTargetModel, RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.server.app import TargetServer
 from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
@@ -398,3 +398,99 @@ def test_closed_sessions_keep_their_totals_for_reports(server, model):
     assert done.closed and done.stats.requests == 3
     assert done.stats.tokens == 3 * inputs()[0].numel() and done.stats.bytes_sent > 0
     assert all(s.job_name != "report-me" for s in server.sessions.list())
+
+
+class _HeldForward:
+    """A scheduler forward that waits at its first call until `release()`; says when it got there."""
+
+    def __init__(self):
+        from draftfeed.server.backends import forward_for
+
+        self._forward = forward_for
+        self.entered, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, model, layout, batch, needs):
+        self.entered.set()
+        assert self.go.wait(60)
+        return self._forward(model, layout, batch, needs)
+
+
+def _wait_for(condition, what, timeout=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_closing_a_session_answers_its_queued_requests(model):
+    """Issue 16.2: a session closed while its requests wait in the queue: the unary Generate gets
+    NOT_FOUND naming the session, each queued request of a GenerateStream an error frame (the stream
+    goes on), and the client library re-opens and answers instead of raising IndexError."""
+    from draftfeed.client.pb import draftfeed_pb2 as pb
+    from draftfeed.client.wire import ReplyAssembler, TargetStub
+
+    srv = start_server(model)
+    held = _HeldForward()
+    srv.scheduler._forward = held
+    stub = TargetStub(grpc.insecure_channel(srv.url.removeprefix("grpc://")))
+    try:
+        holder = stub.OpenSession(pb.OpenSessionRequest(algorithm="dspark", job_name="holder")).session_id
+        victim = stub.OpenSession(pb.OpenSessionRequest(algorithm="dspark", job_name="victim")).session_id
+        args = inputs()
+        blocker = stub.Generate(_generate_request(holder, *args), timeout=60)
+        assert held.entered.wait(30)
+        unary = stub.Generate(_generate_request(victim, *args), timeout=60)
+        reqs = [_generate_request(victim, *args) for _ in range(2)]
+        for i, r in enumerate(reqs):
+            r.request_id = i + 1
+        done_sending = threading.Event()
+
+        def requests():
+            yield from reqs
+            done_sending.wait(60)
+
+        stream = stub.GenerateStream(requests(), timeout=60)
+        _wait_for(lambda: srv.scheduler.pending() == 3, "the victim's three requests to queue")
+        stub.CloseSession(pb.CloseSessionRequest(session_id=victim), timeout=30)
+        with pytest.raises(grpc.RpcError) as e:
+            list(ReplyAssembler().replies(unary))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (
+            f"session {victim}" in e.value.details()
+            and "closed while this request was queued" in e.value.details()
+        )
+        assembler, errors = ReplyAssembler(), []
+        for frame in stream:
+            try:
+                assembler.feed(frame)
+            except NotFound as err:
+                errors.append(err)
+                if len(errors) == 2:
+                    break
+        assert [err.request_id for err in errors] == [1, 2]
+        assert all(victim in str(err) for err in errors)
+        done_sending.set()
+        held.go.set()
+        assert len(list(ReplyAssembler().replies(blocker))) == 1
+        # the client library: its session closed under a queued request -> re-opened, answered
+        held.entered.clear()
+        held.go.clear()
+        blocker = stub.Generate(_generate_request(holder, *args), timeout=60)
+        assert held.entered.wait(30)
+        with RemoteDSparkTargetModel.from_urls([srv.url]) as remote:
+            first = remote.servers[0].session_id
+            got = {}
+            t = threading.Thread(target=lambda: got.update(batch=remote.generate_batch(*args)))
+            t.start()
+            _wait_for(lambda: srv.scheduler.pending() == 1, "the client's request to queue")
+            stub.CloseSession(pb.CloseSessionRequest(session_id=first), timeout=30)
+            _wait_for(lambda: remote.servers[0].session_id != first, "the client to re-open its session")
+            held.go.set()
+            t.join(60)
+            assert_same(got["batch"], HFDSparkTargetModel(model).generate_batch(*args))
+        assert len(list(ReplyAssembler().replies(blocker))) == 1
+    finally:
+        held.go.set()
+        srv.stop(grace=1)
