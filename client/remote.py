@@ -199,7 +199,7 @@ class _RemoteTarget:
         job_name: str = "",
         encodings: dict[str, str] | None = None,
         capture_logits: bool = False,
-        weight: float = 1.0,
+        weight: float | None = None,
         timeout: float = 120.0,
         max_in_flight: int = 2,
         cache_dir: str | Path | None = "~/.cache/draftfeed/weights",
@@ -285,7 +285,7 @@ class _RemoteTarget:
             job_name=self.job_name,
             capture_logits=self.capture_logits,
             encodings=self.encodings,
-            weight=self.weight,
+            weight=self.weight or 0.0,  # 0: the job's weight (the server's operator sets it)
         )
         if self._mapping is not None:
             req.selected_token_ids.CopyFrom(tensor_to_proto(self._mapping[0]))

@@ -150,7 +150,7 @@ class TargetServicer:
             self.access.job_name(caller, request.job_name),
             request.capture_logits,
             dict(request.encodings),
-            request.weight or 1.0,
+            self.access.session_weight(caller, request.weight),
             mapping,
         )
 
