@@ -268,7 +268,7 @@ class AccessControl:
         if caller.job is None:
             return asked
         if asked and asked != caller.job.name:
-            log.info("session job name %r recorded as the token's job %r", asked, caller.job.name)
+            log.info("session job name %r recorded as the token's job %r", asked[:64], caller.job.name)
         return caller.job.name
 
     def session_weight(self, caller: Caller, asked: float) -> float:

@@ -22,7 +22,7 @@ import grpc
 import torch
 
 from draftfeed.client.channel import RETRY_AFTER_KEY, session_spec_from_metadata
-from draftfeed.client.errors import DraftfeedError, InvalidArgument, Unavailable
+from draftfeed.client.errors import DraftfeedError, InvalidArgument, ResourceExhausted, Unavailable
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import encode_error_reply, encode_reply, tensor_from_proto
 
@@ -79,6 +79,49 @@ def _rpc(fn):
     return unary
 
 
+class _Holds:
+    """Per session: requests submitted through this servicer whose reply is not yet written out
+    (queued, on the GPU, or answered and waiting for the client to read). A GenerateStream client
+    that sends and never reads would otherwise make the server keep every answered reply; this
+    count is held to the per-job queue limit, checked before a request is queued."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._count: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, session: Session):
+        """A `release()` for one more request of `session` (call it once its reply is written or
+        dropped; later calls do nothing); ResourceExhausted naming the limit when it is reached."""
+        with self._lock:
+            n = self._count.get(session.id, 0)
+            if n >= self.limit:
+                raise ResourceExhausted(
+                    f"job {session.job_name!r} has {n} requests whose replies are queued, running or not yet "
+                    f"read (per-job limit {self.limit}, --max-queued-per-job); read replies before sending "
+                    "more (retry in ~1 s)"
+                )
+            self._count[session.id] = n + 1
+        done = []
+
+        def release():
+            if done:
+                return
+            done.append(True)
+            with self._lock:
+                left = self._count[session.id] - 1
+                if left:
+                    self._count[session.id] = left
+                else:
+                    del self._count[session.id]
+
+        return release
+
+    def held(self, session_id: str) -> int:
+        with self._lock:
+            return self._count.get(session_id, 0)
+
+
 def _opt(msg, name):
     return tensor_from_proto(getattr(msg, name), name) if msg.HasField(name) else None
 
@@ -115,6 +158,7 @@ class TargetServicer:
         self.draining = False
         self._weights: dict[str, torch.Tensor] = {}
         self._weights_lock = threading.Lock()
+        self.holds = _Holds(scheduler.max_queued_per_session)
         self._streams: dict[int, tuple[queue.Queue, threading.Lock]] = {}
         self._streams_lock = threading.Lock()
 
@@ -213,8 +257,15 @@ class TargetServicer:
             vocab_size=self.info.vocab_size,
             limits=self.limits,
         )
-        future = self.access.charge(caller, tb.input_ids.numel(), lambda: self.scheduler.submit(session, tb))
-        return session, future
+        release = self.holds.take(session)
+        try:
+            future = self.access.charge(
+                caller, tb.input_ids.numel(), lambda: self.scheduler.submit(session, tb)
+            )
+        except BaseException:
+            release()
+            raise
+        return session, future, release
 
     def _frames(self, request_id, session, future, data_plane, context):
         """The frames of one answered request; its payload goes on the data plane only when the
@@ -240,9 +291,12 @@ class TargetServicer:
 
     @_rpc
     def Generate(self, request, context, caller):
-        session, future = self._submit(request, caller, _spec(context))
+        session, future, release = self._submit(request, caller, _spec(context))
         context.add_callback(future.cancel)
-        yield from self._frames(request.request_id, session, future, request.data_plane, context)
+        try:
+            yield from self._frames(request.request_id, session, future, request.data_plane, context)
+        finally:
+            release()
 
     @_rpc
     def GenerateStream(self, request_iterator, context, caller):
@@ -251,17 +305,20 @@ class TargetServicer:
         the server drains, the stream ends after the requests it already queued."""
         pending: queue.Queue = queue.Queue()
         gate = threading.Lock()
+        ended = threading.Event()  # set under `gate` when the writer is done: the reader queues no more
         spec = _spec(context)
 
         def read():
             try:
                 for request in request_iterator:
                     with gate:
+                        if ended.is_set():
+                            return
                         try:
                             submitted = self._submit(request, caller, spec)
                             pending.put((request.request_id, *submitted, request.data_plane))
                         except DraftfeedError as err:
-                            pending.put((request.request_id, None, err, False))
+                            pending.put((request.request_id, None, err, None, False))
             except Exception as err:  # noqa: BLE001 - the client went away
                 log.debug("GenerateStream reader ended: %s", err)
             finally:
@@ -295,8 +352,14 @@ class TargetServicer:
         finally:
             with self._streams_lock:
                 self._streams.pop(id(pending), None)
+            with gate:
+                ended.set()
+            for item in list(pending.queue):  # never answered: no reply is kept for them
+                if isinstance(item, tuple) and item[1] is not None:
+                    item[2].cancel()
+                    item[3]()
 
-    def _answer(self, request_id, session, outcome, data_plane, context):
+    def _answer(self, request_id, session, outcome, release, data_plane, context):
         if session is None:
             yield encode_error_reply(request_id, outcome)
             return
@@ -304,6 +367,8 @@ class TargetServicer:
             yield from self._frames(request_id, session, outcome, data_plane, context)
         except DraftfeedError as err:
             yield encode_error_reply(request_id, err)
+        finally:
+            release()
 
     @_rpc
     def StreamWeights(self, request, context, caller):

@@ -494,3 +494,119 @@ def test_closing_a_session_answers_its_queued_requests(model):
     finally:
         held.go.set()
         srv.stop(grace=1)
+
+
+def test_unread_stream_replies_count_against_the_per_job_limit(model):
+    """Issue 16.6: a GenerateStream client that sends and never reads: the server keeps at most the
+    per-job limit of replies for it (queued, running or answered-unread); the rest are refused with
+    RESOURCE_EXHAUSTED naming the limit, before anything is queued for them."""
+    from draftfeed.client.pb import draftfeed_pb2 as pb
+    from draftfeed.client.wire import ReplyAssembler, TargetStub
+
+    srv = start_server(model, max_queued_per_session=3, data_port=None)
+    stub = TargetStub(grpc.insecure_channel(srv.url.removeprefix("grpc://")))
+    try:
+        sid = stub.OpenSession(pb.OpenSessionRequest(algorithm="dflash", capture_logits=True)).session_id
+        args = inputs(s=1600)  # each reply carries 2x1600x160 fp32 logits (2 MB): more than a flow window
+        reqs = [_generate_request(sid, *args) for _ in range(8)]
+        for i, r in enumerate(reqs):
+            r.request_id = i + 1
+        finish = threading.Event()
+
+        def requests():
+            yield from reqs
+            finish.wait(60)
+
+        stream = stub.GenerateStream(requests(), timeout=120)
+        session = srv.sessions.get(sid)
+        (pending,) = [q for q, _ in srv.servicer._streams.values()]
+        # the reader has read all 8 requests (each waits in the stream's queue, or its reply was
+        # started: nobody reads, so the writer soon blocks on a reply) and nothing is left to run
+        _wait_for(lambda: pending.qsize() + session.stats.requests == 8, "the 8 requests to be read")
+        _wait_for(lambda: session.stats.in_flight == 0, "the admitted requests to be answered")
+        assert srv.servicer.holds.held(sid) <= 3  # replies the server keeps for this client
+        got, errors, assembler = [], [], ReplyAssembler()
+        for frame in stream:
+            try:
+                reply = assembler.feed(frame)
+            except ResourceExhausted as err:
+                errors.append(err)
+                reply = None
+            if reply is not None:
+                got.append(reply.request_id)
+            if len(got) + len(errors) == 8:
+                break
+        finish.set()
+        assert len(errors) >= 3, (got, [e.request_id for e in errors])  # at most 3 + what the transport took
+        assert sorted(got + [e.request_id for e in errors]) == list(range(1, 9))
+        assert srv.metrics.forward_tokens == len(got) * 2 * 1600  # a refused request never reached the GPU
+        assert "per-job limit 3" in str(errors[0]) and "not yet read" in str(errors[0])
+        _wait_for(lambda: srv.servicer.holds.held(sid) == 0, "the holds to be released")
+    finally:
+        srv.stop(grace=1)
+
+
+def test_memory_bounds_are_checked_before_allocation(server):
+    """Issue 16.6: what a request could make the server allocate is bounded first, and the answer
+    names the limit: a session spec that inflates to 1 GiB, a seq_lens of 1M documents, a packed row
+    past --max-packed-seq-len, thousands of layer ids, a 1 MB job name."""
+    import resource
+    import zlib
+
+    from draftfeed.client.channel import SESSION_SPEC_KEY
+    from draftfeed.client.pb import draftfeed_pb2 as pb
+    from draftfeed.client.wire import ReplyAssembler, TargetStub, tensor_to_proto
+
+    stub = TargetStub(grpc.insecure_channel(server.url.removeprefix("grpc://")))
+    deflate, zeros = zlib.compressobj(9), bytes(1 << 20)
+    bomb = b"".join(deflate.compress(zeros) for _ in range(1024)) + deflate.flush()  # 1 MiB -> 1 GiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    sid = stub.OpenSession(pb.OpenSessionRequest(algorithm="dspark")).session_id
+    ids, attn, loss = inputs()
+
+    def status(call):
+        with pytest.raises(grpc.RpcError) as e:
+            out = call()
+            if not isinstance(out, pb.OpenSessionResponse):
+                list(ReplyAssembler().replies(out))
+        return e.value.code(), e.value.details()
+
+    code, details = status(
+        lambda: stub.Generate(
+            _generate_request(sid, ids, attn, loss), timeout=30, metadata=((SESSION_SPEC_KEY, bomb),)
+        )
+    )
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "MAX_SPEC_BYTES" in details
+    req = _generate_request(sid, ids, attn, loss)
+    req.seq_lens.CopyFrom(tensor_to_proto(torch.zeros(2, 1 << 20, dtype=torch.int16)))
+    code, details = status(lambda: stub.Generate(req, timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "1048576 document slots" in details
+    s = 64  # the fixture's max_seq_len; a packed 2x64 request needs a 2x64x64 mask
+    small = start_server(server.scheduler.model, limits=Limits(max_packed_seq_len=80))
+    try:
+        stub2 = TargetStub(grpc.insecure_channel(small.url.removeprefix("grpc://")))
+        sid2 = stub2.OpenSession(pb.OpenSessionRequest(algorithm="dspark")).session_id
+        req = _generate_request(sid2, *(torch.ones(2, s, dtype=torch.long),) * 3)
+        req.seq_lens.CopyFrom(tensor_to_proto(torch.tensor([[s], [s]])))
+        code, details = status(lambda: stub2.Generate(req, timeout=30))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2x64x64 attention mask" in details and "--max-packed-seq-len 80" in details
+        req.input_ids.CopyFrom(tensor_to_proto(torch.ones(1, s, dtype=torch.long)))
+        for name in ("attention_mask", "loss_mask"):
+            getattr(req, name).CopyFrom(tensor_to_proto(torch.ones(1, s, dtype=torch.long)))
+        req.seq_lens.CopyFrom(tensor_to_proto(torch.tensor([[s]])))
+        assert len(list(ReplyAssembler().replies(stub2.Generate(req, timeout=30)))) == 1  # 1x64x64 fits
+    finally:
+        small.stop(grace=0)
+    code, details = status(
+        lambda: stub.OpenSession(pb.OpenSessionRequest(algorithm="dflash", layer_ids=[0] * 2000), timeout=30)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "2000 layer ids" in details and "at most 9" in details
+    code, details = status(
+        lambda: stub.OpenSession(
+            pb.OpenSessionRequest(algorithm="dspark", job_name="j" * (1 << 20)), timeout=30
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "over the limit of 256" in details
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 300 * 1024  # no GiB-sized allocation
+    stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
