@@ -39,7 +39,7 @@ from .graphs import GraphedForward
 from .metrics import ServerMetrics
 from .model_info import build_model_info, fingerprint
 from .scheduler import BatchScheduler
-from .service import TargetServicer
+from .service import TargetServicer, lenient_deserializer
 from .sessions import SessionTable
 
 __all__ = ["TargetServer", "serve", "server_credentials"]
@@ -131,7 +131,7 @@ class TargetServer:
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ]
         self.grpc = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers), options=options)
-        add_to_server(self.servicer, self.grpc)
+        add_to_server(self.servicer, self.grpc, deserializer=lenient_deserializer)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

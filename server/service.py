@@ -7,6 +7,11 @@ the optional TCP data plane for reply payloads in server/dataplane.py.
 also sends its retry hint as trailing metadata), and anything else to INTERNAL, logged with the RPC
 name, without stopping the server. While draining, new work gets UNAVAILABLE and open streams end
 once the requests they already queued are answered.
+
+Request bytes that are not a valid protobuf message get INVALID_ARGUMENT (grpcio answers a raising
+deserializer with INTERNAL "Exception deserializing request!", so `lenient_deserializer` returns a
+`_Malformed` marker that `_rpc` refuses; on GenerateStream the stream ends with it after the
+requests before it are answered). The health and reflection services keep grpcio's INTERNAL.
 """
 
 from __future__ import annotations
@@ -34,12 +39,34 @@ from .features import TokenBatch
 from .scheduler import BatchScheduler
 from .sessions import Session, SessionTable
 
-__all__ = ["TargetServicer"]
+__all__ = ["TargetServicer", "lenient_deserializer"]
 
 log = logging.getLogger("draftfeed.service")
 
 _WEIGHTS = {"embed_tokens": "get_input_embeddings", "lm_head": "get_output_embeddings"}
 _DRAIN = object()  # put into a stream's queue when the server starts draining
+
+
+class _Malformed:
+    """Stands for request bytes that did not parse as `kind`; `_rpc` answers INVALID_ARGUMENT."""
+
+    def __init__(self, kind: str, err: Exception):
+        self.error = InvalidArgument(
+            f"the request is not a valid {kind} protobuf message ({type(err).__name__}); "
+            "send messages built from draftfeed's proto (draftfeed.client.pb)"
+        )
+
+
+def lenient_deserializer(message_class):
+    """A request deserializer that never raises: bad bytes become a `_Malformed`."""
+
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception as err:  # noqa: BLE001 - DecodeError differs between protobuf implementations
+            return _Malformed(message_class.__name__, err)
+
+    return parse
 
 
 def _rpc(fn):
@@ -63,6 +90,8 @@ def _rpc(fn):
         def stream(self, request, context):
             try:
                 caller = self.access.authenticate(context)
+                if isinstance(request, _Malformed):
+                    raise request.error
                 yield from fn(self, request, context, caller)
             except Exception as err:  # noqa: BLE001 - mapped to a status
                 fail(context, fn.__name__, err)
@@ -72,7 +101,10 @@ def _rpc(fn):
     @functools.wraps(fn)
     def unary(self, request, context):
         try:
-            return fn(self, request, context, self.access.authenticate(context))
+            caller = self.access.authenticate(context)
+            if isinstance(request, _Malformed):
+                raise request.error
+            return fn(self, request, context, caller)
         except Exception as err:  # noqa: BLE001 - mapped to a status
             fail(context, fn.__name__, err)
 
@@ -311,6 +343,9 @@ class TargetServicer:
         def read():
             try:
                 for request in request_iterator:
+                    if isinstance(request, _Malformed):  # no request id to answer: the stream ends with it
+                        pending.put(request)
+                        return
                     with gate:
                         if ended.is_set():
                             return
@@ -348,6 +383,8 @@ class TargetServicer:
                 if item is _DRAIN:
                     draining = True
                     continue
+                if isinstance(item, _Malformed):
+                    raise item.error
                 yield from self._answer(*item, context)
         finally:
             with self._streams_lock:

@@ -610,3 +610,37 @@ def test_memory_bounds_are_checked_before_allocation(server):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "over the limit of 256" in details
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 300 * 1024  # no GiB-sized allocation
     stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+
+
+def test_malformed_protobuf_bytes_get_invalid_argument(server, model):
+    """Issue 16.15: bytes that do not parse as the method's message are INVALID_ARGUMENT, never
+    INTERNAL, on every method; on GenerateStream after the requests before them are answered."""
+    from draftfeed.client.wire import SERVICE_NAME, ReplyAssembler
+
+    channel = grpc.insecure_channel(server.url.removeprefix("grpc://"))
+    garbage = [b"\xff\xff\xff", b"\x0a\x02\xff\xfe", b"\x0a\x80"]  # bad tag, bad UTF-8, truncated
+    kinds = {"GenerateStream": "stream_stream", "Generate": "unary_stream", "StreamWeights": "unary_stream"}
+    for method in ("GetModelInfo", "OpenSession", "SetVocabMapping", "CloseSession", *kinds):
+        call = getattr(channel, kinds.get(method, "unary_unary"))(f"/{SERVICE_NAME}/{method}")
+        for data in garbage:
+            if method == "GetModelInfo" and data == garbage[1]:
+                continue  # its request has no field 1: an unknown field, which protobuf keeps
+            with pytest.raises(grpc.RpcError) as e:
+                out = call(iter([data]) if method == "GenerateStream" else data, timeout=30)
+                if method in kinds:
+                    list(out)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, data, e.value.details())
+            assert "not a valid" in e.value.details()
+    with RemoteDSparkTargetModel.from_urls([server.url]) as remote:
+        good = _generate_request(remote.servers[0].session_id, *inputs())
+        good.request_id = 7
+        call = channel.stream_stream(f"/{SERVICE_NAME}/GenerateStream")
+        replies = []
+        with pytest.raises(grpc.RpcError) as e:
+            for reply in ReplyAssembler().replies(
+                call(iter([good.SerializeToString(), garbage[0]]), timeout=30)
+            ):
+                replies.append(reply)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [r.request_id for r in replies] == [7]
+        assert remote.generate_batch(*inputs()) is not None  # the server goes on
