@@ -137,10 +137,10 @@ class _Holds:
         done = []
 
         def release():
-            if done:
-                return
-            done.append(True)
             with self._lock:
+                if done:
+                    return
+                done.append(True)
                 left = self._count[session.id] - 1
                 if left:
                     self._count[session.id] = left

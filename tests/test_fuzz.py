@@ -503,7 +503,7 @@ def test_fuzz_every_port_while_two_good_jobs_train(model, tmp_path):
             ]
             for j, fut in futures:
                 try:
-                    ok = _assert_same(fut.result(timeout=60), want[name][j])
+                    ok = _assert_same(fut.result(timeout=30), want[name][j])
                     counts[name, "ok" if ok else "wrong"] += 1
                 except Exception as err:  # noqa: BLE001 - every failure is counted and shown
                     counts[name, "failed"] += 1
@@ -520,8 +520,9 @@ def test_fuzz_every_port_while_two_good_jobs_train(model, tmp_path):
     threads = [threading.Thread(target=f.run, args=(WARM_CALLS // FUZZ_THREADS,), daemon=True) for f in warm]
     for t in threads:  # the server's thread pools, gRPC and HTTP buffers reach their working size
         t.start()
+    warm_deadline = time.monotonic() + 120
     for t in threads:
-        t.join(120)
+        t.join(max(0.0, warm_deadline - time.monotonic()))
     for f in warm:
         f.close()
     rss_before = _rss_mb()
@@ -533,12 +534,13 @@ def test_fuzz_every_port_while_two_good_jobs_train(model, tmp_path):
     t0 = time.monotonic()
     for t in jobs + threads:
         t.start()
+    deadline = t0 + 180  # one bound for all: a hang fails the test instead of stalling the suite
     for t in threads:
-        t.join(180)
+        t.join(max(0.0, deadline - time.monotonic()))
     hung = sum(t.is_alive() for t in threads)
     fuzzing.clear()
     for t in jobs:
-        t.join(120)
+        t.join(max(0.0, deadline + 60 - time.monotonic()))
     hung += sum(t.is_alive() for t in jobs)
     elapsed = time.monotonic() - t0
     for f in fuzzers:
