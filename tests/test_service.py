@@ -491,6 +491,22 @@ def test_closing_a_session_answers_its_queued_requests(model):
             t.join(60)
             assert_same(got["batch"], HFDSparkTargetModel(model).generate_batch(*args))
         assert len(list(ReplyAssembler().replies(blocker))) == 1
+        # the same on the client's stream: its queued requests' futures get their answers
+        held.entered.clear()
+        held.go.clear()
+        blocker = stub.Generate(_generate_request(holder, *args), timeout=60)
+        assert held.entered.wait(30)
+        with RemoteDSparkTargetModel.from_urls([srv.url], max_in_flight=2) as remote:
+            first = remote.servers[0].session_id
+            futures = [remote.generate_batch_async(*inputs(seed=s)) for s in (1, 2)]
+            _wait_for(lambda: srv.scheduler.pending() == 2, "the stream's two requests to queue")
+            stub.CloseSession(pb.CloseSessionRequest(session_id=first), timeout=30)
+            _wait_for(lambda: remote.servers[0].session_id != first, "the client to re-open its session")
+            held.go.set()
+            local = HFDSparkTargetModel(model)
+            for s, fut in zip((1, 2), futures, strict=True):
+                assert_same(fut.result(timeout=60), local.generate_batch(*inputs(seed=s)))
+        assert len(list(ReplyAssembler().replies(blocker))) == 1
     finally:
         held.go.set()
         srv.stop(grace=1)
