@@ -27,7 +27,7 @@ from pathlib import Path
 
 import grpc
 
-from .errors import DraftfeedError, InvalidArgument, Unavailable
+from .errors import DraftfeedError, InvalidArgument, ResourceExhausted, Unavailable
 from .pb import draftfeed_pb2 as pb
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "parse_url",
     "open_channel",
     "MAX_METADATA_BYTES",
+    "MAX_SPEC_BYTES",
     "SESSION_SPEC_KEY",
     "RETRY_AFTER_KEY",
     "session_spec_metadata",
@@ -49,6 +50,8 @@ __all__ = [
 ]
 
 MAX_METADATA_BYTES = 8 << 20
+# a session spec inflated: its vocab mapping is 9 bytes per target token at most (2.3 MiB at V=256k)
+MAX_SPEC_BYTES = 16 << 20
 SESSION_SPEC_KEY = "draftfeed-session-spec-bin"
 RETRY_AFTER_KEY = "retry-after-ms"
 _RESOLVER_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
@@ -201,11 +204,23 @@ def session_spec_metadata(spec: pb.OpenSessionRequest) -> tuple[tuple[str, bytes
 
 
 def session_spec_from_metadata(metadata) -> pb.OpenSessionRequest | None:
-    """The spec a client sent with a call, or None. InvalidArgument when it does not decode."""
+    """The spec a client sent with a call, or None. InvalidArgument when it does not decode;
+    ResourceExhausted when it inflates past `MAX_SPEC_BYTES` (checked while inflating)."""
     for key, value in metadata or ():
         if key == SESSION_SPEC_KEY:
             try:
-                return pb.OpenSessionRequest.FromString(zlib.decompress(value))
+                inflate = zlib.decompressobj()
+                raw = inflate.decompress(value, MAX_SPEC_BYTES)
+                if inflate.unconsumed_tail:
+                    raise ResourceExhausted(
+                        f"metadata {SESSION_SPEC_KEY} inflates past this server's limit of {MAX_SPEC_BYTES} "
+                        "bytes (MAX_SPEC_BYTES); a session spec with a vocab mapping needs far less"
+                    )
+                if not inflate.eof:
+                    raise zlib.error("the compressed data is truncated")
+                return pb.OpenSessionRequest.FromString(raw)
+            except ResourceExhausted:
+                raise
             except Exception as err:  # noqa: BLE001 - zlib.error or a DecodeError
                 raise InvalidArgument(f"metadata {SESSION_SPEC_KEY} does not decode: {err}") from None
     return None

@@ -214,7 +214,7 @@ class _RemoteTarget:
         job_name: str = "",
         encodings: str | dict[str, str] | None = None,
         capture_logits: bool = False,
-        weight: float = 1.0,
+        weight: float | None = None,
         timeout: float = 120.0,
         retry_budget: float = 60.0,
         max_in_flight: int = 2,
@@ -303,7 +303,7 @@ class _RemoteTarget:
             job_name=self.job_name,
             capture_logits=self.capture_logits,
             encodings=self.encodings,
-            weight=self.weight,
+            weight=self.weight or 0.0,  # 0: the job's weight (the server's operator sets it)
         )
         if self._mapping is not None:
             req.selected_token_ids.CopyFrom(tensor_to_proto(self._mapping[0]))
@@ -414,6 +414,11 @@ class _RemoteTarget:
             if frames is not None:
                 frames.cancel()
             raise
+        if len(replies) != 1:  # a server must answer a Generate with one reply or an error status
+            raise error_for_code(
+                grpc.StatusCode.DATA_LOSS,
+                f"{server.url} ended Generate with {len(replies)} replies instead of one; retry the batch",
+            )
         return self._batch(replies[0])
 
     def _batch(self, reply):

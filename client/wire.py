@@ -508,17 +508,19 @@ def _methods():
         yield method.name, _KINDS[method.client_streaming, method.server_streaming], request, response, raw
 
 
-def add_to_server(servicer: Any, server: grpc.Server) -> None:
+def add_to_server(servicer: Any, server: grpc.Server, deserializer=None) -> None:
     """Registers `servicer` (a `TargetServiceServicer`) on `server`.
 
     Like the generated `add_TargetServiceServicer_to_server`, except that Generate, GenerateStream
     and StreamWeights send what the servicer yields as is: frames from `encode_reply` /
-    `encode_error_reply` (bytes), never `ReplyFrame` messages.
+    `encode_error_reply` (bytes), never `ReplyFrame` messages. `deserializer(message_class)` gives
+    each method's request deserializer (default: the class's `FromString`).
     """
+    deserializer = deserializer or (lambda request: request.FromString)
     handlers = {
         name: getattr(grpc, f"{kind}_rpc_method_handler")(
             getattr(servicer, name),
-            request_deserializer=request.FromString,
+            request_deserializer=deserializer(request),
             response_serializer=None if raw else response.SerializeToString,
         )
         for name, kind, request, response, raw in _methods()

@@ -44,7 +44,7 @@ from .listening import GRPC_EXCLUSIVE_PORT, port_taken
 from .metrics import ServerMetrics
 from .model_info import build_model_info, fingerprint
 from .scheduler import BatchScheduler
-from .service import TargetServicer
+from .service import TargetServicer, lenient_deserializer
 from .sessions import SessionTable
 
 __all__ = ["TargetServer", "serve", "server_credentials"]
@@ -153,7 +153,7 @@ class TargetServer:
             GRPC_EXCLUSIVE_PORT,
         ]
         self.grpc = grpc.server(ThreadPoolExecutor(max_workers=cfg.grpc_workers), options=options)
-        add_to_server(self.servicer, self.grpc)
+        add_to_server(self.servicer, self.grpc, deserializer=lenient_deserializer)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

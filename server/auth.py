@@ -8,12 +8,18 @@ A token file (YAML or JSON) maps job names to a token, or to a table:
       tokens_per_s: 200000                 # average token throughput (a token bucket, 1 s of burst)
       max_in_flight: 8                     # requests queued or on the GPU at once
       algorithms: [dspark]                 # which algorithms it may open sessions for
+      weight: 2.0                          # its share of the GPU against other jobs (default 1)
 
 Clients send `authorization: Bearer <token>` metadata on every call. No token or an unknown one is
 UNAUTHENTICATED; a session belongs to the job that opened it, and another job gets PERMISSION_DENIED.
 Quotas are checked before a request is queued: over tokens/s is RESOURCE_EXHAUSTED with a retry hint
 (the wait until the bucket refills), over max_in_flight likewise. Only sha256 digests of tokens are
 kept in memory; no token is ever logged, exported as a metric, or listed in /sessions.
+
+Scheduling weights come from the operator: a job's `weight` (in [MIN_WEIGHT, MAX_WEIGHT] = [0.01,
+100], default 1; 1 for everyone without a token file) is its share of forwards against other jobs
+with work queued. A client may ask for less (`weight=` in `from_urls`, for a low-priority job) but
+never more: what it asks is clamped to [MIN_WEIGHT, the job's weight].
 
 Without a token file anyone who reaches the port may use it, so the server then answers only peers
 on loopback, unless it was started with --insecure-allow-remote.
@@ -37,7 +43,15 @@ from urllib.parse import unquote
 from draftfeed.client.channel import bearer_token
 from draftfeed.client.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 
-__all__ = ["JobPolicy", "Caller", "AccessControl", "load_token_file", "is_loopback_peer"]
+__all__ = [
+    "JobPolicy",
+    "Caller",
+    "AccessControl",
+    "load_token_file",
+    "is_loopback_peer",
+    "MIN_WEIGHT",
+    "MAX_WEIGHT",
+]
 
 log = logging.getLogger("draftfeed.auth")
 
@@ -45,7 +59,8 @@ LOOPBACK = ("127.0.0.0/8", "::1/128")
 _GRPC_TOKEN_HINT = (
     "send metadata 'authorization: Bearer <token>' (token= in from_urls, --token-file of the trainer)"
 )
-_KEYS = {"token", "token_sha256", "tokens_per_s", "max_in_flight", "algorithms"}
+_KEYS = {"token", "token_sha256", "tokens_per_s", "max_in_flight", "algorithms", "weight"}
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0  # the range of a job's scheduling weight
 
 
 def _digest(token: str) -> bytes:
@@ -61,6 +76,7 @@ class JobPolicy:
     tokens_per_s: float | None = None
     max_in_flight: int | None = None
     algorithms: frozenset[str] | None = None
+    weight: float = 1.0
 
 
 def _policy(name: str, entry, where: str) -> JobPolicy:
@@ -100,7 +116,16 @@ def _policy(name: str, entry, where: str) -> JobPolicy:
         if not isinstance(algorithms, list) or not all(isinstance(a, str) for a in algorithms):
             raise InvalidArgument(f"{where}: job {name!r}: algorithms must be a list of names")
         algorithms = frozenset(algorithms)
-    return JobPolicy(name, digest, float(rate) if rate else None, in_flight, algorithms)
+    weight = entry.get("weight", 1.0)
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not MIN_WEIGHT <= weight <= MAX_WEIGHT
+    ):
+        raise InvalidArgument(
+            f"{where}: job {name!r}: weight must be a number in [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}], got {weight!r}"
+        )
+    return JobPolicy(name, digest, float(rate) if rate else None, in_flight, algorithms, float(weight))
 
 
 def _parse_error(err: Exception) -> str:
@@ -255,8 +280,22 @@ class AccessControl:
         if caller.job is None:
             return asked
         if asked and asked != caller.job.name:
-            log.info("session job name %r recorded as the token's job %r", asked, caller.job.name)
+            log.info("session job name %r recorded as the token's job %r", asked[:64], caller.job.name)
         return caller.job.name
+
+    def session_weight(self, caller: Caller, asked: float) -> float:
+        """A new session's scheduling weight: the job's (the token file's, 1 without one); a client's
+        `asked` weight (0: none asked) can only lower it, never below MIN_WEIGHT. NaN is refused."""
+        allowed = caller.job.weight if caller.job is not None else 1.0
+        if asked != asked:  # NaN
+            raise InvalidArgument("session weight is NaN; ask for a number > 0 (or leave it unset)")
+        if asked < 0:
+            raise InvalidArgument(f"session weight must be > 0, got {asked}")
+        if not asked:
+            return allowed
+        if asked > allowed:
+            log.info("session weight %g asked above the job's %g: the job's weight is used", asked, allowed)
+        return max(MIN_WEIGHT, min(asked, allowed))
 
     def check_algorithm(self, caller: Caller, algorithm: str) -> None:
         allowed = caller.job.algorithms if caller.job else None

@@ -23,6 +23,9 @@ class Limits:
     max_batch_size: int = 256
     max_seq_len: int = 32768
     max_batch_tokens: int = 262144
+    # packed rows attend through a [B,1,S,S] mask in the model dtype: a packed request's B*S*S may be
+    # at most max_packed_seq_len**2 (one row of that length; 8192: 256 MiB in fp32)
+    max_packed_seq_len: int = 8192
 
 
 def _check_2d(name: str, t: torch.Tensor, dtypes, shape=None) -> None:
@@ -87,5 +90,12 @@ def check_generate_inputs(
         if b * s > limits.max_batch_tokens:
             raise ResourceExhausted(
                 f"{b}x{s} = {b * s} tokens is over this server's per-request limit of {limits.max_batch_tokens} tokens"
+            )
+        packed = position_ids is not None or seq_lens is not None
+        cap = limits.max_packed_seq_len
+        if packed and b * s * s > cap * cap:
+            raise ResourceExhausted(
+                f"a packed request of {b}x{s} tokens needs a {b}x{s}x{s} attention mask, over this server's "
+                f"limit of {cap}x{cap} entries (--max-packed-seq-len {cap}); send fewer or shorter packed rows"
             )
     check_packing(input_ids, position_ids, seq_lens, doc_remaining)

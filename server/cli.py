@@ -37,7 +37,9 @@ def _serve_config(args):
         data_port=None if args.no_data_plane else args.data_port,
         device=args.device,
         dtype=args.dtype,
-        limits=Limits(args.max_batch_size, args.max_seq_len, args.max_request_tokens),
+        limits=Limits(
+            args.max_batch_size, args.max_seq_len, args.max_request_tokens, args.max_packed_seq_len
+        ),
         max_chunk_bytes=args.max_chunk_bytes,
         max_batch_tokens=args.max_batch_tokens,
         max_queue=args.max_queue,
@@ -149,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, default=256, help="per-request limit on B")
     serve.add_argument("--max-seq-len", type=int, default=32768, help="per-request limit on S")
     serve.add_argument("--max-request-tokens", type=int, default=262144, help="per-request limit on B*S")
+    serve.add_argument(
+        "--max-packed-seq-len",
+        type=int,
+        default=8192,
+        help="packed requests: B*S*S (their attention mask) at most this squared (one row of this length)",
+    )
     serve.add_argument(
         "--max-batch-tokens", type=int, default=16384, help="token budget of one batched forward"
     )

@@ -46,13 +46,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from draftfeed.client.errors import DraftfeedError, ResourceExhausted, Unavailable
+from draftfeed.client.errors import DraftfeedError, NotFound, ResourceExhausted, Unavailable
 from draftfeed.client.payload import PendingFields, encode_fields_on_device
 
 from .backends import forward_for
 from .capture import Captured, TargetLayout
 from .features import TokenBatch
 from .metrics import ServerMetrics
+from .packing import stack_packed
 from .sessions import Session
 
 __all__ = ["BatchScheduler", "Reply"]
@@ -211,14 +212,16 @@ class BatchScheduler:
         return fut
 
     def cancel_session(self, session_id: str) -> int:
-        """Drop a closed session's queued requests (their futures are cancelled)."""
+        """Drop a closed session's queued requests: each future fails with NotFound naming the
+        session (its call answers that, never nothing). Requests already on the GPU finish."""
         with self._cv:
             q = self._queues.pop(session_id, deque())
             self._vtime.pop(session_id, None)
             self.metrics.queue_depth -= len(q)
         for w in q:
-            w.future.cancel()
             w.session.stats.in_flight -= 1
+            if w.future.set_running_or_notify_cancel():  # not cancelled with its call meanwhile
+                w.future.set_exception(_closed(w.session))
         return len(q)
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -281,12 +284,13 @@ class BatchScheduler:
             try:
                 live = []
                 for w in batch:
-                    if w.session.closed:
-                        w.future.cancel()  # closed after it was taken: cancel_session no longer sees it
-                    if not w.future.cancelled() and w.future.set_running_or_notify_cancel():
-                        live.append(w)
-                    else:
+                    if not w.future.set_running_or_notify_cancel():  # cancelled with its call
                         w.session.stats.in_flight -= 1
+                    elif w.session.closed:  # closed after it was taken: cancel_session no longer sees it
+                        w.session.stats.in_flight -= 1
+                        w.future.set_exception(_closed(w.session))
+                    else:
+                        live.append(w)
                 if live:
                     self._run(live)
             except Exception:  # the worker must outlive any batch
@@ -464,28 +468,28 @@ class BatchScheduler:
         return Reply(pending.rebind(host), event, w.tokens, self._reply_failed)
 
 
+def _closed(session: Session) -> NotFound:
+    return NotFound(
+        f"session {session.id} (job {session.job_name!r}) was closed while this request was queued; "
+        "open a new session and send it again"
+    )
+
+
 def _stack(tbs: list[TokenBatch]) -> TokenBatch:
+    """The forward's batch: the requests' rows, one under the other. Packed requests may each send
+    another subset of the packing metadata; `stack_packed` gives every row the documents and
+    positions its request has alone. Replies are built from each request's own `TokenBatch`."""
     if len(tbs) == 1:
         return tbs[0]
 
-    def cat(name, pad_docs=False):
-        ts = [getattr(t, name) for t in tbs]
-        if ts[0] is None:
-            return None
-        ts = [t.long() for t in ts]
-        if pad_docs:
-            width = max(t.shape[1] for t in ts)
-            ts = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts]
-        return torch.cat(ts)
+    def cat(name):
+        return torch.cat([getattr(t, name).long() for t in tbs])
 
-    return TokenBatch(
-        cat("input_ids"),
-        cat("attention_mask"),
-        cat("loss_mask"),
-        cat("position_ids"),
-        cat("seq_lens", pad_docs=True),
-        cat("doc_remaining"),
-    )
+    ids, attn, loss = cat("input_ids"), cat("attention_mask"), cat("loss_mask")
+    if not tbs[0].packed:  # a batch's requests share one shape class (`_Work.key`): all packed or none
+        return TokenBatch(ids, attn, loss)
+    seq_lens, position_ids = stack_packed(tbs)
+    return TokenBatch(ids, attn, loss, position_ids, seq_lens)
 
 
 def _slice(cap: Captured, rows: slice) -> Captured:

@@ -8,6 +8,11 @@ Generate/GenerateStream calls (each holds a worker thread) in server/admission.p
 also sends its retry hint as trailing metadata), and anything else to INTERNAL, logged with the RPC
 name, without stopping the server. While draining, new work gets UNAVAILABLE and open streams end
 once the requests they already queued are answered.
+
+Request bytes that are not a valid protobuf message get INVALID_ARGUMENT (grpcio answers a raising
+deserializer with INTERNAL "Exception deserializing request!", so `lenient_deserializer` returns a
+`_Malformed` marker that `_rpc` refuses; on GenerateStream the stream ends with it after the
+requests before it are answered). The health and reflection services keep grpcio's INTERNAL.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import grpc
 import torch
 
 from draftfeed.client.channel import RETRY_AFTER_KEY, session_spec_from_metadata
-from draftfeed.client.errors import DraftfeedError, InvalidArgument, Unavailable, capped
+from draftfeed.client.errors import DraftfeedError, InvalidArgument, ResourceExhausted, Unavailable, capped
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import encode_error_reply, encode_reply, tensor_from_proto
 
@@ -36,12 +41,34 @@ from .features import TokenBatch
 from .scheduler import BatchScheduler
 from .sessions import Session, SessionTable
 
-__all__ = ["TargetServicer"]
+__all__ = ["TargetServicer", "lenient_deserializer"]
 
 log = logging.getLogger("draftfeed.service")
 
 _WEIGHTS = {"embed_tokens": "get_input_embeddings", "lm_head": "get_output_embeddings"}
 _DRAIN = object()  # put into a stream's queue when the server starts draining
+
+
+class _Malformed:
+    """Stands for request bytes that did not parse as `kind`; `_rpc` answers INVALID_ARGUMENT."""
+
+    def __init__(self, kind: str, err: Exception):
+        self.error = InvalidArgument(
+            f"the request is not a valid {kind} protobuf message ({type(err).__name__}); "
+            "send messages built from draftfeed's proto (draftfeed.client.pb)"
+        )
+
+
+def lenient_deserializer(message_class):
+    """A request deserializer that never raises: bad bytes become a `_Malformed`."""
+
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception as err:  # noqa: BLE001 - DecodeError differs between protobuf implementations
+            return _Malformed(message_class.__name__, err)
+
+    return parse
 
 
 def _rpc(fn):
@@ -65,6 +92,8 @@ def _rpc(fn):
         def stream(self, request, context):
             try:
                 caller = self.access.authenticate(context)
+                if isinstance(request, _Malformed):
+                    raise request.error
                 yield from fn(self, request, context, caller)
             except Exception as err:  # noqa: BLE001 - mapped to a status
                 fail(context, fn.__name__, err)
@@ -74,7 +103,10 @@ def _rpc(fn):
     @functools.wraps(fn)
     def unary(self, request, context):
         try:
-            return fn(self, request, context, self.access.authenticate(context))
+            caller = self.access.authenticate(context)
+            if isinstance(request, _Malformed):
+                raise request.error
+            return fn(self, request, context, caller)
         except Exception as err:  # noqa: BLE001 - mapped to a status
             fail(context, fn.__name__, err)
 
@@ -94,6 +126,49 @@ def _slot(fn):
             yield from fn(self, request, context, caller)
 
     return call
+
+
+class _Holds:
+    """Per session: requests submitted through this servicer whose reply is not yet written out
+    (queued, on the GPU, or answered and waiting for the client to read). A GenerateStream client
+    that sends and never reads would otherwise make the server keep every answered reply; this
+    count is held to the per-job queue limit, checked before a request is queued."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._count: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, session: Session):
+        """A `release()` for one more request of `session` (call it once its reply is written or
+        dropped; later calls do nothing); ResourceExhausted naming the limit when it is reached."""
+        with self._lock:
+            n = self._count.get(session.id, 0)
+            if n >= self.limit:
+                raise ResourceExhausted(
+                    f"job {session.job_name!r} has {n} requests whose replies are queued, running or not yet "
+                    f"read (per-job limit {self.limit}, --max-queued-per-job); read replies before sending "
+                    "more (retry in ~1 s)"
+                )
+            self._count[session.id] = n + 1
+        done = []
+
+        def release():
+            with self._lock:
+                if done:
+                    return
+                done.append(True)
+                left = self._count[session.id] - 1
+                if left:
+                    self._count[session.id] = left
+                else:
+                    del self._count[session.id]
+
+        return release
+
+    def held(self, session_id: str) -> int:
+        with self._lock:
+            return self._count.get(session_id, 0)
 
 
 def _opt(msg, name):
@@ -134,6 +209,7 @@ class TargetServicer:
         self.draining = False
         self._weights: dict[str, torch.Tensor] = {}
         self._weights_lock = threading.Lock()
+        self.holds = _Holds(scheduler.max_queued_per_session)
         self._streams: dict[int, tuple[queue.Queue, threading.Lock]] = {}
         self._streams_lock = threading.Lock()
 
@@ -169,7 +245,7 @@ class TargetServicer:
             self.access.job_name(caller, request.job_name),
             request.capture_logits,
             dict(request.encodings),
-            request.weight or 1.0,
+            self.access.session_weight(caller, request.weight),
             mapping,
         )
 
@@ -235,8 +311,15 @@ class TargetServicer:
             vocab_size=self.info.vocab_size,
             limits=self.limits,
         )
-        future = self.access.charge(caller, tb.input_ids.numel(), lambda: self.scheduler.submit(session, tb))
-        return session, future
+        release = self.holds.take(session)
+        try:
+            future = self.access.charge(
+                caller, tb.input_ids.numel(), lambda: self.scheduler.submit(session, tb)
+            )
+        except BaseException:
+            release()
+            raise
+        return session, future, release
 
     def _frames(self, request_id, session, future, data_plane, context):
         """The frames of one answered request; its payload goes on the data plane only when the
@@ -263,9 +346,12 @@ class TargetServicer:
     @_rpc
     @_slot
     def Generate(self, request, context, caller):
-        session, future = self._submit(request, caller, _spec(context))
+        session, future, release = self._submit(request, caller, _spec(context))
         context.add_callback(future.cancel)
-        yield from self._frames(request.request_id, session, future, request.data_plane, context)
+        try:
+            yield from self._frames(request.request_id, session, future, request.data_plane, context)
+        finally:
+            release()
 
     @_rpc
     @_slot
@@ -275,17 +361,23 @@ class TargetServicer:
         the server drains, the stream ends after the requests it already queued."""
         pending: queue.Queue = queue.Queue()
         gate = threading.Lock()
+        ended = threading.Event()  # set under `gate` when the writer is done: the reader queues no more
         spec = _spec(context)
 
         def read():
             try:
                 for request in request_iterator:
+                    if isinstance(request, _Malformed):  # no request id to answer: the stream ends with it
+                        pending.put(request)
+                        return
                     with gate:
+                        if ended.is_set():
+                            return
                         try:
                             submitted = self._submit(request, caller, spec)
                             pending.put((request.request_id, *submitted, request.data_plane))
                         except DraftfeedError as err:
-                            pending.put((request.request_id, None, err, False))
+                            pending.put((request.request_id, None, err, None, False))
             except Exception as err:  # noqa: BLE001 - the client went away
                 log.debug("GenerateStream reader ended: %s", err)
             finally:
@@ -315,12 +407,20 @@ class TargetServicer:
                 if item is _DRAIN:
                     draining = True
                     continue
+                if isinstance(item, _Malformed):
+                    raise item.error
                 yield from self._answer(*item, context)
         finally:
             with self._streams_lock:
                 self._streams.pop(id(pending), None)
+            with gate:
+                ended.set()
+            for item in list(pending.queue):  # never answered: no reply is kept for them
+                if isinstance(item, tuple) and item[1] is not None:
+                    item[2].cancel()
+                    item[3]()
 
-    def _answer(self, request_id, session, outcome, data_plane, context):
+    def _answer(self, request_id, session, outcome, release, data_plane, context):
         if session is None:
             yield encode_error_reply(request_id, outcome)
             return
@@ -328,6 +428,8 @@ class TargetServicer:
             yield from self._frames(request_id, session, outcome, data_plane, context)
         except DraftfeedError as err:
             yield encode_error_reply(request_id, err)
+        finally:
+            release()
 
     @_rpc
     def StreamWeights(self, request, context, caller):

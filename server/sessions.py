@@ -28,9 +28,11 @@ from draftfeed.client.payload import resolve_encodings
 from .features import DFlashFeatures, DSparkFeatures, Eagle3Features, VocabMapping
 from .supervision import check_vocab_mapping
 
-__all__ = ["Session", "SessionTable", "ALGORITHMS"]
+__all__ = ["Session", "SessionTable", "ALGORITHMS", "MAX_JOB_NAME_CHARS"]
 
 log = logging.getLogger("draftfeed.sessions")
+
+MAX_JOB_NAME_CHARS = 256  # a job name is a label in logs, /sessions and /metrics
 
 
 def _eagle3(ids, n, capture_logits, latent):
@@ -129,6 +131,16 @@ class SessionTable:
             raise InvalidArgument(f"unknown algorithm {algorithm!r}; supported: {', '.join(ALGORITHMS)}")
         if not weight > 0:
             raise InvalidArgument(f"session weight must be > 0, got {weight}")
+        if len(job_name) > MAX_JOB_NAME_CHARS:
+            raise InvalidArgument(
+                f"job name of {len(job_name)} characters is over the limit of {MAX_JOB_NAME_CHARS}; use a shorter name"
+            )
+        layer_ids = list(layer_ids or [])
+        if len(layer_ids) > self.num_layers + 1:  # the most any algorithm can use: -1 and every layer
+            raise InvalidArgument(
+                f"{len(layer_ids)} layer ids asked; a target with {self.num_layers} decoder layers has at "
+                f"most {self.num_layers + 1} to capture (the limit is its layer count + 1)"
+            )
         enc = resolve_encodings(encodings)
         latent = enc["probs"] == "latent"
         if latent and algorithm != "eagle3":

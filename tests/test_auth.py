@@ -252,3 +252,72 @@ def test_loopback_only_without_a_token_file(model):
         assert requests.get(f"{admin}/metrics", timeout=5).status_code == 200
     finally:
         srv.stop(grace=0)
+
+
+def test_scheduling_weights_come_from_the_operator(model, tmp_path):
+    """Issue 16.3: a job's weight is the token file's; a client can ask only for less, so one asking
+    weight=inf (or 1e300) does not lead every batch and starve another job."""
+    import threading
+
+    from test_service import _HeldForward, _wait_for
+
+    path = tmp_path / "tokens.yaml"
+    tokens = {"greedy": "tok-greedy-0123456789abcdef", "modest": "tok-modest-0123456789abcdef"}
+    path.write_text(
+        f"greedy: {tokens['greedy']}\nmodest: {tokens['modest']}\n"
+        f"heavy:\n  token: tok-heavy-0123456789abcdef\n  weight: 4\n"
+    )
+    for text, message in [
+        (f"a: {{token: {'y' * 20}, weight: 1000}}", "weight must be a number in \\[0.01, 100\\]"),
+        (f"a: {{token: {'y' * 20}, weight: .nan}}", "weight must be a number"),
+        (f"a: {{token: {'y' * 20}, weight: true}}", "weight must be a number"),
+    ]:
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(InvalidArgument, match=message):
+            load_token_file(tmp_path / "bad.yaml")
+    srv = start_server(model, token_file=str(path), max_batch_tokens=24)  # one request per forward
+    held = _HeldForward()
+    srv.scheduler._forward = held
+    try:
+
+        def open_session(job, token, weight=0.0):
+            req = pb.OpenSessionRequest(algorithm="dspark", weight=weight)
+            return _raw(srv, "OpenSession", req, token).session_id
+
+        weights = {
+            w: srv.sessions.get(open_session("greedy", tokens["greedy"], w)).weight
+            for w in (float("inf"), 1e300, 0.5, 1e-300, 0.0)
+        }
+        assert weights == {float("inf"): 1.0, 1e300: 1.0, 0.5: 0.5, 1e-300: 0.01, 0.0: 1.0}
+        heavy = open_session("heavy", "tok-heavy-0123456789abcdef")
+        assert srv.sessions.get(heavy).weight == 4.0
+        assert srv.sessions.get(open_session("heavy", "tok-heavy-0123456789abcdef", 1e9)).weight == 4.0
+        with pytest.raises(grpc.RpcError) as e:
+            open_session("greedy", tokens["greedy"], float("nan"))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in e.value.details()
+
+        greedy = open_session("greedy", tokens["greedy"], float("inf"))
+        modest = open_session("modest", tokens["modest"])
+        stub = TargetStub(grpc.insecure_channel(srv.url.removeprefix("grpc://")))
+        done: list[str] = []
+
+        def call(session_id, token, name):
+            out = stub.Generate(
+                _generate_request(session_id), timeout=60, metadata=(("authorization", f"Bearer {token}"),)
+            )
+            threading.Thread(target=lambda: (list(ReplyAssembler().replies(out)), done.append(name))).start()
+
+        call(greedy, tokens["greedy"], "blocker")
+        assert held.entered.wait(30)
+        for _ in range(20):  # 24 tokens each: one request per forward
+            call(greedy, tokens["greedy"], "greedy")
+        _wait_for(lambda: srv.scheduler.pending() == 20, "the greedy job's requests to queue")
+        call(modest, tokens["modest"], "modest")
+        _wait_for(lambda: srv.scheduler.pending() == 21, "the modest job's request to queue")
+        held.go.set()
+        _wait_for(lambda: len(done) == 22, "every request to be answered", timeout=120)
+        # served after at most one more greedy request, not after the 20 queued before it
+        assert done.index("modest") <= 2, done
+    finally:
+        held.go.set()
+        srv.stop(grace=1)

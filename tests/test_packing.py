@@ -105,3 +105,38 @@ def test_bad_packing_metadata():
         check_packing(ids, torch.arange(S).expand(2, S), seq_lens, rem)
     with pytest.raises(InvalidArgument, match="position_ids has shape"):
         check_packing(ids, pos[:, :4], seq_lens, rem)
+
+
+def test_packing_metadata_is_validated_completely_before_a_batch():
+    """Issue 16.1/16.6: every value a batch builds from is checked on the host, alone or in any subset."""
+    ids, _, _, pos, seq_lens, rem = packed_inputs()
+    for subset in ((pos, None, None), (None, seq_lens, None), (pos, seq_lens, rem), (None, seq_lens, rem)):
+        check_packing(ids, *subset)
+    cases = [
+        ((pos + 1, None, None), "position_ids must start each row at 0"),
+        ((pos * 2, None, None), "outside \\[0, S=18\\)"),
+        ((torch.full_like(pos, -1), None, None), "outside \\[0, S=18\\)"),
+        ((None, None, rem), "doc_remaining was given without"),
+        ((pos, None, rem + S), "doc_remaining holds a value outside \\[0, S=18\\]"),
+        ((None, torch.tensor([[S + 4, -4], [S, 0]]), None), "outside \\[0, S=18\\]"),
+        ((None, torch.zeros(2, 0, dtype=torch.long), None), "between 1 and 18 documents"),
+        # 1M document slots for a row of 18 tokens: refused before any [B,S,D] or mask is built
+        ((None, torch.zeros(2, 1 << 20, dtype=torch.int16), None), "1048576 document slots per row"),
+        # lengths that wrap around int64 to sum to S
+        ((None, torch.tensor([[2**62] * 4 + [S], [S, 0, 0, 0, 0]]), None), "outside \\[0, S=18\\]"),
+    ]
+    for args, message in cases:
+        with pytest.raises(InvalidArgument, match=message):
+            check_packing(ids, *args)
+
+
+def test_document_ids_need_no_batch_by_documents_tensor():
+    """A [B,S] binary search: the same ids as comparing every position with every document end."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(0, 5, (3, 40), generator=g)
+    lens[:, -1] = 0
+    s = int(lens.sum(1).max())
+    lens[:, -1] = s - lens.sum(1)
+    ends = torch.cumsum(lens, 1)
+    naive = (torch.arange(s).view(1, s, 1) >= ends.unsqueeze(1)).sum(-1)
+    assert torch.equal(document_ids(lens, s), naive)

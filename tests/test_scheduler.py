@@ -11,7 +11,7 @@ import torch
 from test_backends import inputs, mapping
 from test_packing import packed_inputs
 
-from draftfeed.client.errors import ResourceExhausted
+from draftfeed.client.errors import NotFound, ResourceExhausted
 from draftfeed.client.payload import decode_fields
 from draftfeed.server.backends import (
     HFDFlashTargetModel,
@@ -186,7 +186,11 @@ def test_closing_a_session_cancels_only_its_queued_requests(model):
     table.close(a.id)
     assert sched.cancel_session(a.id) == 3
     gate.event.set()
-    assert all(f.cancelled() for f in queued_a)
+    for f in queued_a:  # answered with NotFound naming the closed session, never left without an answer
+        with pytest.raises(
+            NotFound, match=f"session {a.id} \\(job 'a'\\) was closed while this request was queued"
+        ):
+            f.result(timeout=60)
     for fut in queued_b:
         assert fields_of(fut)["target_hidden_states"].shape == (2, 12, 64)
     running.result(timeout=60)  # already on the GPU: finishes
@@ -320,3 +324,76 @@ def test_a_request_failing_after_the_forward_fails_alone(model):
     assert gate.rows == [2, 6]  # the blocker, then the three in one forward
     assert sched.metrics.requests_failed == 2 and fine.stats.in_flight == broken.stats.in_flight == 0
     sched.stop()
+
+
+PACKING = ("position_ids", "seq_lens", "doc_remaining")
+# every subset of the packing metadata a request may send (doc_remaining needs one of the others)
+SUBSETS = [
+    ("position_ids",),
+    ("seq_lens",),
+    ("position_ids", "seq_lens"),
+    ("position_ids", "doc_remaining"),
+    ("seq_lens", "doc_remaining"),
+    ("position_ids", "seq_lens", "doc_remaining"),
+]
+
+
+def _packed(seed, subset):
+    ids, attn, loss, *meta = packed_inputs(seed=seed)
+    return (ids, attn, loss, *(m if name in subset else None for name, m in zip(PACKING, meta, strict=True)))
+
+
+class EnteredGate(Gate):
+    """A Gate that also says when the worker has reached it (so requests queue behind it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered = threading.Event()
+
+    def __call__(self, model, layout, batch, needs):
+        self.entered.set()
+        return super().__call__(model, layout, batch, needs)
+
+
+def test_packed_requests_with_any_metadata_subset_share_a_batch_exactly(model):
+    """Issue 16.1: two jobs' packed requests of one length, each sending any subset of the packing
+    metadata, in either order, share a forward; each gets what it gets served alone."""
+    layout = discover(model)
+    table = SessionTable(layout.num_layers, layout.vocab_size)
+    first = table.open("dspark", [-1, 2, 7], "first")
+    second = table.open("dflash", [1, 4, 6], "second", capture_logits=True)
+    local = {
+        "first": HFDSparkTargetModel(model, [-1, 2, 7]),
+        "second": HFDFlashTargetModel(model, [1, 4, 6], capture_logits=True),
+    }
+    want = {}
+    for name, backend in local.items():
+        for i, subset in enumerate(SUBSETS):
+            want[name, subset] = backend.generate_batch(*_packed(i, subset)).tensors()
+    checked = 0
+    for subset_a in SUBSETS:
+        for subset_b in SUBSETS:
+            # every (lead's subset, other's subset) pair; which job leads alternates
+            flip = (SUBSETS.index(subset_a) + SUBSETS.index(subset_b)) % 2
+            for lead, other in [((first, second), (second, first))[flip]]:
+                gate = EnteredGate()
+                sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
+                blocker = sched.submit(lead, tb(inputs(seed=9, s=5)))  # the lead's queue comes first
+                assert gate.entered.wait(30)
+                sa, sb = subset_a, subset_b
+                futures = [
+                    (lead, sa, sched.submit(lead, tb(_packed(SUBSETS.index(sa), sa)))),
+                    (other, sb, sched.submit(other, tb(_packed(SUBSETS.index(sb), sb)))),
+                ]
+                gate.event.set()
+                blocker.result(timeout=60)
+                for session, subset, fut in futures:
+                    got = fields_of(fut)
+                    expected = want[session.job_name, subset]
+                    assert set(got) == set(expected), (session.job_name, subset)
+                    for k in expected:
+                        assert torch.equal(got[k], expected[k]), (lead.job_name, sa, sb, session.job_name, k)
+                    checked += 1
+                assert gate.rows == [2, 4], gate.rows  # the two packed requests (2 rows each) in one forward
+                sched.stop()
+    assert checked == 2 * len(SUBSETS) ** 2

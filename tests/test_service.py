@@ -12,7 +12,7 @@ import torch
 from test_backends import inputs, mapping
 from test_packing import packed_inputs
 
-from draftfeed.client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from draftfeed.client.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from draftfeed.client.remote import RemoteDFlashTargetModel, RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.server.app import TargetServer
 from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
@@ -409,3 +409,261 @@ def test_an_error_that_echoes_a_huge_input_keeps_its_code(server):
         _stub_call(server, "OpenSession", pb.OpenSessionRequest(algorithm="x" * 100_000))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown algorithm" in err.value.details() and len(err.value.details()) <= MAX_MESSAGE_BYTES
+
+
+class _HeldForward:
+    """A scheduler forward that waits at its first call until `release()`; says when it got there."""
+
+    def __init__(self):
+        from draftfeed.server.backends import forward_for
+
+        self._forward = forward_for
+        self.entered, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, model, layout, batch, needs):
+        self.entered.set()
+        assert self.go.wait(60)
+        return self._forward(model, layout, batch, needs)
+
+
+def _wait_for(condition, what, timeout=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_closing_a_session_answers_its_queued_requests(model):
+    """Issue 16.2: a session closed while its requests wait in the queue: the unary Generate gets
+    NOT_FOUND naming the session, each queued request of a GenerateStream an error frame (the stream
+    goes on), and the client library re-opens and answers instead of raising IndexError."""
+    from draftfeed.client.pb import draftfeed_pb2 as pb
+    from draftfeed.client.wire import ReplyAssembler, TargetStub
+
+    srv = start_server(model)
+    held = _HeldForward()
+    srv.scheduler._forward = held
+    stub = TargetStub(grpc.insecure_channel(srv.url.removeprefix("grpc://")))
+    try:
+        holder = stub.OpenSession(pb.OpenSessionRequest(algorithm="dspark", job_name="holder")).session_id
+        victim = stub.OpenSession(pb.OpenSessionRequest(algorithm="dspark", job_name="victim")).session_id
+        args = inputs()
+        blocker = stub.Generate(_generate_request(holder, *args), timeout=60)
+        assert held.entered.wait(30)
+        unary = stub.Generate(_generate_request(victim, *args), timeout=60)
+        reqs = [_generate_request(victim, *args) for _ in range(2)]
+        for i, r in enumerate(reqs):
+            r.request_id = i + 1
+        done_sending = threading.Event()
+
+        def requests():
+            yield from reqs
+            done_sending.wait(60)
+
+        stream = stub.GenerateStream(requests(), timeout=60)
+        _wait_for(lambda: srv.scheduler.pending() == 3, "the victim's three requests to queue")
+        stub.CloseSession(pb.CloseSessionRequest(session_id=victim), timeout=30)
+        with pytest.raises(grpc.RpcError) as e:
+            list(ReplyAssembler().replies(unary))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (
+            f"session {victim}" in e.value.details()
+            and "closed while this request was queued" in e.value.details()
+        )
+        assembler, errors = ReplyAssembler(), []
+        for frame in stream:
+            try:
+                assembler.feed(frame)
+            except NotFound as err:
+                errors.append(err)
+                if len(errors) == 2:
+                    break
+        assert [err.request_id for err in errors] == [1, 2]
+        assert all(victim in str(err) for err in errors)
+        done_sending.set()
+        held.go.set()
+        assert len(list(ReplyAssembler().replies(blocker))) == 1
+        # the client library: its session closed under a queued request -> re-opened, answered
+        held.entered.clear()
+        held.go.clear()
+        blocker = stub.Generate(_generate_request(holder, *args), timeout=60)
+        assert held.entered.wait(30)
+        with RemoteDSparkTargetModel.from_urls([srv.url]) as remote:
+            first = remote.servers[0].session_id
+            got = {}
+            t = threading.Thread(target=lambda: got.update(batch=remote.generate_batch(*args)))
+            t.start()
+            _wait_for(lambda: srv.scheduler.pending() == 1, "the client's request to queue")
+            stub.CloseSession(pb.CloseSessionRequest(session_id=first), timeout=30)
+            _wait_for(lambda: remote.servers[0].session_id != first, "the client to re-open its session")
+            held.go.set()
+            t.join(60)
+            assert_same(got["batch"], HFDSparkTargetModel(model).generate_batch(*args))
+        assert len(list(ReplyAssembler().replies(blocker))) == 1
+        # the same on the client's stream: its queued requests' futures get their answers
+        held.entered.clear()
+        held.go.clear()
+        blocker = stub.Generate(_generate_request(holder, *args), timeout=60)
+        assert held.entered.wait(30)
+        with RemoteDSparkTargetModel.from_urls([srv.url], max_in_flight=2) as remote:
+            first = remote.servers[0].session_id
+            futures = [remote.generate_batch_async(*inputs(seed=s)) for s in (1, 2)]
+            _wait_for(lambda: srv.scheduler.pending() == 2, "the stream's two requests to queue")
+            stub.CloseSession(pb.CloseSessionRequest(session_id=first), timeout=30)
+            _wait_for(lambda: remote.servers[0].session_id != first, "the client to re-open its session")
+            held.go.set()
+            local = HFDSparkTargetModel(model)
+            for s, fut in zip((1, 2), futures, strict=True):
+                assert_same(fut.result(timeout=60), local.generate_batch(*inputs(seed=s)))
+        assert len(list(ReplyAssembler().replies(blocker))) == 1
+    finally:
+        held.go.set()
+        srv.stop(grace=1)
+
+
+def test_unread_stream_replies_count_against_the_per_job_limit(model):
+    """Issue 16.6: a GenerateStream client that sends and never reads: the server keeps at most the
+    per-job limit of replies for it (queued, running or answered-unread); the rest are refused with
+    RESOURCE_EXHAUSTED naming the limit, before anything is queued for them."""
+    from draftfeed.client.pb import draftfeed_pb2 as pb
+    from draftfeed.client.wire import ReplyAssembler, TargetStub
+
+    srv = start_server(model, max_queued_per_session=3, data_port=None)
+    stub = TargetStub(grpc.insecure_channel(srv.url.removeprefix("grpc://")))
+    try:
+        sid = stub.OpenSession(pb.OpenSessionRequest(algorithm="dflash", capture_logits=True)).session_id
+        args = inputs(s=1600)  # each reply carries 2x1600x160 fp32 logits (2 MB): more than a flow window
+        reqs = [_generate_request(sid, *args) for _ in range(8)]
+        for i, r in enumerate(reqs):
+            r.request_id = i + 1
+        stream = stub.GenerateStream(iter(reqs), timeout=120)  # 8 requests, then the client half-closes
+        session = srv.sessions.get(sid)
+        _wait_for(lambda: srv.servicer._streams, "the stream to start")
+        (pending,) = [q for q, _ in srv.servicer._streams.values()]
+        # the reader has read all 8 requests and ended (its end mark is queued); nobody reads, so the
+        # writer is stuck on a reply (unless the transport took every reply: then the stream ended)
+        _wait_for(
+            lambda: None in list(pending.queue) or not srv.servicer._streams, "the 8 requests to be read"
+        )
+        _wait_for(lambda: session.stats.in_flight == 0, "the admitted requests to be answered")
+        assert srv.servicer.holds.held(sid) <= 3  # replies the server keeps for this client
+        got, errors, assembler = [], [], ReplyAssembler()
+        for frame in stream:
+            try:
+                reply = assembler.feed(frame)
+            except ResourceExhausted as err:
+                errors.append(err)
+                reply = None
+            if reply is not None:
+                got.append(reply.request_id)
+            if len(got) + len(errors) == 8:
+                break
+        assert errors, got  # 3 admitted, plus what the transport took before the writer blocked
+        assert sorted(got + [e.request_id for e in errors]) == list(range(1, 9))
+        assert srv.metrics.forward_tokens == len(got) * 2 * 1600  # a refused request never reached the GPU
+        assert "per-job limit 3" in str(errors[0]) and "not yet read" in str(errors[0])
+        _wait_for(lambda: srv.servicer.holds.held(sid) == 0, "the holds to be released")
+    finally:
+        srv.stop(grace=1)
+
+
+def test_memory_bounds_are_checked_before_allocation(server):
+    """Issue 16.6: what a request could make the server allocate is bounded first, and the answer
+    names the limit: a session spec that inflates to 1 GiB, a seq_lens of 1M documents, a packed row
+    past --max-packed-seq-len, thousands of layer ids, a 1 MB job name."""
+    import resource
+    import zlib
+
+    from draftfeed.client.channel import SESSION_SPEC_KEY
+    from draftfeed.client.pb import draftfeed_pb2 as pb
+    from draftfeed.client.wire import ReplyAssembler, TargetStub, tensor_to_proto
+
+    stub = TargetStub(grpc.insecure_channel(server.url.removeprefix("grpc://")))
+    deflate, zeros = zlib.compressobj(9), bytes(1 << 20)
+    bomb = b"".join(deflate.compress(zeros) for _ in range(1024)) + deflate.flush()  # 1 MiB -> 1 GiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    sid = stub.OpenSession(pb.OpenSessionRequest(algorithm="dspark")).session_id
+    ids, attn, loss = inputs()
+
+    def status(call):
+        with pytest.raises(grpc.RpcError) as e:
+            out = call()
+            if not isinstance(out, pb.OpenSessionResponse):
+                list(ReplyAssembler().replies(out))
+        return e.value.code(), e.value.details()
+
+    code, details = status(
+        lambda: stub.Generate(
+            _generate_request(sid, ids, attn, loss), timeout=30, metadata=((SESSION_SPEC_KEY, bomb),)
+        )
+    )
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "MAX_SPEC_BYTES" in details
+    req = _generate_request(sid, ids, attn, loss)
+    req.seq_lens.CopyFrom(tensor_to_proto(torch.zeros(2, 1 << 20, dtype=torch.int16)))
+    code, details = status(lambda: stub.Generate(req, timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "1048576 document slots" in details
+    s = 64  # the fixture's max_seq_len; a packed 2x64 request needs a 2x64x64 mask
+    small = start_server(server.scheduler.model, limits=Limits(max_packed_seq_len=80))
+    try:
+        stub2 = TargetStub(grpc.insecure_channel(small.url.removeprefix("grpc://")))
+        sid2 = stub2.OpenSession(pb.OpenSessionRequest(algorithm="dspark")).session_id
+        req = _generate_request(sid2, *(torch.ones(2, s, dtype=torch.long),) * 3)
+        req.seq_lens.CopyFrom(tensor_to_proto(torch.tensor([[s], [s]])))
+        code, details = status(lambda: stub2.Generate(req, timeout=30))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2x64x64 attention mask" in details and "--max-packed-seq-len 80" in details
+        req.input_ids.CopyFrom(tensor_to_proto(torch.ones(1, s, dtype=torch.long)))
+        for name in ("attention_mask", "loss_mask"):
+            getattr(req, name).CopyFrom(tensor_to_proto(torch.ones(1, s, dtype=torch.long)))
+        req.seq_lens.CopyFrom(tensor_to_proto(torch.tensor([[s]])))
+        assert len(list(ReplyAssembler().replies(stub2.Generate(req, timeout=30)))) == 1  # 1x64x64 fits
+    finally:
+        small.stop(grace=0)
+    code, details = status(
+        lambda: stub.OpenSession(pb.OpenSessionRequest(algorithm="dflash", layer_ids=[0] * 2000), timeout=30)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "2000 layer ids" in details and "at most 9" in details
+    code, details = status(
+        lambda: stub.OpenSession(
+            pb.OpenSessionRequest(algorithm="dspark", job_name="j" * (1 << 20)), timeout=30
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "over the limit of 256" in details
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 300 * 1024  # no GiB-sized allocation
+    stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+
+
+def test_malformed_protobuf_bytes_get_invalid_argument(server, model):
+    """Issue 16.15: bytes that do not parse as the method's message are INVALID_ARGUMENT, never
+    INTERNAL, on every method; on GenerateStream after the requests before them are answered."""
+    from draftfeed.client.wire import SERVICE_NAME, ReplyAssembler
+
+    channel = grpc.insecure_channel(server.url.removeprefix("grpc://"))
+    garbage = [b"\xff\xff\xff", b"\x0a\x02\xff\xfe", b"\x0a\x80"]  # bad tag, bad UTF-8, truncated
+    kinds = {"GenerateStream": "stream_stream", "Generate": "unary_stream", "StreamWeights": "unary_stream"}
+    for method in ("GetModelInfo", "OpenSession", "SetVocabMapping", "CloseSession", *kinds):
+        call = getattr(channel, kinds.get(method, "unary_unary"))(f"/{SERVICE_NAME}/{method}")
+        for data in garbage:
+            if method == "GetModelInfo" and data == garbage[1]:
+                continue  # its request has no field 1: an unknown field, which protobuf keeps
+            with pytest.raises(grpc.RpcError) as e:
+                out = call(iter([data]) if method == "GenerateStream" else data, timeout=30)
+                if method in kinds:
+                    list(out)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, data, e.value.details())
+            assert "not a valid" in e.value.details()
+    with RemoteDSparkTargetModel.from_urls([server.url]) as remote:
+        good = _generate_request(remote.servers[0].session_id, *inputs())
+        good.request_id = 7
+        call = channel.stream_stream(f"/{SERVICE_NAME}/GenerateStream")
+        replies = []
+        with pytest.raises(grpc.RpcError) as e:
+            for reply in ReplyAssembler().replies(
+                call(iter([good.SerializeToString(), garbage[0]]), timeout=30)
+            ):
+                replies.append(reply)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [r.request_id for r in replies] == [7]
+        assert remote.generate_batch(*inputs()) is not None  # the server goes on
