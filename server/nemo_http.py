@@ -129,6 +129,7 @@ class _Client:
     session: Session
     mapping: tuple[torch.Tensor, torch.Tensor]  # kept to re-open an expired session
     last_seen: float
+    weight: float = 1.0  # its job's scheduling weight (the token file's; 1 without one)
 
 
 class NemoClients:
@@ -208,7 +209,9 @@ class NemoClients:
                 if not self.server.ready:  # closed by the server stopping
                     del self._clients[key]
                     return None
-                c.session = self.server.sessions.open("eagle3", None, c.job_name, False, None, 1.0, c.mapping)
+                c.session = self.server.sessions.open(
+                    "eagle3", None, c.job_name, False, None, c.weight, c.mapping
+                )
                 self.reopened += 1
                 log.info("NeMo HTTP client %s: its expired session re-opened as %s", c.how, c.session.id[:8])
             c.last_seen = time.monotonic()
@@ -216,7 +219,14 @@ class NemoClients:
             return c.session
 
     def set_mapping(
-        self, key: str, how: str, job: str, job_name: str, ids: torch.Tensor, mask: torch.Tensor
+        self,
+        key: str,
+        how: str,
+        job: str,
+        job_name: str,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        weight: float = 1.0,
     ) -> Session:
         """Set the client's vocab mapping, opening its session on first use (`job`: its caps' bucket)."""
         with self._lock:
@@ -229,8 +239,10 @@ class NemoClients:
                 return c.session
             if c is None:
                 self._make_room_locked(job)
-            session = self.server.sessions.open("eagle3", None, job_name, False, None, 1.0, (ids, mask))
-            self._clients[key] = _Client(key, how, job, job_name, session, (ids, mask), time.monotonic())
+            session = self.server.sessions.open("eagle3", None, job_name, False, None, weight, (ids, mask))
+            self._clients[key] = _Client(
+                key, how, job, job_name, session, (ids, mask), time.monotonic(), weight
+            )
             return session
 
     def _make_room_locked(self, job: str) -> None:
@@ -475,7 +487,10 @@ def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> 
         named = request.headers.get(CLIENT_HEADER)
         job = server.access.job_name(caller, named if named is not None else _job_name(request, key))
         bucket = clients.job_of(request, caller)
-        clients.set_mapping(key, how, bucket, job, blob["selected_token_ids"], blob["selected_token_mask"])
+        weight = server.access.session_weight(caller, 0)  # the job's, from the token file
+        clients.set_mapping(
+            key, how, bucket, job, blob["selected_token_ids"], blob["selected_token_mask"], weight
+        )
         return ok()
 
     async def _init_nccl(request: Request):

@@ -515,7 +515,7 @@ def token_server(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("nemo-auth") / "tokens.yaml"
     path.write_text(
         f"nemo-a: {TOKENS['nemo-a']}\n"
-        f"nemo-b: {TOKENS['nemo-b']}\n"
+        f"nemo-b: {{token: {TOKENS['nemo-b']}, weight: 3}}\n"
         f"dspark-only: {{token: {TOKENS['dspark-only']}, algorithms: [dspark]}}\n"
         f"slow: {{token: {TOKENS['slow']}, tokens_per_s: 12}}\n"  # one 24-token request, then 1 s of debt
         f"slower: {{token: {TOKENS['slower']}, tokens_per_s: 1}}\n"  # 23 s of debt after one request
@@ -525,6 +525,17 @@ def token_server(model, tmp_path_factory):
     yield target, nemo
     nemo.stop()
     target.stop(grace=1)
+
+
+def test_a_nemo_clients_session_gets_its_jobs_scheduling_weight(token_server):
+    target, nemo = token_server
+    weights = {}
+    for job in ("nemo-a", "nemo-b"):
+        c = Client(with_userinfo(nemo.url, f"{job}:{TOKENS[job]}"))
+        c.set_vocab_mapping(*mapping(160))
+        weights[job] = [s.weight for s in target.sessions.list() if s.job_name == job]
+        c.call("disconnect")
+    assert weights == {"nemo-a": [1.0], "nemo-b": [3.0]}  # the token file's, as on the gRPC port
 
 
 def with_userinfo(url: str, userinfo: str) -> str:
