@@ -17,6 +17,8 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/session.log") 2>&1
 T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-570}
+# NVLink multicast stays off (the device machine's rule; kept for every process started here)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [ -n "${WHL:-}" ] && ls "$WHL"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl
 fi
