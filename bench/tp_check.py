@@ -119,11 +119,11 @@ def _remote_class(algo):
     return classes[algo]
 
 
-def _throughput(url, vocab, batch, seq, seconds, algo="dspark", encodings=None):
+def _throughput(url, vocab, batch, seq, seconds, algo="dspark", encodings=None, device="cpu"):
     cls = _remote_class(algo)
     ids = torch.randint(3, vocab, (batch, seq))
     attn, loss = torch.ones_like(ids), torch.ones_like(ids)
-    with cls.from_urls([url], cache_dir=None, max_in_flight=4, encodings=encodings) as r:
+    with cls.from_urls([url], device=device, cache_dir=None, max_in_flight=4, encodings=encodings) as r:
         if algo == "eagle3":
             sel = torch.arange(min(8192, vocab))
             mask = torch.zeros(vocab, dtype=torch.bool)
@@ -140,6 +140,8 @@ def _throughput(url, vocab, batch, seq, seconds, algo="dspark", encodings=None):
         for f in futures:
             f.result()
             n += 1
+        if torch.cuda.is_available() and str(device).startswith("cuda"):
+            torch.cuda.synchronize(device)
         return n * batch * seq / (time.perf_counter() - t0)
 
 
@@ -186,12 +188,19 @@ def main(argv=None) -> int:
     p.add_argument("--train-seconds", type=float, default=0, help="0: no training job")
     p.add_argument("--train-algo", default="eagle3", choices=("eagle3", "dflash", "dspark"))
     p.add_argument("--train-batch", type=int, default=4)
-    p.add_argument("--trainer-device", default="auto", help="the training job's device: auto, cpu, cuda:N")
+    p.add_argument(
+        "--trainer-device",
+        default="auto",
+        help="the training job's and throughput clients' device: auto, cpu, cuda:N",
+    )
     p.add_argument("--out", default=None, help="also write the report (markdown) to this file")
     p.add_argument("--logs", default="/tmp")
     args = p.parse_args(argv)
     for algo in args.throughput_algos.split(","):
         _remote_class(algo)  # a typo fails here, before two servers load
+    from draftfeed.bench import train_throughput as tt
+
+    dev = tt.set_trainer_device(args.trainer_device)  # the throughput clients decode there too
     lines = []
 
     def emit(text=""):
@@ -240,20 +249,20 @@ def main(argv=None) -> int:
             emit(f"| {algo} | {name} | {list(shape)} | {rel:.2e} | {mx:.2e} | {extra} |")
         enc = args.encodings or "default (exact)"
         emit(
-            f"\n## tokens/s (encodings {enc}, one client, 4 in flight, {args.batch}x{args.seq} per request)\n"
+            f"\n## tokens/s (encodings {enc}, one client decoding on {dev}, 4 in flight, "
+            f"{args.batch}x{args.seq} per request)\n"
         )
         emit(f"| algorithm | TP=1 tok/s | TP={args.tp} tok/s | TP={args.tp} / TP=1 |")
         emit("|---|---:|---:|---:|")
         for algo in args.throughput_algos.split(","):
             got = [
-                _throughput(url, info.vocab_size, args.batch, args.seq, args.seconds, algo, args.encodings)
+                _throughput(
+                    url, info.vocab_size, args.batch, args.seq, args.seconds, algo, args.encodings, dev
+                )
                 for url in (url1, url2)
             ]
             emit(f"| {algo} | {got[0]:,.0f} | {got[1]:,.0f} | {got[1] / got[0]:.2f} |")
         if args.train_seconds > 0:
-            from draftfeed.bench import train_throughput as tt
-
-            dev = tt.set_trainer_device(args.trainer_device)
             emit(
                 f"\n## A training job through each server (the real loop, random token rows, trainer on {dev})\n"
             )
