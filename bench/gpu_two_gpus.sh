@@ -39,7 +39,7 @@ part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget)
   timeout -k 5 "$cap" "$@"
   echo "== $name: rc=$? in $(($(date +%s) - t)) s"
 }
-PARTS=${PARTS:-ABCDEF}; ALGOS=${ALGOS:-eagle3,dflash,dspark}
+PARTS=${PARTS:-ABCDEF}; ALGOS=${ALGOS:-eagle3,dspark,dflash}
 SEQ=${SEQ:-2048}; B16=${B16:-16}; JOB_BATCH=${JOB_BATCH:-4}
 RS=${RUN_SECONDS:-3}; RS8=${RUN_SECONDS_8B:-8}
 SDEV=${SERVER_DEV:-cuda:0}; TDEV=${TRAINER_DEV:-cuda:1}
