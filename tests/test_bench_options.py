@@ -49,3 +49,30 @@ def test_eight_b_dims_are_llama_3_1_8b_and_split_in_two():
     )  # fmt: skip
     check_shardable(LlamaConfig(**d), 2)  # the TP=2 run needs it
     check_shardable(LlamaConfig(**DIMS["tiny"]), 2)  # and so does its CPU dry run
+
+
+def test_report_names_where_the_server_and_trainer_ran(tmp_path):
+    import argparse
+    import json
+
+    from draftfeed.bench.train_throughput import report
+
+    rows = [
+        dict(algo="eagle3", B=16, S=2048, mode="co-located", encodings="-", tok_s=100, target_wait=0.2,
+             steps=3, trainer_peak_gib=1.0, gpu_used_gib=2.0, bytes_per_token=None),
+        dict(algo="eagle3", B=16, S=2048, mode="remote", encodings="exact", tok_s=150, target_wait=0.01,
+             steps=4, trainer_peak_gib=1.0, gpu_used_gib=2.0, bytes_per_token=4633),
+    ]  # fmt: skip
+    with open(tmp_path / "single.jsonl", "w") as f:
+        for r in rows:
+            f.write(
+                json.dumps(
+                    {**r, "server_device": "cuda:0", "trainer_device": "cuda:1", "target": "32 layers"}
+                )
+                + "\n"
+            )
+    report(argparse.Namespace(out=str(tmp_path), command="c", device="2x H200", title="two GPUs"))
+    text = (tmp_path / "train_throughput.md").read_text()
+    assert text.startswith("# two GPUs")
+    assert "(32 layers)" in text and "on cuda:0, trainer(s) and the co-located target on cuda:1" in text
+    assert "| eagle3 | 16 | remote | exact | 150 | 1.50 |" in text
