@@ -8,7 +8,7 @@
 # From the repository root, with the grpcio-health-checking / grpcio-reflection 1.84 wheels in WHL:
 #   run(command="WHL=.devtmp/i17/whl bash bench/gpu_two_gpus.sh", carry=[".devtmp/i17"],
 #       kind="nvidia-h200-x2", timeout_s=600)
-# Knobs: BUDGET_S (570) SEQ (2048) RUN_SECONDS (3) RUN_SECONDS_8B (8) JOB_BATCH (4) PARTS (ABCDEF) ALGOS (one-job parts) TRAINER_DEV
+# Knobs: BUDGET_S (570) SEQ (2048) RUN_SECONDS (3) RUN_SECONDS_8B (8) JOB_BATCH (4) JOB_SECONDS (4) CAP_X (1: part caps x) PARTS (ABCDEF) ALGOS (one-job parts) TRAINER_DEV
 # (cuda:1) SERVER_DEV (cuda:0) TINY=1 (CPU dry run: tiny dims, S 128, B 2, cpu) R (/tmp/two_gpus: work dir). Writes $OUT/{session.log,
 # two_gpus.md,results.jsonl,servers.log}.
 set -uo pipefail
@@ -28,8 +28,8 @@ for d in client server trainer bench; do ln -sfn "$PWD/$d" $SRC/draftfeed/$d; do
 touch $SRC/draftfeed/__init__.py
 export PYTHONPATH=$SRC:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
-part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget)
-  local name=$1 cap=$2
+part() { # part NAME SECONDS CMD...: run with a time cap (x CAP_X; never past the budget)
+  local name=$1 cap=$(($2 * ${CAP_X:-1}))
   shift 2
   local l=$(left)
   [ "$cap" -gt "$l" ] && cap=$l
@@ -41,11 +41,11 @@ part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget)
 }
 PARTS=${PARTS:-ABCDEF}; ALGOS=${ALGOS:-eagle3,dspark,dflash}
 SEQ=${SEQ:-2048}; B16=${B16:-16}; JOB_BATCH=${JOB_BATCH:-4}
-RS=${RUN_SECONDS:-3}; RS8=${RUN_SECONDS_8B:-8}
+RS=${RUN_SECONDS:-3}; RS8=${RUN_SECONDS_8B:-8}; JS=${JOB_SECONDS:-4}
 SDEV=${SERVER_DEV:-cuda:0}; TDEV=${TRAINER_DEV:-cuda:1}
 SMALL=smollm2-135m; BIG=llama-3.1-8b; INIT=$TDEV
 if [ -n "${TINY:-}" ]; then # CPU dry run of this script
-  SMALL=tiny; BIG=tiny; SEQ=128; B16=2; JOB_BATCH=1; RS=1; RS8=1; SDEV=cpu; TDEV=cpu; INIT=cpu
+  SMALL=tiny; BIG=tiny; SEQ=128; B16=2; JOB_BATCH=1; RS=1; RS8=1; JS=1; SDEV=cpu; TDEV=cpu; INIT=cpu; CAP_X=${CAP_X:-3}
 fi
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader 2>/dev/null
 python3 -c "import torch, transformers, grpc; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__, 'GPUs', torch.cuda.device_count())"
@@ -69,9 +69,9 @@ ONE="--algos $ALGOS"
 [[ $PARTS == *B* ]] && [ -n "$U2" ] && part "B $BIG one job B=$B16: co-located vs remote" 220 \
   python3 $B single --target $R/t_big --url $U2 $ON --out $R/big $ONE --batches $B16 --no-compact-at $B16 --seconds $RS8
 [[ $PARTS == *C* ]] && [ -n "$U1" ] && part "C $SMALL two jobs on $TDEV" 40 \
-  python3 $B jobs --target $R/t_small --url $U1 $ON --out $R/small --algos eagle3,dspark --batch $JOB_BATCH --seconds 4
+  python3 $B jobs --target $R/t_small --url $U1 $ON --out $R/small --algos eagle3,dspark --batch $JOB_BATCH --seconds $JS
 [[ $PARTS == *D* ]] && [ -n "$U1" ] && part "D $SMALL four jobs on $TDEV" 50 \
-  python3 $B jobs --target $R/t_small --url $U1 $ON --out $R/small --algos eagle3,dspark,dflash,eagle3 --batch $JOB_BATCH --seconds 4
+  python3 $B jobs --target $R/t_small --url $U1 $ON --out $R/small --algos eagle3,dspark,dflash,eagle3 --batch $JOB_BATCH --seconds $JS
 [[ $PARTS == *E* ]] && [ -n "$U1" ] && part "E $SMALL one job B=$JOB_BATCH (what C and D compare with)" 70 \
   python3 $B single --target $R/t_small --url $U1 $ON --out $R/small $ONE --batches $JOB_BATCH --no-compact-at $JOB_BATCH --seconds $RS
 kill $S1 $S2 2>/dev/null; wait $S1 $S2 2>/dev/null
@@ -81,7 +81,7 @@ kill $S1 $S2 2>/dev/null; wait $S1 $S2 2>/dev/null
   --batches $B16 --no-compact-at $B16 --seconds $RS
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1); DEV=${DEV:-cpu}
 N=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
-CMD="bash bench/gpu_two_gpus.sh (SEQ=$SEQ RUN_SECONDS=$RS RUN_SECONDS_8B=$RS8 JOB_BATCH=$JOB_BATCH PARTS=$PARTS)"
+CMD="bash bench/gpu_two_gpus.sh (SEQ=$SEQ RUN_SECONDS=$RS RUN_SECONDS_8B=$RS8 JOB_BATCH=$JOB_BATCH JOB_SECONDS=$JS PARTS=$PARTS ALGOS=$ALGOS)"
 : >"$OUT/two_gpus.md"
 for d in small big shared; do
   case $d in
