@@ -35,7 +35,7 @@ part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget)
   if [ "$cap" -le 5 ]; then echo "== $name: SKIPPED (budget spent)"; return; fi
   echo "== $name (cap ${cap}s, t=$(($(date +%s) - T0))s)"
   local t=$(date +%s)
-  timeout -k 10 "$cap" "$@"
+  timeout -s INT -k 20 "$cap" "$@" # INT: tp_check stops both servers and writes its report
   echo "== $name: rc=$? in $(($(date +%s) - t)) s"
 }
 DIMS=${DIMS:-llama-3.1-8b}; BATCH=${BATCH:-4}; SEQ=${SEQ:-2048}; CMP_BATCH=${CMP_BATCH:-2}; CMP_SEQ=${CMP_SEQ:-1024}
