@@ -1,14 +1,22 @@
-"""End-to-end draft training throughput: remote (a draftfeed server on the same GPU) against co-located (the
-target loaded in the trainer), in one run on one GPU, through the real training loop (`trainer/loop.py`).
+"""End-to-end draft training throughput: remote (a draftfeed server) against co-located (the target loaded in
+the trainer), in one run, through the real training loop (`trainer/loop.py`). The server and the trainers share
+one GPU (the default) or sit on different devices (`--server-device cuda:0 --trainer-device cuda:1`).
 
-    python bench/train_throughput.py make-target --dir /tmp/tt/target [--tiny]
+    python bench/train_throughput.py make-target --dir /tmp/tt/target [--dims smollm2-135m|llama-3.1-8b|tiny]
     python bench/train_throughput.py steps  --target /tmp/tt/target --out OUT        # draft step: reference vs fast
     python bench/train_throughput.py single --target /tmp/tt/target --url grpc://127.0.0.1:50051 --out OUT
+    python bench/train_throughput.py single --target DIR --server-device cuda:0 --trainer-device cuda:1 --out OUT
     python bench/train_throughput.py jobs   --target /tmp/tt/target --url grpc://... --algos eagle3,dspark --out OUT
     python bench/train_throughput.py report --out OUT --command "..."                 # OUT/train_throughput.md
 
-The target is a random-weight LlamaConfig of SmolLM2-135M's dimensions (speed does not depend on the values;
-`--tiny` for a CPU dry run). Batches are random token rows, loss on all but the first eighth of each row.
+The target is a random-weight LlamaConfig of SmolLM2-135M's dimensions by default, or Llama-3.1-8B's (speed
+does not depend on the values; `--dims tiny` for a CPU dry run). Batches are random token rows, loss on all but
+the first eighth of each row.
+
+Placement: `--trainer-device` is where the trainer (and the co-located target) runs; `--server-device` is where
+the server runs. With `--url` the server is already up and `--server-device` only labels the rows; without
+`--url` the bench starts `draftfeed serve --device SERVER_DEVICE` itself for the run (default: the trainer's
+device, i.e. one shared GPU) and stops it at the end.
 
 `steps`: each algorithm's draft step (forward, backward, AdamW) on one target batch at B x S (EAGLE-3: the
 reference implementation, explicit-matmul attention and autograd soft cross-entropy, against the default
@@ -43,12 +51,60 @@ TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
     num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=4096,
 )  # fmt: skip
+LLAMA_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, tie_word_embeddings=False, max_position_embeddings=8192, rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+)  # fmt: skip
+DIMS = {"smollm2-135m": SMOL, "llama-3.1-8b": LLAMA_8B, "tiny": TINY}
 PEAK_BF16 = 989e12  # H100/H200 dense bf16
 ALGOS = ("eagle3", "dflash", "dspark")
 
 
+_TRAINER_DEVICE: torch.device | None = None  # set by main() from --trainer-device
+
+
+def resolve_device(spec: str | None, cuda_count: int) -> str:
+    """'auto' / None -> cuda:0 (or cpu without a GPU); 'cuda' -> cuda:0; 'cuda:N' checked against the GPUs there."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return "cuda:0" if cuda_count else "cpu"
+    if spec == "cpu":
+        return "cpu"
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index = spec.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise SystemExit(f"device {spec!r}: expected cpu, cuda or cuda:N (N a GPU index)")
+        if int(index) >= cuda_count:
+            raise SystemExit(
+                f"device {spec!r}: this machine has {cuda_count} GPU(s) (cuda:0..cuda:{cuda_count - 1}); "
+                "pick one of those, or cpu"
+            )
+        return f"cuda:{int(index)}"
+    raise SystemExit(f"device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def placement(server_device: str | None, trainer_device: str | None, cuda_count: int) -> dict:
+    """Where the server and the trainer run: resolved device names and whether they share one device."""
+    trainer = resolve_device(trainer_device, cuda_count)
+    server = trainer if server_device is None else resolve_device(server_device, cuda_count)
+    return dict(server=server, trainer=trainer, shared=server == trainer)
+
+
 def device() -> torch.device:
+    if _TRAINER_DEVICE is not None:
+        return _TRAINER_DEVICE
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_trainer_device(spec: str | None) -> torch.device:
+    """Make `spec` this process's trainer device (and the current CUDA device, so that the loop's autocast,
+    synchronize and memory statistics refer to it)."""
+    global _TRAINER_DEVICE
+    _TRAINER_DEVICE = torch.device(resolve_device(spec, torch.cuda.device_count()))
+    if _TRAINER_DEVICE.type == "cuda":
+        torch.cuda.set_device(_TRAINER_DEVICE)
+    return _TRAINER_DEVICE
 
 
 def sync():
@@ -66,12 +122,80 @@ def append(out: Path, name: str, record: dict) -> None:
 def make_target(args):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    dims = "tiny" if args.tiny else args.dims
     torch.manual_seed(0)
-    cfg = LlamaConfig(**(TINY if args.tiny else SMOL))
+    cfg = LlamaConfig(**DIMS[dims])
     cfg.architectures = ["LlamaForCausalLM"]
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(args.dir)
-    print(f"random-weight target ({'tiny' if args.tiny else 'SmolLM2-135M dims'}) at {args.dir}")
+    t0 = time.perf_counter()
+    with torch.device(resolve_device(args.device, torch.cuda.device_count())):  # an 8B init is fast on a GPU
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.to("cpu").save_pretrained(args.dir)
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"random-weight target ({dims} dims, {n / 1e9:.2f}B params) at {args.dir} in {time.perf_counter() - t0:.0f} s"
+    )
+
+
+def describe_target(target_dir: str) -> str:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(target_dir)
+    return (
+        f"{c.num_hidden_layers} layers, H {c.hidden_size}, {c.num_attention_heads}/{c.num_key_value_heads} heads, "
+        f"I {c.intermediate_size}, V {c.vocab_size}"
+    )
+
+
+def start_server(target_dir: str, server_device: str, log_path: Path, timeout: float = 900):
+    """`draftfeed serve` on `server_device` as a subprocess on a free port: (process, url)."""
+    import re
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+    cmd = [sys.executable, "-m", "draftfeed.server.cli", "serve", "--model", target_dir]
+    cmd += ["--dtype", "bfloat16", "--device", server_device, "--port", "0"]
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = re.search(r"draftfeed: serving on (grpc://[0-9.]+:[0-9]+)", log_path.read_text())
+        if m:
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"the server did not come up in {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_server(proc) -> None:
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+class Server:
+    """The server a run talks to: `--url` as given, else one started on `--server-device` for the run."""
+
+    def __init__(self, args):
+        self.where = placement(args.server_device, args.trainer_device, torch.cuda.device_count())
+        self.proc = None
+        self.url = args.url
+        if self.url is None:
+            self.proc, self.url = start_server(
+                args.target, self.where["server"], Path(args.out) / "server.log"
+            )
+
+    def labels(self) -> dict:
+        return dict(server_device=self.where["server"], trainer_device=self.where["trainer"])
+
+    def close(self):
+        stop_server(self.proc)
 
 
 class RandomBatches:
@@ -180,9 +304,17 @@ def gpu_used() -> int:
 
 
 def single(args):
+    out = Path(args.out)
+    server = Server(args)
+    try:
+        _single(args, out, server.url, {**server.labels(), "target": describe_target(args.target)})
+    finally:
+        server.close()
+
+
+def _single(args, out, url, labels):
     from draftfeed.server.loading import load_target
 
-    out = Path(args.out)
     model = load_target(args.target, dtype="bfloat16", device=device())
     for b in [int(x) for x in args.batches.split(",")]:
         for algo in args.algos.split(","):
@@ -192,7 +324,7 @@ def single(args):
                 trainer = None
                 try:
                     trainer, backend, wire, cfg = build(
-                        algo, args.target, None if mode == "co-located" else args.url, b, args.seq, enc,
+                        algo, args.target, None if mode == "co-located" else url, b, args.seq, enc,
                         args.seconds, out / "runs" / f"{algo}_{b}_{mode}_{enc}", f"{algo}-{b}-{enc}",
                         model if mode == "co-located" else None,
                     )  # fmt: skip
@@ -202,13 +334,19 @@ def single(args):
                         target_wait=round(wait, 3), steps=steps, trainer_peak_gib=round(peak / 2**30, 2),
                         gpu_used_gib=round(gpu_used() / 2**30, 2),
                         bytes_per_token=round(wire["bytes"] / wire["tokens"]) if wire["tokens"] else None,
-                        wall_s=round(time.perf_counter() - t0, 1),
+                        wall_s=round(time.perf_counter() - t0, 1), **labels,
                     )  # fmt: skip
                     if mode == "remote":
                         backend.close()
                 except Exception as err:  # noqa: BLE001 - one failed config must not end the table
                     rec = dict(
-                        algo=algo, B=b, S=args.seq, mode=mode, encodings=enc or "-", error=repr(err)[:300]
+                        algo=algo,
+                        B=b,
+                        S=args.seq,
+                        mode=mode,
+                        encodings=enc or "-",
+                        error=repr(err)[:300],
+                        **labels,
                     )
                 append(out, "single.jsonl", rec)
                 del trainer
@@ -238,6 +376,7 @@ def job(args):
         encodings=args.encodings, tok_s=round(tps), target_wait=round(wait, 3), steps=steps,
         trainer_peak_gib=round(peak / 2**30, 2),
         bytes_per_token=round(wire["bytes"] / wire["tokens"]) if wire["tokens"] else None,
+        server_device=args.server_device, trainer_device=str(device()), target=describe_target(args.target),
     )  # fmt: skip
     append(out, "jobs.jsonl", rec)
 
@@ -246,17 +385,23 @@ def jobs(args):
     algos = args.algos.split(",")
     procs = []
     group = f"{len(algos)}jobs"
-    for i, algo in enumerate(algos):
-        cmd = [
-            sys.executable, __file__, "job", "--target", args.target, "--url", args.url, "--algo", algo,
-            "--batch", str(args.batch), "--seq", str(args.seq), "--seconds", str(args.seconds),
-            "--encodings", args.encodings, "--index", str(i), "--of", str(len(algos)), "--group", group,
-            "--out", args.out,
-        ]  # fmt: skip
-        log = open(Path(args.out) / f"{group}_{i}.log", "w")  # noqa: SIM115
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-    for p in procs:
-        p.wait()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    server = Server(args)
+    try:
+        for i, algo in enumerate(algos):
+            cmd = [
+                sys.executable, __file__, "job", "--target", args.target, "--url", server.url, "--algo", algo,
+                "--batch", str(args.batch), "--seq", str(args.seq), "--seconds", str(args.seconds),
+                "--encodings", args.encodings, "--index", str(i), "--of", str(len(algos)), "--group", group,
+                "--out", args.out, "--server-device", server.where["server"],
+                "--trainer-device", server.where["trainer"],
+            ]  # fmt: skip
+            log = open(Path(args.out) / f"{group}_{i}.log", "w")  # noqa: SIM115
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        for p in procs:
+            p.wait()
+    finally:
+        server.close()
 
 
 # ---- the draft step alone ----
@@ -418,14 +563,21 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def _where(rows: list[dict], key: str) -> str:
+    return ", ".join(sorted({str(r[key]) for r in rows if r.get(key)}))
+
+
 def report(args):
     out = Path(args.out)
+    every = _rows(out / "single.jsonl") + _rows(out / "jobs.jsonl")
     lines = [
-        "# Draft training throughput: remote vs co-located (bench/train_throughput.py)",
+        f"# {args.title}",
         "",
         f"Device: {args.device}. Date: {time.strftime('%Y-%m-%d')}. Command: `{args.command}`.",
-        "Target: random-weight LlamaConfig of SmolLM2-135M's dimensions, bf16; server (`draftfeed serve`, CUDA graphs on,",
-        "data plane) and trainer on the same GPU; random token rows, S as given. tok/s = training tokens per second",
+        f"Target: random-weight LlamaConfig ({_where(every, 'target') or 'see the target directory'}), bf16; "
+        f"server (`draftfeed serve`, CUDA graphs on, data plane) on {_where(every, 'server_device') or 'the same GPU'}, "
+        f"trainer(s) and the co-located target on {_where(every, 'trainer_device') or 'the same GPU'}; "
+        "random token rows, S as given. tok/s = training tokens per second",
         "after a warm-up (the real loop: prefetch 2, bf16 autocast, AdamW); target wait = time the loop waited on the",
         "target; bytes/token = reply payload per token; trainer peak = the trainer process's max allocated.",
         "",
@@ -505,7 +657,11 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     mt = sub.add_parser("make-target")
     mt.add_argument("--dir", required=True)
-    mt.add_argument("--tiny", action="store_true")
+    mt.add_argument("--tiny", action="store_true", help="the same as --dims tiny")
+    mt.add_argument("--dims", choices=sorted(DIMS), default="smollm2-135m")
+    mt.add_argument(
+        "--device", default="cpu", help="where to initialise the weights (cuda:N is faster for 8B)"
+    )
     for name in ("steps", "single", "jobs", "job"):
         q = sub.add_parser(name)
         q.add_argument("--target", required=True)
@@ -523,11 +679,21 @@ def main(argv=None):
         q.add_argument("--index", type=int, default=0)
         q.add_argument("--of", type=int, default=1)
         q.add_argument("--group", default="g")
+        q.add_argument("--trainer-device", default="auto", help="auto (cuda:0, else cpu), cpu, cuda:N")
+        q.add_argument(
+            "--server-device", default=None,
+            help="where the server runs: started there by the bench without --url (default: the trainer's device)",
+        )  # fmt: skip
     rp = sub.add_parser("report")
     rp.add_argument("--out", required=True)
     rp.add_argument("--command", default="")
+    rp.add_argument(
+        "--title", default="Draft training throughput: remote vs co-located (bench/train_throughput.py)"
+    )
     rp.add_argument("--device", default=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.cmd in ("steps", "single", "jobs", "job"):
+        set_trainer_device(args.trainer_device)
     {
         "make-target": make_target,
         "steps": step_bench,

@@ -1,0 +1,78 @@
+"""The benchmarks' device placement options (bench/train_throughput.py `--server-device` / `--trainer-device`):
+parsed without a GPU, a machine's GPU count passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from draftfeed.bench.train_throughput import DIMS, placement, resolve_device
+
+
+def test_device_specs_resolve_to_one_name():
+    assert resolve_device("auto", 2) == "cuda:0"
+    assert resolve_device(None, 0) == "cpu"
+    assert resolve_device("cuda", 2) == "cuda:0"
+    assert resolve_device("CUDA:1", 2) == "cuda:1"
+    assert resolve_device("cpu", 2) == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("spec", "count", "message"),
+    [
+        ("cuda:2", 2, r"has 2 GPU\(s\) \(cuda:0..cuda:1\)"),
+        ("cuda:1", 0, r"has 0 GPU"),
+        ("cuda:x", 2, r"expected cpu, cuda or cuda:N"),
+        ("gpu1", 2, r"expected auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_device_specs_say_what_to_pick(spec, count, message):
+    with pytest.raises(SystemExit, match=message):
+        resolve_device(spec, count)
+
+
+def test_placement_separate_or_shared():
+    assert placement("cuda:0", "cuda:1", 2) == dict(server="cuda:0", trainer="cuda:1", shared=False)
+    # no server device: the server shares the trainer's device (the one-GPU layout of issue 17)
+    assert placement(None, "cuda:1", 2) == dict(server="cuda:1", trainer="cuda:1", shared=True)
+    assert placement("cuda", "auto", 1) == dict(server="cuda:0", trainer="cuda:0", shared=True)
+    assert placement("cpu", "cpu", 0)["shared"]
+
+
+def test_eight_b_dims_are_llama_3_1_8b_and_split_in_two():
+    from transformers import LlamaConfig
+
+    from draftfeed.server.tensor_parallel import check_shardable
+
+    d = DIMS["llama-3.1-8b"]
+    assert (d["num_hidden_layers"], d["hidden_size"], d["intermediate_size"], d["vocab_size"]) == (
+        32, 4096, 14336, 128256
+    )  # fmt: skip
+    check_shardable(LlamaConfig(**d), 2)  # the TP=2 run needs it
+    check_shardable(LlamaConfig(**DIMS["tiny"]), 2)  # and so does its CPU dry run
+
+
+def test_report_names_where_the_server_and_trainer_ran(tmp_path):
+    import argparse
+    import json
+
+    from draftfeed.bench.train_throughput import report
+
+    rows = [
+        dict(algo="eagle3", B=16, S=2048, mode="co-located", encodings="-", tok_s=100, target_wait=0.2,
+             steps=3, trainer_peak_gib=1.0, gpu_used_gib=2.0, bytes_per_token=None),
+        dict(algo="eagle3", B=16, S=2048, mode="remote", encodings="exact", tok_s=150, target_wait=0.01,
+             steps=4, trainer_peak_gib=1.0, gpu_used_gib=2.0, bytes_per_token=4633),
+    ]  # fmt: skip
+    with open(tmp_path / "single.jsonl", "w") as f:
+        for r in rows:
+            f.write(
+                json.dumps(
+                    {**r, "server_device": "cuda:0", "trainer_device": "cuda:1", "target": "32 layers"}
+                )
+                + "\n"
+            )
+    report(argparse.Namespace(out=str(tmp_path), command="c", device="2x H200", title="two GPUs"))
+    text = (tmp_path / "train_throughput.md").read_text()
+    assert text.startswith("# two GPUs")
+    assert "(32 layers)" in text and "on cuda:0, trainer(s) and the co-located target on cuda:1" in text
+    assert "| eagle3 | 16 | remote | exact | 150 | 1.50 |" in text
