@@ -7,7 +7,7 @@ Names are imported on first use (PEP 562), so `import draftfeed.client.channel` 
 loads grpc and not torch, and the remote backends' gRPC stubs and encodings (~0.1 s) load only when used.
 """
 
-from importlib import import_module
+from .lazy import lazy_getattr
 
 _LAZY = {
     "DFlashTargetBackend": ".backend",
@@ -67,16 +67,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    """Import the submodule that defines `name` on first use."""
-    if name in _LAZY:
-        module = _LAZY[name]
-        value = getattr(
-            import_module(module, __name__) if module.startswith(".") else import_module(module), name
-        )
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def __dir__():

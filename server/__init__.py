@@ -4,7 +4,7 @@ Names are imported on first use (PEP 562), so `draftfeed health` and `draftfeed 
 without importing torch or transformers.
 """
 
-from importlib import import_module
+from draftfeed.client.lazy import lazy_getattr
 
 _LAZY = {
     "default_dflash_layer_ids": "draftfeed.client.layers",
@@ -51,16 +51,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    """Import the submodule that defines `name` on first use."""
-    if name in _LAZY:
-        module = _LAZY[name]
-        value = getattr(
-            import_module(module, __name__) if module.startswith(".") else import_module(module), name
-        )
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def __dir__():
