@@ -473,6 +473,9 @@ class EvalConfig:
     untrained: bool = flag(
         "--untrained", "measure the draft with re-initialised weights (the baseline)", False
     )
+    cuda_graphs: bool = flag(
+        "--cuda-graphs", "capture the target's verify / decode steps and the EAGLE-3 draft steps as CUDA graphs", True
+    )
     out: str | None = flag("--out", "also write the results as JSON here", None)
 
     def __post_init__(self):

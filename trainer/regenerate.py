@@ -2,8 +2,9 @@
 (a draft should learn the target's own distribution, not the one that wrote the dataset).
 
 Turn by turn: every conversation's user turn r is put after the target's own earlier answers, the
-prompts are rendered with the chat template, sorted by length, left-padded and run through HF `generate`
-in batches (greedy, or sampled at `temperature` with a seed per batch). A conversation stops at a turn
+prompts are rendered with the chat template, sorted by length, left-padded and generated in batches:
+greedy through `fast_decode.greedy_generate` (static KV cache, one CUDA graph per batch shape), sampled
+at `temperature` through HF `generate` with a seed per batch. A conversation stops at a turn
 whose prompt is longer than `max_prompt_tokens` or whose answer comes out empty; conversations without
 any answer are dropped. The result is cached as OpenAI-style JSONL (`{"messages": [...]}`) next to a
 `.meta.json` naming the source, the target and the settings; a later call with the same ones reads the
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .data import read_chat_file
+from .fast_decode import greedy_generate
 
 __all__ = ["RegenerateSettings", "regenerate", "regenerate_cached", "write_chat_jsonl"]
 
@@ -54,6 +56,9 @@ def _generate(
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if settings.temperature <= 0:  # greedy: the static-cache, CUDA-graphed generator
+        rows = greedy_generate(model, prompts, settings.max_new_tokens, [tokenizer.eos_token_id], pad)
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attn = torch.zeros((len(prompts), width), dtype=torch.long)
