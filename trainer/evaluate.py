@@ -479,13 +479,13 @@ class StaticEagle3Drafter:
     def _commit(self) -> None:
         t, d = self.t, self.draft
         h = self._rows(t.vpred, d.project_hidden_states(t.vaux[None]), t.vcols)
-        self.last_h.copy_(h[:, t.accept.view(1)])
+        self.last_h.copy_(h.index_select(1, t.accept.view(1)))
 
     def _propose(self) -> None:
         d, t = self.draft, self.t
         h = self.last_h
         for j in range(self.k):
-            tok = self.ids[d.compute_logits(h)[0, -1].argmax()].view(1)
+            tok = self.ids.gather(0, d.compute_logits(h)[0, -1].argmax().view(1))  # no host sync
             t.vids[1 + j : 2 + j].copy_(tok)
             if j < self.k - 1:
                 h = self._rows(tok, d.next_input(h), (t.start + j).view(1))
@@ -766,10 +766,15 @@ def round_split(r: TauResult) -> str:
 def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
     """`draftfeed eval`: tau of the exported draft `cfg.draft` (EAGLE-3, DFlash or DSpark, read from its
     config.json) on each prompt set (an `EvalConfig`)."""
+    from pathlib import Path
+
     from draftfeed.server.loading import load_target, load_tokenizer
 
     from .export import load_draft
     from .loop import resolve_device
+
+    def say(m):
+        print(m, file=sys.stderr, flush=True)
 
     device = resolve_device(cfg.device)
     dtype = {
@@ -780,15 +785,17 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
         model = load_target(cfg.target_model, device=device, dtype=dtype)
     tokenizer = tokenizer or load_tokenizer(cfg.target_model)
     exported = load_draft(cfg.draft, model, device=device, dtype=model.dtype)
+    if cfg.checkpoint:  # the draft weights of a training checkpoint of the same run
+        state = torch.load(
+            Path(cfg.checkpoint).expanduser() / "trainer.pt", map_location=device, weights_only=False
+        )
+        exported.draft.load_state_dict(state["draft"], strict=False)
+        say(f"eval: draft weights of {cfg.checkpoint} (step {state.get('step')})")
     if cfg.untrained:  # the baseline: same shapes and vocab map, fresh random weights
         reinitialize(exported.draft)
     drafter = make_drafter(exported.algorithm, exported.draft, cfg.confidence_threshold)
     k = cfg.num_draft_tokens if exported.algorithm == "eagle3" else drafter.max_drafts
     eos = eos_token_ids(tokenizer, model)
-
-    def say(m):
-        print(m, file=sys.stderr, flush=True)
-
     sets = load_prompt_sets(cfg.prompts, tokenizer, cfg.limit)
     longest = max((len(p) for ps in sets.values() for p in ps), default=1)
     static = StaticTarget(

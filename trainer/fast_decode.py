@@ -74,18 +74,63 @@ def causal_mask(columns: torch.Tensor, valid_from: torch.Tensor, max_len: int, d
 
 
 def static_forward(model, kv: StaticKV, ids, columns, valid_from, logits_to_keep: int = 0):
-    """The model over ids [B,m] at cache `columns` [m] (row b's positions: columns - valid_from[b])."""
+    """The model over ids [B,m] at cache `columns` [m] (row b's positions: columns - valid_from[b]).
+
+    Steps of up to `GQA_MAX_QUERIES` tokens run their attention through `gqa_attention` (HF's sdpa and eager
+    paths copy the whole cache to every query head when a mask is given); longer ones (a prefill) keep the
+    model's own attention."""
     kv.columns = columns
     positions = (columns[None, :] - valid_from[:, None]).clamp_min(0)
     mask = causal_mask(columns, valid_from, kv.max_len, kv.keys[0].dtype)
-    return model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-        **{_cache_kwarg(model): kv},
-    ).logits
+    cfg = model.config
+    before = getattr(cfg, "_attn_implementation", None)
+    swap = ids.shape[1] <= GQA_MAX_QUERIES and before in ("sdpa", "eager")
+    if swap:
+        _register_gqa()
+        cfg._attn_implementation = GQA_ATTENTION
+    try:
+        return model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{_cache_kwarg(model): kv},
+        ).logits
+    finally:
+        if swap:
+            cfg._attn_implementation = before
+
+
+GQA_ATTENTION = "draftfeed_gqa"
+GQA_MAX_QUERIES = 16
+_registered = False
+
+
+def gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention with grouped KV heads without copying them: query [B,H,m,d], key / value [B,Hkv,L,d], an
+    additive mask [B,1,m,L]. The g = H / Hkv query heads of a KV head are one [g*m, d] block against it.
+    Returns [B,m,H,d] (HF's attention-interface convention)."""
+    b, h, m, d = query.shape
+    kvh, length = key.shape[1], key.shape[2]
+    g = h // kvh
+    scale = d**-0.5 if scaling is None else scaling
+    scores = torch.matmul(query.reshape(b, kvh, g * m, d), key.transpose(-1, -2)).float() * scale
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :length].float()  # [B,1,m,L]
+        scores = (scores.view(b, kvh, g, m, length) + mask[:, :, None]).view(b, kvh, g * m, length)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value).view(b, h, m, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_gqa() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(GQA_ATTENTION, gqa_attention)
+        _registered = True
 
 
 def _cache_kwarg(model) -> str:
@@ -146,7 +191,7 @@ def greedy_generate(
     *,
     graphs: bool = True,
     check_every: int = 16,
-    prefill_rows: int = 64,
+    prefill_rows: int = 32,
 ) -> list[list[int]]:
     """Greedy continuations of token-id `prompts` (one batch), each cut after its first eos (kept) or at
     `max_new_tokens`. Rows are left-padded to a multiple of 64; the prefill runs `prefill_rows` rows at a

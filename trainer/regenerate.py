@@ -89,8 +89,12 @@ def regenerate(
     conversations: Sequence[Conversation],
     settings: RegenerateSettings = RegenerateSettings(),
     log=None,
+    time_limit: float | None = None,
 ) -> list[Conversation]:
-    """Conversations whose assistant turns are the target's own answers (system and user turns kept)."""
+    """Conversations whose assistant turns are the target's own answers (system and user turns kept).
+
+    With `time_limit` (seconds), no batch starts after it: the conversations keep the turns answered so far
+    (turn by turn: every first turn is answered before any second one)."""
     states: list[Conversation] = []
     users: list[list[str]] = []
     for conv in conversations:
@@ -115,6 +119,10 @@ def regenerate(
         order = sorted(range(len(items)), key=lambda j: len(prompts[j]))
         kept = []
         for b in range(0, len(order), settings.batch_size):
+            if time_limit is not None and time.perf_counter() - start > time_limit:
+                if log is not None:
+                    log(f"regenerate: time limit of {time_limit:.0f} s reached in turn {turn + 1}")
+                break
             chunk = order[b : b + settings.batch_size]
             answers = _generate(
                 model,
@@ -138,6 +146,8 @@ def regenerate(
                     f"({time.perf_counter() - start:.0f} s)"
                 )
         active = sorted(kept)
+        if time_limit is not None and time.perf_counter() - start > time_limit:
+            break
     return [s for s in states if any(m["role"] == "assistant" for m in s)]
 
 
@@ -161,8 +171,10 @@ def regenerate_cached(
     source: str,
     target_id: str,
     settings: RegenerateSettings = RegenerateSettings(),
+    time_limit: float | None = None,
 ) -> list[Conversation]:
-    """`regenerate`, cached at `path`: reused when its meta file names the same source, target and settings.
+    """`regenerate`, cached at `path`: reused when its meta file names the same source, target and settings
+    (and `time_limit`, when one is given).
 
     `source` identifies the input conversations (e.g. the file and the limit); `target_id` the target (e.g.
     its fingerprint)."""
@@ -174,6 +186,8 @@ def regenerate_cached(
         "num_input": len(conversations),
         "settings": asdict(settings),
     }
+    if time_limit is not None:
+        meta["time_limit"] = time_limit
     if path.is_file() and meta_path.is_file():
         try:
             same = json.loads(meta_path.read_text()) == meta
@@ -183,7 +197,12 @@ def regenerate_cached(
             print(f"regenerate: reusing {path}", file=sys.stderr, flush=True)
             return read_chat_file(path)
     out = regenerate(
-        model, tokenizer, conversations, settings, log=lambda m: print(m, file=sys.stderr, flush=True)
+        model,
+        tokenizer,
+        conversations,
+        settings,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+        time_limit=time_limit,
     )
     write_chat_jsonl(path, out)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")

@@ -22,7 +22,15 @@ from draftfeed.client.vocab import TokenCounter
 
 from .algorithms import ALGORITHMS, DistContext, DraftAlgorithm
 from .config import TrainConfig, config_to_dict
-from .data import ChatDataset, TokenBatchIterator, load_sharegpt, read_chat_file
+from .data import (
+    HELDOUT_PROMPTS,
+    ChatDataset,
+    TokenBatchIterator,
+    load_sharegpt,
+    read_chat_file,
+    split_holdout,
+    write_heldout_prompts,
+)
 from .loop import Trainer, TrainResult, init_distributed, latest_checkpoint, resolve_device
 from .regenerate import RegenerateSettings, regenerate_cached
 
@@ -60,7 +68,11 @@ def special_ids(tokenizer) -> list[int]:
 def load_training_conversations(cfg: TrainConfig, tokenizer, target=None, target_id: str = "") -> list:
     """The conversations to train on; with `data.regenerate`, the target's own answers (cached)."""
     d = cfg.data
-    convs = read_chat_file(d.path, limit=d.limit) if d.path else load_sharegpt(limit=d.limit)
+    limit = None if d.limit is None else d.limit + d.holdout
+    convs = read_chat_file(d.path, limit=limit) if d.path else load_sharegpt(limit=limit)
+    convs, held = split_holdout(convs, d.holdout)
+    if held and cfg.dist.rank == 0:
+        write_heldout_prompts(cfg.out_dir / HELDOUT_PROMPTS, held)
     if not convs:
         raise ValueError(f"no usable conversation in {d.path or 'the packaged ShareGPT file'}")
     if not d.regenerate:
@@ -74,6 +86,7 @@ def load_training_conversations(cfg: TrainConfig, tokenizer, target=None, target
         seed=cfg.seed,
     )
     source = f"{Path(d.path).expanduser().resolve() if d.path else 'sharegpt'} limit={d.limit}"
+    source += f" holdout={d.holdout}" if d.holdout else ""
     return regenerate_cached(
         cfg.regen_cache_path(),
         target,
@@ -82,6 +95,7 @@ def load_training_conversations(cfg: TrainConfig, tokenizer, target=None, target
         source=source,
         target_id=target_id,
         settings=settings,
+        time_limit=d.regen_time_limit,
     )
 
 
@@ -156,12 +170,20 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
             f"--regenerate under torchrun needs the regenerated data at {cfg.regen_cache_path()} first: run "
             "`draftfeed regenerate` with the same flags (one process), then train"
         )
-    if target_id is None and model is not None and cfg.data.regenerate:
-        target_id = target_fingerprint(model)
-    convs = load_training_conversations(cfg, tokenizer, model, target_id or "")
-    dataset = ChatDataset(convs, tokenizer, cfg.data.seq_len)
     backend = algorithm.open_backend(None if cfg.target.remote else model, device)
     try:
+        if target_id is None and cfg.data.regenerate:
+            # the regenerated data name the target that wrote them: the served one when training remotely
+            servers = getattr(backend, "servers", None) if cfg.target.remote else None
+            target_id = (
+                servers[0].info.fingerprint
+                if servers
+                else target_fingerprint(model)
+                if model is not None
+                else None
+            )
+        convs = load_training_conversations(cfg, tokenizer, model, target_id or "")
+        dataset = ChatDataset(convs, tokenizer, cfg.data.seq_len)
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         emb = backend.get_input_embeddings().weight
         if tuple(emb.shape) != (text.vocab_size, text.hidden_size):
