@@ -56,7 +56,7 @@ rm -rf $W && mkdir -p $W
 DF="python3 -m draftfeed.server.cli"
 SIZE=$([ "$SMOKE" = 1 ] && echo cpu || echo gpu)
 ALGS=${ALGS:-eagle3 eagle3-ttt4 dflash dspark}
-EVAL_N=${EVAL_N:-20}
+EVAL_N=${EVAL_N:-$([ "$SMOKE" = 1 ] && echo 2 || echo 20)}
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 
 say "convert the default target"
@@ -85,11 +85,12 @@ TRAIN_S=${TRAIN_S:-$(($(left) - RESERVE - 40))}
 say "train $ALGS for $TRAIN_S s each"
 for a in $ALGS; do
   alg=${a%%-*}
-  $DF train $alg --config recipes/$a-$SIZE.yaml --target grpc://127.0.0.1:50551 $REGEN_FLAGS \
+  # a hard cap too: --time-limit counts from the first step, not from the start (loading, tokenizing)
+  OMP_NUM_THREADS=2 timeout -k 5 $(($(left) - RESERVE)) $DF train $alg --config recipes/$a-$SIZE.yaml --target grpc://127.0.0.1:50551 $REGEN_FLAGS \
     --time-limit $TRAIN_S --progress off --out $W/$a >"$OUT/train_$a.log" 2>&1 &
   echo $! >$W/$a.pid
 done
-for a in $ALGS; do wait $(cat $W/$a.pid); echo "train $a rc=$?"; done
+for a in $ALGS; do wait $(cat $W/$a.pid); echo "$(date +%T) train $a rc=$? (t=$(($(date +%s) - T0))s)"; done
 say "trained"
 for a in $ALGS; do
   mkdir -p "$OUT/$a" && cp $W/$a/metrics.jsonl $W/$a/train_config.json "$OUT/$a/" 2>/dev/null
