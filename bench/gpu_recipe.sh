@@ -3,7 +3,9 @@
 #   1. stash: carry the first GGUF piece of the real default target and the packed ShareGPT prompts
 #      (bench/pack_sharegpt.py) into /tmp/stash; then bench/gpu_smoke.py (graphs == eager, step speeds on a
 #      random model of the target's dims).
-#        run(command="cd .wt/i19 && bash bench/gpu_recipe.sh stash", carry=[".wt/i19", ".devtmp/i19/p1"], timeout_s=120)
+#        run(command="cd .wt/i19 && bash bench/gpu_recipe.sh stash", carry=[".wt/i19", ".devtmp/i19/p1"], timeout_s=150)
+#      /tmp/stash lasts only while the machine stays warm (30 s after a call): right before `run`, stash alone:
+#        run(command="mkdir -p /tmp/stash && cp -r .devtmp/i19/p1/* /tmp/stash/", carry=[".devtmp/i19/p1"], timeout_s=60)
 #   2. run: with the second piece and the wheels: serve the default target, regenerate ShareGPT (all turns,
 #      held-out split), train the recipes/*-gpu.yaml drafts at the same time against the one server, export,
 #      eval with speedup (trained drafts and checkpoints along the way), remote vs in-process losses.
