@@ -202,3 +202,61 @@ def test_eval_progress_bar(target, capsys):
     assert "set: 100%" in err and "3/3" in err and f"tau {K + 1:.3f}" in err, err
     measure_tau(verifier, OracleDrafter(target), prompts(), K, max_new_tokens=14, name="set")
     assert "set:" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- speedup: both loops on the static cache
+
+
+def test_static_loops_give_the_targets_greedy_tokens_and_the_same_tau_as_the_reference(target):
+    """The target-alone loop and the speculative loop on the static cache both commit exactly the target's
+    greedy text, and the device-side EAGLE-3 drafter accepts exactly what the reference chain drafter does
+    (same rounds, same committed tokens)."""
+    from draftfeed.trainer.evaluate import StaticTarget, decode_speculative, decode_target_alone
+
+    draft = eagle3_draft(target, vd=None, dtype=torch.float32, seed=2)
+    ps = prompts(3, seed=5)
+    ref = measure_tau(TargetVerifier(target), Eagle3ChainDrafter(draft), ps, K, max_new_tokens=17)
+    static = StaticTarget(target, None, "eagle3", K, max_len=64)
+    from draftfeed.trainer.evaluate import StaticEagle3Drafter, TauResult
+
+    drafter = StaticEagle3Drafter(draft, static)
+    res = TauResult("t", k=K, accept_hist=[0] * (K + 2))
+    for p in ps:
+        base = decode_target_alone(static, p, 17, eos=set())
+        assert base == greedy(target, p, 17)
+        assert decode_speculative(static, drafter, p, 17, set(), res) == base
+    assert (res.rounds, res.committed) == (ref.rounds, ref.committed)
+    # a host-side drafter through the same verify graph: the oracle reaches K + 1
+    oracle = TauResult("t", k=K, accept_hist=[0] * (K + 2))
+    p = ps[0]
+    assert decode_speculative(static, OracleDrafter(target), p, 16, set(), oracle) == greedy(target, p, 16)
+    assert oracle.tau == K + 1
+
+
+def test_eos_stops_both_static_loops_at_the_same_token(target):
+    from draftfeed.trainer.evaluate import StaticTarget, TauResult, decode_speculative, decode_target_alone
+
+    p = prompts(1, seed=4)[0]
+    cont = greedy(target, p, 12)
+    eos = {cont[5]}
+    static = StaticTarget(target, None, "eagle3", K, max_len=64)
+    base = decode_target_alone(static, p, 40, eos, check_every=4)
+    assert base == cont[: cont.index(cont[5]) + 1]
+    res = TauResult("t", k=K, accept_hist=[0] * (K + 2))
+    assert decode_speculative(static, OracleDrafter(target), p, 40, eos, res) == base
+
+
+def test_measure_speedup_reports_real_timings_and_identical_outputs(target):
+    from draftfeed.trainer.evaluate import measure_speedup, round_split, tau_table
+
+    draft = eagle3_draft(target, dtype=torch.float32, seed=3)
+    r = measure_speedup(target, draft, "eagle3", None, prompts(3, seed=6), K, 12, name="set", progress=False)
+    assert r.prompts == 3 and r.identical == 3 and r.tokens == 3 * 12
+    assert r.base_seconds > 0 and r.spec_seconds > 0
+    assert r.speedup == r.base_seconds / r.spec_seconds
+    assert r.base_tok_s == r.tokens / r.base_seconds and r.spec_tok_s == r.tokens / r.spec_seconds
+    ms = r.round_ms()
+    assert set(ms) >= {"verify", "draft", "sync"} and all(v > 0 for v in ms.values())
+    d = r.as_dict()
+    assert {"speedup", "base_tok_s", "spec_tok_s", "identical", "round_ms"} <= set(d)
+    assert f"**{r.speedup:.2f}x**" in tau_table([r]) and "verify" in round_split(r)

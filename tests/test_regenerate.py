@@ -153,7 +153,8 @@ def test_remote_train_with_a_cache_of_other_settings_regenerates_instead_of_cras
     sharp_target.save_pretrained(target_dir)
     word_tokenizer().save_pretrained(target_dir)
     data = write_chats(tmp_path / "chats.jsonl", 6, turns=(1, 1))
-    srv = TargetServer(ServeConfig(port=0), model=sharp_target).start()
+    # served from the saved copy, as a deployment loads it: the served fingerprint is the local copy's
+    srv = TargetServer(ServeConfig(port=0, model=str(target_dir))).start()
     meta = tmp_path / "out/regenerated.jsonl.meta.json"
 
     def build(**regen):

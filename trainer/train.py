@@ -23,7 +23,15 @@ from draftfeed.client.vocab import TokenCounter
 
 from .algorithms import ALGORITHMS, DistContext, DraftAlgorithm
 from .config import TrainConfig, config_to_dict
-from .data import ChatDataset, TokenBatchIterator, load_sharegpt, read_chat_file
+from .data import (
+    HELDOUT_PROMPTS,
+    ChatDataset,
+    TokenBatchIterator,
+    load_sharegpt,
+    read_chat_file,
+    split_holdout,
+    write_heldout_prompts,
+)
 from .loop import Trainer, TrainResult, init_distributed, latest_checkpoint, resolve_device
 from .regenerate import RegenerateSettings, regenerate_cached
 
@@ -41,6 +49,7 @@ __all__ = [
 # Draft initialisation draws from torch's global RNG: runs started from several threads of one process
 # (demo-train, the tests) build their drafts one at a time so each gets exactly its seed's weights.
 _INIT_LOCK = threading.Lock()
+COUNT_SAMPLE = 4000  # conversations counted for the draft vocab map
 
 
 def _say(msg: str) -> None:
@@ -64,7 +73,11 @@ def load_training_conversations(
     """The conversations to train on; with `data.regenerate`, the target's own answers (cached).
     `target` None: `load_target()` -> (model, fingerprint) loads it if the cache cannot be used."""
     d = cfg.data
-    convs = read_chat_file(d.path, limit=d.limit) if d.path else load_sharegpt(limit=d.limit)
+    limit = None if d.limit is None else d.limit + d.holdout
+    convs = read_chat_file(d.path, limit=limit) if d.path else load_sharegpt(limit=limit)
+    convs, held = split_holdout(convs, d.holdout)
+    if held and cfg.dist.rank == 0:
+        write_heldout_prompts(cfg.out_dir / HELDOUT_PROMPTS, held)
     if not convs:
         raise InvalidArgument(
             f"no usable conversation in {d.path or 'the packaged ShareGPT file'}: a record needs a user turn "
@@ -82,6 +95,7 @@ def load_training_conversations(
         seed=cfg.seed,
     )
     source = f"{Path(d.path).expanduser().resolve() if d.path else 'sharegpt'} limit={d.limit}"
+    source += f" holdout={d.holdout}" if d.holdout else ""
     return regenerate_cached(
         cfg.regen_cache_path(),
         target,
@@ -91,6 +105,7 @@ def load_training_conversations(
         target_id=target_id,
         settings=settings,
         load_target=load_target,
+        time_limit=d.regen_time_limit,
     )
 
 
@@ -164,8 +179,6 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
             f"--regenerate under torchrun needs the regenerated data at {cfg.regen_cache_path()} first: run "
             "`draftfeed regenerate` with the same flags (one process), then train"
         )
-    if target_id is None and model is not None and cfg.data.regenerate:
-        target_id = target_fingerprint(model)
 
     def load_local():  # a remote run regenerates with its local copy of the target, loaded only if needed
         if dist.world_size > 1:
@@ -176,10 +189,20 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
         local = load_target(cfg.target.model, device=device, dtype=target_dtype(cfg.target.dtype, device))
         return local, target_fingerprint(local)
 
-    convs = load_training_conversations(cfg, tokenizer, model, target_id, load_local)
-    dataset = ChatDataset(convs, tokenizer, cfg.data.seq_len)
     backend = algorithm.open_backend(None if cfg.target.remote else model, device)
     try:
+        if target_id is None and cfg.data.regenerate:
+            # the regenerated data name the target that wrote them: the served one when training remotely
+            servers = getattr(backend, "servers", None) if cfg.target.remote else None
+            target_id = (
+                servers[0].info.fingerprint
+                if servers
+                else target_fingerprint(model)
+                if model is not None
+                else None
+            )
+        convs = load_training_conversations(cfg, tokenizer, model, target_id, load_local)
+        dataset = ChatDataset(convs, tokenizer, cfg.data.seq_len)
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         emb = backend.get_input_embeddings().weight
         if tuple(emb.shape) != (text.vocab_size, text.hidden_size):
@@ -190,7 +213,11 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
         counts = None
         if algorithm.needs_token_counts(text.vocab_size):
             counter = TokenCounter(text.vocab_size)
-            for i in range(len(dataset)):
+            # at most COUNT_SAMPLE conversations, evenly spread: tokenizing all of a large set up front (16k
+            # regenerated conversations: minutes on a busy host) would delay the first step for a vocab map
+            # that a sample ranks the same way
+            step = max(1, -(-len(dataset) // COUNT_SAMPLE))
+            for i in range(0, len(dataset), step):
                 ids, mask = dataset[i]
                 counter.update(torch.from_numpy(ids), torch.from_numpy(mask))
             counts = counter.counts

