@@ -3,15 +3,16 @@
 #   1. stash: carry the first GGUF piece of the real default target and the packed ShareGPT prompts
 #      (bench/pack_sharegpt.py) into /tmp/stash; then bench/gpu_smoke.py (graphs == eager, step speeds on a
 #      random model of the target's dims).
-#        run(command="cd .wt/i19 && bash bench/gpu_recipe.sh stash", carry=[".wt/i19", ".devtmp/i19/p1"], timeout_s=150)
+#        run(command="bash bench/gpu_recipe.sh stash", carry=[".devtmp/i19/p1"], timeout_s=150)
 #      /tmp/stash lasts only while the machine stays warm (30 s after a call): right before `run`, stash alone:
 #        run(command="mkdir -p /tmp/stash && cp -r .devtmp/i19/p1/* /tmp/stash/", carry=[".devtmp/i19/p1"], timeout_s=60)
 #   2. run: with the second piece and the wheels: serve the default target, regenerate ShareGPT (all turns,
 #      held-out split), train the recipes/*-gpu.yaml drafts at the same time against the one server, export,
 #      eval with speedup (trained drafts and checkpoints along the way), remote vs in-process losses.
-#        run(command="cd .wt/i19 && bash bench/gpu_recipe.sh run", carry=[".wt/i19", ".devtmp/i19/p2"], timeout_s=600)
+#        run(command="bash bench/gpu_recipe.sh run", carry=[".devtmp/i19/p2"], timeout_s=600)
 # Outputs under $OUT (logs, metrics, eval JSON, draft_quality.md). Knobs: BUDGET_S, ALGS, DATA_LIMIT,
-# REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), EVAL_N, TRAIN_S. SMOKE=1 runs the CPU smoke sizes (recipes/*-cpu.yaml) for a dry run here.
+# REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), EVAL_N, TRAIN_S, CKPT_EVAL=0 (skip the checkpoints' tau),
+# SAME_ROW=0 (skip the remote vs in-process row), NO_SMOKE=1 (stash only). SMOKE=1 runs the CPU smoke sizes (recipes/*-cpu.yaml) for a dry run here.
 set -uo pipefail
 MODE=${1:?usage: bench/gpu_recipe.sh stash|run}
 OUT=${OUT:-/tmp/out}
@@ -20,7 +21,7 @@ exec > >(tee -a "$OUT/recipe_$MODE.log") 2>&1
 T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-570}
 SMOKE=${SMOKE:-0}
-P=${P:-../../.devtmp/i19} # the command runs in main's .wt/i19, the carried pieces are in main's .devtmp/i19
+P=${P:-.devtmp/i19} # the carried pieces, relative to the repository root
 STASH=${STASH:-/tmp/stash}
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
 say() { echo "== $* (t=$(($(date +%s) - T0))s)"; }
@@ -33,6 +34,7 @@ export PYTHONPATH=/tmp/dfsrc:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 if [ "$MODE" = stash ]; then
   mkdir -p $STASH && cp -r $P/p1/* $STASH/ && ls -la $STASH $STASH/data
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  [ "${NO_SMOKE:-0}" = 1 ] && exit 0
   say smoke
   timeout -k 5 $(($(left) - 5)) python3 bench/gpu_smoke.py --out "$OUT" $([ "$SMOKE" = 1 ] && echo --device cpu --tiny --regen-batches 2x16)
   say "smoke rc=$?"
@@ -115,14 +117,14 @@ for a in $ALGS; do
   timeout -k 5 $(($(left) - 15)) $EV --draft $W/$a/export --out "$OUT/$a/eval.json" >"$OUT/eval_$a.log" 2>&1 &
   PIDS="$PIDS $!"
 done
-for c in $(ls -d $W/eagle3/checkpoints/step_* 2>/dev/null); do
+for c in $([ "${CKPT_EVAL:-1}" = 1 ] && ls -d $W/eagle3/checkpoints/step_* 2>/dev/null); do
   s=$(basename $c)
   timeout -k 5 $(($(left) - 15)) $EV --draft $W/eagle3/export --checkpoint $c --out "$OUT/eagle3/eval_$s.json" >"$OUT/eval_eagle3_$s.log" 2>&1 &
   PIDS="$PIDS $!"
 done
 # remote-trained vs in-process-trained: the EAGLE-3 recipe, 20 steps each, the same seed and data
 SAME="--config recipes/eagle3-$SIZE.yaml --data $DATA --data-limit 64 --regen-max-turns 1 --regen-cache $W/same.jsonl --steps 20 --log-every 1 --save-every 0 --progress off"
-(
+[ "${SAME_ROW:-1}" = 1 ] && (
   timeout -k 5 $(($(left) - 15)) $DF train eagle3 $SAME --out $W/same_local >"$OUT/same_local.log" 2>&1
   $DF serve --port 50552 $([ "$SMOKE" = 1 ] || echo --dtype bfloat16) >"$OUT/server2.log" 2>&1 &
   S2=$!

@@ -27,6 +27,7 @@ from .data import (
     HELDOUT_PROMPTS,
     ChatDataset,
     TokenBatchIterator,
+    check_chat_template,
     load_sharegpt,
     read_chat_file,
     split_holdout,
@@ -40,6 +41,7 @@ __all__ = [
     "build_run",
     "run_training",
     "load_training_conversations",
+    "read_training_conversations",
     "target_dtype",
     "target_fingerprint",
     "special_ids",
@@ -67,11 +69,9 @@ def special_ids(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
 
 
-def load_training_conversations(
-    cfg: TrainConfig, tokenizer, target=None, target_id: str | None = None, load_target=None
-) -> list:
-    """The conversations to train on; with `data.regenerate`, the target's own answers (cached).
-    `target` None: `load_target()` -> (model, fingerprint) loads it if the cache cannot be used."""
+def read_training_conversations(cfg: TrainConfig) -> list:
+    """The data file's (or the packaged ShareGPT) conversations less the held-out ones, which are written
+    to the run's directory; a file without a usable conversation is a clear error."""
     d = cfg.data
     limit = None if d.limit is None else d.limit + d.holdout
     convs = read_chat_file(d.path, limit=limit) if d.path else load_sharegpt(limit=limit)
@@ -84,6 +84,23 @@ def load_training_conversations(
             "followed by an assistant turn (ShareGPT conversations: [{from, value}] or OpenAI messages: "
             "[{role, content}])"
         )
+    return convs
+
+
+def load_training_conversations(
+    cfg: TrainConfig,
+    tokenizer,
+    target=None,
+    target_id: str | None = None,
+    load_target=None,
+    convs: list | None = None,
+) -> list:
+    """The conversations to train on (`convs`: already read by `read_training_conversations`); with
+    `data.regenerate`, the target's own answers (cached). `target` None: `load_target()` -> (model,
+    fingerprint) loads it if the cache cannot be used."""
+    d = cfg.data
+    if convs is None:
+        convs = read_training_conversations(cfg)
     if not d.regenerate:
         return convs
     settings = RegenerateSettings(
@@ -189,6 +206,9 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
         local = load_target(cfg.target.model, device=device, dtype=target_dtype(cfg.target.dtype, device))
         return local, target_fingerprint(local)
 
+    # the user's own mistakes (data file, tokenizer) are named before any server is reached
+    convs = read_training_conversations(cfg)
+    check_chat_template(tokenizer)
     backend = algorithm.open_backend(None if cfg.target.remote else model, device)
     try:
         if target_id is None and cfg.data.regenerate:
@@ -201,7 +221,7 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
                 if model is not None
                 else None
             )
-        convs = load_training_conversations(cfg, tokenizer, model, target_id, load_local)
+        convs = load_training_conversations(cfg, tokenizer, model, target_id, load_local, convs)
         dataset = ChatDataset(convs, tokenizer, cfg.data.seq_len)
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         emb = backend.get_input_embeddings().weight
