@@ -72,15 +72,25 @@ for _ in $(seq 1 120); do grep -q "serving on" "$OUT/server.log" && break; sleep
 say "server up"
 
 # -- regenerate once (in-process target, static-cache graphed greedy), shared by every job ------------
-REGEN_FLAGS="--data $DATA ${DATA_LIMIT:+--data-limit $DATA_LIMIT} ${REGEN_TURNS:+--regen-max-turns $REGEN_TURNS} ${REGEN_LIMIT:+--regen-time-limit $REGEN_LIMIT} --regen-cache $W/regenerated.jsonl"
-say regenerate
-t=$(date +%s)
-$DF regenerate --config recipes/eagle3-$SIZE.yaml $REGEN_FLAGS --out $W/eagle3 2>&1 | grep -v "Loading weights" | tail -4
-REGEN_S=$(($(date +%s) - t))
-say "regenerate done in $REGEN_S s: $(wc -l <$W/regenerated.jsonl) conversations"
-cp $W/eagle3/heldout_prompts.jsonl $W/heldout_prompts.jsonl 2>/dev/null
-cp $W/heldout_prompts.jsonl $W/regenerated.jsonl.meta.json "$OUT/"
-gzip -c $W/regenerated.jsonl >"$OUT/regenerated.jsonl.gz"
+# REGENERATED=DIR: a regenerated.jsonl.gz + heldout_prompts.jsonl from an earlier call (its $OUT), carried: no
+# regeneration, the jobs train on that file as it is
+if [ -n "${REGENERATED:-}" ]; then
+  gunzip -c $REGENERATED/regenerated.jsonl.gz >$W/regenerated.jsonl
+  cp $REGENERATED/heldout_prompts.jsonl $W/heldout_prompts.jsonl
+  REGEN_FLAGS="--data $W/regenerated.jsonl --no-regenerate --data-holdout 0"
+  REGEN_S=0
+  say "carried regenerated data: $(wc -l <$W/regenerated.jsonl) conversations, $(wc -l <$W/heldout_prompts.jsonl) held out"
+else
+  REGEN_FLAGS="--data $DATA ${DATA_LIMIT:+--data-limit $DATA_LIMIT} ${REGEN_TURNS:+--regen-max-turns $REGEN_TURNS} ${REGEN_LIMIT:+--regen-time-limit $REGEN_LIMIT} --regen-cache $W/regenerated.jsonl"
+  say regenerate
+  t=$(date +%s)
+  $DF regenerate --config recipes/eagle3-$SIZE.yaml $REGEN_FLAGS --out $W/eagle3 2>&1 | grep -v "Loading weights" | tail -4
+  REGEN_S=$(($(date +%s) - t))
+  say "regenerate done in $REGEN_S s: $(wc -l <$W/regenerated.jsonl) conversations"
+  cp $W/eagle3/heldout_prompts.jsonl $W/heldout_prompts.jsonl 2>/dev/null
+  cp $W/heldout_prompts.jsonl $W/regenerated.jsonl.meta.json "$OUT/"
+  gzip -c $W/regenerated.jsonl >"$OUT/regenerated.jsonl.gz"
+fi
 HELD=$W/heldout_prompts.jsonl
 
 # -- train every recipe at the same time against the one server --------------------------------------
