@@ -12,7 +12,10 @@
 #        run(command="bash bench/gpu_recipe.sh run", carry=[".devtmp/i19/p2"], timeout_s=600)
 # Outputs under $OUT (logs, metrics, eval JSON, draft_quality.md). Knobs: BUDGET_S, ALGS, DATA_LIMIT,
 # REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), EVAL_N, TRAIN_S, CKPT_EVAL=0 (skip the checkpoints' tau),
-# SAME_ROW=0 (skip the remote vs in-process row), NO_SMOKE=1 (stash only). SMOKE=1 runs the CPU smoke sizes (recipes/*-cpu.yaml) for a dry run here.
+# SAME_ROW=0 (skip the remote vs in-process row), NO_SMOKE=1 (stash only), ARGS_<alg>="..." (extra train flags of
+# one recipe, e.g. ARGS_eagle3="--steps 15000 --save-every 2000"), KEEP_WORK=1 + RESUME=1 (a later call on the
+# same warm machine: keep /tmp/recipe, reuse its regenerated data, resume each job from its latest checkpoint).
+# SMOKE=1 runs the CPU smoke sizes (recipes/*-cpu.yaml) for a dry run here.
 set -uo pipefail
 MODE=${1:?usage: bench/gpu_recipe.sh stash|run}
 OUT=${OUT:-/tmp/out}
@@ -56,7 +59,8 @@ fi
 DATA=$D/sharegpt_prompts.jsonl.gz
 MT=$D/mtbench_question.jsonl
 W=${WORK:-/tmp/recipe}
-rm -rf $W && mkdir -p $W
+[ "${KEEP_WORK:-0}" = 1 ] || rm -rf $W
+mkdir -p $W
 DF="python3 -m draftfeed.server.cli"
 SIZE=$([ "$SMOKE" = 1 ] && echo cpu || echo gpu)
 ALGS=${ALGS:-eagle3 eagle3-ttt4 dflash dspark}
@@ -77,9 +81,11 @@ say "server up"
 if [ -n "${REGENERATED:-}" ]; then
   gunzip -c $REGENERATED/regenerated.jsonl.gz >$W/regenerated.jsonl
   cp $REGENERATED/heldout_prompts.jsonl $W/heldout_prompts.jsonl
-  REGEN_FLAGS="--data $W/regenerated.jsonl --no-regenerate --data-holdout 0"
   REGEN_S=0
   say "carried regenerated data: $(wc -l <$W/regenerated.jsonl) conversations, $(wc -l <$W/heldout_prompts.jsonl) held out"
+elif [ -f $W/regenerated.jsonl ]; then # KEEP_WORK=1: an earlier call's regeneration on this machine
+  REGEN_S=0
+  say "kept regenerated data: $(wc -l <$W/regenerated.jsonl) conversations"
 else
   REGEN_FLAGS="--data $DATA ${DATA_LIMIT:+--data-limit $DATA_LIMIT} ${REGEN_TURNS:+--regen-max-turns $REGEN_TURNS} ${REGEN_LIMIT:+--regen-time-limit $REGEN_LIMIT} --regen-cache $W/regenerated.jsonl"
   say regenerate
@@ -91,6 +97,8 @@ else
   cp $W/heldout_prompts.jsonl $W/regenerated.jsonl.meta.json "$OUT/"
   gzip -c $W/regenerated.jsonl >"$OUT/regenerated.jsonl.gz"
 fi
+# every job (and a resumed one in a later call) trains on the regenerated file itself, held-out prompts excluded
+REGEN_FLAGS="--data $W/regenerated.jsonl --no-regenerate --data-holdout 0"
 HELD=$W/heldout_prompts.jsonl
 
 # -- train every recipe at the same time against the one server --------------------------------------
@@ -99,9 +107,10 @@ TRAIN_S=${TRAIN_S:-$(($(left) - RESERVE - 40))}
 say "train $ALGS for $TRAIN_S s each"
 for a in $ALGS; do
   alg=${a%%-*}
+  extra=ARGS_${a//-/_}
   # a hard cap too: --time-limit counts from the first step, not from the start (loading, tokenizing)
   OMP_NUM_THREADS=2 timeout -k 5 $(($(left) - RESERVE)) $DF train $alg --config recipes/$a-$SIZE.yaml --target grpc://127.0.0.1:50551 $REGEN_FLAGS \
-    --time-limit $TRAIN_S --progress off --out $W/$a >"$OUT/train_$a.log" 2>&1 &
+    --time-limit $TRAIN_S --progress off --out $W/$a ${!extra:-} $([ "${RESUME:-0}" = 1 ] && echo --resume auto) >>"$OUT/train_$a.log" 2>&1 &
   echo $! >$W/$a.pid
 done
 for a in $ALGS; do wait $(cat $W/$a.pid); echo "$(date +%T) train $a rc=$? (t=$(($(date +%s) - T0))s)"; done

@@ -112,11 +112,14 @@ def validate_dflash_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:
 
 
 def default_dspark_layer_ids(num_layers: int, num_target_layers: int = 5) -> list[int]:
-    """K clamped to [1, N-1]; K == 1 -> [N-1]; else sorted({round(1 + i*(N-2)/(K-1))})."""
-    k = max(1, min(num_target_layers, num_layers - 1))
+    """DFlash's spacing: K == 1 -> [N//2]; else round(1 + i*(N-4)/(K-1)) for i in range(K), kept inside
+    0..N-2 (an SGLang deployment captures neither the embedding output -1 nor the final-norm output N-1),
+    repeats dropped on shallow targets. N=36 gives DeepSpec's [1, 9, 17, 25, 33]."""
+    top = max(0, num_layers - 2)
+    k = max(1, num_target_layers)
     if k == 1:
-        return [num_layers - 1]
-    return sorted({round(1 + i * (num_layers - 2) / (k - 1)) for i in range(k)})
+        return [min(num_layers // 2, top)]
+    return sorted({min(top, max(0, round(1 + i * (num_layers - 4) / (k - 1)))) for i in range(k)})
 
 
 def validate_dspark_layer_ids(ids: Sequence[int], num_layers: int) -> list[int]:

@@ -22,7 +22,7 @@ for name in names:
 import torch
 from draftfeed.client import Eagle3TargetBatch, TokenCounter, build_token_map, default_dspark_layer_ids
 from draftfeed.client import RemoteEagle3TargetModel, RemoteDFlashTargetModel, RemoteDSparkTargetModel
-assert default_dspark_layer_ids(30) == [1, 8, 15, 22, 29]
+assert default_dspark_layer_ids(30) == [1, 8, 14, 20, 27]
 counter = TokenCounter(10)
 counter.update(torch.tensor([[4, 4, 7]]), torch.tensor([[1, 1, 1]]))
 assert build_token_map(counter.counts, 3, [1])[0].tolist() == [1, 4, 7]

@@ -36,16 +36,20 @@ def test_defaults_follow_the_formulas(n):
     assert default_dflash_layer_ids(n, 1) == [n // 2]
     for k in (2, 3, 5):
         assert default_dflash_layer_ids(n, k) == [round(1 + i * (n - 4) / (k - 1)) for i in range(k)]
-        assert default_dspark_layer_ids(n, k) == sorted({round(1 + i * (n - 2) / (k - 1)) for i in range(k)})
-    assert default_dspark_layer_ids(n, 1) == [n - 1]
-    assert default_dspark_layer_ids(n, 10 * n) == default_dspark_layer_ids(n, n - 1)  # K clamped to N-1
+        # DSpark defaults to DFlash's spacing (DeepSpec's rule) on targets deep enough for it
+        assert default_dspark_layer_ids(n, k) == default_dflash_layer_ids(n, k)
+    assert default_dspark_layer_ids(n, 1) == [n // 2]
     for ids in (default_eagle3_layer_ids(n), default_dflash_layer_ids(n)):
         assert all(0 <= i < n for i in ids)
+    for k in (1, 2, 5, 10 * n):  # never the embedding output (-1) nor the final-norm output (N-1)
+        assert all(0 <= i <= n - 2 for i in default_dspark_layer_ids(n, k))
 
 
 def test_known_defaults():
     assert default_dflash_layer_ids(28) == [1, 7, 13, 19, 25]
     assert default_dflash_layer_ids(36) == [1, 9, 17, 25, 33]
+    assert default_dspark_layer_ids(36) == [1, 9, 17, 25, 33]  # DeepSpec's Qwen3-4B/8B recipe
+    assert default_dspark_layer_ids(30) == [1, 8, 14, 20, 27]  # the default target, SmolLM2-135M
     assert default_eagle3_layer_ids(16) == [1, 7, 12]
 
 
@@ -112,9 +116,13 @@ def test_defaults_never_repeat_a_layer():
     with pytest.raises(InvalidArgument, match="not 5 distinct"):
         default_dflash_layer_ids(4)
     assert default_dflash_layer_ids(4, 1) == [2]
-    for n in (4, 6):
+    for n in (1, 2, 3, 4, 6):  # shallow targets: fewer layers, never a repeat nor an SGLang-invisible one
         ids = default_dspark_layer_ids(n)
-        assert len(set(ids)) == len(ids)
+        assert ids and len(set(ids)) == len(ids) and all(0 <= i <= max(0, n - 2) for i in ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the default never takes an id SGLang cannot serve (N > 1)
+            if n > 1:
+                validate_dspark_layer_ids(ids, n)
     with pytest.raises(InvalidArgument, match=r"distinct, got \[0, 0, 0\] \(id 0 repeats\)"):
         validate_dflash_layer_ids([0] * 3, 8)
     with pytest.raises(InvalidArgument, match="distinct"):

@@ -174,3 +174,15 @@ def test_remote_train_with_a_cache_of_other_settings_regenerates_instead_of_cras
         assert "reusing" in build(regen_max_new_tokens=5, regen_batch_size=3)  # not part of a greedy key
     finally:
         srv.stop(grace=0)
+
+
+def test_regenerate_takes_the_time_limit_of_the_train_config():
+    import argparse
+
+    from draftfeed.trainer import cli as trainer_cli
+
+    parser = argparse.ArgumentParser()
+    trainer_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["regenerate", "--regen-time-limit", "30", "--data-limit", "4", "--out", "o"])
+    cfg = trainer_cli.train_config_from_args(args)
+    assert cfg.data.regen_time_limit == 30.0 and cfg.data.limit == 4

@@ -175,9 +175,8 @@ def block_layer_ids(algorithm: str, num_layers: int, k: int) -> list[int]:
     """Default target layers of a block draft for K = `k` layers: the client's default of `algorithm`
     (DESIGN.md, `client/layers.py`), the same ids a server picks for a session opened without any.
 
-    DFlash: K == 1 -> [N//2], else round(1 + i(N-4)/(K-1)). DSpark: K clamped to [1, N-1]; K == 1 -> [N-1],
-    else sorted({round(1 + i(N-2)/(K-1))}), whose last id is N-1 (the final-norm output, which an SGLang
-    deployment cannot capture: the validator warns; pass --layer-ids to choose others)."""
+    DFlash: K == 1 -> [N//2], else round(1 + i(N-4)/(K-1)). DSpark: the same ids kept inside 0..N-2 (an
+    SGLang deployment cannot capture -1 or N-1), repeats dropped on shallow targets."""
     return LAYER_IDS[algorithm][0](num_layers, k)
 
 

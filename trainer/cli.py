@@ -36,6 +36,7 @@ REGENERATE_FLAGS = {
     "data.regen_batch_size",
     "data.regen_max_turns",
     "data.regen_max_prompt_tokens",
+    "data.regen_time_limit",
     "data.regen_cache",
 }
 
