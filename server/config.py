@@ -30,7 +30,7 @@ class ServeConfig:
     max_queued_per_session: int = 32
     cuda_graphs: bool = True  # on a GPU without tensor parallel: replay repeated batch shapes (graphs.py)
     grpc_workers: int = 128  # gRPC's thread pool; a quarter (at least 4) is kept for short calls
-    max_streams_per_job: int = 32  # Generate/GenerateStream calls open at once per job (admission.py)
+    max_streams_per_job: int = 32  # Generate/GenerateStream calls open at once per job (call_slots.py)
     # EAGLE-3 aux layer ids for sessions that name none (NeMo's HTTP clients); None: [1, N//2-1, N-4]
     aux_layer_ids: list[int] | None = None
     session_ttl_s: float = 900.0  # a session unused this long is closed and freed; 0 = never

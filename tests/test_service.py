@@ -548,7 +548,7 @@ def test_unread_stream_replies_count_against_the_per_job_limit(model):
             lambda: None in list(pending.queue) or not srv.servicer._streams, "the 8 requests to be read"
         )
         _wait_for(lambda: session.stats.in_flight == 0, "the admitted requests to be answered")
-        assert srv.servicer.holds.held(sid) <= 3  # replies the server keeps for this client
+        assert srv.servicer.admission.holds.held(sid) <= 3  # replies the server keeps for this client
         got, errors, assembler = [], [], ReplyAssembler()
         for frame in stream:
             try:
@@ -564,7 +564,7 @@ def test_unread_stream_replies_count_against_the_per_job_limit(model):
         assert sorted(got + [e.request_id for e in errors]) == list(range(1, 9))
         assert srv.metrics.forward_tokens == len(got) * 2 * 1600  # a refused request never reached the GPU
         assert "per-job limit 3" in str(errors[0]) and "not yet read" in str(errors[0])
-        _wait_for(lambda: srv.servicer.holds.held(sid) == 0, "the holds to be released")
+        _wait_for(lambda: srv.servicer.admission.holds.held(sid) == 0, "the holds to be released")
     finally:
         srv.stop(grace=1)
 
