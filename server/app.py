@@ -122,7 +122,7 @@ class TargetServer:
         self.scheduler = BatchScheduler(
             model,
             self.layout,
-            max_batch_tokens=cfg.max_batch_tokens,
+            max_forward_tokens=cfg.max_forward_tokens,
             max_queue=cfg.max_queue,
             max_queued_per_session=cfg.max_queued_per_session,
             metrics=self.metrics,

@@ -41,7 +41,7 @@ def _serve_config(args):
             args.max_batch_size, args.max_seq_len, args.max_request_tokens, args.max_packed_seq_len
         ),
         max_chunk_bytes=args.max_chunk_bytes,
-        max_batch_tokens=args.max_batch_tokens,
+        max_forward_tokens=args.max_batch_tokens,
         max_queue=args.max_queue,
         max_queued_per_session=args.max_queued_per_job,
         cuda_graphs=not args.no_cuda_graphs,

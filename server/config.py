@@ -25,7 +25,7 @@ class ServeConfig:
     dtype: str = "auto"
     limits: Limits = field(default_factory=Limits)
     max_chunk_bytes: int = 1 << 20
-    max_batch_tokens: int = 16384
+    max_forward_tokens: int = 16384
     max_queue: int = 256
     max_queued_per_session: int = 32
     cuda_graphs: bool = True  # on a GPU without tensor parallel: replay repeated batch shapes (graphs.py)
@@ -57,7 +57,7 @@ class ServeConfig:
             )
         if self.max_chunk_bytes < 1024:
             raise InvalidArgument(f"--max-chunk-bytes {self.max_chunk_bytes} is too small; use at least 1024")
-        if self.max_batch_tokens < 1:
+        if self.max_forward_tokens < 1:
             raise InvalidArgument("--max-batch-tokens must be >= 1")
         if self.grace_seconds < 0:
             raise InvalidArgument(f"--grace-seconds {self.grace_seconds} must be >= 0")

@@ -427,7 +427,7 @@ def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> 
         title="draftfeed NeMo remote-target protocol", docs_url=None, redoc_url=None, openapi_url=None
     )
     info, admission = server.info, server.admission
-    generate_limit = 3 * 8 * server.cfg.limits.max_batch_tokens + 4096
+    generate_limit = 3 * 8 * server.cfg.limits.max_request_tokens + 4096
     mapping_limit = 9 * info.vocab_size + 4096
 
     def authorize(request: Request) -> Caller:

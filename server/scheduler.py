@@ -142,7 +142,7 @@ class BatchScheduler:
         model: torch.nn.Module,
         layout: TargetLayout,
         *,
-        max_batch_tokens: int = 16384,
+        max_forward_tokens: int = 16384,
         max_queue: int = 256,
         max_queued_per_session: int = 32,
         metrics: ServerMetrics | None = None,
@@ -152,7 +152,7 @@ class BatchScheduler:
         self.model = model
         self.layout = layout
         self.device = next(model.parameters()).device
-        self.max_batch_tokens = max_batch_tokens
+        self.max_forward_tokens = max_forward_tokens
         self.max_queue = max_queue
         self.max_queued_per_session = max_queued_per_session
         self.metrics = metrics or ServerMetrics()
@@ -259,7 +259,7 @@ class BatchScheduler:
             order = sorted((sid for sid, q in self._queues.items() if q), key=lambda sid: self._vtime[sid])
             lead = self._queues[order[0]][0]
             share = {sid: (len(self._queues[sid]) + 1) // 2 for sid in order}
-            batch, budget = [], self.max_batch_tokens
+            batch, budget = [], self.max_forward_tokens
             while budget > 0:
                 took = False
                 for sid in order:
@@ -388,7 +388,7 @@ class BatchScheduler:
         done = self._end_gpu_span(start_ev, compute) if on_gpu else None
         if not on_gpu:
             self.metrics.busy.add(t0, t1)
-        self.metrics.record_forward(sum(w.tokens for w in works), self.max_batch_tokens, t1 - t0)
+        self.metrics.record_forward(sum(w.tokens for w in works), self.max_forward_tokens, t1 - t0)
         self._posts.put(_Forwarded(works, tbs, cap, t0, t1, done))  # waits while the post stage is behind
 
     def _post_loop(self) -> None:

@@ -28,7 +28,7 @@ def model(tiny_model):
 @pytest.fixture(scope="module")
 def ports(model):
     # a per-request cap of 64 tokens: inputs() (2x12) passes, 2x40 does not
-    cfg = ServeConfig(port=0, limits=Limits(max_batch_size=8, max_seq_len=64, max_batch_tokens=64))
+    cfg = ServeConfig(port=0, limits=Limits(max_batch_size=8, max_seq_len=64, max_request_tokens=64))
     target = TargetServer(cfg, model=model).start()
     nemo = NemoHTTPServer(target, "127.0.0.1", 0).start()
     yield target, nemo

@@ -157,7 +157,7 @@ def test_decoder_rejects_bad_bools_and_too_many_entries():
 
 # ---- a real server ----------------------------------------------------------------------------
 
-LIMITS = Limits(max_batch_size=8, max_seq_len=64, max_batch_tokens=256)
+LIMITS = Limits(max_batch_size=8, max_seq_len=64, max_request_tokens=256)
 
 
 @pytest.fixture(scope="module")
