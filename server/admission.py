@@ -152,7 +152,14 @@ class Admission:
             raise
         return Admitted(session, tb, future, release)
 
-    def admit(self, caller: Caller | None, find_session, tensors, what: str, trainer=None) -> Admitted:
+    def admit(
+        self,
+        caller: Caller | None,
+        find_session: Callable[[], Session],
+        tensors: Mapping[str, torch.Tensor | None],
+        what: str,
+        trainer: tuple[int, float | None] | None = None,
+    ) -> Admitted:
         """`check` then `enter`: what a front-end whose client retries refusals calls."""
         session, tb = self.check(find_session, tensors, what, trainer)
         return self.enter(caller, session, tb)
