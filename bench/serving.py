@@ -285,7 +285,7 @@ def main(argv=None) -> list[dict]:
                 fwd_graph = {j: plain_graphed_tps(model, j, seq) for j in sorted({1, *jobs_list})}
                 for graphs in args.graphs.split(","):
                     cfg = ServeConfig(
-                        port=0, max_batch_tokens=max(jobs_list) * seq, limits=Limits(max_seq_len=8192),
+                        port=0, max_forward_tokens=max(jobs_list) * seq, limits=Limits(max_seq_len=8192),
                         cuda_graphs=graphs == "on",
                     )  # fmt: skip
                     server = TargetServer(cfg, model=model).start()

@@ -80,7 +80,7 @@ def build_admin_app(server) -> FastAPI:
 
     @app.get("/readyz")
     def readyz():
-        saturated = server.saturated  # every Generate/GenerateStream slot taken (server/admission.py)
+        saturated = server.saturated  # every Generate/GenerateStream slot taken (server/call_slots.py)
         ready = server.ready and not saturated
         body = {"ready": ready, "draining": server.servicer.draining, "saturated": saturated}
         return JSONResponse(body, status_code=200 if ready else 503)

@@ -33,8 +33,9 @@ from draftfeed.client.errors import InvalidArgument
 from draftfeed.client.layers import validate_eagle3_layer_ids
 from draftfeed.client.wire import SERVICE_NAME, add_to_server, grpc_options
 
-from .admission import CallSlots, reserve_for
+from .admission import Admission
 from .auth import AccessControl, load_token_file
+from .call_slots import CallSlots, reserve_for
 from .capture import discover
 from .config import ServeConfig
 from .dataplane import DataPlaneServer, data_ssl_context
@@ -121,7 +122,7 @@ class TargetServer:
         self.scheduler = BatchScheduler(
             model,
             self.layout,
-            max_batch_tokens=cfg.max_batch_tokens,
+            max_forward_tokens=cfg.max_forward_tokens,
             max_queue=cfg.max_queue,
             max_queued_per_session=cfg.max_queued_per_session,
             metrics=self.metrics,
@@ -135,12 +136,13 @@ class TargetServer:
         if cfg.data_port is not None:
             ctx = data_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls else None
             self.dataplane = DataPlaneServer(cfg.host, cfg.data_port, ctx, self.access)
+        # the one admission path of both front-ends (gRPC here, the NeMo HTTP port)
+        self.admission = Admission(self.scheduler, self.access, cfg.limits, self.layout.vocab_size)
         self.servicer = TargetServicer(
             model,
             self.info,
             self.sessions,
-            self.scheduler,
-            cfg.limits,
+            self.admission,
             cfg.max_chunk_bytes,
             access=self.access,
             gather=tp.gather if tp is not None else None,

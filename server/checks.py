@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from draftfeed.client.errors import InvalidArgument, ResourceExhausted
 
+from .config import Limits  # defined with the other settings; checked here
 from .packing import check_packing
 
 __all__ = ["Limits", "check_generate_inputs"]
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 _MASK_DTYPES = (*_INT_DTYPES, torch.bool)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request limits a server enforces (sent to clients in the model info)."""
-
-    max_batch_size: int = 256
-    max_seq_len: int = 32768
-    max_batch_tokens: int = 262144
-    # packed rows attend through a [B,1,S,S] mask in the model dtype: a packed request's B*S*S may be
-    # at most max_packed_seq_len**2 (one row of that length; 8192: 256 MiB in fp32)
-    max_packed_seq_len: int = 8192
 
 
 def _check_2d(name: str, t: torch.Tensor, dtypes, shape=None) -> None:
@@ -87,9 +74,9 @@ def check_generate_inputs(
             raise ResourceExhausted(
                 f"sequence length {s} is over this server's limit of {limits.max_seq_len}"
             )
-        if b * s > limits.max_batch_tokens:
+        if b * s > limits.max_request_tokens:
             raise ResourceExhausted(
-                f"{b}x{s} = {b * s} tokens is over this server's per-request limit of {limits.max_batch_tokens} tokens"
+                f"{b}x{s} = {b * s} tokens is over this server's per-request limit of {limits.max_request_tokens} tokens"
             )
         packed = position_ids is not None or seq_lens is not None
         cap = limits.max_packed_seq_len

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-__all__ = ["main", "build_parser", "package_version"]
+__all__ = ["main", "build_parser", "package_version", "serve_config_from_args"]
 
 
 def package_version() -> str:
@@ -24,57 +24,27 @@ def package_version() -> str:
         return "unknown"
 
 
-def _serve_config(args):
-    from .checks import Limits
+def serve_config_from_args(args: argparse.Namespace):
+    """The `ServeConfig` of `draftfeed serve`'s flags (the dataclass defaults for those not given) and
+    torchrun's environment (WORLD_SIZE, LOCAL_RANK)."""
+    from draftfeed.client.config_flags import build_config
+
     from .config import ServeConfig
 
-    return ServeConfig(
-        model=args.model,
-        host=args.host,
-        port=args.port,
-        admin_port=args.admin_port,
-        nemo_http_port=args.nemo_http_port,
-        data_port=None if args.no_data_plane else args.data_port,
-        device=args.device,
-        dtype=args.dtype,
-        limits=Limits(
-            args.max_batch_size, args.max_seq_len, args.max_request_tokens, args.max_packed_seq_len
-        ),
-        max_chunk_bytes=args.max_chunk_bytes,
-        max_batch_tokens=args.max_batch_tokens,
-        max_queue=args.max_queue,
-        max_queued_per_session=args.max_queued_per_job,
-        cuda_graphs=not args.no_cuda_graphs,
-        grace_seconds=args.grace_seconds,
-        grpc_workers=args.grpc_workers,
-        max_streams_per_job=args.max_streams_per_job,
-        aux_layer_ids=args.aux_layer_ids,
-        session_ttl_s=args.session_ttl,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        token_file=args.token_file,
-        insecure_allow_remote=args.insecure_allow_remote,
-        tensor_parallel=int(os.environ.get("WORLD_SIZE", "1")),  # set by torchrun
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-    )
-
-
-def _layer_ids(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", ",").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of layer ids (e.g. 1,2,3)"
-        ) from None
+    env = {
+        "tensor_parallel": int(os.environ.get("WORLD_SIZE", "1")),  # set by torchrun
+        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+    }
+    return build_config(ServeConfig, args, extra=env)
 
 
 def _run_serve(args) -> int:
     from .app import serve
 
-    if args.host in ("0.0.0.0", "::", "[::]"):
-        print(f"draftfeed: listening on all interfaces ({args.host}) as asked", file=sys.stderr)
-    return serve(_serve_config(args))
+    cfg = serve_config_from_args(args)
+    if cfg.host in ("0.0.0.0", "::", "[::]"):
+        print(f"draftfeed: listening on all interfaces ({cfg.host}) as asked", file=sys.stderr)
+    return serve(cfg)
 
 
 def _run_health(args) -> int:
@@ -84,26 +54,6 @@ def _run_health(args) -> int:
     status = check_health(args.target, security, args.service, args.timeout)
     print(status)
     return 0 if status == "SERVING" else 1
-
-
-def _add_serve_security(serve) -> None:
-    serve.add_argument(
-        "--tls-cert", default=None, help="PEM certificate chain: TLS on the gRPC and admin ports"
-    )
-    serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    serve.add_argument(
-        "--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mutual TLS)"
-    )
-    serve.add_argument(
-        "--token-file",
-        default=None,
-        help="YAML/JSON job name -> token (and quotas); clients send 'authorization: Bearer <token>'",
-    )
-    serve.add_argument(
-        "--insecure-allow-remote",
-        action="store_true",
-        help="without --token-file, answer clients beyond loopback too (trusted networks only)",
-    )
 
 
 def _run_demo(args) -> int:
@@ -121,82 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a target over gRPC")
-    serve.add_argument(
-        "--model", default=None, help="local HF checkpoint (default: built-in SmolLM2-135M-Instruct)"
-    )
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 binds all interfaces")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument(
-        "--admin-port", type=int, default=None, help="HTTP /healthz /readyz /metrics /sessions"
-    )
-    serve.add_argument(
-        "--nemo-http-port",
-        type=int,
-        default=None,
-        help="also serve NeMo AutoModel's remote-target HTTP protocol (remote_urls: [http://HOST:PORT])",
-    )
-    serve.add_argument(
-        "--data-port",
-        type=int,
-        default=0,
-        help="TCP data plane for reply payloads, offered to sessions (on --host; default 0: a free port)",
-    )
-    serve.add_argument(
-        "--no-data-plane",
-        action="store_true",
-        help="offer no data plane: every reply goes on gRPC (e.g. when only the gRPC port is reachable)",
-    )
-    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
-    serve.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
-    serve.add_argument("--max-batch-size", type=int, default=256, help="per-request limit on B")
-    serve.add_argument("--max-seq-len", type=int, default=32768, help="per-request limit on S")
-    serve.add_argument("--max-request-tokens", type=int, default=262144, help="per-request limit on B*S")
-    serve.add_argument(
-        "--max-packed-seq-len",
-        type=int,
-        default=8192,
-        help="packed requests: B*S*S (their attention mask) at most this squared (one row of this length)",
-    )
-    serve.add_argument(
-        "--max-batch-tokens", type=int, default=16384, help="token budget of one batched forward"
-    )
-    serve.add_argument("--max-chunk-bytes", type=int, default=1 << 20, help="reply chunk size")
-    serve.add_argument("--max-queue", type=int, default=256, help="requests waiting for the GPU, all jobs")
-    serve.add_argument("--max-queued-per-job", type=int, default=32, help="requests waiting, per session")
-    serve.add_argument(
-        "--grpc-workers",
-        type=int,
-        default=128,
-        help="gRPC worker threads; a quarter (at least 4) is kept for health checks and other short calls",
-    )
-    serve.add_argument(
-        "--max-streams-per-job",
-        type=int,
-        default=32,
-        help="Generate/GenerateStream calls a job (without --token-file: a client connection) may have open "
-        "at once; each holds a worker thread (default 32)",
-    )
-    serve.add_argument(
-        "--no-cuda-graphs",
-        action="store_true",
-        help="run every target forward eagerly (default on a GPU: replay a CUDA graph for repeated batch shapes)",
-    )
-    serve.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on SIGTERM")
-    serve.add_argument(
-        "--aux-layer-ids",
-        type=_layer_ids,
-        default=None,
-        help="EAGLE-3 aux layer ids (3 distinct, e.g. 1,2,3) for sessions that name none, such as NeMo HTTP "
-        "clients (default: [1, N//2-1, N-4], which needs N >= 7 decoder layers)",
-    )
-    serve.add_argument(
-        "--session-ttl",
-        type=float,
-        default=900.0,
-        help="seconds a session may go without a request before it is closed and freed (its client "
-        "re-opens it on its next request); 0: never (default 900)",
-    )
-    _add_serve_security(serve)
+    from draftfeed.client.config_flags import add_flags
+
+    from .config import ServeConfig
+
+    add_flags(serve, ServeConfig)  # every flag, its help and its default come from the dataclass
     serve.set_defaults(run=_run_serve)
 
     health = sub.add_parser(

@@ -62,7 +62,9 @@ def build_model_info(model: torch.nn.Module, layout: TargetLayout, cfg: ServeCon
         limits=pb.Limits(
             max_batch_size=cfg.limits.max_batch_size,
             max_seq_len=cfg.limits.max_seq_len,
-            max_batch_tokens=cfg.limits.max_batch_tokens,
+            max_request_tokens=cfg.limits.max_request_tokens,
+            max_batch_tokens=cfg.limits.max_request_tokens,  # deprecated on the wire: older clients read it
+            max_forward_tokens=cfg.max_forward_tokens,
             max_chunk_bytes=cfg.max_chunk_bytes,
         ),
         algorithms=list(ALGORITHMS),

@@ -12,6 +12,9 @@ Endpoints, the NMET blob (server/nemo_blob.py) and the reply dtypes are theirs. 
   never close another job's.
 - A client's session expires like any other (`--session-ttl`), but their client never re-opens
   one (it never calls /heartbeat), so its next request re-opens it from the vocab mapping it sent.
+- A `/generate` takes the server's one admission path (server/admission.py: checks, the per-job
+  queue limit, the job's quota, the scheduler, the session's stats), as a gRPC GenerateRequest does;
+  only a refusal for a full queue or quota differs: it waits here (see below).
 - `/init_nccl` answers `disabled`, so clients stay on the HTTP path.
 - The server's access rules hold here as on the gRPC port: with a token file every endpoint but
   `/health` needs a job token, which an unchanged NeMo client sends when it is in the URL
@@ -80,8 +83,8 @@ from draftfeed.client.errors import (
 )
 from draftfeed.client.payload import decode_fields
 
+from .admission import Admission
 from .auth import Caller
-from .checks import check_generate_inputs
 from .features import TokenBatch
 from .http_thread import UvicornThread, http_peer
 from .nemo_blob import BlobLimits, BlobTooLarge, blob_segments, decode_blob
@@ -423,8 +426,8 @@ def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> 
     app = FastAPI(
         title="draftfeed NeMo remote-target protocol", docs_url=None, redoc_url=None, openapi_url=None
     )
-    info, limits = server.info, server.cfg.limits
-    generate_limit = 3 * 8 * limits.max_batch_tokens + 4096
+    info, admission = server.info, server.admission
+    generate_limit = 3 * 8 * server.cfg.limits.max_request_tokens + 4096
     mapping_limit = 9 * info.vocab_size + 4096
 
     def authorize(request: Request) -> Caller:
@@ -506,40 +509,40 @@ def build_nemo_app(server, clients: NemoClients, queue_wait_s: float = 60.0) -> 
 
     async def _generate(request: Request):
         key, how = identify(request)
-        check_serving()
         blob = decode_blob(
             await _read_body(request, generate_limit), BlobLimits(generate_limit, max_entries=8)
         )
         _expect_keys(blob, _GENERATE_KEYS, "generate")
-        session = clients.session(key)
-        if session is None:
-            raise FailedPrecondition(
-                "no vocab mapping for this client yet: POST /set_vocab_mapping first. Each client has its "
-                f"own mapping on this server; this one is identified by {how}"
+
+        def find_session() -> Session:
+            session = clients.session(key)
+            if session is None:
+                raise FailedPrecondition(
+                    "no vocab mapping for this client yet: POST /set_vocab_mapping first. Each client has "
+                    f"its own mapping on this server; this one is identified by {how}"
+                )
+            return session
+
+        # the server's one admission path (server/admission.py), as for a gRPC GenerateRequest
+        session, tb = admission.check(find_session, blob, "generate blob")
+        admitted = await _enter(admission, request.state.caller, session, tb, queue_wait_s)
+        try:
+            reply = await _result(session, admitted.future)
+            if reply.ready is not None:
+                await run_in_threadpool(reply.wait)
+            fields = decode_fields(reply.tensors, reply.meta)
+            response, nbytes = _blob_response(
+                {
+                    "aux_hidden_states": fields["aux_hidden_states"],
+                    "target_probs": fields["target_probs"].float(),
+                    "position_mask": fields["position_mask"].bool(),
+                    "input_ids": fields["input_ids"].long(),
+                    "loss_mask": fields["loss_mask"].long(),
+                }
             )
-        session.check_ready()
-        tb = TokenBatch(*(blob[k] for k in _GENERATE_KEYS))
-        check_generate_inputs(
-            tb.input_ids, tb.attention_mask, tb.loss_mask, vocab_size=info.vocab_size, limits=limits
-        )
-        charge = functools.partial(server.access.charge, request.state.caller)
-        reply = await _result(session, await _submit(server.scheduler, session, tb, queue_wait_s, charge))
-        if reply.ready is not None:
-            await run_in_threadpool(reply.wait)
-        fields = decode_fields(reply.tensors, reply.meta)
-        response, nbytes = _blob_response(
-            {
-                "aux_hidden_states": fields["aux_hidden_states"],
-                "target_probs": fields["target_probs"].float(),
-                "position_mask": fields["position_mask"].bool(),
-                "input_ids": fields["input_ids"].long(),
-                "loss_mask": fields["loss_mask"].long(),
-            }
-        )
-        session.stats.requests += 1
-        session.stats.tokens += reply.tokens
-        session.stats.bytes_sent += nbytes
-        server.scheduler.metrics.record_reply(reply.tokens, {"raw": nbytes})
+        finally:
+            admitted.release()
+        admission.account(session, reply.tokens, {"raw": nbytes})
         return response
 
     routes = {
@@ -575,16 +578,14 @@ def _expect_keys(blob: dict, keys: tuple[str, ...], endpoint: str) -> None:
         )
 
 
-async def _submit(scheduler, session: Session, tb: TokenBatch, wait_s: float, charge=None):
-    """Queue the request, charged to its job's quota (`charge(tokens, submit)`, server/auth.py); while
-    the job is over quota or the shared queue is full, wait (their client does not retry a refusal),
-    up to `wait_s`."""
+async def _enter(admission: Admission, caller: Caller, session: Session, tb: TokenBatch, wait_s: float):
+    """`admission.enter` (hold, charge, submit); while the job is over quota or the queue is full,
+    wait (their client does not retry a refusal), up to `wait_s`."""
     loop = asyncio.get_running_loop()
     deadline, delay = loop.time() + wait_s, 0.01
-    submit = functools.partial(scheduler.submit, session, tb)
     while True:
         try:
-            return charge(tb.input_ids.numel(), submit) if charge is not None else submit()
+            return admission.enter(caller, session, tb)
         except ResourceExhausted as err:
             hinted = getattr(err, "retry_after_s", None)
             pause = delay if hinted is None else max(hinted, 0.01)

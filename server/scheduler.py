@@ -142,7 +142,7 @@ class BatchScheduler:
         model: torch.nn.Module,
         layout: TargetLayout,
         *,
-        max_batch_tokens: int = 16384,
+        max_forward_tokens: int = 16384,
         max_queue: int = 256,
         max_queued_per_session: int = 32,
         metrics: ServerMetrics | None = None,
@@ -152,7 +152,7 @@ class BatchScheduler:
         self.model = model
         self.layout = layout
         self.device = next(model.parameters()).device
-        self.max_batch_tokens = max_batch_tokens
+        self.max_forward_tokens = max_forward_tokens
         self.max_queue = max_queue
         self.max_queued_per_session = max_queued_per_session
         self.metrics = metrics or ServerMetrics()
@@ -207,7 +207,7 @@ class BatchScheduler:
                 self._vtime[session.id] = min(self._vtime.values(), default=0.0)
             q.append(_Work(session, tb, fut, unpadded=unpadded))
             self.metrics.queue_depth += 1
-            session.stats.in_flight += 1
+            session.stats.queued()
             self._cv.notify()
         return fut
 
@@ -219,7 +219,7 @@ class BatchScheduler:
             self._vtime.pop(session_id, None)
             self.metrics.queue_depth -= len(q)
         for w in q:
-            w.session.stats.in_flight -= 1
+            w.session.stats.dropped()
             if w.future.set_running_or_notify_cancel():  # not cancelled with its call meanwhile
                 w.future.set_exception(_closed(w.session))
         return len(q)
@@ -259,7 +259,7 @@ class BatchScheduler:
             order = sorted((sid for sid, q in self._queues.items() if q), key=lambda sid: self._vtime[sid])
             lead = self._queues[order[0]][0]
             share = {sid: (len(self._queues[sid]) + 1) // 2 for sid in order}
-            batch, budget = [], self.max_batch_tokens
+            batch, budget = [], self.max_forward_tokens
             while budget > 0:
                 took = False
                 for sid in order:
@@ -285,9 +285,9 @@ class BatchScheduler:
                 live = []
                 for w in batch:
                     if not w.future.set_running_or_notify_cancel():  # cancelled with its call
-                        w.session.stats.in_flight -= 1
+                        w.session.stats.dropped()
                     elif w.session.closed:  # closed after it was taken: cancel_session no longer sees it
-                        w.session.stats.in_flight -= 1
+                        w.session.stats.dropped()
                         w.future.set_exception(_closed(w.session))
                     else:
                         live.append(w)
@@ -328,7 +328,7 @@ class BatchScheduler:
         )
 
     def _fail(self, w: _Work, err: BaseException) -> None:
-        w.session.stats.in_flight -= 1
+        w.session.stats.dropped()
         self.metrics.requests_failed += 1
         if not w.future.done():
             w.future.set_exception(err)
@@ -388,7 +388,7 @@ class BatchScheduler:
         done = self._end_gpu_span(start_ev, compute) if on_gpu else None
         if not on_gpu:
             self.metrics.busy.add(t0, t1)
-        self.metrics.record_forward(sum(w.tokens for w in works), self.max_batch_tokens, t1 - t0)
+        self.metrics.record_forward(sum(w.tokens for w in works), self.max_forward_tokens, t1 - t0)
         self._posts.put(_Forwarded(works, tbs, cap, t0, t1, done))  # waits while the post stage is behind
 
     def _post_loop(self) -> None:
@@ -432,14 +432,10 @@ class BatchScheduler:
                     self._fail(w, err)
                     continue
                 now = time.perf_counter()
-                st = w.session.stats
-                st.queue_wait_s += item.t0 - w.enqueued
-                st.forward_s += item.t1 - item.t0
-                st.encode_s += now - e0
+                w.session.stats.served(item.t0 - w.enqueued, item.t1 - item.t0, now - e0)
                 self.metrics.record_request(
                     w.session.job_name, item.t0 - w.enqueued, now - w.enqueued, now - e0
                 )
-                st.in_flight -= 1
                 w.future.set_result(reply)
         if stream is not None:
             self._end_gpu_span(start_ev, stream)

@@ -1,9 +1,10 @@
 """The gRPC servicer: translates wire <-> domain and makes one domain call per RPC.
 
-Validation lives in server/checks.py, batching in server/scheduler.py, math in features/supervision,
+A data request's path in (check, convert, hold, charge, submit, account; shared with the NeMo HTTP
+port) lives in server/admission.py, validation in server/checks.py, batching in server/scheduler.py, math in features/supervision,
 who-may-do-what in server/auth.py, session ids (and adoption across replicas) in server/directory.py,
 the optional TCP data plane for reply payloads in server/dataplane.py, the per-job bound on open
-Generate/GenerateStream calls (each holds a worker thread) in server/admission.py.
+Generate/GenerateStream calls (each holds a worker thread) in server/call_slots.py.
 `_rpc` authenticates every call and maps draftfeed errors to `abort(code, message)` (a quota error
 also sends its retry hint as trailing metadata), and anything else to INTERNAL, logged with the RPC
 name, without stopping the server. While draining, new work gets UNAVAILABLE and open streams end
@@ -28,17 +29,15 @@ import grpc
 import torch
 
 from draftfeed.client.channel import RETRY_AFTER_KEY, session_spec_from_metadata
-from draftfeed.client.errors import DraftfeedError, InvalidArgument, ResourceExhausted, Unavailable, capped
+from draftfeed.client.errors import DraftfeedError, InvalidArgument, Unavailable, capped
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import encode_error_reply, encode_reply, tensor_from_proto
 
-from .admission import CallSlots
+from .admission import OPTIONAL, REQUIRED, Admission, Admitted
 from .auth import AccessControl, Caller
-from .checks import Limits, check_generate_inputs
+from .call_slots import CallSlots
 from .dataplane import DataPlaneServer, reply_frames
 from .directory import SessionDirectory
-from .features import TokenBatch
-from .scheduler import BatchScheduler
 from .sessions import Session, SessionTable
 
 __all__ = ["TargetServicer", "lenient_deserializer"]
@@ -114,7 +113,7 @@ def _rpc(fn):
 
 
 def _slot(fn):
-    """Hold one of the caller's long-call slots (server/admission.py) while the call runs."""
+    """Hold one of the caller's long-call slots (server/call_slots.py) while the call runs."""
 
     @functools.wraps(fn)
     def call(self, request, context, caller):
@@ -126,49 +125,6 @@ def _slot(fn):
             yield from fn(self, request, context, caller)
 
     return call
-
-
-class _Holds:
-    """Per session: requests submitted through this servicer whose reply is not yet written out
-    (queued, on the GPU, or answered and waiting for the client to read). A GenerateStream client
-    that sends and never reads would otherwise make the server keep every answered reply; this
-    count is held to the per-job queue limit, checked before a request is queued."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._count: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def take(self, session: Session):
-        """A `release()` for one more request of `session` (call it once its reply is written or
-        dropped; later calls do nothing); ResourceExhausted naming the limit when it is reached."""
-        with self._lock:
-            n = self._count.get(session.id, 0)
-            if n >= self.limit:
-                raise ResourceExhausted(
-                    f"job {session.job_name!r} has {n} requests whose replies are queued, running or not yet "
-                    f"read (per-job limit {self.limit}, --max-queued-per-job); read replies before sending "
-                    "more (retry in ~1 s)"
-                )
-            self._count[session.id] = n + 1
-        done = []
-
-        def release():
-            with self._lock:
-                if done:
-                    return
-                done.append(True)
-                left = self._count[session.id] - 1
-                if left:
-                    self._count[session.id] = left
-                else:
-                    del self._count[session.id]
-
-        return release
-
-    def held(self, session_id: str) -> int:
-        with self._lock:
-            return self._count.get(session_id, 0)
 
 
 def _opt(msg, name):
@@ -185,8 +141,7 @@ class TargetServicer:
         model: torch.nn.Module,
         info: pb.ModelInfo,
         sessions: SessionTable,
-        scheduler: BatchScheduler,
-        limits: Limits,
+        admission: Admission,
         chunk_bytes: int,
         access: AccessControl | None = None,
         gather=None,
@@ -194,29 +149,32 @@ class TargetServicer:
         slots: CallSlots | None = None,
     ):
         """`gather(getter) -> tensor`: a full host copy of `model.<getter>().weight` (the tensor-parallel
-        group's gather when the weights are sharded). `dataplane`: offered to sessions that ask."""
+        group's gather when the weights are sharded). `dataplane`: offered to sessions that ask.
+        `admission`: the server's one admission path (server/admission.py), shared with the NeMo port."""
         self.model = model
         self.info = info
         self.sessions = sessions
-        self.scheduler = scheduler
-        self.limits = limits
+        self.admission = admission
+        self.scheduler = admission.scheduler
         self.chunk_bytes = chunk_bytes
         self.access = access or AccessControl()
         self.dataplane = dataplane
         self.slots = slots or CallSlots(total=1 << 30, per_job=1 << 30)  # default: unbounded
-        self.directory = SessionDirectory(sessions, self.access, self._open, scheduler.cancel_session)
+        self.directory = SessionDirectory(sessions, self.access, self._open, self.scheduler.cancel_session)
         self.gather = gather or (lambda getter: getattr(model, getter)().weight.detach().cpu().contiguous())
-        self.draining = False
         self._weights: dict[str, torch.Tensor] = {}
         self._weights_lock = threading.Lock()
-        self.holds = _Holds(scheduler.max_queued_per_session)
         self._streams: dict[int, tuple[queue.Queue, threading.Lock]] = {}
         self._streams_lock = threading.Lock()
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
 
     def drain(self) -> None:
         """Stop admitting work: new requests and sessions get UNAVAILABLE; each open stream ends
         after answering the requests it had already queued."""
-        self.draining = True
+        self.admission.draining = True
         with self._streams_lock:
             streams = list(self._streams.values())
         for pending, gate in streams:
@@ -278,48 +236,16 @@ class TargetServicer:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def _submit(self, request, caller: Caller, spec: pb.OpenSessionRequest | None):
-        """Validate one GenerateRequest on the CPU, charge it to its job's quota and queue it; a bad
-        request never reaches the GPU."""
-        if self.draining:
-            raise Unavailable("the server is draining and takes no new requests; use another server")
-        session = self.directory.get(request.session_id, caller, spec)
-        session.check_ready()
-        if request.trainer_step:  # shown on the status page only
-            session.stats.trainer_step = request.trainer_step
-            session.stats.trainer_loss = request.trainer_loss if request.HasField("trainer_loss") else None
-        for name in ("input_ids", "attention_mask", "loss_mask"):
-            if not request.HasField(name):
-                raise InvalidArgument(
-                    f"GenerateRequest.{name} is missing; send input_ids, attention_mask and loss_mask"
-                )
-        tb = TokenBatch(
-            tensor_from_proto(request.input_ids, "input_ids"),
-            tensor_from_proto(request.attention_mask, "attention_mask"),
-            tensor_from_proto(request.loss_mask, "loss_mask"),
-            _opt(request, "position_ids"),
-            _opt(request, "seq_lens"),
-            _opt(request, "doc_remaining"),
+    def _submit(self, request, caller: Caller, spec: pb.OpenSessionRequest | None) -> Admitted:
+        """One GenerateRequest through the admission path (server/admission.py)."""
+        loss = request.trainer_loss if request.HasField("trainer_loss") else None
+        return self.admission.admit(
+            caller,
+            lambda: self.directory.get(request.session_id, caller, spec),
+            {name: _opt(request, name) for name in REQUIRED + OPTIONAL},
+            "GenerateRequest",
+            (request.trainer_step, loss),
         )
-        check_generate_inputs(
-            tb.input_ids,
-            tb.attention_mask,
-            tb.loss_mask,
-            tb.position_ids,
-            tb.seq_lens,
-            tb.doc_remaining,
-            vocab_size=self.info.vocab_size,
-            limits=self.limits,
-        )
-        release = self.holds.take(session)
-        try:
-            future = self.access.charge(
-                caller, tb.input_ids.numel(), lambda: self.scheduler.submit(session, tb)
-            )
-        except BaseException:
-            release()
-            raise
-        return session, future, release
 
     def _frames(self, request_id, session, future, data_plane, context):
         """The frames of one answered request; its payload goes on the data plane only when the
@@ -334,10 +260,7 @@ class TargetServicer:
         for name, m in reply.meta.items():
             enc = m["info"]["encoding"]
             nbytes[enc] = nbytes.get(enc, 0) + sum(reply.tensors[f"{name}.{p}"].nbytes for p in m["parts"])
-        session.stats.requests += 1
-        session.stats.tokens += reply.tokens
-        session.stats.bytes_sent += sum(nbytes.values())
-        self.scheduler.metrics.record_reply(reply.tokens, nbytes)
+        self.admission.account(session, reply.tokens, nbytes)
         meta = {"fields": reply.meta}
         return reply_frames(
             self.dataplane, session.id, request_id, reply.tensors, meta, self.chunk_bytes, data_plane
@@ -346,12 +269,14 @@ class TargetServicer:
     @_rpc
     @_slot
     def Generate(self, request, context, caller):
-        session, future, release = self._submit(request, caller, _spec(context))
-        context.add_callback(future.cancel)
+        admitted = self._submit(request, caller, _spec(context))
+        context.add_callback(admitted.future.cancel)
         try:
-            yield from self._frames(request.request_id, session, future, request.data_plane, context)
+            yield from self._frames(
+                request.request_id, admitted.session, admitted.future, request.data_plane, context
+            )
         finally:
-            release()
+            admitted.release()
 
     @_rpc
     @_slot
@@ -374,8 +299,10 @@ class TargetServicer:
                         if ended.is_set():
                             return
                         try:
-                            submitted = self._submit(request, caller, spec)
-                            pending.put((request.request_id, *submitted, request.data_plane))
+                            a = self._submit(request, caller, spec)
+                            pending.put(
+                                (request.request_id, a.session, a.future, a.release, request.data_plane)
+                            )
                         except DraftfeedError as err:
                             pending.put((request.request_id, None, err, None, False))
             except Exception as err:  # noqa: BLE001 - the client went away

@@ -56,6 +56,10 @@ ALGORITHMS = {"eagle3": _eagle3, "dflash": _dflash, "dspark": _dspark}
 
 @dataclass
 class SessionStats:
+    """What one session has used, for /sessions, /metrics and the status page. Changed only through
+    its methods, under its own lock: the admission path (server/admission.py) reports replies and
+    trainer progress, the scheduler (server/scheduler.py) requests entering and leaving its queue."""
+
     requests: int = 0
     tokens: int = 0
     bytes_sent: int = 0
@@ -65,6 +69,37 @@ class SessionStats:
     in_flight: int = 0
     trainer_step: int = 0  # what the trainer last reported with a request (0: nothing)
     trainer_loss: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def queued(self) -> None:
+        """A request entered the scheduler's queue."""
+        with self._lock:
+            self.in_flight += 1
+
+    def dropped(self) -> None:
+        """A queued request left without an answer (cancelled, failed, or its session closed)."""
+        with self._lock:
+            self.in_flight -= 1
+
+    def served(self, queue_wait_s: float, forward_s: float, encode_s: float) -> None:
+        """A queued request was answered: its time waiting, in the forward and encoding."""
+        with self._lock:
+            self.queue_wait_s += queue_wait_s
+            self.forward_s += forward_s
+            self.encode_s += encode_s
+            self.in_flight -= 1
+
+    def replied(self, tokens: int, nbytes: int) -> None:
+        """A reply of `tokens` tokens and `nbytes` payload bytes went to the client."""
+        with self._lock:
+            self.requests += 1
+            self.tokens += tokens
+            self.bytes_sent += nbytes
+
+    def trainer_reported(self, step: int, loss: float | None) -> None:
+        """The trainer's step (and loss) sent with a request, shown on the status page."""
+        with self._lock:
+            self.trainer_step, self.trainer_loss = step, loss
 
 
 @dataclass

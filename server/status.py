@@ -259,8 +259,8 @@ def status_json(server, history: StatusHistory, now: float | None = None) -> dic
         "limits": {
             "max_batch_size": cfg.limits.max_batch_size,
             "max_seq_len": cfg.limits.max_seq_len,
-            "max_request_tokens": cfg.limits.max_batch_tokens,
-            "max_forward_tokens": cfg.max_batch_tokens,
+            "max_request_tokens": cfg.limits.max_request_tokens,
+            "max_forward_tokens": cfg.max_forward_tokens,
             "max_queue": cfg.max_queue,
             "max_queued_per_session": cfg.max_queued_per_session,
             "max_chunk_bytes": cfg.max_chunk_bytes,

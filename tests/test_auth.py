@@ -275,7 +275,7 @@ def test_scheduling_weights_come_from_the_operator(model, tmp_path):
         (tmp_path / "bad.yaml").write_text(text)
         with pytest.raises(InvalidArgument, match=message):
             load_token_file(tmp_path / "bad.yaml")
-    srv = start_server(model, token_file=str(path), max_batch_tokens=24)  # one request per forward
+    srv = start_server(model, token_file=str(path), max_forward_tokens=24)  # one request per forward
     held = _HeldForward()
     srv.scheduler._forward = held
     try:

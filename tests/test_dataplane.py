@@ -301,11 +301,13 @@ def test_off_switches(model):
             )
     finally:
         srv.stop(grace=0)
-    from draftfeed.server.cli import _serve_config, build_parser
+    from draftfeed.server.cli import build_parser, serve_config_from_args
 
-    assert _serve_config(build_parser().parse_args(["serve", "--no-data-plane"])).data_port is None
-    assert _serve_config(build_parser().parse_args(["serve", "--data-port", "7001"])).data_port == 7001
-    assert _serve_config(build_parser().parse_args(["serve"])).data_port == 0
+    assert serve_config_from_args(build_parser().parse_args(["serve", "--no-data-plane"])).data_port is None
+    assert (
+        serve_config_from_args(build_parser().parse_args(["serve", "--data-port", "7001"])).data_port == 7001
+    )
+    assert serve_config_from_args(build_parser().parse_args(["serve"])).data_port == 0
 
 
 def test_client_can_decline(server, model):

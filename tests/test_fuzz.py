@@ -474,7 +474,7 @@ def test_fuzz_every_port_while_two_good_jobs_train(model, tmp_path):
         token_file=str(path),
         admin_port=0,
         nemo_http_port=0,
-        limits=Limits(max_batch_size=8, max_seq_len=64, max_batch_tokens=512),
+        limits=Limits(max_batch_size=8, max_seq_len=64, max_request_tokens=512),
     )
     sel, mask = mapping(160)
     local_e = HFEagle3TargetModel(model)

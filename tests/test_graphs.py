@@ -126,7 +126,7 @@ def test_the_scheduler_marks_only_unpadded_batches(tiny_model):
 
     table = SessionTable(layout.num_layers, layout.vocab_size)
     one, two = table.open("dflash", [1, 2], "one"), table.open("dflash", [1, 2], "two")
-    sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gated)
+    sched = BatchScheduler(model, layout, max_forward_tokens=10_000, forward=gated)
     first = sched.submit(one, TokenBatch(*_unpadded(seed=1)))  # alone: the worker waits at the gate
     threading.Event().wait(0.2)
     rest = [

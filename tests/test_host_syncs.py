@@ -357,7 +357,7 @@ def test_the_scheduler_guards_catch_a_sync_in_either_stage(model):
 def test_scheduler_serves_every_encoding_without_a_host_sync(model):
     layout = discover(model)
     table = SessionTable(layout.num_layers, layout.vocab_size)
-    sched, guards = _guarded_scheduler(model, layout, max_batch_tokens=100_000)
+    sched, guards = _guarded_scheduler(model, layout, max_forward_tokens=100_000)
     sel, mask = mapping(160)
     runs = []
     for algorithm, layer_ids, capture_logits, enc in SPECS:
@@ -411,7 +411,7 @@ def test_nonfinite_values_fail_only_their_request_after_the_copy(model):
                     t[poisoned, 2, :3] = torch.tensor([math.nan, math.inf, -math.inf])
         return cap
 
-    sched = BatchScheduler(model, layout, max_batch_tokens=100_000, forward=forward)
+    sched = BatchScheduler(model, layout, max_forward_tokens=100_000, forward=forward)
     bad = table.open("dflash", [2, 6], "bad", encodings={"hidden": "fp8"})
     good = table.open("dflash", [2, 6], "good", encodings={"hidden": "fp8"})
     raw = table.open("dflash", [2, 6], "raw")  # raw passes NaN/inf through unchanged
@@ -457,7 +457,7 @@ def test_scheduler_on_gpu_never_syncs_after_the_forward(tiny_model):
 
     recorder = Detecting()
     # the forward stage never waits for the post stage here: it could while holding `one_stage`
-    sched = BatchScheduler(model, layout, forward=recorder, max_batch_tokens=100_000, max_forwarded=0)
+    sched = BatchScheduler(model, layout, forward=recorder, max_forward_tokens=100_000, max_forwarded=0)
     guards, serve, post, to_host = [], sched._serve, sched._post, sched._to_host
     here = threading.local()
 

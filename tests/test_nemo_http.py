@@ -157,7 +157,7 @@ def test_decoder_rejects_bad_bools_and_too_many_entries():
 
 # ---- a real server ----------------------------------------------------------------------------
 
-LIMITS = Limits(max_batch_size=8, max_seq_len=64, max_batch_tokens=256)
+LIMITS = Limits(max_batch_size=8, max_seq_len=64, max_request_tokens=256)
 
 
 @pytest.fixture(scope="module")
@@ -405,10 +405,12 @@ def test_a_full_queue_makes_generate_wait_not_fail(model):
     import asyncio
 
     from draftfeed.client.errors import FailedPrecondition, Unavailable
+    from draftfeed.server.admission import Admission
+    from draftfeed.server.auth import AccessControl, Caller
     from draftfeed.server.backends import forward_for
     from draftfeed.server.capture import discover
     from draftfeed.server.features import TokenBatch
-    from draftfeed.server.nemo_http import _result, _submit
+    from draftfeed.server.nemo_http import _enter, _result
     from draftfeed.server.scheduler import BatchScheduler
     from draftfeed.server.sessions import SessionTable
 
@@ -428,8 +430,10 @@ def test_a_full_queue_makes_generate_wait_not_fail(model):
         threading.Event().wait(0.01)
     second = sched.submit(session, tb)  # queued: the queue is now full
 
+    admission = Admission(sched, AccessControl(), LIMITS, layout.vocab_size)
+
     async def third(wait_s):
-        return await _submit(sched, session, tb, wait_s)
+        return (await _enter(admission, Caller(None), session, tb, wait_s)).future
 
     with pytest.raises(Unavailable, match="queue stayed full"):
         asyncio.run(third(0.2))

@@ -20,7 +20,7 @@ from draftfeed.server.metrics import JOB_LABEL_CHARS, OTHER_JOBS, JobLabels, Ser
 @pytest.fixture(scope="module")
 def server(tiny_model):
     cfg = ServeConfig(
-        port=0, admin_port=0, limits=Limits(max_batch_size=8, max_seq_len=64, max_batch_tokens=256)
+        port=0, admin_port=0, limits=Limits(max_batch_size=8, max_seq_len=64, max_request_tokens=256)
     )
     srv = TargetServer(cfg, model=tiny_model("llama")).start()
     yield srv

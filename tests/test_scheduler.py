@@ -63,7 +63,7 @@ def test_mixed_jobs_in_one_forward_get_their_own_exact_answers(model):
     layout = discover(model)
     table = SessionTable(layout.num_layers, layout.vocab_size)
     gate = Gate()
-    sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
+    sched = BatchScheduler(model, layout, max_forward_tokens=10_000, forward=gate)
     sel, mask = mapping(160)
     e = table.open("eagle3", [1, 3, 4], "e", mapping=(sel, mask))
     f = table.open("dflash", [2, 6], "f", capture_logits=True)
@@ -101,7 +101,7 @@ def test_a_flooding_job_does_not_starve_a_light_one(model):
     layout = discover(model)
     table = SessionTable(layout.num_layers, layout.vocab_size)
     gate = Gate()
-    sched = BatchScheduler(model, layout, max_batch_tokens=24, max_queued_per_session=64, forward=gate)
+    sched = BatchScheduler(model, layout, max_forward_tokens=24, max_queued_per_session=64, forward=gate)
     heavy = table.open("dspark", [1, 2], "heavy")
     light = table.open("dspark", [1, 2], "light")
     done: list[str] = []
@@ -127,7 +127,7 @@ def test_a_job_gives_half_of_its_queue_to_a_batch(model):
     layout = discover(model)
     table = SessionTable(layout.num_layers, layout.vocab_size)
     gate = Gate()
-    sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
+    sched = BatchScheduler(model, layout, max_forward_tokens=10_000, forward=gate)
     a, b = table.open("dspark", [1, 2], "a"), table.open("dspark", [1, 2], "b")
     blocker = sched.submit(a, tb(inputs(seed=0)))  # 2 rows each
     assert gate.entered.wait(300)  # the worker holds the first request at the gate
@@ -157,7 +157,7 @@ def test_out_of_memory_splits_the_batch(model):
     layout = discover(model)
     table = SessionTable(layout.num_layers, layout.vocab_size)
     gate = Gate(fail_over_rows=2)
-    sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
+    sched = BatchScheduler(model, layout, max_forward_tokens=10_000, forward=gate)
     jobs = [table.open("dflash", [1, 5], f"job{i}") for i in range(4)]
     first = sched.submit(jobs[0], tb(inputs(seed=0)))
     assert gate.entered.wait(300)  # the worker holds the first request at the gate
@@ -176,7 +176,7 @@ def test_closing_a_session_cancels_only_its_queued_requests(model):
     layout = discover(model)
     table = SessionTable(layout.num_layers, layout.vocab_size)
     gate = Gate()
-    sched = BatchScheduler(model, layout, max_batch_tokens=24, forward=gate)
+    sched = BatchScheduler(model, layout, max_forward_tokens=24, forward=gate)
     a = table.open("dspark", [1, 2], "a")
     b = table.open("dspark", [1, 2], "b")
     running = sched.submit(a, tb(inputs(seed=0)))
@@ -240,7 +240,7 @@ def test_busy_time_counts_a_running_interval_up_to_now_and_folds_old_ones():
 def test_server_busy_fraction_stays_within_one(model):
     layout = discover(model)
     table = SessionTable(layout.num_layers, layout.vocab_size)
-    sched = BatchScheduler(model, layout, max_batch_tokens=10_000)
+    sched = BatchScheduler(model, layout, max_forward_tokens=10_000)
     job = table.open("dflash", [1, 5], "j")
     t0 = time.perf_counter()
     futures = [sched.submit(job, tb(inputs(seed=i))) for i in range(6)]
@@ -270,7 +270,7 @@ def test_post_processing_overlaps_the_next_forward(model):
             second_forward.set()
         return forward_for(model_, layout_, batch, needs)
 
-    sched = BatchScheduler(model, layout, max_batch_tokens=10, forward=forward)  # one request per forward
+    sched = BatchScheduler(model, layout, max_forward_tokens=10, forward=forward)  # one request per forward
     post, stages = sched._post, []
 
     def held_post(item):
@@ -297,7 +297,7 @@ def test_a_request_failing_after_the_forward_fails_alone(model):
     layout = discover(model)
     table = SessionTable(layout.num_layers, layout.vocab_size)
     gate = Gate()
-    sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
+    sched = BatchScheduler(model, layout, max_forward_tokens=10_000, forward=gate)
     broken, oom, fine = (table.open("dflash", [1, 5], name) for name in ("broken", "oom", "fine"))
 
     class Raising:
@@ -377,7 +377,7 @@ def test_packed_requests_with_any_metadata_subset_share_a_batch_exactly(model):
             flip = (SUBSETS.index(subset_a) + SUBSETS.index(subset_b)) % 2
             for lead, other in [((first, second), (second, first))[flip]]:
                 gate = EnteredGate()
-                sched = BatchScheduler(model, layout, max_batch_tokens=10_000, forward=gate)
+                sched = BatchScheduler(model, layout, max_forward_tokens=10_000, forward=gate)
                 blocker = sched.submit(lead, tb(inputs(seed=9, s=5)))  # the lead's queue comes first
                 assert gate.entered.wait(30)
                 sa, sb = subset_a, subset_b

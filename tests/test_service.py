@@ -33,7 +33,7 @@ def model(tiny_model):
 @pytest.fixture(scope="module")
 def server(model):
     srv = start_server(
-        model, admin_port=0, limits=Limits(max_batch_size=8, max_seq_len=64, max_batch_tokens=256)
+        model, admin_port=0, limits=Limits(max_batch_size=8, max_seq_len=64, max_request_tokens=256)
     )
     yield srv
     srv.stop(grace=1)
@@ -548,7 +548,7 @@ def test_unread_stream_replies_count_against_the_per_job_limit(model):
             lambda: None in list(pending.queue) or not srv.servicer._streams, "the 8 requests to be read"
         )
         _wait_for(lambda: session.stats.in_flight == 0, "the admitted requests to be answered")
-        assert srv.servicer.holds.held(sid) <= 3  # replies the server keeps for this client
+        assert srv.servicer.admission.holds.held(sid) <= 3  # replies the server keeps for this client
         got, errors, assembler = [], [], ReplyAssembler()
         for frame in stream:
             try:
@@ -564,7 +564,7 @@ def test_unread_stream_replies_count_against_the_per_job_limit(model):
         assert sorted(got + [e.request_id for e in errors]) == list(range(1, 9))
         assert srv.metrics.forward_tokens == len(got) * 2 * 1600  # a refused request never reached the GPU
         assert "per-job limit 3" in str(errors[0]) and "not yet read" in str(errors[0])
-        _wait_for(lambda: srv.servicer.holds.held(sid) == 0, "the holds to be released")
+        _wait_for(lambda: srv.servicer.admission.holds.held(sid) == 0, "the holds to be released")
     finally:
         srv.stop(grace=1)
 
@@ -667,3 +667,12 @@ def test_malformed_protobuf_bytes_get_invalid_argument(server, model):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert [r.request_id for r in replies] == [7]
         assert remote.generate_batch(*inputs()) is not None  # the server goes on
+
+
+def test_model_info_names_the_request_cap_and_the_forward_budget(server):
+    from draftfeed.client.pb import draftfeed_pb2 as pb
+
+    lim = _stub_call(server, "GetModelInfo", pb.GetModelInfoRequest()).limits
+    assert lim.max_request_tokens == 256  # --max-request-tokens: one GenerateRequest's B*S
+    assert lim.max_forward_tokens == server.cfg.max_forward_tokens == 16384  # --max-batch-tokens
+    assert lim.max_batch_tokens == lim.max_request_tokens  # deprecated field 3, kept for older clients

@@ -71,7 +71,7 @@ def server(tiny_model):
         port=0,
         admin_port=0,
         max_queue=64,
-        limits=Limits(max_batch_size=8, max_seq_len=64, max_batch_tokens=256),
+        limits=Limits(max_batch_size=8, max_seq_len=64, max_request_tokens=256),
     )
     srv = TargetServer(cfg, model=tiny_model("llama")).start()
     yield srv
@@ -130,7 +130,7 @@ def test_status_json_with_two_live_jobs(server, jobs):
         "max_batch_size": 8,
         "max_seq_len": 64,
         "max_request_tokens": 256,
-        "max_forward_tokens": server.cfg.max_batch_tokens,
+        "max_forward_tokens": server.cfg.max_forward_tokens,
         "max_queue": 64,
         "max_queued_per_session": server.cfg.max_queued_per_session,
         "max_chunk_bytes": server.cfg.max_chunk_bytes,

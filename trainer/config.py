@@ -4,7 +4,8 @@ per evaluation, validated in `__post_init__`.
 Sources, later ones winning: the dataclass defaults, a YAML file (sections as nested mappings, e.g.
 `optim: {lr: 3e-4}`), then command-line flags. Each field that has a flag names it in its metadata
 (`flag(...)`), so `add_flags` builds the parser from the dataclasses and `build_config` merges the three
-sources; nothing else reads flags, files or the environment for settings.
+sources (client/config_flags.py, shared with `draftfeed serve`); nothing else reads flags, files or the
+environment for settings.
 
 Optimiser defaults are NeMo AutoModel's recipes (ALGORITHMS.md sections 1-3): AdamW betas (0.9, 0.95), no
 weight decay, cosine to 0.1 * lr, clip 1.0; lr 1e-4 with 5% warmup for EAGLE-3, lr 6e-4 with 4% warmup for
@@ -13,15 +14,18 @@ DFlash / DSpark (`--lr` / `--warmup-ratio` unset = the algorithm's).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from draftfeed.client.channel import parse_target
+from draftfeed.client.config_flags import (
+    ConfigError,
+    add_flags,
+    build_config,
+    config_from_dict,
+    config_to_dict,
+    flag,
+)
 from draftfeed.client.errors import InvalidArgument
 
 __all__ = [
@@ -44,18 +48,6 @@ __all__ = [
 ]
 
 PROMPT_SETS = ("mtbench", "humaneval")
-
-
-class ConfigError(InvalidArgument, ValueError):
-    """A setting is invalid; the message names the flag / key, the value and what is expected."""
-
-
-def flag(name: str | None, help: str, default: Any = dataclasses.MISSING, **kw) -> Any:
-    """A dataclass field with its command-line flag (None: YAML only) and help text."""
-    meta = {"flag": name, "help": help}
-    if "default_factory" in kw:
-        return field(default_factory=kw.pop("default_factory"), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -82,6 +74,8 @@ class TargetConfig:
         "replicas (grpc://dns:///NAME:PORT, ipv4:HOST:PORT,HOST:PORT); repeat, or comma-separate URLs, for "
         "several servers",
         default_factory=list,
+        action="append",
+        metavar="URL",
     )
     model: str | None = flag(
         "--target-model",
@@ -550,134 +544,3 @@ class EvalConfig:
                 p in PROMPT_SETS or Path(p).expanduser().is_file(),
                 f"--prompts {p!r}: expected {' or '.join(PROMPT_SETS)} or an existing file",
             )
-
-
-# ---------------------------------------------------------------- building from sources
-
-
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_section(tp) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _base_type(tp):
-    """int for `int | None`, list for `list[int]`, ..."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        return _base_type(args[0])
-    return typing.get_origin(tp) or tp
-
-
-def _item_type(tp):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        return _item_type(args[0])
-    inner = typing.get_args(tp)
-    return inner[0] if inner else str
-
-
-def _list_parser(item):
-    def parse(text: str):
-        return [item(x) for x in text.split(",") if x.strip()]
-
-    return parse
-
-
-def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", only: set[str] | None = None) -> None:
-    """One option per field that names a flag (nested sections recursively); dest = dotted path;
-    `only`: just the fields of these dotted paths.
-
-    Defaults are SUPPRESS, so the namespace holds only the flags the user gave."""
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        path = f"{prefix}{f.name}"
-        if _is_section(tp):
-            add_flags(parser, tp, path + ".", only)
-            continue
-        name = f.metadata.get("flag")
-        if not name or (only is not None and path not in only):
-            continue
-        help_text = f.metadata.get("help", "")
-        if f.default is not dataclasses.MISSING and f.default is not None:
-            help_text += f" (default {f.default})"
-        base = _base_type(tp)
-        kw = dict(dest=path, default=argparse.SUPPRESS, help=help_text)
-        if base is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
-        elif base is list:
-            item = _item_type(tp)
-            if name == "--target":
-                parser.add_argument(name, action="append", metavar="URL", **kw)
-            else:
-                parser.add_argument(name, type=_list_parser(item), metavar="A,B,..", **kw)
-        else:
-            parser.add_argument(
-                name, type=base if base in (int, float) else str, metavar=f.name.upper(), **kw
-            )
-
-
-def _set(tree: dict, dotted: str, value) -> None:
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[parts[-1]] = value
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def config_from_dict(cls, values: dict, where: str = ""):
-    """Build `cls` from a nested mapping; unknown keys are an error that lists the valid ones."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config section {where or cls.__name__!r} must be a mapping, got {values!r}")
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-            f"valid keys{' in ' + where.rstrip('.') if where else ''}: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        tp = hints[name]
-        kwargs[name] = config_from_dict(tp, value, f"{where}{name}.") if _is_section(tp) else value
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required field is missing
-        raise ConfigError(f"{cls.__name__}: {err}") from err
-
-
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def build_config(cls, args: argparse.Namespace, yaml_path: str | None = None, extra: dict | None = None):
-    """defaults <- YAML file <- `extra` (e.g. the positional algorithm, torchrun's ranks) <- flags."""
-    values: dict = {}
-    if yaml_path:
-        import yaml
-
-        path = Path(yaml_path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"--config {yaml_path!r}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"--config {yaml_path!r}: expected a mapping of sections, got {type(loaded).__name__}"
-            )
-        values = loaded
-    values = _merge(values, extra or {})
-    flags: dict = {}
-    for dest, value in vars(args).items():
-        if "." in dest or dest in {f.name for f in dataclasses.fields(cls)}:
-            _set(flags, dest, value)
-    return config_from_dict(cls, _merge(values, flags))

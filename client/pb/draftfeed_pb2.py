@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64raftfeed/v1/draftfeed.proto\x12\x0c\x64raftfeed.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"J\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"+\n\nReplyError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb9\x01\n\x0bReplyHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12+\n\x07tensors\x18\x02 \x03(\x0b\x32\x1a.draftfeed.v1.TensorHeader\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04meta\x18\x04 \x01(\x0c\x12\'\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x18.draftfeed.v1.ReplyError\x12\x1d\n\x15payload_on_data_plane\x18\x06 \x01(\x08\"S\n\nReplyFrame\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.draftfeed.v1.ReplyHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\x15\n\x13GetModelInfoRequest\"h\n\x06Limits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x03 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"\xdc\x03\n\tModelInfo\x12\x19\n\x11num_hidden_layers\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x15\n\rarchitectures\x18\x05 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\t\x12$\n\x06limits\x18\x07 \x01(\x0b\x32\x14.draftfeed.v1.Limits\x12\x12\n\nalgorithms\x18\x08 \x03(\t\x12\x11\n\tencodings\x18\t \x03(\t\x12 \n\x18\x65\x61gle3_default_layer_ids\x18\n \x03(\x05\x12$\n\x17\x66inal_logit_softcapping\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12,\n$eagle3_default_layer_ids_from_server\x18\r \x01(\x08\x12 \n\x18\x64\x66lash_default_layer_ids\x18\x0e \x03(\x05\x12 \n\x18\x64spark_default_layer_ids\x18\x0f \x03(\x05\x12\x15\n\rsession_ttl_s\x18\x10 \x01(\x01\x42\x1a\n\x18_final_logit_softcapping\"\xe3\x02\n\x12OpenSessionRequest\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x11\n\tlayer_ids\x18\x02 \x03(\x05\x12\x10\n\x08job_name\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pture_logits\x18\x04 \x01(\x08\x12\x42\n\tencodings\x18\x05 \x03(\x0b\x32/.draftfeed.v1.OpenSessionRequest.EncodingsEntry\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x30\n\x12selected_token_ids\x18\x07 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12\x31\n\x13selected_token_mask\x18\x08 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12\x12\n\ndata_plane\x18\t \x01(\x08\x1a\x30\n\x0e\x45ncodingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdb\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tlayer_ids\x18\x02 \x03(\x05\x12\x43\n\tencodings\x18\x03 \x03(\x0b\x32\x30.draftfeed.v1.OpenSessionResponse.EncodingsEntry\x12\x11\n\tdata_port\x18\x04 \x01(\r\x12\x13\n\x0b\x64\x61ta_ticket\x18\x05 \x01(\x0c\x1a\x30\n\x0e\x45ncodingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x01\n\x16SetVocabMappingRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x30\n\x12selected_token_ids\x18\x02 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12\x31\n\x13selected_token_mask\x18\x03 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\"\x19\n\x17SetVocabMappingResponse\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x90\x03\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\'\n\tinput_ids\x18\x03 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12\'\n\tloss_mask\x18\x05 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12*\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12&\n\x08seq_lens\x18\x07 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12+\n\rdoc_remaining\x18\x08 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12\x12\n\ndata_plane\x18\t \x01(\x08\x12\x14\n\x0ctrainer_step\x18\n \x01(\x04\x12\x19\n\x0ctrainer_loss\x18\x0b \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_trainer_loss\"$\n\x14StreamWeightsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xcd\x04\n\rTargetService\x12J\n\x0cGetModelInfo\x12!.draftfeed.v1.GetModelInfoRequest\x1a\x17.draftfeed.v1.ModelInfo\x12R\n\x0bOpenSession\x12 .draftfeed.v1.OpenSessionRequest\x1a!.draftfeed.v1.OpenSessionResponse\x12^\n\x0fSetVocabMapping\x12$.draftfeed.v1.SetVocabMappingRequest\x1a%.draftfeed.v1.SetVocabMappingResponse\x12U\n\x0c\x43loseSession\x12!.draftfeed.v1.CloseSessionRequest\x1a\".draftfeed.v1.CloseSessionResponse\x12\x45\n\x08Generate\x12\x1d.draftfeed.v1.GenerateRequest\x1a\x18.draftfeed.v1.ReplyFrame0\x01\x12M\n\x0eGenerateStream\x12\x1d.draftfeed.v1.GenerateRequest\x1a\x18.draftfeed.v1.ReplyFrame(\x01\x30\x01\x12O\n\rStreamWeights\x12\".draftfeed.v1.StreamWeightsRequest\x1a\x18.draftfeed.v1.ReplyFrame0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64raftfeed/v1/draftfeed.proto\x12\x0c\x64raftfeed.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"J\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"+\n\nReplyError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb9\x01\n\x0bReplyHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12+\n\x07tensors\x18\x02 \x03(\x0b\x32\x1a.draftfeed.v1.TensorHeader\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04meta\x18\x04 \x01(\x0c\x12\'\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x18.draftfeed.v1.ReplyError\x12\x1d\n\x15payload_on_data_plane\x18\x06 \x01(\x08\"S\n\nReplyFrame\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.draftfeed.v1.ReplyHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\x15\n\x13GetModelInfoRequest\"\xa4\x01\n\x06Limits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x1c\n\x10max_batch_tokens\x18\x03 \x01(\x04\x42\x02\x18\x01\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x1a\n\x12max_request_tokens\x18\x05 \x01(\x04\x12\x1a\n\x12max_forward_tokens\x18\x06 \x01(\x04\"\xdc\x03\n\tModelInfo\x12\x19\n\x11num_hidden_layers\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x15\n\rarchitectures\x18\x05 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\t\x12$\n\x06limits\x18\x07 \x01(\x0b\x32\x14.draftfeed.v1.Limits\x12\x12\n\nalgorithms\x18\x08 \x03(\t\x12\x11\n\tencodings\x18\t \x03(\t\x12 \n\x18\x65\x61gle3_default_layer_ids\x18\n \x03(\x05\x12$\n\x17\x66inal_logit_softcapping\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12,\n$eagle3_default_layer_ids_from_server\x18\r \x01(\x08\x12 \n\x18\x64\x66lash_default_layer_ids\x18\x0e \x03(\x05\x12 \n\x18\x64spark_default_layer_ids\x18\x0f \x03(\x05\x12\x15\n\rsession_ttl_s\x18\x10 \x01(\x01\x42\x1a\n\x18_final_logit_softcapping\"\xe3\x02\n\x12OpenSessionRequest\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x11\n\tlayer_ids\x18\x02 \x03(\x05\x12\x10\n\x08job_name\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pture_logits\x18\x04 \x01(\x08\x12\x42\n\tencodings\x18\x05 \x03(\x0b\x32/.draftfeed.v1.OpenSessionRequest.EncodingsEntry\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x30\n\x12selected_token_ids\x18\x07 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12\x31\n\x13selected_token_mask\x18\x08 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12\x12\n\ndata_plane\x18\t \x01(\x08\x1a\x30\n\x0e\x45ncodingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdb\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tlayer_ids\x18\x02 \x03(\x05\x12\x43\n\tencodings\x18\x03 \x03(\x0b\x32\x30.draftfeed.v1.OpenSessionResponse.EncodingsEntry\x12\x11\n\tdata_port\x18\x04 \x01(\r\x12\x13\n\x0b\x64\x61ta_ticket\x18\x05 \x01(\x0c\x1a\x30\n\x0e\x45ncodingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x01\n\x16SetVocabMappingRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x30\n\x12selected_token_ids\x18\x02 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12\x31\n\x13selected_token_mask\x18\x03 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\"\x19\n\x17SetVocabMappingResponse\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x90\x03\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\'\n\tinput_ids\x18\x03 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12\'\n\tloss_mask\x18\x05 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12*\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12&\n\x08seq_lens\x18\x07 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12+\n\rdoc_remaining\x18\x08 \x01(\x0b\x32\x14.draftfeed.v1.Tensor\x12\x12\n\ndata_plane\x18\t \x01(\x08\x12\x14\n\x0ctrainer_step\x18\n \x01(\x04\x12\x19\n\x0ctrainer_loss\x18\x0b \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_trainer_loss\"$\n\x14StreamWeightsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xcd\x04\n\rTargetService\x12J\n\x0cGetModelInfo\x12!.draftfeed.v1.GetModelInfoRequest\x1a\x17.draftfeed.v1.ModelInfo\x12R\n\x0bOpenSession\x12 .draftfeed.v1.OpenSessionRequest\x1a!.draftfeed.v1.OpenSessionResponse\x12^\n\x0fSetVocabMapping\x12$.draftfeed.v1.SetVocabMappingRequest\x1a%.draftfeed.v1.SetVocabMappingResponse\x12U\n\x0c\x43loseSession\x12!.draftfeed.v1.CloseSessionRequest\x1a\".draftfeed.v1.CloseSessionResponse\x12\x45\n\x08Generate\x12\x1d.draftfeed.v1.GenerateRequest\x1a\x18.draftfeed.v1.ReplyFrame0\x01\x12M\n\x0eGenerateStream\x12\x1d.draftfeed.v1.GenerateRequest\x1a\x18.draftfeed.v1.ReplyFrame(\x01\x30\x01\x12O\n\rStreamWeights\x12\".draftfeed.v1.StreamWeightsRequest\x1a\x18.draftfeed.v1.ReplyFrame0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'draftfeed.client.pb.draftfeed_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_LIMITS'].fields_by_name['max_batch_tokens']._loaded_options = None
+  _globals['_LIMITS'].fields_by_name['max_batch_tokens']._serialized_options = b'\030\001'
   _globals['_OPENSESSIONREQUEST_ENCODINGSENTRY']._loaded_options = None
   _globals['_OPENSESSIONREQUEST_ENCODINGSENTRY']._serialized_options = b'8\001'
   _globals['_OPENSESSIONRESPONSE_ENCODINGSENTRY']._loaded_options = None
@@ -47,30 +49,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLYFRAME']._serialized_end=506
   _globals['_GETMODELINFOREQUEST']._serialized_start=508
   _globals['_GETMODELINFOREQUEST']._serialized_end=529
-  _globals['_LIMITS']._serialized_start=531
-  _globals['_LIMITS']._serialized_end=635
-  _globals['_MODELINFO']._serialized_start=638
-  _globals['_MODELINFO']._serialized_end=1114
-  _globals['_OPENSESSIONREQUEST']._serialized_start=1117
-  _globals['_OPENSESSIONREQUEST']._serialized_end=1472
-  _globals['_OPENSESSIONREQUEST_ENCODINGSENTRY']._serialized_start=1424
-  _globals['_OPENSESSIONREQUEST_ENCODINGSENTRY']._serialized_end=1472
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=1475
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=1694
-  _globals['_OPENSESSIONRESPONSE_ENCODINGSENTRY']._serialized_start=1424
-  _globals['_OPENSESSIONRESPONSE_ENCODINGSENTRY']._serialized_end=1472
-  _globals['_SETVOCABMAPPINGREQUEST']._serialized_start=1697
-  _globals['_SETVOCABMAPPINGREQUEST']._serialized_end=1842
-  _globals['_SETVOCABMAPPINGRESPONSE']._serialized_start=1844
-  _globals['_SETVOCABMAPPINGRESPONSE']._serialized_end=1869
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1871
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1912
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1914
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1936
-  _globals['_GENERATEREQUEST']._serialized_start=1939
-  _globals['_GENERATEREQUEST']._serialized_end=2339
-  _globals['_STREAMWEIGHTSREQUEST']._serialized_start=2341
-  _globals['_STREAMWEIGHTSREQUEST']._serialized_end=2377
-  _globals['_TARGETSERVICE']._serialized_start=2380
-  _globals['_TARGETSERVICE']._serialized_end=2969
+  _globals['_LIMITS']._serialized_start=532
+  _globals['_LIMITS']._serialized_end=696
+  _globals['_MODELINFO']._serialized_start=699
+  _globals['_MODELINFO']._serialized_end=1175
+  _globals['_OPENSESSIONREQUEST']._serialized_start=1178
+  _globals['_OPENSESSIONREQUEST']._serialized_end=1533
+  _globals['_OPENSESSIONREQUEST_ENCODINGSENTRY']._serialized_start=1485
+  _globals['_OPENSESSIONREQUEST_ENCODINGSENTRY']._serialized_end=1533
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=1536
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1755
+  _globals['_OPENSESSIONRESPONSE_ENCODINGSENTRY']._serialized_start=1485
+  _globals['_OPENSESSIONRESPONSE_ENCODINGSENTRY']._serialized_end=1533
+  _globals['_SETVOCABMAPPINGREQUEST']._serialized_start=1758
+  _globals['_SETVOCABMAPPINGREQUEST']._serialized_end=1903
+  _globals['_SETVOCABMAPPINGRESPONSE']._serialized_start=1905
+  _globals['_SETVOCABMAPPINGRESPONSE']._serialized_end=1930
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1932
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1973
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1975
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1997
+  _globals['_GENERATEREQUEST']._serialized_start=2000
+  _globals['_GENERATEREQUEST']._serialized_end=2400
+  _globals['_STREAMWEIGHTSREQUEST']._serialized_start=2402
+  _globals['_STREAMWEIGHTSREQUEST']._serialized_end=2438
+  _globals['_TARGETSERVICE']._serialized_start=2441
+  _globals['_TARGETSERVICE']._serialized_end=3030
 # @@protoc_insertion_point(module_scope)

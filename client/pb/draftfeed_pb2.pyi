@@ -66,16 +66,20 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_batch_size", "max_seq_len", "max_batch_tokens", "max_chunk_bytes")
+    __slots__ = ("max_batch_size", "max_seq_len", "max_batch_tokens", "max_chunk_bytes", "max_request_tokens", "max_forward_tokens")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FORWARD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_seq_len: int
     max_batch_tokens: int
     max_chunk_bytes: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    max_request_tokens: int
+    max_forward_tokens: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_forward_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("num_hidden_layers", "hidden_size", "vocab_size", "dtype", "architectures", "fingerprint", "limits", "algorithms", "encodings", "eagle3_default_layer_ids", "final_logit_softcapping", "server_version", "eagle3_default_layer_ids_from_server", "dflash_default_layer_ids", "dspark_default_layer_ids", "session_ttl_s")
