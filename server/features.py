@@ -13,9 +13,9 @@ import torch
 
 from draftfeed.client.batches import DFlashTargetBatch, DSparkTargetBatch, Eagle3TargetBatch
 from draftfeed.client.errors import FailedPrecondition
+from draftfeed.client.supervision import draft_position_mask, draft_supervision, shift_left
 
 from .capture import Captured
-from .supervision import shift_left
 
 __all__ = [
     "TokenBatch",
@@ -132,33 +132,12 @@ class Eagle3Features:
         if self.mapping is None:
             return {**common, "logits": shift_left(cap.logits)}
         if self.latent:
-            pmask = draft_position_mask(cap.logits, tb.loss_mask, self.mapping)
+            pmask = draft_position_mask(cap.logits, tb.loss_mask, self.mapping.selected_token_mask)
             return {**common, "final_hidden": shift_left(cap.final), "position_mask": pmask}
-        probs, pmask = draft_supervision(cap.logits, tb.loss_mask, self.mapping)
+        probs, pmask = draft_supervision(
+            cap.logits, tb.loss_mask, self.mapping.selected_token_ids, self.mapping.selected_token_mask
+        )
         return {**common, "target_probs": probs, "position_mask": pmask}
-
-
-def draft_supervision(
-    logits: torch.Tensor, loss_mask: torch.Tensor, mapping: VocabMapping
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`project_supervision(shift_left(logits), shift_left(loss_mask), ...)` without materialising
-    the shifted [B,S,V] logits: project the unshifted logits, shift the small results, and give the
-    zero-logit tail row what the shifted reference gives it."""
-    ids = mapping.selected_token_ids.to(logits.device)
-    probs = torch.softmax(logits[..., ids].float(), dim=-1)
-    tail = torch.softmax(torch.zeros_like(logits[:, :1, :1]).expand(-1, -1, len(ids)).float(), dim=-1)
-    probs = torch.cat([probs[:, 1:], tail], dim=1)
-    return probs, draft_position_mask(logits, loss_mask, mapping)
-
-
-def draft_position_mask(logits: torch.Tensor, loss_mask: torch.Tensor, mapping: VocabMapping) -> torch.Tensor:
-    """Shifted `position_mask` [B,S,1]: the full-vocab argmax of the next position is a draft token
-    and the next position is supervised (the zero-logit tail row argmaxes to id 0)."""
-    mask = mapping.selected_token_mask.to(logits.device)
-    hit = mask[logits.argmax(dim=-1)]
-    tail_hit = mask[torch.zeros_like(hit[:, :1], dtype=torch.long)]
-    pmask = torch.cat([hit[:, 1:], tail_hit], dim=1) & shift_left(loss_mask).bool()
-    return pmask.unsqueeze(-1)
 
 
 @dataclass
