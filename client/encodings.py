@@ -754,10 +754,13 @@ def session_encodings(
     default never fails against an older server; without `probs/latent` an EAGLE-3 session takes raw
     probabilities), then the overrides, each of which the server must offer (InvalidArgument naming
     what it offers). Kinds left out are raw."""
+    from .algorithms import ALGORITHMS  # the registry imports the batches; the codecs alone need not
+
+    latent_ok = algorithm in ALGORITHMS and ALGORITHMS[algorithm].latent_probs
     preset, overrides = parse_encodings(spec)
     bases = _offered_bases(offered)
     out: dict[str, str] = {}
-    if preset != "raw" and algorithm == "eagle3" and "latent" in bases.get("probs", ()):
+    if preset != "raw" and latent_ok and "latent" in bases.get("probs", ()):
         out["probs"] = "latent"  # exact: the trainer rebuilds softmax(h @ lm_head[ids].T)
     if preset == "compact":
         overrides = {"hidden": "fp8", **overrides}
@@ -769,7 +772,7 @@ def session_encodings(
                 f"{server} does not offer encoding {name!r} for tensor kind {kind!r} (it offers {have}); "
                 "choose one it offers, or --encodings exact"
             )
-        if kind == "probs" and base == "latent" and algorithm != "eagle3":
+        if kind == "probs" and base == "latent" and not latent_ok:
             raise InvalidArgument(
                 f"encodings: probs=latent is for EAGLE-3 sessions only, not {algorithm}; drop it"
             )

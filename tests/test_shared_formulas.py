@@ -130,15 +130,15 @@ def test_latent_probs_use_the_shared_softmax():
 
 
 def test_old_supervision_call_sites_use_the_shared_functions():
-    from draftfeed.server import features
     from draftfeed.server import supervision as server_supervision
+    from draftfeed.server.algorithms import eagle3 as served_eagle3
     from draftfeed.trainer import losses
     from draftfeed.trainer.models import eagle3
 
     assert server_supervision.shift_left is supervision.shift_left
     assert server_supervision.project_supervision is supervision.project_supervision
-    assert features.shift_left is supervision.shift_left
-    assert features.draft_supervision is supervision.draft_supervision
+    assert served_eagle3.shift_left is supervision.shift_left
+    assert served_eagle3.draft_supervision is supervision.draft_supervision
     assert eagle3.shift_left is supervision.shift_left
     assert losses.target_distribution is supervision.target_distribution
 

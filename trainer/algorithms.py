@@ -19,7 +19,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from draftfeed.client.layers import LAYER_IDS
+from draftfeed.client.algorithms import get_algorithm
 from draftfeed.client.vocab import build_token_map
 
 from .block_drafting import NoValidAnchors, dflash_loss, dspark_loss
@@ -178,7 +178,7 @@ def block_layer_ids(algorithm: str, num_layers: int, k: int) -> list[int]:
     DFlash: K == 1 -> [N//2], else round(1 + i(N-4)/(K-1)). DSpark: K clamped to [1, N-1]; K == 1 -> [N-1],
     else sorted({round(1 + i(N-2)/(K-1))}), whose last id is N-1 (the final-norm output, which an SGLang
     deployment cannot capture: the validator warns; pass --layer-ids to choose others)."""
-    return LAYER_IDS[algorithm][0](num_layers, k)
+    return get_algorithm(algorithm).default_layer_ids(num_layers, k)
 
 
 class BlockAlgorithm(DraftAlgorithm):
