@@ -209,7 +209,8 @@ class _Server:
 class RemoteTargetModel:
     """The remote client of any registered algorithm (`client/algorithms/`): `algorithm=` names it (the
     per-algorithm subclasses below set it), `layer_ids=` its target-layer ids (None: the server's
-    default). `generate_batch` returns the algorithm's batch dataclass."""
+    default; a callable: ids from the target's decoder-layer count N, as the server's model info tells it).
+    `generate_batch` returns the algorithm's batch dataclass."""
 
     algorithm: str | None = None
 
@@ -306,6 +307,8 @@ class RemoteTargetModel:
         asked = session_encodings(self._encodings_spec, self.algorithm, info.encodings, self.servers[0].url)
         self.encodings = resolve_encodings(asked)
         n = info.num_hidden_layers
+        if callable(layer_ids):  # a rule of the target's layer count, which the model info tells
+            layer_ids = layer_ids(n)
         self.layer_ids = self._alg.validate_layer_ids(layer_ids, n) if layer_ids else None
 
     def _spec(self) -> pb.OpenSessionRequest:

@@ -150,6 +150,10 @@ def test_its_layer_ids_are_checked_by_its_own_rule(registered, model):
     try:
         with pytest.raises(InvalidArgument, match="mean layer ids"):
             RemoteTargetModel.from_urls([srv.url], algorithm=NAME, layer_ids=[2, 2])
+        # a rule of N: the layer count comes from the server's model info, not a local config
+        remote = RemoteTargetModel.from_urls([srv.url], algorithm=NAME, layer_ids=lambda n: [0, n - 3])
+        assert remote.layer_ids == [0, 5]
+        remote.close()
     finally:
         srv.stop(grace=0)
 

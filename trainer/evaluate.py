@@ -153,10 +153,10 @@ class BlockDrafter:
 
 
 def make_drafter(algorithm: str, draft, confidence_threshold: float = 0.0):
-    """The drafter that measures a draft of `algorithm` (eagle3, dflash, dspark)."""
-    if algorithm == "eagle3":
-        return Eagle3ChainDrafter(draft)
-    return BlockDrafter(draft, confidence_threshold)
+    """The drafter that measures a draft of `algorithm` (eagle3, dflash, dspark): its `DraftAlgorithm.drafter`."""
+    from .algorithms import ALGORITHMS
+
+    return ALGORITHMS[algorithm].drafter(draft, confidence_threshold)
 
 
 @torch.no_grad()
