@@ -37,6 +37,7 @@ spec so whichever replica answers can serve it.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import queue
@@ -442,6 +443,12 @@ class RemoteTargetModel:
         if self._alg.rebuild is not None:  # e.g. latent EAGLE-3 supervision: target_probs rebuilt here
             fields = self._alg.rebuild(self, fields)
         return self._alg.batch(**fields)
+
+    def target_config_dict(self) -> dict | None:
+        """The served target's config (`config.to_dict()`) from the server's model info; None from a server
+        too old to send it."""
+        text = self.info.target_config_json
+        return json.loads(text) if text else None
 
     def _softcap(self):
         return self.info.final_logit_softcapping if self.info.HasField("final_logit_softcapping") else None

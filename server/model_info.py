@@ -17,9 +17,15 @@ from .algorithms import ALGORITHMS
 from .capture import TargetLayout
 from .config import ServeConfig
 
-__all__ = ["fingerprint", "build_model_info", "SERVER_VERSION"]
+__all__ = ["config_json", "fingerprint", "build_model_info", "SERVER_VERSION"]
 
 SERVER_VERSION = "0.1.0"
+
+
+def config_json(model: torch.nn.Module) -> str:
+    """The target's config as JSON (`config.to_dict()`, keys sorted), as the fingerprint and the model info
+    carry it."""
+    return json.dumps(model.config.to_dict(), sort_keys=True, default=str)
 
 
 @torch.inference_mode()
@@ -28,7 +34,7 @@ def fingerprint(model: torch.nn.Module) -> str:
 
     Cheap on a GPU (no host copy of the weights) and different for different weights or configs.
     """
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(config_json(model).encode())
     for name, p in model.state_dict().items():
         x = p.detach().double()
         stats = torch.stack(
@@ -74,6 +80,7 @@ def build_model_info(model: torch.nn.Module, layout: TargetLayout, cfg: ServeCon
         **defaults,
         session_ttl_s=cfg.session_ttl_s,
         server_version=SERVER_VERSION,
+        target_config_json=config_json(model),
     )
     if layout.final_logit_softcapping is not None:
         info.final_logit_softcapping = float(layout.final_logit_softcapping)

@@ -1,4 +1,4 @@
-"""DFlash and DSpark through the shared loop (trainer/algorithms.py): one server feeding EAGLE-3, DFlash and
+"""DFlash and DSpark through the shared loop (trainer/algorithms/): one server feeding EAGLE-3, DFlash and
 DSpark sessions at once equals in-process training, the loss goes down, resume is identical, the block
 evaluator's tau bounds (and DSpark's early stop), export -> load, and `draftfeed train` / `eval` on them."""
 
@@ -229,7 +229,7 @@ def test_resume_continues_identically(tmp_path, target_dir, data_file, algorithm
 def test_default_layer_ids_are_designs_in_process_remote_and_server_side(
     tmp_path, target_dir, server, tiny_model, algorithm
 ):
-    """Without --layer-ids the trainer captures DESIGN.md's default of its algorithm (client/layers.py) for
+    """Without --layer-ids the trainer captures DESIGN.md's default of its algorithm (client/algorithms/) for
     --num-target-layers K, in process and through a server, and a session opened without ids gets the same
     from the server. N = 8: DFlash round(1 + i(N-4)/(K-1)), DSpark sorted({round(1 + i(N-2)/(K-1))})."""
     from draftfeed.client import remote

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -667,3 +668,14 @@ def test_malformed_protobuf_bytes_get_invalid_argument(server, model):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert [r.request_id for r in replies] == [7]
         assert remote.generate_batch(*inputs()) is not None  # the server goes on
+
+
+def test_model_info_tells_a_remote_trainer_the_target_config(server, model):
+    """A remote trainer builds its draft from the served target's config, not a local copy of it."""
+    from draftfeed.server.model_info import config_json
+    from draftfeed.trainer.train import served_target_config
+
+    with RemoteDFlashTargetModel.from_urls([server.url]) as remote:
+        assert remote.target_config_dict() == json.loads(config_json(model))
+        served = served_target_config(remote, "/nonexistent/no/local/copy")
+    assert type(served) is type(model.config) and served.to_dict() == model.config.to_dict()

@@ -16,7 +16,7 @@ __all__ = ["BlockAlgorithm", "block_layer_ids"]
 
 def block_layer_ids(algorithm: str, num_layers: int, k: int) -> list[int]:
     """Default target layers of a block draft for K = `k` layers: the client's default of `algorithm`
-    (DESIGN.md, `client/layers.py`), the same ids a server picks for a session opened without any.
+    (DESIGN.md, `client/algorithms/`), the same ids a server picks for a session opened without any.
 
     DFlash: K == 1 -> [N//2], else round(1 + i(N-4)/(K-1)). DSpark: K clamped to [1, N-1]; K == 1 -> [N-1],
     else sorted({round(1 + i(N-2)/(K-1))}), whose last id is N-1 (the final-norm output, which an SGLang
