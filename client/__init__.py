@@ -1,5 +1,6 @@
 """What a trainer imports: backend interfaces, batch dataclasses, errors, layer ids, the token map,
-and the remote backends (`from draftfeed.client import RemoteEagle3TargetModel`).
+the algorithm registry (`client/algorithms/`) and the remote backends (`from draftfeed.client import
+RemoteEagle3TargetModel`, or `RemoteTargetModel(urls, algorithm=NAME)` for any registered algorithm).
 
 Never imports transformers or server code, so a trainer box needs only this package.
 
@@ -24,21 +25,29 @@ _LAZY = {
     "ResourceExhausted": ".errors",
     "Unauthenticated": ".errors",
     "Unavailable": ".errors",
-    "default_dflash_layer_ids": ".layers",
-    "default_dspark_layer_ids": ".layers",
-    "default_eagle3_layer_ids": ".layers",
-    "validate_dflash_layer_ids": ".layers",
-    "validate_dspark_layer_ids": ".layers",
-    "validate_eagle3_layer_ids": ".layers",
+    "default_dflash_layer_ids": ".algorithms.dflash",
+    "default_dspark_layer_ids": ".algorithms.dspark",
+    "default_eagle3_layer_ids": ".algorithms.eagle3",
+    "validate_dflash_layer_ids": ".algorithms.dflash",
+    "validate_dspark_layer_ids": ".algorithms.dspark",
+    "validate_eagle3_layer_ids": ".algorithms.eagle3",
+    "ALGORITHMS": ".algorithms",
+    "Algorithm": ".algorithms",
     "TokenCounter": ".vocab",
     "build_token_map": ".vocab",
     "d2t_t2d": ".vocab",
+    "RemoteTargetModel": ".remote",
     "RemoteEagle3TargetModel": ".remote",
     "RemoteDFlashTargetModel": ".remote",
     "RemoteDSparkTargetModel": ".remote",
 }
 
-_REMOTE = ("RemoteEagle3TargetModel", "RemoteDFlashTargetModel", "RemoteDSparkTargetModel")
+_REMOTE = (
+    "RemoteTargetModel",
+    "RemoteEagle3TargetModel",
+    "RemoteDFlashTargetModel",
+    "RemoteDSparkTargetModel",
+)
 __all__ = [
     *_REMOTE,
     "Eagle3TargetBackend",
@@ -61,6 +70,8 @@ __all__ = [
     "validate_eagle3_layer_ids",
     "validate_dflash_layer_ids",
     "validate_dspark_layer_ids",
+    "ALGORITHMS",
+    "Algorithm",
     "TokenCounter",
     "build_token_map",
     "d2t_t2d",

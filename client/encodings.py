@@ -44,8 +44,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .dtypes import dtype_name, torch_dtype
 from .errors import InvalidArgument
 from .fidelity import fidelity
+from .supervision import draft_probs
 
 __all__ = [
     "KINDS",
@@ -98,19 +100,8 @@ class Encoded:
     host_stage: bool = False
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise InvalidArgument(f"encoded tensor info names dtype {name!r}, which is not a torch dtype")
-    return dtype
-
-
 def _base_info(t: torch.Tensor, name: str) -> dict:
-    return {"encoding": name, "dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+    return {"encoding": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
 
 
 def _rows(shape: list[int]) -> int:
@@ -158,7 +149,7 @@ def _encode_bits(t: torch.Tensor) -> Encoded:
     checks = []
     if t.dtype != torch.bool:
         if flat.numel():  # counted on the device, verified on the host after the copy
-            shape, dtype = list(t.shape), _dtype_name(t.dtype)
+            shape, dtype = list(t.shape), dtype_name(t.dtype)
             checks.append(
                 Check(
                     ((flat != 0) & (flat != 1)).sum().reshape(1),
@@ -183,7 +174,7 @@ def _decode_bits(enc: Encoded, device=None) -> torch.Tensor:
     shape = enc.info["shape"]
     weights = _bit_weights(packed.device)
     bits = (packed.unsqueeze(-1) & weights).ne(0).reshape(-1)[: math.prod(shape)]
-    return bits.reshape(shape).to(_dtype_from_name(enc.info["dtype"]))
+    return bits.reshape(shape).to(torch_dtype(enc.info["dtype"]))
 
 
 # ---- narrow: integers in the smallest integer dtype that holds their declared range (exact) ----
@@ -244,7 +235,7 @@ def _decode_narrow(enc: Encoded, device=None) -> torch.Tensor:
     data = enc.parts["data"].to(device)
     if enc.info.get("base") is not None:
         data = (data.long() - torch.iinfo(data.dtype).min).add_(enc.info["base"])
-    return data.to(_dtype_from_name(enc.info["dtype"])).reshape(enc.info["shape"])
+    return data.to(torch_dtype(enc.info["dtype"])).reshape(enc.info["shape"])
 
 
 # ---- fp8: float8 e4m3fn with one fp32 scale per row (amax / 448) ----
@@ -272,7 +263,7 @@ def _decode_fp8(enc: Encoded, device=None) -> torch.Tensor:
     scale = enc.parts["scale"].to(q.device)
     rows = _rows(shape)
     x = q.reshape(rows, shape[-1] if shape else 1).float() * scale.unsqueeze(-1)
-    return x.reshape(shape).to(_dtype_from_name(enc.info["dtype"]))
+    return x.reshape(shape).to(torch_dtype(enc.info["dtype"]))
 
 
 # ---- bf16: a lossy cast (relative error at most 2**-8 per value) ----
@@ -284,7 +275,7 @@ def _encode_bf16(t: torch.Tensor) -> Encoded:
 
 def _decode_bf16(enc: Encoded, device=None) -> torch.Tensor:
     data = enc.parts["data"].to(device)
-    return data.to(_dtype_from_name(enc.info["dtype"])).reshape(enc.info["shape"])
+    return data.to(torch_dtype(enc.info["dtype"])).reshape(enc.info["shape"])
 
 
 # ---- topk:K: the K largest probabilities per row (fp16) and their indices (smallest int dtype) ----
@@ -330,7 +321,7 @@ def _decode_topk(enc: Encoded, device=None) -> torch.Tensor:
     out.scatter_(-1, index.long(), values)
     mass = out.sum(-1, keepdim=True)
     out /= torch.where(mass > 0, mass, 1.0)
-    return out.reshape(shape).to(_dtype_from_name(enc.info["dtype"]))
+    return out.reshape(shape).to(torch_dtype(enc.info["dtype"]))
 
 
 # ---- zstd[:LEVEL]: lossless, zstandard over the byte planes of each element (CPU only) ----
@@ -357,7 +348,7 @@ def _finish_zstd(enc: Encoded) -> Encoded:
 
 
 def _decode_zstd(enc: Encoded, device=None) -> torch.Tensor:
-    dtype, shape = _dtype_from_name(enc.info["dtype"]), enc.info["shape"]
+    dtype, shape = torch_dtype(enc.info["dtype"]), enc.info["shape"]
     n = math.prod(shape)
     decompressor = importlib.import_module("zstandard").ZstdDecompressor()
     planes = []
@@ -493,7 +484,7 @@ class Encoding:
         if not codec.accepts(t.dtype):
             raise InvalidArgument(
                 f"encoding '{self.name}' for tensor kind '{self.kind}' takes {codec.dtypes}; "
-                f"got a {_dtype_name(t.dtype)} tensor of shape {list(t.shape)}"
+                f"got a {dtype_name(t.dtype)} tensor of shape {list(t.shape)}"
             )
         t = t.detach()
         checks = []
@@ -696,7 +687,7 @@ def latent_target_probs(
         logits = torch.nn.functional.linear(rows[start : start + chunk_rows].to(dtype), weight)
         if final_logit_softcapping is not None:
             logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
-        out[start : start + chunk_rows] = torch.softmax(logits.float(), dim=-1)
+        out[start : start + chunk_rows] = draft_probs(logits)
     return out.reshape(*h_final.shape[:-1], weight.shape[0])
 
 
@@ -763,10 +754,13 @@ def session_encodings(
     default never fails against an older server; without `probs/latent` an EAGLE-3 session takes raw
     probabilities), then the overrides, each of which the server must offer (InvalidArgument naming
     what it offers). Kinds left out are raw."""
+    from .algorithms import ALGORITHMS  # the registry imports the batches; the codecs alone need not
+
+    latent_ok = algorithm in ALGORITHMS and ALGORITHMS[algorithm].latent_probs
     preset, overrides = parse_encodings(spec)
     bases = _offered_bases(offered)
     out: dict[str, str] = {}
-    if preset != "raw" and algorithm == "eagle3" and "latent" in bases.get("probs", ()):
+    if preset != "raw" and latent_ok and "latent" in bases.get("probs", ()):
         out["probs"] = "latent"  # exact: the trainer rebuilds softmax(h @ lm_head[ids].T)
     if preset == "compact":
         overrides = {"hidden": "fp8", **overrides}
@@ -778,7 +772,7 @@ def session_encodings(
                 f"{server} does not offer encoding {name!r} for tensor kind {kind!r} (it offers {have}); "
                 "choose one it offers, or --encodings exact"
             )
-        if kind == "probs" and base == "latent" and algorithm != "eagle3":
+        if kind == "probs" and base == "latent" and not latent_ok:
             raise InvalidArgument(
                 f"encodings: probs=latent is for EAGLE-3 sessions only, not {algorithm}; drop it"
             )

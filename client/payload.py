@@ -6,7 +6,8 @@ synchronisation, so the GPU worker moves on at once. It copies `PendingFields.de
 `PendingFields.finish` on the copy: it verifies the checks (NaN/inf refused by the lossy codecs,
 ids outside their known range), runs host stages (zstd) and packs the wire tensors. A failed check
 is an InvalidArgument for that request alone. `encode_fields` does both at once. The wire moves
-the parts; the client calls `decode_fields`. Both sides share this table of field -> tensor kind.
+the parts; the client calls `decode_fields`. Both sides read a field's tensor kind from the algorithm
+registry (`field_kind`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .algorithms import ALGORITHMS, INPUT_FIELD_KINDS
 from .encodings import (
     Check,
     Encoded,
@@ -28,7 +30,7 @@ from .encodings import (
 from .errors import InvalidArgument
 
 __all__ = [
-    "FIELD_KINDS",
+    "field_kind",
     "DEFAULT_ENCODINGS",
     "CHECKS_TENSOR",
     "PendingFields",
@@ -39,22 +41,18 @@ __all__ = [
     "decode_fields",
 ]
 
-FIELD_KINDS = {
-    "aux_hidden_states": "hidden",
-    "hidden_states": "hidden",
-    "target_hidden_states": "hidden",
-    "target_last_hidden_states": "hidden",
-    "final_hidden": "final",  # latent EAGLE-3 supervision: shifted final-norm state
-    "logits": "hidden",
-    "target_probs": "probs",
-    "position_mask": "mask",
-    "input_ids": "ids",
-    "attention_mask": "ids",
-    "loss_mask": "ids",
-    "position_ids": "ids",
-    "seq_lens": "ids",
-    "doc_remaining": "ids",
-}
+
+def field_kind(name: str) -> str:
+    """The tensor kind of a reply field: a token field's, or the one the algorithm that sends it gives
+    it (`client/algorithms/`, `Algorithm.field_kinds`)."""
+    if name in INPUT_FIELD_KINDS:
+        return INPUT_FIELD_KINDS[name]
+    for algorithm in ALGORITHMS.values():
+        if name in algorithm.field_kinds:
+            return algorithm.field_kinds[name]
+    raise InvalidArgument(f"reply field {name!r} belongs to no registered algorithm; it has no tensor kind")
+
+
 DEFAULT_ENCODINGS = {"hidden": "raw", "final": "raw", "probs": "raw", "mask": "raw", "ids": "raw"}
 # "final" (the final-norm state shipped for latent supervision) takes the hidden-state codecs but is
 # chosen apart from the aux/feature states: fp8 aux with a bf16 or raw final state is the usual pick.
@@ -152,7 +150,7 @@ def encode_fields_on_device(
     seq_len = fields["input_ids"].shape[-1] if "input_ids" in fields else 0
     encoded: dict[str, Encoded] = {}
     for name, t in fields.items():
-        kind = FIELD_KINDS[name]
+        kind = field_kind(name)
         enc_name = encodings[kind]
         if kind == "probs" and enc_name == "latent":
             raise InvalidArgument("target_probs cannot travel as 'latent'; send final_hidden instead")

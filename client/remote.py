@@ -37,6 +37,7 @@ spec so whichever replica answers can serve it.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import queue
@@ -51,8 +52,8 @@ import grpc
 import torch
 from torch import nn
 
+from .algorithms import get_algorithm
 from .backend import DFlashTargetBackend, DSparkTargetBackend, Eagle3TargetBackend
-from .batches import DFlashTargetBatch, DSparkTargetBatch, Eagle3TargetBatch
 from .channel import (
     RETRY_AFTER_KEY,
     ChannelSecurity,
@@ -64,18 +65,22 @@ from .channel import (
     session_spec_metadata,
 )
 from .dataplane import DataPlaneClient
-from .encodings import latent_target_probs, parse_encodings, session_encodings
+from .encodings import parse_encodings, session_encodings
 from .errors import DraftfeedError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, error_for_code
-from .layers import LAYER_IDS
 from .payload import decode_fields, resolve_encodings
 from .pb import draftfeed_pb2 as pb
 from .wire import ReplyAssembler, TargetStub, grpc_options, tensor_to_proto
 
-__all__ = ["RemoteEagle3TargetModel", "RemoteDFlashTargetModel", "RemoteDSparkTargetModel", "parse_url"]
+__all__ = [
+    "RemoteTargetModel",
+    "RemoteEagle3TargetModel",
+    "RemoteDFlashTargetModel",
+    "RemoteDSparkTargetModel",
+    "parse_url",
+]
 
 log = logging.getLogger("draftfeed.client")
 
-_BATCHES = {"eagle3": Eagle3TargetBatch, "dflash": DFlashTargetBatch, "dspark": DSparkTargetBatch}
 _INPUTS = ("input_ids", "attention_mask", "loss_mask", "position_ids", "seq_lens", "doc_remaining")
 _BACKOFF_S = (0.25, 0.5, 1.0, 2.0)  # then 2 s per retry until the retry budget is spent
 # a channel whose server went away reconnects with gRPC's backoff (up to 120 s by default): keep its
@@ -202,13 +207,19 @@ class _Server:
         self.channel.close()
 
 
-class _RemoteTarget:
-    algorithm: str
+class RemoteTargetModel:
+    """The remote client of any registered algorithm (`client/algorithms/`): `algorithm=` names it (the
+    per-algorithm subclasses below set it), `layer_ids=` its target-layer ids (None: the server's
+    default; a callable: ids from the target's decoder-layer count N, as the server's model info tells it).
+    `generate_batch` returns the algorithm's batch dataclass."""
+
+    algorithm: str | None = None
 
     def __init__(
         self,
         urls: list[str] | str,
         *,
+        algorithm: str | None = None,
         device: str | torch.device = "cpu",
         layer_ids: list[int] | None = None,
         job_name: str = "",
@@ -226,6 +237,11 @@ class _RemoteTarget:
         server_name: str | None = None,
         data_plane: bool = True,
     ):
+        if algorithm is not None:
+            self.algorithm = algorithm
+        if self.algorithm is None:
+            raise InvalidArgument("RemoteTargetModel needs algorithm= (one of the registered algorithms)")
+        self._alg = get_algorithm(self.algorithm)
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise InvalidArgument("from_urls needs at least one server URL (grpc://HOST:PORT)")
@@ -292,8 +308,9 @@ class _RemoteTarget:
         asked = session_encodings(self._encodings_spec, self.algorithm, info.encodings, self.servers[0].url)
         self.encodings = resolve_encodings(asked)
         n = info.num_hidden_layers
-        default, validate = LAYER_IDS[self.algorithm]
-        self.layer_ids = validate(layer_ids, n) if layer_ids else None
+        if callable(layer_ids):  # a rule of the target's layer count, which the model info tells
+            layer_ids = layer_ids(n)
+        self.layer_ids = self._alg.validate_layer_ids(layer_ids, n) if layer_ids else None
 
     def _spec(self) -> pb.OpenSessionRequest:
         """What this client opens a session with (and what a replica adopts it from)."""
@@ -423,12 +440,15 @@ class _RemoteTarget:
 
     def _batch(self, reply):
         fields = decode_fields(reply.tensors, reply.meta["fields"], self.device)
-        if "final_hidden" in fields:  # latent EAGLE-3 supervision: rebuild target_probs here
-            h = fields.pop("final_hidden")
-            fields["target_probs"] = latent_target_probs(
-                h, self._lm_head_rows().to(self.device), final_logit_softcapping=self._softcap()
-            )
-        return _BATCHES[self.algorithm](**fields)
+        if self._alg.rebuild is not None:  # e.g. latent EAGLE-3 supervision: target_probs rebuilt here
+            fields = self._alg.rebuild(self, fields)
+        return self._alg.batch(**fields)
+
+    def target_config_dict(self) -> dict | None:
+        """The served target's config (`config.to_dict()`) from the server's model info; None from a server
+        too old to send it."""
+        text = self.info.target_config_json
+        return json.loads(text) if text else None
 
     def _softcap(self):
         return self.info.final_logit_softcapping if self.info.HasField("final_logit_softcapping") else None
@@ -576,7 +596,7 @@ class _Stream:
     than `timeout` (a watchdog cancels the call); its pending requests are then retried with
     `generate_batch` (backoff, failover, the retry budget), so every future completes."""
 
-    def __init__(self, target: _RemoteTarget, server: _Server):
+    def __init__(self, target: RemoteTargetModel, server: _Server):
         self.target = target
         self.server = server
         self.window = threading.Semaphore(target.max_in_flight)
@@ -709,7 +729,7 @@ class _Stream:
         self.call.cancel()
 
 
-class RemoteEagle3TargetModel(_RemoteTarget, Eagle3TargetBackend):
+class RemoteEagle3TargetModel(RemoteTargetModel, Eagle3TargetBackend):
     """EAGLE-3 supervision from a draftfeed server. `aux_layer_ids` default to the server's."""
 
     algorithm = "eagle3"
@@ -750,7 +770,7 @@ class RemoteEagle3TargetModel(_RemoteTarget, Eagle3TargetBackend):
         self._weights.pop("lm_head_rows", None)
 
 
-class RemoteDFlashTargetModel(_RemoteTarget, DFlashTargetBackend):
+class RemoteDFlashTargetModel(RemoteTargetModel, DFlashTargetBackend):
     """DFlash features from a draftfeed server."""
 
     algorithm = "dflash"
@@ -763,7 +783,7 @@ class RemoteDFlashTargetModel(_RemoteTarget, DFlashTargetBackend):
         return self.layer_ids
 
 
-class RemoteDSparkTargetModel(_RemoteTarget, DSparkTargetBackend):
+class RemoteDSparkTargetModel(RemoteTargetModel, DSparkTargetBackend):
     """DSpark features from a draftfeed server."""
 
     algorithm = "dspark"

@@ -31,6 +31,9 @@ import grpc
 import msgpack
 import torch
 
+from draftfeed.client.dtypes import DTYPES
+from draftfeed.client.dtypes import wire_dtype as dtype_from_name
+from draftfeed.client.dtypes import wire_dtype_name as dtype_name
 from draftfeed.client.errors import DraftfeedError, InvalidArgument, error_for_code
 from draftfeed.client.pb import draftfeed_pb2 as pb
 
@@ -56,49 +59,10 @@ __all__ = [
     "TargetStub",
 ]
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
 DEFAULT_CHUNK_BYTES = 1 << 20
 _ALIGN = 64  # where each tensor of a reply starts inside the client's buffer
 _HEADER_TAG = 0x0A  # ReplyFrame.header: field 1, length-delimited
 _CHUNK_TAG = 0x12  # ReplyFrame.chunk: field 2, length-delimited
-
-
-# ---------------------------------------------------------------------------------------------- dtypes
-
-
-def dtype_from_name(name: str, what: str = "tensor") -> torch.dtype:
-    """The torch dtype for a wire dtype name; InvalidArgument naming `what` when unknown."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise InvalidArgument(
-            f"{what}: dtype {name!r} is not supported; expected one of {sorted(DTYPES)}"
-        ) from None
-
-
-def dtype_name(dtype: torch.dtype, what: str = "tensor") -> str:
-    """The wire name of a torch dtype (torch's name without "torch.")."""
-    try:
-        return _NAMES[dtype]
-    except KeyError:
-        raise InvalidArgument(
-            f"{what}: dtype {dtype} cannot go on the wire; expected one of {sorted(DTYPES)}"
-        ) from None
 
 
 # ------------------------------------------------------------------------------------ request tensors

@@ -14,8 +14,6 @@ _LAZY = {
     "validate_dspark_layer_ids": "draftfeed.client.layers",
     "validate_eagle3_layer_ids": "draftfeed.client.layers",
     "build_token_map": "draftfeed.client.vocab",
-    "DSPARK_DRAFTS": ".architectures",
-    "dspark_draft_architecture": ".architectures",
     "HFDFlashTargetModel": ".backends",
     "HFDSparkTargetModel": ".backends",
     "HFEagle3TargetModel": ".backends",
@@ -46,8 +44,6 @@ __all__ = [
     "validate_eagle3_layer_ids",
     "validate_dflash_layer_ids",
     "validate_dspark_layer_ids",
-    "DSPARK_DRAFTS",
-    "dspark_draft_architecture",
 ]
 
 

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from draftfeed.client.algorithms import get_algorithm
 from draftfeed.client.backend import DFlashTargetBackend, DSparkTargetBackend, Eagle3TargetBackend
 from draftfeed.client.layers import (
     default_dflash_layer_ids,
@@ -21,14 +22,19 @@ from draftfeed.client.layers import (
     validate_eagle3_layer_ids,
 )
 
+from .algorithms import get_server_algorithm
+from .algorithms.dflash import DFlashFeatures
+from .algorithms.dspark import DSparkFeatures
+from .algorithms.eagle3 import Eagle3Features
 from .capture import TargetLayout, discover, run_target
 from .causal_mask import no_padding
 from .checks import Limits, check_generate_inputs
-from .features import DFlashFeatures, DSparkFeatures, Eagle3Features, Needs, TokenBatch, VocabMapping
+from .features import Needs, TokenBatch, VocabMapping
 from .packing import packed_attention_mask
 from .supervision import check_vocab_mapping
 
 __all__ = [
+    "HFTargetModel",
     "HFEagle3TargetModel",
     "HFDFlashTargetModel",
     "HFDSparkTargetModel",
@@ -114,6 +120,34 @@ class _HFTarget:
 
     def get_output_embeddings(self) -> nn.Module:
         return self.model.get_output_embeddings()
+
+
+class HFTargetModel(_HFTarget):
+    """The in-process backend of any registered algorithm (`server/algorithms/`, `client/algorithms/`):
+    `layer_ids` None = the algorithm's default. `generate_batch` returns the algorithm's batch dataclass,
+    as `RemoteTargetModel(urls, algorithm=...)` does from a server."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        algorithm: str,
+        layer_ids: list[int] | None = None,
+        capture_logits: bool = False,
+        *,
+        limits: Limits | None = None,
+    ):
+        super().__init__(model, limits)
+        server_side = get_server_algorithm(algorithm)
+        self.algorithm = algorithm
+        self.layer_ids = get_algorithm(algorithm).layer_ids(layer_ids, self.num_layers)
+        self.features = server_side.features(self.layer_ids, self.num_layers, capture_logits, False)
+
+    def generate_batch(
+        self, input_ids, attention_mask, loss_mask, position_ids=None, seq_lens=None, doc_remaining=None
+    ):
+        return self._run(
+            self.features, input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
+        )
 
 
 class HFEagle3TargetModel(_HFTarget, Eagle3TargetBackend):

@@ -1,29 +1,25 @@
-"""What each draft algorithm takes from one target forward, and how its batch is built from it.
+"""What a draft algorithm takes from one target forward: the pieces every algorithm's features share.
 
-A `Features` object says which captures it needs (`Needs`) and turns a forward's `Captured` into
-the algorithm's batch dataclass. The in-process backends run one forward per call; the scheduler
-runs one forward for the union of several sessions' needs and hands each its own slice.
+An algorithm's features object (`server/algorithms/<name>.py`) says which captures it needs (`needs`, a
+`Needs`) and turns a forward's `Captured` and the request's `TokenBatch` into its reply fields
+(`fields`) or its batch dataclass (`build`); it also names its `layer_ids` and whether it
+`takes_vocab_mapping` (then it has a `mapping`, a `VocabMapping` or None). The in-process backends run
+one forward per call; the scheduler runs one forward for the union of several sessions' needs and hands
+each its own slice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from draftfeed.client.batches import DFlashTargetBatch, DSparkTargetBatch, Eagle3TargetBatch
-from draftfeed.client.errors import FailedPrecondition
-
 from .capture import Captured
-from .supervision import shift_left
 
 __all__ = [
     "TokenBatch",
     "Needs",
     "concat_features",
-    "Eagle3Features",
-    "DFlashFeatures",
-    "DSparkFeatures",
     "VocabMapping",
 ]
 
@@ -96,122 +92,3 @@ def concat_features(cap: Captured, ids: list[int], num_layers: int | None = None
         else:
             parts.append(cap.layers[i])
     return torch.cat(parts, dim=-1)
-
-
-@dataclass
-class Eagle3Features:
-    """EAGLE-3: aux states of 3 layers and shifted supervision (full logits, or draft-vocab
-    `target_probs` + `position_mask` once a vocab mapping is set)."""
-
-    aux_layer_ids: list[int]
-    mapping: VocabMapping | None = None
-    require_mapping: bool = False
-    latent: bool = False  # ship the shifted final-norm state instead of target_probs (client recomputes)
-
-    @property
-    def needs(self) -> Needs:
-        return Needs(layers=frozenset(self.aux_layer_ids), final=self.latent, logits=True)
-
-    def build(self, cap: Captured, tb: TokenBatch) -> Eagle3TargetBatch:
-        return Eagle3TargetBatch(**self.fields(cap, tb))
-
-    def fields(self, cap: Captured, tb: TokenBatch) -> dict[str, torch.Tensor]:
-        if self.mapping is None and self.require_mapping:
-            raise FailedPrecondition(
-                "generate_batch was called before set_vocab_mapping on a backend that projects onto a draft vocab; "
-                "call set_vocab_mapping(selected_token_ids, selected_token_mask) first"
-            )
-        aux = concat_features(cap, self.aux_layer_ids)
-        common = dict(
-            aux_hidden_states=aux,
-            input_ids=shift_left(tb.input_ids),
-            attention_mask=tb.attention_mask,
-            loss_mask=shift_left(tb.loss_mask),
-            **tb.packing(),
-        )
-        if self.mapping is None:
-            return {**common, "logits": shift_left(cap.logits)}
-        if self.latent:
-            pmask = draft_position_mask(cap.logits, tb.loss_mask, self.mapping)
-            return {**common, "final_hidden": shift_left(cap.final), "position_mask": pmask}
-        probs, pmask = draft_supervision(cap.logits, tb.loss_mask, self.mapping)
-        return {**common, "target_probs": probs, "position_mask": pmask}
-
-
-def draft_supervision(
-    logits: torch.Tensor, loss_mask: torch.Tensor, mapping: VocabMapping
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`project_supervision(shift_left(logits), shift_left(loss_mask), ...)` without materialising
-    the shifted [B,S,V] logits: project the unshifted logits, shift the small results, and give the
-    zero-logit tail row what the shifted reference gives it."""
-    ids = mapping.selected_token_ids.to(logits.device)
-    probs = torch.softmax(logits[..., ids].float(), dim=-1)
-    tail = torch.softmax(torch.zeros_like(logits[:, :1, :1]).expand(-1, -1, len(ids)).float(), dim=-1)
-    probs = torch.cat([probs[:, 1:], tail], dim=1)
-    return probs, draft_position_mask(logits, loss_mask, mapping)
-
-
-def draft_position_mask(logits: torch.Tensor, loss_mask: torch.Tensor, mapping: VocabMapping) -> torch.Tensor:
-    """Shifted `position_mask` [B,S,1]: the full-vocab argmax of the next position is a draft token
-    and the next position is supervised (the zero-logit tail row argmaxes to id 0)."""
-    mask = mapping.selected_token_mask.to(logits.device)
-    hit = mask[logits.argmax(dim=-1)]
-    tail_hit = mask[torch.zeros_like(hit[:, :1], dtype=torch.long)]
-    pmask = torch.cat([hit[:, 1:], tail_hit], dim=1) & shift_left(loss_mask).bool()
-    return pmask.unsqueeze(-1)
-
-
-@dataclass
-class DFlashFeatures:
-    """DFlash: concatenated decoder-layer outputs, unshifted inputs, optional full logits."""
-
-    target_layer_ids: list[int]
-    capture_logits: bool = False
-
-    @property
-    def needs(self) -> Needs:
-        return Needs(layers=frozenset(self.target_layer_ids), logits=self.capture_logits)
-
-    def build(self, cap: Captured, tb: TokenBatch) -> DFlashTargetBatch:
-        return DFlashTargetBatch(**self.fields(cap, tb))
-
-    def fields(self, cap: Captured, tb: TokenBatch) -> dict[str, torch.Tensor]:
-        out = dict(
-            hidden_states=concat_features(cap, self.target_layer_ids),
-            input_ids=tb.input_ids,
-            attention_mask=tb.attention_mask,
-            loss_mask=tb.loss_mask,
-            **tb.packing(),
-        )
-        if self.capture_logits:
-            out["logits"] = cap.logits
-        return out
-
-
-@dataclass
-class DSparkFeatures:
-    """DSpark: features of ids in {-1} u [0, N-1] (-1 = input of layer 0, N-1 = final-norm output)
-    and the final-norm output itself."""
-
-    target_layer_ids: list[int]
-    num_layers: int
-    _layers: frozenset[int] = field(init=False)
-
-    def __post_init__(self):
-        self._layers = frozenset(i for i in self.target_layer_ids if 0 <= i < self.num_layers - 1)
-
-    @property
-    def needs(self) -> Needs:
-        return Needs(layers=self._layers, first_input=-1 in self.target_layer_ids, final=True)
-
-    def build(self, cap: Captured, tb: TokenBatch) -> DSparkTargetBatch:
-        return DSparkTargetBatch(**self.fields(cap, tb))
-
-    def fields(self, cap: Captured, tb: TokenBatch) -> dict[str, torch.Tensor]:
-        return dict(
-            target_hidden_states=concat_features(cap, self.target_layer_ids, self.num_layers),
-            target_last_hidden_states=cap.final,
-            input_ids=tb.input_ids,
-            loss_mask=tb.loss_mask,
-            **tb.packing(),
-        )

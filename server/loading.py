@@ -24,6 +24,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from draftfeed.client.dtypes import float_dtype
 from draftfeed.client.errors import FailedPrecondition, InvalidArgument
 
 __all__ = [
@@ -49,27 +50,6 @@ _MODEL_DIR_NEEDS = (
     "weights (model.safetensors, sharded *.safetensors with an index, or pytorch_model*.bin), as written "
     "by `save_pretrained`"
 )
-
-_DTYPE_ALIASES = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16, "fp32": torch.float32}
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
-    """A torch floating dtype, or "auto" (the checkpoint's own dtype) for None / "auto"."""
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        resolved = _DTYPE_ALIASES.get(name, getattr(torch, name, None))
-    else:
-        resolved = None
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise InvalidArgument(
-            f"dtype={dtype!r} is not a floating-point torch dtype; expected None or 'auto' (the checkpoint's "
-            f"dtype), a torch.dtype, or a name such as 'bfloat16', 'float16', 'float32'"
-        )
-    return resolved
 
 
 def _model_dir(path_or_name: str | Path, what: str = "model") -> Path:
@@ -118,7 +98,7 @@ def load_target(
     `cache_dir` only matters then). `dtype` None or "auto" keeps the checkpoint's dtype; a torch.dtype or a
     name like "bfloat16" casts to it. The weights are placed on `device` as they load.
     """
-    resolved_dtype = _resolve_dtype(dtype)
+    resolved_dtype = float_dtype(dtype)
     try:
         resolved_device = torch.device(device)
     except (RuntimeError, TypeError) as err:

@@ -7,19 +7,25 @@ import json
 
 import torch
 
+from draftfeed.client.algorithms import get_algorithm
 from draftfeed.client.encodings import supported_encodings
 from draftfeed.client.errors import InvalidArgument
-from draftfeed.client.layers import LAYER_IDS
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import dtype_name
 
+from .algorithms import ALGORITHMS
 from .capture import TargetLayout
 from .config import ServeConfig
-from .sessions import ALGORITHMS
 
-__all__ = ["fingerprint", "build_model_info", "SERVER_VERSION"]
+__all__ = ["config_json", "fingerprint", "build_model_info", "SERVER_VERSION"]
 
 SERVER_VERSION = "0.1.0"
+
+
+def config_json(model: torch.nn.Module) -> str:
+    """The target's config as JSON (`config.to_dict()`, keys sorted), as the fingerprint and the model info
+    carry it."""
+    return json.dumps(model.config.to_dict(), sort_keys=True, default=str)
 
 
 @torch.inference_mode()
@@ -28,7 +34,7 @@ def fingerprint(model: torch.nn.Module) -> str:
 
     Cheap on a GPU (no host copy of the weights) and different for different weights or configs.
     """
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(config_json(model).encode())
     for name, p in model.state_dict().items():
         x = p.detach().double()
         stats = torch.stack(
@@ -41,14 +47,17 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 def build_model_info(model: torch.nn.Module, layout: TargetLayout, cfg: ServeConfig, fp: str) -> pb.ModelInfo:
     n = layout.num_layers
-    defaults = {}
-    for algorithm, (rule, _validate) in LAYER_IDS.items():
+    defaults = {}  # ModelInfo field -> the default layer ids of the algorithm it names
+    for name in ALGORITHMS:
+        algorithm = get_algorithm(name)
+        if algorithm.info_default_field is None:
+            continue
         try:
-            defaults[algorithm] = rule(n)
+            defaults[algorithm.info_default_field] = algorithm.default_layer_ids(n)
         except InvalidArgument:  # a shallow target: the rule would repeat a layer
-            defaults[algorithm] = []
+            defaults[algorithm.info_default_field] = []
     if cfg.aux_layer_ids:
-        defaults["eagle3"] = list(cfg.aux_layer_ids)
+        defaults["eagle3_default_layer_ids"] = list(cfg.aux_layer_ids)
     by_kind = supported_encodings()
     by_kind["final"] = by_kind["hidden"]  # the latent final-norm state takes the hidden-state codecs
     encodings = [f"{kind}/{name}" for kind, names in by_kind.items() for name in names]
@@ -69,12 +78,11 @@ def build_model_info(model: torch.nn.Module, layout: TargetLayout, cfg: ServeCon
         ),
         algorithms=list(ALGORITHMS),
         encodings=encodings,
-        eagle3_default_layer_ids=defaults["eagle3"],
         eagle3_default_layer_ids_from_server=bool(cfg.aux_layer_ids),
-        dflash_default_layer_ids=defaults["dflash"],
-        dspark_default_layer_ids=defaults["dspark"],
+        **defaults,
         session_ttl_s=cfg.session_ttl_s,
         server_version=SERVER_VERSION,
+        target_config_json=config_json(model),
     )
     if layout.final_logit_softcapping is not None:
         info.final_logit_softcapping = float(layout.final_logit_softcapping)

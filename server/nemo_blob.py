@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from draftfeed.client.dtypes import dtype_name
 from draftfeed.client.errors import InvalidArgument, ResourceExhausted
 
 __all__ = [
@@ -78,10 +79,6 @@ class BlobLimits:
     max_ndim: int = 16
 
 
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
-
-
 def _entry_header(key: str, t: torch.Tensor | None) -> bytes:
     kb = key.encode("utf-8")
     if len(kb) > 0xFFFFFFFF:
@@ -90,8 +87,8 @@ def _entry_header(key: str, t: torch.Tensor | None) -> bytes:
         return _U32.pack(len(kb)) + kb + _U8.pack(_FLAG_NONE)
     code = _CODE_OF.get(t.dtype)
     if code is None:
-        names = ", ".join(_dtype_name(d) for d in DTYPE_CODES.values())
-        raise BlobError(f"{key!r} has dtype {_dtype_name(t.dtype)}, which NMET cannot carry; one of {names}")
+        names = ", ".join(dtype_name(d) for d in DTYPE_CODES.values())
+        raise BlobError(f"{key!r} has dtype {dtype_name(t.dtype)}, which NMET cannot carry; one of {names}")
     if t.dim() > 255:
         raise BlobError(f"{key!r} has {t.dim()} dims; NMET carries at most 255")
     shape = struct.pack(f"<{t.dim()}q", *t.shape)
@@ -193,7 +190,7 @@ def _read_tensor(r: _Reader, key: str, limits: BlobLimits) -> torch.Tensor:
     code = _U8.unpack(r.take(1, f"the dtype code of {key!r}"))[0]
     dtype = DTYPE_CODES.get(code)
     if dtype is None:
-        known = ", ".join(f"{c} {_dtype_name(d)}" for c, d in DTYPE_CODES.items())
+        known = ", ".join(f"{c} {dtype_name(d)}" for c, d in DTYPE_CODES.items())
         raise BlobError(f"{key!r} has unknown dtype code {code}; known codes: {known}")
     ndim = _U8.unpack(r.take(1, f"the ndim of {key!r}"))[0]
     if ndim > limits.max_ndim:
@@ -208,7 +205,7 @@ def _read_tensor(r: _Reader, key: str, limits: BlobLimits) -> torch.Tensor:
     itemsize = torch.empty((), dtype=dtype).element_size()
     if numel * itemsize != nbytes:
         raise BlobError(
-            f"{key!r}: shape {list(shape)} of {_dtype_name(dtype)} is {numel * itemsize} bytes, "
+            f"{key!r}: shape {list(shape)} of {dtype_name(dtype)} is {numel * itemsize} bytes, "
             f"but the entry declares {nbytes}"
         )
     if limits.max_bytes is not None and nbytes > limits.max_bytes:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from draftfeed.client.errors import InvalidArgument
+from draftfeed.client.packing import attention_allowed, document_ids
 
 __all__ = [
-    "document_ids",
     "block_causal_mask",
     "packed_attention_mask",
     "check_packing",
@@ -99,7 +99,7 @@ def stack_packed(tbs) -> tuple[torch.Tensor, torch.Tensor]:
     lens, positions = [], []
     for tb in tbs:
         b, s = tb.input_ids.shape
-        docs = _documents(tb.position_ids, tb.seq_lens, s)
+        docs = document_ids(s, tb.position_ids, tb.seq_lens)
         counts = torch.zeros(b, s, dtype=torch.long, device=docs.device)
         lens.append(counts.scatter_add_(1, docs, torch.ones_like(docs)))
         if tb.position_ids is not None:
@@ -110,24 +110,9 @@ def stack_packed(tbs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _positions_from_lens(seq_lens: torch.Tensor, s: int) -> torch.Tensor:
-    doc = document_ids(seq_lens, s)
+    doc = document_ids(s, seq_lens=seq_lens)
     starts = torch.cumsum(seq_lens, dim=1) - seq_lens  # start offset of each document
     return torch.arange(s, device=seq_lens.device).expand_as(doc) - torch.gather(starts, 1, doc)
-
-
-def document_ids(seq_lens: torch.Tensor, s: int) -> torch.Tensor:
-    """[B,S] index of the document each position belongs to (a binary search: no [B,S,D] tensor)."""
-    ends = torch.cumsum(seq_lens.long(), dim=1)  # [B, D], nondecreasing
-    pos = torch.arange(s, device=seq_lens.device).expand(ends.shape[0], s).contiguous()
-    return torch.searchsorted(ends, pos, right=True)
-
-
-def _documents(position_ids: torch.Tensor | None, seq_lens: torch.Tensor | None, s: int) -> torch.Tensor:
-    if seq_lens is not None:
-        return document_ids(seq_lens, s)
-    starts = (position_ids.long() == 0).long()
-    starts[:, 0] = 1
-    return torch.cumsum(starts, dim=1) - 1
 
 
 def block_causal_mask(
@@ -135,14 +120,9 @@ def block_causal_mask(
 ) -> torch.Tensor:
     """Additive [B,1,S,S] mask from [B,S] document ids: 0 where query i may see key j (same document,
     j <= i, and within `sliding_window` when given), the dtype's minimum elsewhere."""
-    s = docs.shape[1]
-    idx = torch.arange(s, device=docs.device)
-    allowed = (docs.unsqueeze(2) == docs.unsqueeze(1)) & (idx.view(1, s, 1) >= idx.view(1, 1, s))
-    if sliding_window is not None:
-        allowed &= (idx.view(1, s, 1) - idx.view(1, 1, s)) < sliding_window
+    allowed = attention_allowed(None, docs, sliding_window)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=docs.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask.unsqueeze(1)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def packed_attention_mask(
@@ -153,7 +133,7 @@ def packed_attention_mask(
     Models that mix full and sliding-window layers (`config.layer_types`) get a dict with one mask
     per layer type, so the sliding layers keep their window inside each document.
     """
-    docs = _documents(position_ids, seq_lens, s)
+    docs = document_ids(s, position_ids, seq_lens)
     full = block_causal_mask(docs, dtype)
     layer_types = set(getattr(config, "layer_types", None) or ())
     if "sliding_attention" not in layer_types:

@@ -14,18 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from draftfeed.client.algorithms import get_algorithm
 from draftfeed.client.errors import FailedPrecondition, InvalidArgument, NotFound
-from draftfeed.client.layers import (
-    default_dflash_layer_ids,
-    default_dspark_layer_ids,
-    default_eagle3_layer_ids,
-    validate_dflash_layer_ids,
-    validate_dspark_layer_ids,
-    validate_eagle3_layer_ids,
-)
 from draftfeed.client.payload import resolve_encodings
 
-from .features import DFlashFeatures, DSparkFeatures, Eagle3Features, VocabMapping
+from .algorithms import ALGORITHMS, get_server_algorithm
+from .features import VocabMapping
 from .supervision import check_vocab_mapping
 
 __all__ = ["Session", "SessionTable", "ALGORITHMS", "MAX_JOB_NAME_CHARS"]
@@ -35,23 +29,11 @@ log = logging.getLogger("draftfeed.sessions")
 MAX_JOB_NAME_CHARS = 256  # a job name is a label in logs, /sessions and /metrics
 
 
-def _eagle3(ids, n, capture_logits, latent):
-    ids = default_eagle3_layer_ids(n) if not ids else validate_eagle3_layer_ids(ids, n)
-    return Eagle3Features(ids, require_mapping=True, latent=latent)
-
-
-def _dflash(ids, n, capture_logits, latent):
-    ids = default_dflash_layer_ids(n) if not ids else validate_dflash_layer_ids(ids, n)
-    return DFlashFeatures(ids, capture_logits)
-
-
-def _dspark(ids, n, capture_logits, latent):
-    ids = default_dspark_layer_ids(n) if not ids else validate_dspark_layer_ids(ids, n)
-    return DSparkFeatures(ids, n)
-
-
-# algorithm -> features builder (layer ids, N, capture_logits, latent)
-ALGORITHMS = {"eagle3": _eagle3, "dflash": _dflash, "dspark": _dspark}
+def build_features(algorithm: str, ids: list[int], n: int, capture_logits: bool, latent: bool):
+    """A session's features object: `ids` defaulted / validated by the algorithm's client-side entry, the
+    features built by its server-side one (`server/algorithms/`)."""
+    server_side = get_server_algorithm(algorithm)
+    return server_side.features(get_algorithm(algorithm).layer_ids(ids, n), n, capture_logits, latent)
 
 
 @dataclass
@@ -107,7 +89,7 @@ class Session:
     id: str
     job_name: str
     algorithm: str
-    features: Eagle3Features | DFlashFeatures | DSparkFeatures
+    features: object  # the algorithm's features (server/algorithms/<name>.py)
     encodings: dict[str, str]
     weight: float = 1.0
     created: float = field(default_factory=time.time)
@@ -117,11 +99,10 @@ class Session:
 
     @property
     def layer_ids(self) -> list[int]:
-        f = self.features
-        return list(getattr(f, "aux_layer_ids", None) or f.target_layer_ids)
+        return list(self.features.layer_ids)
 
     def check_ready(self) -> None:
-        if isinstance(self.features, Eagle3Features) and self.features.mapping is None:
+        if self.features.takes_vocab_mapping and self.features.mapping is None:
             raise FailedPrecondition(
                 f"session {self.id} ({self.job_name}): generate before a vocab mapping; "
                 "call SetVocabMapping (set_vocab_mapping) first"
@@ -145,7 +126,7 @@ class SessionTable:
         self.device = device
         self.default_layer_ids = dict(default_layer_ids or {})
         for algorithm, ids in self.default_layer_ids.items():
-            ALGORITHMS[algorithm](list(ids), num_layers, False, False)  # InvalidArgument when unusable
+            build_features(algorithm, list(ids), num_layers, False, False)  # InvalidArgument when unusable
         self._sessions: dict[str, Session] = {}
         self.finished: deque[Session] = deque(maxlen=256)  # the latest closed sessions, for reports
         self._expired: OrderedDict[str, float] = OrderedDict()  # id -> idle seconds, for NOT_FOUND messages
@@ -161,8 +142,7 @@ class SessionTable:
         weight: float = 1.0,
         mapping: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Session:
-        build = ALGORITHMS.get(algorithm)
-        if build is None:
+        if algorithm not in ALGORITHMS:
             raise InvalidArgument(f"unknown algorithm {algorithm!r}; supported: {', '.join(ALGORITHMS)}")
         if not weight > 0:
             raise InvalidArgument(f"session weight must be > 0, got {weight}")
@@ -178,10 +158,10 @@ class SessionTable:
             )
         enc = resolve_encodings(encodings)
         latent = enc["probs"] == "latent"
-        if latent and algorithm != "eagle3":
+        if latent and not get_algorithm(algorithm).latent_probs:
             raise InvalidArgument("the 'latent' probs encoding is for EAGLE-3 sessions only")
         ids = list(layer_ids or []) or list(self.default_layer_ids.get(algorithm, []))
-        features = build(ids, self.num_layers, capture_logits, latent)
+        features = build_features(algorithm, ids, self.num_layers, capture_logits, latent)
         session = Session(uuid.uuid4().hex, job_name or "anonymous", algorithm, features, enc, weight)
         if mapping is not None:
             self.set_mapping(session, *mapping)
@@ -200,7 +180,7 @@ class SessionTable:
     def set_mapping(
         self, session: Session, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor
     ):
-        if not isinstance(session.features, Eagle3Features):
+        if not session.features.takes_vocab_mapping:
             raise InvalidArgument(
                 f"a vocab mapping is for EAGLE-3 sessions; session {session.id} is {session.algorithm}"
             )

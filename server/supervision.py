@@ -1,8 +1,5 @@
-"""EAGLE-3 supervision math as pure tensor functions (DESIGN.md, EAGLE-3).
-
-`shift_left` moves a [B,S,...] tensor one position left and zero-fills the tail. With a vocab
-mapping, the full-vocab logits become `target_probs` (softmax over the draft vocab, fp32) and
-`position_mask` (the full-vocab argmax is a draft token, and the position is supervised).
+"""The server's check of a vocab mapping; the EAGLE-3 supervision formulas it applies (`shift_left`,
+`project_supervision`) live in `draftfeed.client.supervision`, shared with the client and the trainer.
 """
 
 from __future__ import annotations
@@ -10,32 +7,9 @@ from __future__ import annotations
 import torch
 
 from draftfeed.client.errors import InvalidArgument
+from draftfeed.client.supervision import project_supervision, shift_left
 
 __all__ = ["shift_left", "project_supervision", "check_vocab_mapping"]
-
-
-def shift_left(t: torch.Tensor) -> torch.Tensor:
-    """`cat(t[:, 1:], zeros)` along the sequence dimension."""
-    return torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], dim=1)
-
-
-def project_supervision(
-    shifted_logits: torch.Tensor,
-    shifted_loss_mask: torch.Tensor,
-    selected_token_ids: torch.Tensor,
-    selected_token_mask: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(`target_probs` [B,S,Vd] fp32, `position_mask` [B,S,1] bool) from shifted full logits [B,S,V].
-
-    The argmax that decides `position_mask` is over the FULL vocab; the probabilities are
-    renormalised over the draft vocab.
-    """
-    ids = selected_token_ids.to(shifted_logits.device)
-    mask = selected_token_mask.to(shifted_logits.device)
-    top = shifted_logits.argmax(dim=-1)
-    position_mask = (mask[top] & shifted_loss_mask.bool()).unsqueeze(-1)
-    target_probs = torch.softmax(shifted_logits[..., ids].float(), dim=-1)
-    return target_probs, position_mask
 
 
 def check_vocab_mapping(

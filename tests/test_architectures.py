@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from draftfeed.client.errors import InvalidArgument
-from draftfeed.server.architectures import DSPARK_DRAFTS, dspark_draft_architecture
+from draftfeed.trainer.algorithms.dspark import DSPARK_DRAFTS, dspark_draft_architecture
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe"])
@@ -26,4 +26,4 @@ def test_unknown_family_names_the_known_ones_and_the_fix(archs):
         dspark_draft_architecture(archs)
     msg = str(err.value)
     assert f"target architectures {archs}" in msg and "LlamaForCausalLM" in msg
-    assert "draftfeed.server.architectures.DSPARK_DRAFTS" in msg
+    assert "draftfeed.trainer.algorithms.dspark.DSPARK_DRAFTS" in msg

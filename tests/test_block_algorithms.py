@@ -1,4 +1,4 @@
-"""DFlash and DSpark through the shared loop (trainer/algorithms.py): one server feeding EAGLE-3, DFlash and
+"""DFlash and DSpark through the shared loop (trainer/algorithms/): one server feeding EAGLE-3, DFlash and
 DSpark sessions at once equals in-process training, the loss goes down, resume is identical, the block
 evaluator's tau bounds (and DSpark's early stop), export -> load, and `draftfeed train` / `eval` on them."""
 
@@ -229,7 +229,7 @@ def test_resume_continues_identically(tmp_path, target_dir, data_file, algorithm
 def test_default_layer_ids_are_designs_in_process_remote_and_server_side(
     tmp_path, target_dir, server, tiny_model, algorithm
 ):
-    """Without --layer-ids the trainer captures DESIGN.md's default of its algorithm (client/layers.py) for
+    """Without --layer-ids the trainer captures DESIGN.md's default of its algorithm (client/algorithms/) for
     --num-target-layers K, in process and through a server, and a session opened without ids gets the same
     from the server. N = 8: DFlash round(1 + i(N-4)/(K-1)), DSpark sorted({round(1 + i(N-2)/(K-1))})."""
     from draftfeed.client import remote
@@ -581,8 +581,8 @@ def test_a_gpt2_target_trains_and_exports_every_draft(tmp_path, gpt2_dir, monkey
     names (its config has no `num_hidden_layers` key), the loss is finite and goes down, and the export loads
     back. DSpark takes its class name from the registry: GPT-2 has no entry, so the test adds one (the
     one-line append the error asks for) and the export's `architectures` is exactly that entry."""
-    from draftfeed.server.architectures import DSPARK_DRAFTS
     from draftfeed.server.loading import load_target
+    from draftfeed.trainer.algorithms.dspark import DSPARK_DRAFTS
 
     monkeypatch.setitem(DSPARK_DRAFTS, "GPT2LMHeadModel", "GPT2DSparkModelForTest")
     data = write_chats(tmp_path / "two.jsonl", 2, seed=3, turns=(1, 1))  # the same batch every step
@@ -619,7 +619,7 @@ def test_dspark_export_names_the_registrys_draft_class(tiny_model, monkeypatch, 
     """The class written to `architectures` is the registry's answer for the target's `config.architectures`
     (or, for a config built in memory that names none, the class transformers builds for its model_type),
     not a constant; a config without one cannot export."""
-    from draftfeed.server.architectures import DSPARK_DRAFTS
+    from draftfeed.trainer.algorithms.dspark import DSPARK_DRAFTS
     from draftfeed.trainer.models.dspark import export_dspark, load_dspark
 
     target = tiny_model("qwen3")

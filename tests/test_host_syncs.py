@@ -34,15 +34,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from draftfeed.client.encodings import get_encoding
 from draftfeed.client.errors import InvalidArgument
 from draftfeed.client.payload import decode_fields, encode_fields, encode_fields_on_device
+from draftfeed.server.algorithms.dflash import DFlashFeatures
+from draftfeed.server.algorithms.dspark import DSparkFeatures
+from draftfeed.server.algorithms.eagle3 import Eagle3Features
 from draftfeed.server.backends import forward_for
 from draftfeed.server.capture import Captured, discover
-from draftfeed.server.features import (
-    DFlashFeatures,
-    DSparkFeatures,
-    Eagle3Features,
-    TokenBatch,
-    VocabMapping,
-)
+from draftfeed.server.features import TokenBatch, VocabMapping
 from draftfeed.server.scheduler import BatchScheduler
 from draftfeed.server.sessions import SessionTable
 

@@ -304,16 +304,16 @@ def test_the_loop_reports_its_step_and_loss_to_the_server(
     tmp_path, target_dir, data_file, server, monkeypatch
 ):
     """After each optimizer step the remote backend is told the step and its loss (the status page's)."""
-    from draftfeed.client.remote import _RemoteTarget
+    from draftfeed.client.remote import RemoteTargetModel
 
     seen = []
-    original = _RemoteTarget.report_progress
+    original = RemoteTargetModel.report_progress
 
     def spy(self, step, loss=None):
         seen.append((step, loss))
         original(self, step, loss)
 
-    monkeypatch.setattr(_RemoteTarget, "report_progress", spy)
+    monkeypatch.setattr(RemoteTargetModel, "report_progress", spy)
     result = run_training(
         make_cfg(tmp_path / "o", target_dir, data_file, target={"url": [server.url]}, loop={"steps": 2})
     )

@@ -7,8 +7,9 @@ import torch
 
 from conftest import FAMILIES
 from draftfeed.client.errors import InvalidArgument
+from draftfeed.client.packing import document_ids
 from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
-from draftfeed.server.packing import block_causal_mask, check_packing, document_ids
+from draftfeed.server.packing import block_causal_mask, check_packing
 
 LENS = [[5, 9, 4], [10, 8, 0]]  # two rows of S=18, zero-padded
 S = 18
@@ -85,7 +86,7 @@ def test_packed_equals_documents_alone(tiny_model, family):
 
 def test_block_causal_mask_is_exact():
     seq_lens = torch.tensor([[2, 3]])
-    m = block_causal_mask(document_ids(seq_lens, 5), torch.float32)[0, 0]
+    m = block_causal_mask(document_ids(5, seq_lens=seq_lens), torch.float32)[0, 0]
     allowed = (m == 0).int().tolist()
     assert allowed == [
         [1, 0, 0, 0, 0],
@@ -139,4 +140,4 @@ def test_document_ids_need_no_batch_by_documents_tensor():
     lens[:, -1] = s - lens.sum(1)
     ends = torch.cumsum(lens, 1)
     naive = (torch.arange(s).view(1, s, 1) >= ends.unsqueeze(1)).sum(-1)
-    assert torch.equal(document_ids(lens, s), naive)
+    assert torch.equal(document_ids(s, seq_lens=lens), naive)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -676,3 +677,14 @@ def test_model_info_names_the_request_cap_and_the_forward_budget(server):
     assert lim.max_request_tokens == 256  # --max-request-tokens: one GenerateRequest's B*S
     assert lim.max_forward_tokens == server.cfg.max_forward_tokens == 16384  # --max-batch-tokens
     assert lim.max_batch_tokens == lim.max_request_tokens  # deprecated field 3, kept for older clients
+
+
+def test_model_info_tells_a_remote_trainer_the_target_config(server, model):
+    """A remote trainer builds its draft from the served target's config, not a local copy of it."""
+    from draftfeed.server.model_info import config_json
+    from draftfeed.trainer.train import served_target_config
+
+    with RemoteDFlashTargetModel.from_urls([server.url]) as remote:
+        assert remote.target_config_dict() == json.loads(config_json(model))
+        served = served_target_config(remote, "/nonexistent/no/local/copy")
+    assert type(served) is type(model.config) and served.to_dict() == model.config.to_dict()

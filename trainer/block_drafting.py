@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from draftfeed.client.batches import DFlashTargetBatch, DSparkTargetBatch
+from draftfeed.client.packing import document_ids as packed_document_ids
+from draftfeed.client.packing import same_document
 
 __all__ = [
     "NoValidAnchors",
@@ -68,22 +70,16 @@ def document_ids(
     wherever the position does not continue the previous one), else from `doc_remaining` (a document ends
     where it is 0: real tokens left in the document after this one).
     """
-    t = torch.arange(seq_len, device=device)
     if seq_lens is not None:
         sums = seq_lens.long().sum(-1)
         if (sums != seq_len).any():
             raise ValueError(f"seq_lens rows must sum to the sequence length {seq_len}, got {sums.tolist()}")
-        ends = seq_lens.long().to(t.device).cumsum(-1)
-        return (t[None, :, None] >= ends[:, None, :]).sum(-1)
-    if position_ids is not None:
-        pos = position_ids.long().to(t.device)
-        starts = pos[:, 1:] != pos[:, :-1] + 1
-    elif doc_remaining is not None:
-        starts = doc_remaining[:, :-1].to(t.device) == 0
-    else:
-        return None
-    return torch.cat(
-        [torch.zeros(batch_size, 1, dtype=torch.long, device=t.device), starts.long().cumsum(-1)], -1
+
+    def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device) if device is not None else t
+
+    return packed_document_ids(
+        seq_len, on_device(position_ids), on_device(seq_lens), on_device(doc_remaining)
     )
 
 
@@ -160,7 +156,7 @@ def block_attention_mask(
     ctx = (j[None, None, :] < anchors[:, :, None]) & keep[:, :, None]  # [B,n,S]
     if doc_ids is not None:
         anchor_doc = doc_ids.gather(1, anchors)
-        ctx &= doc_ids[:, None, :] == anchor_doc[:, :, None]
+        ctx &= same_document(anchor_doc, doc_ids)
     ctx = ctx.repeat_interleave(block_size, dim=1)  # [B,n*bs,S]
     q_block = torch.arange(n * block_size, device=device) // block_size
     own = (q_block[:, None] == q_block[None, :]).expand(b, -1, -1)

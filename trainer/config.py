@@ -138,7 +138,7 @@ class TargetConfig:
         except InvalidArgument as err:
             raise ConfigError(f"--encodings {self.encodings!r}: {err}") from None
         _check(
-            self.dtype in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"),
+            self.dtype == "auto" or self.dtype in _model_dtype_names(),
             f"--target-dtype {self.dtype!r}: expected auto, bfloat16, float16 or float32",
         )
         for name in ("token_file", "ca_file", "client_cert", "client_key"):
@@ -534,6 +534,10 @@ class EvalConfig:
             f"--confidence-threshold {self.confidence_threshold} must be in [0, 1]",
         )
         _check(self.max_new_tokens >= 1, f"--max-new-tokens {self.max_new_tokens} must be >= 1")
+        _check(
+            self.dtype == "auto" or self.dtype in _model_dtype_names(),
+            f"--dtype {self.dtype!r}: expected auto, bfloat16, float16 or float32",
+        )
         _check(self.limit is None or self.limit >= 1, f"--limit {self.limit} must be >= 1")
         prompts = []
         for p in self.prompts:
@@ -544,3 +548,9 @@ class EvalConfig:
                 p in PROMPT_SETS or Path(p).expanduser().is_file(),
                 f"--prompts {p!r}: expected {' or '.join(PROMPT_SETS)} or an existing file",
             )
+
+
+def _model_dtype_names() -> tuple[str, ...]:
+    from draftfeed.client.dtypes import MODEL_DTYPE_NAMES  # imports torch: not at `draftfeed --help`
+
+    return MODEL_DTYPE_NAMES

@@ -30,6 +30,7 @@ from typing import Protocol
 
 import torch
 
+from draftfeed.client.dtypes import float_dtype
 from draftfeed.client.layers import default_eagle3_layer_ids
 
 from .models import dflash, dspark
@@ -53,6 +54,7 @@ __all__ = [
     "decode_target_alone",
     "decode_speculative",
     "measure_speedup",
+    "eval_dtype",
     "run_eval",
 ]
 
@@ -151,10 +153,10 @@ class BlockDrafter:
 
 
 def make_drafter(algorithm: str, draft, confidence_threshold: float = 0.0):
-    """The drafter that measures a draft of `algorithm` (eagle3, dflash, dspark)."""
-    if algorithm == "eagle3":
-        return Eagle3ChainDrafter(draft)
-    return BlockDrafter(draft, confidence_threshold)
+    """The drafter that measures a draft of `algorithm` (eagle3, dflash, dspark): its `DraftAlgorithm.drafter`."""
+    from .algorithms import ALGORITHMS
+
+    return ALGORITHMS[algorithm].drafter(draft, confidence_threshold)
 
 
 @torch.no_grad()
@@ -770,6 +772,13 @@ def round_split(r: TauResult) -> str:
     return ", ".join(f"{k} {v:.2f} ms" for k, v in r.round_ms().items())
 
 
+def eval_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """The target's dtype for `draftfeed eval --dtype`: auto = bf16 on GPU, fp32 on CPU; else the named dtype."""
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return float_dtype(spec)
+
+
 def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
     """`draftfeed eval`: tau of the exported draft `cfg.draft` (EAGLE-3, DFlash or DSpark, read from its
     config.json) on each prompt set (an `EvalConfig`)."""
@@ -784,10 +793,7 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
         print(m, file=sys.stderr, flush=True)
 
     device = resolve_device(cfg.device)
-    dtype = {
-        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-        "bfloat16": torch.bfloat16,
-    }.get(cfg.dtype, torch.float32)
+    dtype = eval_dtype(cfg.dtype, device)
     if model is None:
         model = load_target(cfg.target_model, device=device, dtype=dtype)
     tokenizer = tokenizer or load_tokenizer(cfg.target_model)

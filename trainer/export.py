@@ -17,7 +17,7 @@ The loader also accepts AutoModel-style names (`model.` prefix, `layers.0.` for 
 
 DFlash and DSpark write their own layouts (`models/dflash.py` `export_dflash`, `models/dspark.py`
 `export_dspark`). `load_draft` reads an export of any of the three: `draft_algorithm` tells which from
-config.json's `architectures` (a registry, one line per architecture string).
+config.json's `architectures` (each algorithm of `trainer/algorithms/` names its own).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ __all__ = [
     "export_eagle3",
     "load_eagle3",
     "read_eagle3_config",
-    "DRAFT_ARCHITECTURES",
+    "draft_architectures",
     "draft_algorithm",
     "ExportedDraft",
     "load_draft",
@@ -196,29 +196,27 @@ def load_eagle3(
     return model
 
 
-# config.json `architectures` entry -> algorithm (SGLang / vLLM / AutoModel / DeepSpec / SpecForge names)
-DRAFT_ARCHITECTURES = {
-    EAGLE3_ARCHITECTURE: "eagle3",
-    "Eagle3LlamaForCausalLM": "eagle3",
-    "LlamaEagle3DraftModel": "eagle3",
-    "DFlashDraftModel": "dflash",
-    "Qwen3DFlashDraftModel": "dflash",
-    "Qwen3DSparkModel": "dspark",
-    "DSparkDraftModel": "dspark",
-}
+def draft_architectures() -> dict[str, str]:
+    """config.json `architectures` entry -> algorithm (SGLang / vLLM / AutoModel / DeepSpec / SpecForge names),
+    from the trainer's algorithm registry; every draft class of the DSpark registry (`DSPARK_DRAFTS`) is a
+    DSpark draft."""
+    from .algorithms import ALGORITHMS
+    from .algorithms.dspark import DSPARK_DRAFTS
+
+    known = {arch: name for name, cls in ALGORITHMS.items() for arch in cls.architectures}
+    return {**known, **dict.fromkeys(DSPARK_DRAFTS.values(), "dspark")}
 
 
 def draft_algorithm(path: str | Path) -> str:
-    """eagle3, dflash or dspark, from an exported draft's config.json (SpecForge's DSpark writes a DFlash
-    config with `dflash_config.projector_type: "dspark"`; every draft class of the DSpark registry
-    `draftfeed.server.architectures.DSPARK_DRAFTS` is a DSpark draft)."""
-    from draftfeed.server.architectures import DSPARK_DRAFTS
+    """eagle3, dflash or dspark, from an exported draft's config.json: each algorithm names its export
+    architectures (`DraftAlgorithm.architectures`, `draft_architectures`); SpecForge's DSpark writes a DFlash
+    config with `dflash_config.projector_type: "dspark"`."""
 
     file = Path(path).expanduser() / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file.parent}: no config.json (expected an exported draft directory)")
     raw = json.loads(file.read_text())
-    known = {**DRAFT_ARCHITECTURES, **dict.fromkeys(DSPARK_DRAFTS.values(), "dspark")}  # + registered classes
+    known = draft_architectures()
     archs = raw.get("architectures") or []
     found = {known[a] for a in archs if a in known}
     if len(found) != 1:
@@ -243,23 +241,10 @@ class ExportedDraft:
 def load_draft(
     path: str | Path, target, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> ExportedDraft:
-    """Load an EAGLE-3, DFlash or DSpark export for `target` (the HF model: EAGLE-3 and DFlash borrow its
-    embedding, DFlash its lm_head). `dtype` None keeps the saved dtype."""
-    from .models.dflash import load_dflash
-    from .models.dspark import load_dspark
+    """Load an export of any registered algorithm (EAGLE-3, DFlash, DSpark) for `target` (the HF model:
+    EAGLE-3 and DFlash borrow its embedding, DFlash its lm_head). `dtype` None keeps the saved dtype."""
+    from .algorithms import ALGORITHMS
 
     algorithm = draft_algorithm(path)
-    if algorithm == "eagle3":
-        _, raw = read_eagle3_config(path)
-        layers = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        draft = load_eagle3(path, target.get_input_embeddings().weight, device=device, dtype=dtype)
-        return ExportedDraft("eagle3", draft, list(layers) if layers else None)
-    if algorithm == "dflash":
-        draft = load_dflash(
-            path, target.get_input_embeddings(), target.get_output_embeddings(), device=device
-        )
-    else:
-        draft = load_dspark(path, device=device)
-    if dtype is not None:
-        draft = draft.to(dtype)
-    return ExportedDraft(algorithm, draft.eval(), list(draft.config.target_layer_ids))
+    draft, layer_ids = ALGORITHMS[algorithm].load_export(path, target, device=device, dtype=dtype)
+    return ExportedDraft(algorithm, draft, layer_ids)

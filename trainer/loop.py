@@ -1,4 +1,4 @@
-"""The training loop: one for every draft algorithm (`algorithms.py`) and every target backend.
+"""The training loop: one for every draft algorithm (`algorithms/`) and every target backend.
 
 Per optimizer step: `grad_accum` micro-batches, each a target batch that was requested `prefetch`
 batches ahead with `generate_batch_async` (a remote target computes the next batches while the draft

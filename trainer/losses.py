@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from draftfeed.client.supervision import target_distribution
+
 from .models.eagle3 import Eagle3DraftModel, document_ids, tokens_left_in_document
 
 __all__ = [
@@ -90,25 +92,6 @@ def fused_soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -
 def ttt_step_weights(num_steps: int, decay: float = 0.8) -> list[float]:
     """w_k = decay**k for k = 0..num_steps-1."""
     return [decay**k for k in range(num_steps)]
-
-
-def target_distribution(
-    logits: torch.Tensor,
-    loss_mask: torch.Tensor,
-    selected_token_ids: torch.Tensor | None = None,
-    selected_token_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P [B,S,Vd] fp32, M [B,S] bool) from full shifted target logits [B,S,V] and shifted loss_mask.
-
-    Without a vocab map (Vd == V): P = softmax(logits), M = loss_mask. With one, as the service does:
-    P = softmax(logits[..., selected_token_ids]), M = selected_token_mask[argmax over the full vocab] & loss_mask.
-    """
-    lm = loss_mask.bool()
-    if selected_token_ids is None:
-        return torch.softmax(logits.float(), dim=-1), lm
-    ids = selected_token_ids.to(logits.device)
-    probs = torch.softmax(logits.index_select(-1, ids).float(), dim=-1)
-    return probs, selected_token_mask.to(logits.device)[logits.argmax(-1)] & lm
 
 
 def eagle3_ttt_loss(

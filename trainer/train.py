@@ -132,6 +132,20 @@ def target_fingerprint(model) -> str:
     return fingerprint(model)
 
 
+def served_target_config(backend, local_model: str | None):
+    """The config of the target a remote backend serves, from the server's model info (no local read); from
+    the local copy (`--target-model`, else the built-in default target) only for a server too old to send it."""
+    from transformers import AutoConfig
+
+    served = backend.target_config_dict() if hasattr(backend, "target_config_dict") else None
+    if served:
+        fields = dict(served)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    from draftfeed.server.loading import default_target_path
+
+    return AutoConfig.from_pretrained(local_model or default_target_path(), local_files_only=True)
+
+
 @dataclass
 class TrainingRun:
     cfg: TrainConfig
@@ -175,7 +189,7 @@ def _count_steps(dataset, cfg: TrainConfig, pad_id: int, dist: DistContext, devi
 def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> TrainingRun:
     """Everything `Trainer.train` needs. `model` (optional) is an already loaded in-process target, used
     for regeneration and, when no server URL is configured, as the backend's target."""
-    from draftfeed.server.loading import default_target_path, load_target, load_tokenizer
+    from draftfeed.server.loading import load_target, load_tokenizer
 
     device = resolve_device(cfg.loop.device, cfg.dist.local_rank)
     dist = init_distributed(cfg.dist, device)
@@ -183,14 +197,7 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
     tokenizer = load_tokenizer(cfg.target.model)
     if model is None and not cfg.target.remote:
         model = load_target(cfg.target.model, device=device, dtype=target_dtype(cfg.target.dtype, device))
-    if model is not None:
-        target_config = model.config
-    else:
-        from transformers import AutoConfig
-
-        target_config = AutoConfig.from_pretrained(
-            cfg.target.model or default_target_path(), local_files_only=True
-        )
+    target_config = model.config if model is not None else None  # remote: the server tells it below
     if cfg.data.regenerate and dist.world_size > 1 and not cfg.regen_cache_path().is_file():
         raise ValueError(
             f"--regenerate under torchrun needs the regenerated data at {cfg.regen_cache_path()} first: run "
@@ -211,6 +218,8 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
     check_chat_template(tokenizer)
     backend = algorithm.open_backend(None if cfg.target.remote else model, device)
     try:
+        if target_config is None:
+            target_config = served_target_config(backend, cfg.target.model)
         if target_id is None and cfg.data.regenerate:
             # the regenerated data name the target that wrote them: the served one when training remotely
             servers = getattr(backend, "servers", None) if cfg.target.remote else None
@@ -227,7 +236,7 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
         emb = backend.get_input_embeddings().weight
         if tuple(emb.shape) != (text.vocab_size, text.hidden_size):
             raise ValueError(
-                f"the target's embedding is {tuple(emb.shape)} but the local config ({cfg.target.model or 'built-in'}) "
+                f"the target's embedding is {tuple(emb.shape)} but its config ({cfg.target.model or 'built-in'}) "
                 f"says ({text.vocab_size}, {text.hidden_size}); point --target-model at a copy of the served model"
             )
         counts = None

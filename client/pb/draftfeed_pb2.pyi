@@ -82,7 +82,7 @@ class Limits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_forward_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("num_hidden_layers", "hidden_size", "vocab_size", "dtype", "architectures", "fingerprint", "limits", "algorithms", "encodings", "eagle3_default_layer_ids", "final_logit_softcapping", "server_version", "eagle3_default_layer_ids_from_server", "dflash_default_layer_ids", "dspark_default_layer_ids", "session_ttl_s")
+    __slots__ = ("num_hidden_layers", "hidden_size", "vocab_size", "dtype", "architectures", "fingerprint", "limits", "algorithms", "encodings", "eagle3_default_layer_ids", "final_logit_softcapping", "server_version", "eagle3_default_layer_ids_from_server", "dflash_default_layer_ids", "dspark_default_layer_ids", "session_ttl_s", "target_config_json")
     NUM_HIDDEN_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class ModelInfo(_message.Message):
     DFLASH_DEFAULT_LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
     DSPARK_DEFAULT_LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     num_hidden_layers: int
     hidden_size: int
     vocab_size: int
@@ -115,7 +116,8 @@ class ModelInfo(_message.Message):
     dflash_default_layer_ids: _containers.RepeatedScalarFieldContainer[int]
     dspark_default_layer_ids: _containers.RepeatedScalarFieldContainer[int]
     session_ttl_s: float
-    def __init__(self, num_hidden_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., architectures: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., algorithms: _Optional[_Iterable[str]] = ..., encodings: _Optional[_Iterable[str]] = ..., eagle3_default_layer_ids: _Optional[_Iterable[int]] = ..., final_logit_softcapping: _Optional[float] = ..., server_version: _Optional[str] = ..., eagle3_default_layer_ids_from_server: bool = ..., dflash_default_layer_ids: _Optional[_Iterable[int]] = ..., dspark_default_layer_ids: _Optional[_Iterable[int]] = ..., session_ttl_s: _Optional[float] = ...) -> None: ...
+    target_config_json: str
+    def __init__(self, num_hidden_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., architectures: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., algorithms: _Optional[_Iterable[str]] = ..., encodings: _Optional[_Iterable[str]] = ..., eagle3_default_layer_ids: _Optional[_Iterable[int]] = ..., final_logit_softcapping: _Optional[float] = ..., server_version: _Optional[str] = ..., eagle3_default_layer_ids_from_server: bool = ..., dflash_default_layer_ids: _Optional[_Iterable[int]] = ..., dspark_default_layer_ids: _Optional[_Iterable[int]] = ..., session_ttl_s: _Optional[float] = ..., target_config_json: _Optional[str] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("algorithm", "layer_ids", "job_name", "capture_logits", "encodings", "weight", "selected_token_ids", "selected_token_mask", "data_plane")

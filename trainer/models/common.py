@@ -6,16 +6,18 @@ its own copy. RoPE is rotate-half (Llama / Qwen layout) with angles in fp32 what
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from draftfeed.client.packing import document_ids
+
 __all__ = [
     "ACTIVATIONS",
     "RMSNorm",
+    "rope_init",
     "rope_inv_freq",
     "rope_cos_sin",
     "rotate_half",
@@ -49,29 +51,57 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rope_init(
+    head_dim: int,
+    rope_parameters: dict,
+    device: torch.device | str | None = None,
+    *,
+    hidden_size: int | None = None,
+    num_attention_heads: int | None = None,
+    max_position_embeddings: int = 2048,
+) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [head_dim/2] fp32, attention scaling) of a HF `rope_parameters` dict (its
+    `rope_type` -- or legacy `type` -- and `rope_theta`). The scaled types are HF's own formulas
+    (`transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`: linear, dynamic, yarn, longrope, llama3, ...);
+    "default" is the plain `1 / theta**(2i/d)` every HF model computes itself."""
+    params = dict(rope_parameters)
+    rope_type = params.pop("type", None) or params.get("rope_type") or "default"
+    params["rope_type"] = rope_type
+    theta = float(params.get("rope_theta", 10000.0))
+    if rope_type == "default":
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+        return 1.0 / (theta**exponent), 1.0
+    from transformers import Qwen3Config  # a config HF's rope functions read (head_dim, rope_parameters)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(
+            f"rope_type={rope_type!r}: expected 'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}"
+        )
+    params["rope_theta"] = theta
+    heads = num_attention_heads or 1
+    hf = Qwen3Config(
+        hidden_size=hidden_size or head_dim * heads,
+        num_attention_heads=heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters=params,
+    )
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, device)
+    return inv_freq.float(), float(scaling)
+
+
 def rope_inv_freq(
     head_dim: int, theta: float, scaling: dict | None = None, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2] (fp32): default, linear or llama3 rope scaling."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    inv_freq = 1.0 / (theta**exponent)
+    """Inverse frequencies [head_dim/2] (fp32): default, linear or llama3 rope scaling (`rope_init`; these
+    types keep the attention scaling at 1)."""
     if scaling is None:
-        return inv_freq
+        return rope_init(head_dim, {"rope_type": "default", "rope_theta": theta}, device)[0]
     rope_type = scaling.get("rope_type", scaling.get("type"))
-    factor = float(scaling["factor"])
-    if rope_type == "linear":
-        return inv_freq / factor
-    if rope_type != "llama3":
+    if rope_type not in ("linear", "llama3"):
         raise ValueError(f"rope_type={rope_type!r}: expected None, 'linear' or 'llama3'")
-    # llama3: long wavelengths divided by factor, short ones kept, a smooth blend in between
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_len = float(scaling["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, blended, scaled)
+    return rope_init(head_dim, {**scaling, "rope_type": rope_type, "rope_theta": theta}, device)[0]
 
 
 def rope_cos_sin(
@@ -93,25 +123,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on x [B,heads,S,d] with cos/sin [B,S,d] (broadcast over heads)."""
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
-
-
-def document_ids(
-    seq_len: int, position_ids: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """Document index [B,S] of each slot in a packed batch, or None when the batch is not packed.
-
-    From `seq_lens` [B,D] (zero-padded, rows summing to S) when given, else from `position_ids`: a
-    new document starts wherever the position is not the previous one plus one.
-    """
-    if seq_lens is not None:
-        bounds = seq_lens.long().cumsum(-1)
-        slots = torch.arange(seq_len, device=seq_lens.device).expand(seq_lens.shape[0], seq_len).contiguous()
-        return torch.searchsorted(bounds, slots, right=True)
-    if position_ids is not None:
-        restart = torch.ones_like(position_ids, dtype=torch.bool)
-        restart[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-        return restart.long().cumsum(-1)
-    return None
 
 
 def tokens_left_in_document(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from draftfeed.client.layers import LAYER_IDS
 
-from .common import ACTIVATIONS, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, text_config_dict
+from .common import ACTIVATIONS, RMSNorm, apply_rope, rope_cos_sin, rope_init, text_config_dict
 
 __all__ = [
     "DFlashConfig",
@@ -226,21 +226,14 @@ class DFlashConfig:
 
 def _inv_freq(config: DFlashConfig, device: torch.device) -> tuple[torch.Tensor, float]:
     """RoPE inverse frequencies, always fp32, and the attention scaling of the rope type."""
-    rope = config.rope_parameters
-    if rope.get("rope_type", "default") == "default":
-        return rope_inv_freq(config.head_dim, config.rope_theta, device=device), 1.0
-    from transformers import Qwen3Config  # scaled rope types: the target's own formulas
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    hf = Qwen3Config(
+    return rope_init(
+        config.head_dim,
+        config.rope_parameters,
+        device,
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads,
-        head_dim=config.head_dim,
         max_position_embeddings=config.max_position_embeddings,
-        rope_parameters=dict(rope),
     )
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, device)
-    return inv_freq.float(), float(scaling)
 
 
 class BlockAttention(nn.Module):

@@ -42,7 +42,7 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 class DSparkConfig(DFlashConfig):
     """DFlash's fields plus DSpark's heads. `markov_rank` 0 turns the Markov head off (and with it the
     confidence head's Markov input). `architecture` is the draft class written to the export's
-    `architectures`: `from_target_config` takes it from the registry (`draftfeed.server.architectures`,
+    `architectures`: `from_target_config` takes it from the registry (`draftfeed.trainer.algorithms.dspark`,
     by the target's `config.architectures`) and fails there for a family that has no entry."""
 
     block_size: int = 7
@@ -75,7 +75,7 @@ class DSparkConfig(DFlashConfig):
         """DFlash's `from_target_config`; `architecture` None -> the registry's draft class for the target
         (InvalidArgument naming the registered families when the target's has none)."""
         if kwargs.get("architecture") is None:
-            from draftfeed.server.architectures import dspark_draft_architecture
+            from ..algorithms.dspark import dspark_draft_architecture
 
             kwargs["architecture"] = dspark_draft_architecture(target_architectures(target_config))
         return super().from_target_config(target_config, **kwargs)
@@ -95,7 +95,7 @@ class DSparkConfig(DFlashConfig):
         if not self.architecture:
             raise ValueError(
                 "DSparkConfig.architecture is not set, so the export cannot name its draft class: build the "
-                "config with DSparkConfig.from_target_config (the registry in draftfeed.server.architectures "
+                "config with DSparkConfig.from_target_config (the registry in draftfeed.trainer.algorithms.dspark "
                 "picks it) or pass architecture= explicitly"
             )
         out = self._base_export_dict()

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from draftfeed.client.packing import attention_allowed
+from draftfeed.client.supervision import shift_left
+
 from .common import (
     ACTIVATIONS,
     RMSNorm,
@@ -138,21 +141,6 @@ class Eagle3DraftConfig:
             raise TypeError(f"unknown Eagle3DraftConfig fields: {sorted(unknown)}")
         values.update(overrides)
         return cls(**values)
-
-
-def shift_left(t: torch.Tensor) -> torch.Tensor:
-    """cat(t[:, 1:], zeros): the next position's value at each slot, zero at the tail."""
-    return torch.cat((t[:, 1:], torch.zeros_like(t[:, :1])), dim=1)
-
-
-def attention_allowed(attention_mask: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool [B,1,S,S]: query t may see key j iff j <= t, key j is not padding, and same document."""
-    seq_len = attention_mask.shape[1]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed = causal[None] & attention_mask.bool()[:, None, :]
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    return allowed[:, None]
 
 
 class Eagle3Attention(nn.Module):
