@@ -1,4 +1,5 @@
-"""The fast EAGLE-3 training step (sdpa TTT attention with sink keys, fused soft cross-entropy) against the
+"""The fast EAGLE-3 training step (the fused step-0 attention merged with the per-slot keys by log-sum-exp,
+`sink_attention.py`; fused soft cross-entropy) against the
 reference step (explicit-matmul attention, autograd soft cross-entropy): same losses, metrics and gradients
 on CPU in fp32, for plain, padded and packed batches and TTT unrolls past one block of sink columns."""
 
@@ -94,3 +95,27 @@ def test_fused_soft_cross_entropy_values_and_gradient():
         assert torch.allclose(
             logits.grad.float(), ref_grad.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-5
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["plain", "padded", "left-padded", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_step_matches_the_reference_step_on_cuda(kind, dtype):
+    """The CUDA kernels of `sink_attention` (flash for a plain causal batch in bf16, memory-efficient with
+    the additive mask otherwise) against the reference step, fp32 and under bf16 autocast."""
+    draft, inputs = _draft().cuda(), {k: v.cuda() for k, v in _inputs(kind).items()}
+    results = []
+    for fast in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            draft.zero_grad()
+            draft.midlayer.self_attn.impl = "sdpa" if fast else "reference"
+            out = eagle3_batch_loss(draft, inputs, 4, fused=fast)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}))
+    (ref, ref_grads), (got, got_grads) = results
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    assert torch.allclose(got.loss, ref.loss, **tol)
+    for name, g in ref_grads.items():
+        scale = g.abs().max().clamp_min(1e-6)
+        assert torch.allclose(got_grads[name] / scale, g / scale, **tol), name
