@@ -124,10 +124,11 @@ def test_a_function_the_compiler_cannot_take_runs_eagerly_after_one_warning():
 
 @pytest.mark.slow
 def test_compiled_kernels_give_the_eager_values():
-    """torch.compile (inductor, CPU) of the soft cross-entropy and the DSpark objective: the same losses and
-    gradients as eager, and no kernel fell back."""
+    """torch.compile (inductor, CPU) of the soft cross-entropy, the DSpark objective, RMSNorm, RoPE and the
+    gated activation: the same losses and gradients as eager, and no kernel fell back."""
     from draftfeed.trainer import losses, vocab_objective
     from draftfeed.trainer.losses import fused_soft_cross_entropy
+    from draftfeed.trainer.models import common
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 6, 33, generator=g).requires_grad_()
@@ -151,4 +152,6 @@ def test_compiled_kernels_give_the_eager_values():
         assert torch.allclose(c_grads[name], grad, rtol=1e-4, atol=1e-6), name
     kernels = (losses._sce_forward_kernel, losses._sce_backward_kernel)
     kernels += (vocab_objective._forward_kernel, vocab_objective._backward_kernel)
+    kernels += (common._rms_forward_kernel, common._rms_backward_kernel, common._rope_kernel)
+    kernels += (common._rope_backward_kernel, common._silu_mul_kernel, common._silu_mul_backward_kernel)
     assert all(k.compiled is not None and not k.failed for k in kernels)

@@ -22,6 +22,7 @@ __all__ = [
     "rope_cos_sin",
     "rotate_half",
     "apply_rope",
+    "gated_activation",
     "document_ids",
     "tokens_left_in_document",
     "text_config_dict",
@@ -130,9 +131,76 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """dx = dy cos + R^T(dy sin) with R^T(u) = cat(u_2, -u_1), the transpose of `rotate_half`."""
+    u = dy * sin.unsqueeze(1)
+    half = u.shape[-1] // 2
+    return dy * cos.unsqueeze(1) + torch.cat((u[..., half:], -u[..., :half]), dim=-1)
+
+
+_rope_kernel = Compiled(_rope)
+_rope_backward_kernel = Compiled(_rope_backward)
+
+
+class _RopeFunction(torch.autograd.Function):
+    """RoPE with its gradient written out (cos / sin take none): one compiled kernel each way."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_kernel(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rope_backward_kernel(dy, cos, sin), None, None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on x [B,heads,S,d] with cos/sin [B,S,d] (broadcast over heads)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    if cos.requires_grad or sin.requires_grad or x.dtype == torch.float64:
+        return _rope(x, cos, sin)
+    return _RopeFunction.apply(x, cos, sin)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor):
+    g = gate.float()
+    s = torch.sigmoid(g)
+    dyf = dy.float()
+    return (dyf * up.float() * s * (1 + g * (1 - s))).to(gate.dtype), (dyf * g * s).to(up.dtype)
+
+
+_silu_mul_kernel = Compiled(_silu_mul)
+_silu_mul_backward_kernel = Compiled(_silu_mul_backward)
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up with its gradient written out: one compiled kernel each way."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _silu_mul_kernel(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        return _silu_mul_backward_kernel(gate, up, dy)
+
+
+def gated_activation(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """ACTIVATIONS[act](gate) * up (the gated MLPs); silu through `_SiluMul`."""
+    if act == "silu" and gate.dtype == up.dtype and gate.dtype != torch.float64:
+        return _SiluMul.apply(gate, up)
+    return ACTIVATIONS[act](gate) * up
 
 
 def document_ids(

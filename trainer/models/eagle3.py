@@ -26,6 +26,7 @@ from .common import (
     RMSNorm,
     apply_rope,
     document_ids,
+    gated_activation,
     rope_cos_sin,
     rope_inv_freq,
     text_config_dict,
@@ -277,9 +278,10 @@ class Eagle3MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.hidden_act = cfg.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_activation(self.hidden_act, self.gate_proj(x), self.up_proj(x)))
 
 
 class Eagle3DecoderLayer(nn.Module):
