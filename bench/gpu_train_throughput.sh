@@ -56,6 +56,9 @@ if [[ ${PARTS:-1234} == *[234]* || $FIDELITY == 1 ]]; then
   echo "server up at t=$(($(date +%s) - T0)) s"
 fi
 STEP_URL=$([ "$FIDELITY" == 1 ] && echo "--url $URL")
+if [[ ${PARTS:-1234} == *1* ]] && python3 -c "import pytest" 2>/dev/null; then  # the CUDA kernels against the reference step
+  part "1a sink-attention CUDA check" 40 python3 -m pytest -q -p no:cacheprovider tests/test_fast_step.py -k cuda
+fi
 [[ ${PARTS:-1234} == *1* ]] && part "1 draft steps + profile" ${STEPS_CAP:-80} python3 $B steps --target $TGT $STEP_URL --out $R --batch ${STEP_BATCH:-16} --seq $SEQ --steps ${STEPS:-4} --impls ${IMPLS:-reference,fast,compiled} --algos ${STEP_ALGOS:-eagle3,dspark,dflash}
 [[ ${PARTS:-1234} == *2* ]] && part "2 one job: co-located vs remote" 150 python3 $B single --target $TGT --url $URL --out $R --batches $BATCHES --seq $SEQ --seconds $SECONDS_PER_RUN
 [[ ${PARTS:-1234} == *3* ]] && part "3 two jobs" 35 python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark --batch ${JOB_BATCH:-4} --seq $SEQ --seconds 4
