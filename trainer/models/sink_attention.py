@@ -99,17 +99,18 @@ class _SinkAttention(torch.autograd.Function):
         kernel = _Kernel(q, k0, v0, bias, scale)
         out0, lse0 = kernel.forward(q, k0, v0)
         s = q.shape[2]
-        lse0_rows = lse0[..., :s].float()  # the efficient kernel pads lse's last dim
-        qf = q.float()
-        scores = torch.stack([(qf * ki.float()).sum(-1) for ki in ks], dim=-1) * scale  # [B,h,S,k]
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 math (fp64 stays fp64)
+        lse0_rows = lse0[..., :s].to(acc)  # the efficient kernel pads lse's last dim
+        qf = q.to(acc)
+        scores = torch.stack([(qf * ki.to(acc)).sum(-1) for ki in ks], dim=-1) * scale  # [B,h,S,k]
         lse = torch.logaddexp(lse0_rows, torch.logsumexp(scores, dim=-1))
         w = torch.exp(scores - lse[..., None])
-        merged = torch.exp(lse0_rows - lse)[..., None] * out0.float()
+        merged = torch.exp(lse0_rows - lse)[..., None] * out0.to(acc)
         for i, vi in enumerate(vs):
-            merged = merged + w[..., i, None] * vi.float()
+            merged = merged + w[..., i, None] * vi.to(acc)
         out = _like(out0, merged)
         lse_full = lse0.clone()
-        lse_full[..., :s] = lse
+        lse_full[..., :s] = lse.to(lse0.dtype)
         ctx.kernel, ctx.scale, ctx.n_sinks = kernel, scale, n_sinks
         ctx.save_for_backward(q, k0, v0, out, lse_full, w, *ks, *vs)
         return out
@@ -120,14 +121,15 @@ class _SinkAttention(torch.autograd.Function):
         ks, vs = sinks[: ctx.n_sinks], sinks[ctx.n_sinks :]
         dout = _like(out, dout)
         dq, dk0, dv0 = ctx.kernel.backward(dout, q, k0, v0, out, lse_full)
-        g = dout.float()
-        d_row = (g * out.float()).sum(-1)
-        dq = dq.float()
+        acc = w.dtype
+        g = dout.to(acc)
+        d_row = (g * out.to(acc)).sum(-1)
+        dq = dq.to(acc)
         dks, dvs = [], []
-        qf = q.float()
+        qf = q.to(acc)
         for i, (ki, vi) in enumerate(zip(ks, vs, strict=True)):
-            ds = w[..., i] * ((g * vi.float()).sum(-1) - d_row) * ctx.scale
-            dq = dq + ds[..., None] * ki.float()
+            ds = w[..., i] * ((g * vi.to(acc)).sum(-1) - d_row) * ctx.scale
+            dq = dq + ds[..., None] * ki.to(acc)
             dks.append((ds[..., None] * qf).to(ki.dtype))
             dvs.append((w[..., i, None] * g).to(vi.dtype))
         return dq.to(q.dtype), dk0, dv0, None, None, None, *dks, *dvs
