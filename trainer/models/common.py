@@ -2,6 +2,9 @@
 
 EAGLE-3 (`eagle3.py`) and the block drafts (`dflash.py`, `dspark.py`) import these; none of them keeps
 its own copy. RoPE is rotate-half (Llama / Qwen layout) with angles in fp32 whatever the model dtype.
+RMSNorm, RoPE and silu(gate) * up are autograd Functions with their gradients written out, whose bodies are
+pure functions that `compiling` fuses into one kernel each (forward and backward) when `loop.compile` is on;
+fp64 inputs take plain autograd.
 """
 
 from __future__ import annotations
