@@ -479,7 +479,7 @@ def step_bench(args):
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 o, norm = step()  # the first step: same weights, batch and anchors in every row
-                rec.update(first_loss=round(float(o.loss), 5), first_grad_norm=round(norm, 5))
+                rec.update(first_loss=round(float(o.loss.detach()), 5), first_grad_norm=round(norm, 5))
                 for _ in range(args.warmup - 1):
                     o, _ = step()
                 sync()
@@ -500,7 +500,7 @@ def step_bench(args):
                 rec.update(
                     step_ms=round(dt * 1e3, 1), tok_s=round(b * s / dt), target_fwd_ms=round(target_s * 1e3, 1),
                     colocated_tok_s=round(b * s / (dt + target_s)), tflop_per_step=round(flops / 1e12, 2),
-                    mfu=round(flops / dt / PEAK_BF16, 3), loss=round(float(o.loss), 4),
+                    mfu=round(flops / dt / PEAK_BF16, 3), loss=round(float(o.loss.detach()), 4),
                     peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else 0,
                 )  # fmt: skip
                 if dev.type == "cuda" and args.profile:
