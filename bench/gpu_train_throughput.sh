@@ -6,7 +6,11 @@
 # grpcio-health-checking / grpcio-reflection wheels in .devtmp/i17/whl:
 #   run(command="cd .wt/i17 && WHL=../../.devtmp/i17/whl bash bench/gpu_train_throughput.sh",
 #       carry=[".wt/i17", ".devtmp/i17"], timeout_s=340)
-# Knobs: BUDGET_S SEQ RUN_SECONDS BATCHES PARTS (default 1234: which parts run). Writes $OUT/{session.log,train_throughput.md,profiles.txt,results.jsonl,server.log}.
+# The draft steps alone (reference / fast eager / fast compiled rows for EAGLE-3, DFlash, DSpark; no server):
+#   run(command="cd .wt/i17step && PARTS=1 FIDELITY=0 STEPS_CAP=220 BUDGET_S=235 WHL=../../.devtmp/i17/whl bash bench/gpu_train_throughput.sh",
+#       carry=[".wt/i17step", ".devtmp/i17"], timeout_s=300)
+# Knobs: BUDGET_S SEQ RUN_SECONDS BATCHES PARTS (default 1234: which parts run) FIDELITY (1: exact vs raw, needs the
+# server) STEPS_CAP IMPLS STEP_ALGOS STEPS. Writes $OUT/{session.log,train_throughput.md,profiles.txt,results.jsonl,server.log}.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -42,21 +46,29 @@ TGT=/tmp/tt_target
 B=bench/train_throughput.py
 part "0 random-weight target" 60 python3 $B make-target --dir $TGT $TINY
 PORT=${PORT:-50051}
-python3 -m draftfeed.server.cli serve --model $TGT --dtype bfloat16 --port $PORT >$R/server.log 2>&1 &
-SERVER=$!
-for _ in $(seq 1 90); do grep -q "serving on" $R/server.log && break; sleep 1; done
-echo "server up at t=$(($(date +%s) - T0)) s"
 URL=grpc://127.0.0.1:$PORT
-[[ ${PARTS:-1234} == *1* ]] && part "1 draft steps + profile" 80 python3 $B steps --target $TGT --url $URL --out $R --batch ${STEP_BATCH:-16} --seq $SEQ --steps ${STEPS:-4}
+SERVER=
+FIDELITY=${FIDELITY:-1}  # PARTS=1 FIDELITY=0: the draft steps alone, no server
+if [[ ${PARTS:-1234} == *[234]* || $FIDELITY == 1 ]]; then
+  python3 -m draftfeed.server.cli serve --model $TGT --dtype bfloat16 --port $PORT >$R/server.log 2>&1 &
+  SERVER=$!
+  for _ in $(seq 1 90); do grep -q "serving on" $R/server.log && break; sleep 1; done
+  echo "server up at t=$(($(date +%s) - T0)) s"
+fi
+STEP_URL=$([ "$FIDELITY" == 1 ] && echo "--url $URL")
+if [[ ${PARTS:-1234} == *1* ]] && python3 -c "import pytest" 2>/dev/null; then  # the CUDA kernels against the reference step
+  part "1a sink-attention CUDA check" 40 python3 -m pytest -q -p no:cacheprovider tests/test_fast_step.py -k cuda
+fi
+[[ ${PARTS:-1234} == *1* ]] && part "1 draft steps + profile" ${STEPS_CAP:-80} python3 $B steps --target $TGT $STEP_URL --out $R --batch ${STEP_BATCH:-16} --seq $SEQ --steps ${STEPS:-4} --impls ${IMPLS:-reference,fast,compiled} --algos ${STEP_ALGOS:-eagle3,dspark,dflash}
 [[ ${PARTS:-1234} == *2* ]] && part "2 one job: co-located vs remote" 150 python3 $B single --target $TGT --url $URL --out $R --batches $BATCHES --seq $SEQ --seconds $SECONDS_PER_RUN
 [[ ${PARTS:-1234} == *3* ]] && part "3 two jobs" 35 python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark --batch ${JOB_BATCH:-4} --seq $SEQ --seconds 4
 [[ ${PARTS:-1234} == *4* ]] && part "4 four jobs" 45 python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark,dflash,eagle3 --batch ${JOB_BATCH:-4} --seq $SEQ --seconds 4
-kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+[ -n "$SERVER" ] && { kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; }
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1); DEV=${DEV:-cpu}
 python3 $B report --out $R --device "$DEV" --command "bash bench/gpu_train_throughput.sh (SEQ=$SEQ RUN_SECONDS=$SECONDS_PER_RUN BATCHES=$BATCHES)"
 cp $R/train_throughput.md "$OUT/"
 cat $R/*.jsonl >"$OUT/results.jsonl" 2>/dev/null
 for f in $R/profile_*.txt; do [ -f "$f" ] && { echo "=== $(basename $f)"; cat "$f"; echo; }; done >"$OUT/profiles.txt"
-tail -200 $R/server.log >"$OUT/server.log"
+[ -f $R/server.log ] && tail -200 $R/server.log >"$OUT/server.log"
 for f in $R/*jobs_*.log; do [ -f "$f" ] && { echo "=== $f"; tail -5 "$f"; }; done
 echo "done at t=$(($(date +%s) - T0)) s"

@@ -18,10 +18,13 @@ the server runs. With `--url` the server is already up and `--server-device` onl
 `--url` the bench starts `draftfeed serve --device SERVER_DEVICE` itself for the run (default: the trainer's
 device, i.e. one shared GPU) and stops it at the end.
 
-`steps`: each algorithm's draft step (forward, backward, AdamW) on one target batch at B x S (EAGLE-3: the
-reference implementation, explicit-matmul attention and autograd soft cross-entropy, against the default
-fast one); tokens/s, MFU (FLOPs counted by torch's FlopCounterMode over
-989 TFLOP/s bf16), the target forward alone, and a torch-profiler table of each step's top CUDA ops.
+`steps`: each algorithm's draft step (forward, backward, AdamW) on one target batch at B x S, three rows each
+(`--impls`): `reference` (EAGLE-3: explicit-matmul attention and autograd soft cross-entropy; DFlash / DSpark:
+autograd over checkpointed full-vocab chunks), `fast` (the defaults, eager) and `compiled` (the defaults with
+the compiled kernels, what `loop.compile: auto` runs on CUDA); tokens/s, MFU (FLOPs counted by torch's
+FlopCounterMode over 989 TFLOP/s bf16), the first step's loss and gradient norm (same weights, batch and
+anchors in every row: the rows' agreement), the warm-up time (compilation), the target forward alone, and a
+torch-profiler table of each step's top CUDA ops.
 Also the GPU bf16 difference between the `exact` (latent) and the raw EAGLE-3 probabilities.
 `single`: every algorithm x batch size, co-located, remote with the default encodings and with `compact`:
 training tokens/s after a warm-up, target wait %, GPU memory, reply bytes/token. `jobs`: N concurrent
@@ -407,11 +410,27 @@ def jobs(args):
 # ---- the draft step alone ----
 
 
+STEP_IMPLS = ("reference", "fast", "compiled")
+
+
+def _use_impl(algs, impl: str, draft, originals: dict) -> None:
+    """Point the algorithms at `impl`'s step: `reference` (EAGLE-3: explicit-matmul attention and autograd soft
+    cross-entropy; DFlash / DSpark: autograd over checkpointed full-vocab chunks), `fast` (the defaults,
+    eager) or `compiled` (the defaults with the compiled kernels, as `loop.compile: auto` runs on CUDA)."""
+    from draftfeed.trainer import compiling
+
+    for name, fn in originals.items():
+        setattr(algs, name, fn if impl != "reference" else partial(fn, fused=False))
+    if impl == "reference" and hasattr(draft, "midlayer"):
+        draft.midlayer.self_attn.impl = "reference"
+    compiling.set_compile(impl == "compiled")
+
+
 def step_bench(args):
     from draftfeed.server.loading import load_target
     from draftfeed.trainer import algorithms as algs
+    from draftfeed.trainer import compiling
     from draftfeed.trainer.algorithms import ALGORITHMS
-    from draftfeed.trainer.losses import eagle3_batch_loss
 
     out = Path(args.out)
     dev = device()
@@ -420,7 +439,7 @@ def step_bench(args):
     b, s = args.batch, args.seq
     batches = RandomBatches(b, s, conf.vocab_size)
     tb = next(batches)
-    original = algs.eagle3_batch_loss
+    originals = {n: getattr(algs, n) for n in ("eagle3_batch_loss", "dflash_loss", "dspark_loss")}
     fidelity(args, model, tb, out)
     for algo in args.algos.split(","):
         cfg = train_config(
@@ -435,7 +454,6 @@ def step_bench(args):
         algorithm.prepare_backend(backend, draft0)
         with torch.no_grad():
             sync()
-            t0 = time.perf_counter()
             target = backend.generate_batch(**tb.backend_kwargs())
             sync()
             t1 = time.perf_counter()
@@ -443,45 +461,49 @@ def step_bench(args):
             sync()
             target_s = time.perf_counter() - t1
         target = type(target)(**{k: v.clone() for k, v in target.to(dev).tensors().items()})
-        del t0
-        for impl in ("reference", "fast") if algo == "eagle3" else ("default",):
+        for impl in args.impls.split(","):
             torch.manual_seed(0)
             draft = algorithm.build_draft(
                 backend, conf, counts if algorithm.needs_token_counts(conf.vocab_size) else None, [0]
             ).to(dev)
-            algs.eagle3_batch_loss = original
-            if impl == "reference":
-                algs.eagle3_batch_loss = partial(eagle3_batch_loss, fused=False)
-                draft.midlayer.self_attn.impl = "reference"
+            _use_impl(algs, impl, draft, originals)
             params = [p for p in draft.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4)
+            if getattr(algorithm, "generator", None) is not None:
+                algorithm.generator.manual_seed(0)  # the same anchors in every row's first step
             step = partial(_train_step, algorithm, draft, target, params, opt, dev)
 
             rec = dict(algo=algo, impl=impl, B=b, S=s)
             try:
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
-                for _ in range(2):
-                    o = step()
+                t0 = time.perf_counter()
+                o, norm = step()  # the first step: same weights, batch and anchors in every row
+                rec.update(first_loss=round(float(o.loss.detach()), 5), first_grad_norm=round(norm, 5))
+                for _ in range(args.warmup - 1):
+                    o, _ = step()
                 sync()
+                rec["warmup_s"] = round(time.perf_counter() - t0, 1)  # compile time included
                 t0 = time.perf_counter()
                 n = args.steps
                 for _ in range(n):
-                    o = step()
+                    o, _ = step()
                 sync()
                 dt = (time.perf_counter() - t0) / n
                 from torch.utils.flop_counter import FlopCounterMode
 
+                compiling.set_compile(False)  # FLOPs of the same step, counted eagerly
                 with FlopCounterMode(display=False) as fc:
                     step()
+                compiling.set_compile(impl == "compiled")
                 flops = fc.get_total_flops()
                 rec.update(
                     step_ms=round(dt * 1e3, 1), tok_s=round(b * s / dt), target_fwd_ms=round(target_s * 1e3, 1),
                     colocated_tok_s=round(b * s / (dt + target_s)), tflop_per_step=round(flops / 1e12, 2),
-                    mfu=round(flops / dt / PEAK_BF16, 3), loss=round(float(o.loss), 4),
+                    mfu=round(flops / dt / PEAK_BF16, 3), loss=round(float(o.loss.detach()), 4),
                     peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else 0,
                 )  # fmt: skip
-                if dev.type == "cuda":
+                if dev.type == "cuda" and args.profile:
                     profile(step, out / f"profile_{algo}_{impl}.txt")
             except Exception as err:  # noqa: BLE001
                 rec["error"] = repr(err)[:300]
@@ -489,7 +511,7 @@ def step_bench(args):
             del draft, opt, step
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        algs.eagle3_batch_loss = original
+        _use_impl(algs, "fast", draft0, originals)
 
 
 def _train_step(algorithm, draft, target, params, opt, dev):
@@ -498,10 +520,10 @@ def _train_step(algorithm, draft, target, params, opt, dev):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         out = algorithm.loss(draft, target, DistContext())
     out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return out
+    return out, float(norm)
 
 
 def profile(step, path: Path) -> None:
@@ -586,8 +608,8 @@ def report(args):
     if steps:
         lines += ["## Draft step alone (one target batch, forward + backward + AdamW)", ""]
         lines += [
-            "| algorithm | step | B x S | ms/step | draft tok/s | MFU | TFLOP/step | peak GiB | target fwd ms | co-located tok/s (fwd + step) | loss |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| algorithm | step | B x S | ms/step | draft tok/s | MFU | TFLOP/step | peak GiB | target fwd ms | co-located tok/s (fwd + step) | first loss | first grad norm | warm-up s |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in steps:
             if "error" in r:
@@ -595,7 +617,8 @@ def report(args):
                 continue
             lines.append(
                 f"| {r['algo']} | {r['impl']} | {r['B']}x{r['S']} | {r['step_ms']} | {r['tok_s']:,} | {r['mfu']} | "
-                f"{r['tflop_per_step']} | {r['peak_gib']} | {r['target_fwd_ms']} | {r['colocated_tok_s']:,} | {r['loss']} |"
+                f"{r['tflop_per_step']} | {r['peak_gib']} | {r['target_fwd_ms']} | {r['colocated_tok_s']:,} | "
+                f"{r.get('first_loss', r['loss'])} | {r.get('first_grad_norm', '')} | {r.get('warmup_s', '')} |"
             )
         lines.append("")
     fid = _rows(out / "fidelity.jsonl")
@@ -674,6 +697,11 @@ def main(argv=None):
         q.add_argument("--batches", default="16,4,1")
         q.add_argument("--no-compact-at", type=lambda x: [int(v) for v in x.split(",") if v], default=[1])
         q.add_argument("--steps", type=int, default=5)
+        q.add_argument(
+            "--impls", default=",".join(STEP_IMPLS), help="steps: which step implementations (rows) to time"
+        )
+        q.add_argument("--warmup", type=int, default=3, help="steps: untimed steps first (compilation)")
+        q.add_argument("--profile", type=int, default=1, help="steps: 1 = a torch-profiler table per row")
         q.add_argument("--encodings", default="exact")
         q.add_argument("--algo", default="eagle3")
         q.add_argument("--index", type=int, default=0)

@@ -1,4 +1,5 @@
-"""The fast EAGLE-3 training step (sdpa TTT attention with sink keys, fused soft cross-entropy) against the
+"""The fast EAGLE-3 training step (the fused step-0 attention merged with the per-slot keys by log-sum-exp,
+`sink_attention.py`; fused soft cross-entropy) against the
 reference step (explicit-matmul attention, autograd soft cross-entropy): same losses, metrics and gradients
 on CPU in fp32, for plain, padded and packed batches and TTT unrolls past one block of sink columns."""
 
@@ -94,3 +95,82 @@ def test_fused_soft_cross_entropy_values_and_gradient():
         assert torch.allclose(
             logits.grad.float(), ref_grad.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-5
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["plain", "padded", "left-padded", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_step_matches_the_reference_step_on_cuda(kind, dtype):
+    """The CUDA kernels of `sink_attention` (flash for a plain causal batch in bf16, memory-efficient with
+    the additive mask otherwise) against the reference step, fp32 and under bf16 autocast."""
+    draft, inputs = _draft().cuda(), {k: v.cuda() for k, v in _inputs(kind).items()}
+    results = []
+    for fast in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            draft.zero_grad()
+            draft.midlayer.self_attn.impl = "sdpa" if fast else "reference"
+            out = eagle3_batch_loss(draft, inputs, 4, fused=fast)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}))
+    (ref, ref_grads), (got, got_grads) = results
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    assert torch.allclose(got.loss, ref.loss, **tol)
+    for name, g in ref_grads.items():
+        scale = g.abs().max().clamp_min(1e-6)
+        assert torch.allclose(got_grads[name] / scale, g / scale, **tol), name
+
+
+def test_norm_rope_and_gated_activation_gradients_equal_autograd():
+    """RMSNorm, RoPE and silu(gate) * up with their gradients written out (`common.py`) against autograd of
+    the same formulas: fp64 gradcheck (RoPE, silu; RMSNorm computes in fp32 by design), and fp32 / bf16-input
+    values and gradients."""
+    from draftfeed.trainer.models.common import (
+        RMSNorm,
+        _rope,
+        _RopeFunction,
+        _SiluMul,
+        gated_activation,
+    )
+
+    g = torch.Generator().manual_seed(4)
+    x64 = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    cos, sin = (
+        torch.randn(2, 5, 8, generator=g, dtype=torch.float64),
+        torch.randn(2, 5, 8, dtype=torch.float64),
+    )
+    assert torch.autograd.gradcheck(lambda x: _RopeFunction.apply(x, cos, sin), (x64,))
+    assert torch.autograd.gradcheck(_SiluMul.apply, (x64, x64.detach().flip(0).requires_grad_()))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 7, 16, generator=g).to(dtype).requires_grad_()
+        norm = RMSNorm(16, 1e-5)
+        with torch.no_grad():
+            norm.weight.normal_(generator=g)
+        dy = torch.randn(3, 7, 16, generator=g)
+        xf = x.float()
+        ref = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        ref_grads = torch.autograd.grad(ref, (x, norm.weight), dy)
+        got = norm(x)
+        got_grads = torch.autograd.grad(got, (x, norm.weight), dy)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        assert got.dtype == ref.dtype and torch.allclose(got, ref, **tol)
+        for a, b in zip(got_grads, ref_grads, strict=True):
+            assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), **tol)
+
+        q = torch.randn(2, 3, 5, 8, generator=g).to(dtype).requires_grad_()
+        c, s = cos.to(dtype), sin.to(dtype)
+        dq = torch.randn(2, 3, 5, 8, generator=g).to(dtype)
+        (a,) = torch.autograd.grad(_RopeFunction.apply(q, c, s), q, dq)
+        (b,) = torch.autograd.grad(_rope(q, c, s), q, dq)
+        assert torch.allclose(a.float(), b.float(), **tol)
+
+        gate, up = (torch.randn(4, 9, generator=g).to(dtype).requires_grad_() for _ in range(2))
+        dy = torch.randn(4, 9, generator=g).to(dtype)
+        got = gated_activation("silu", gate, up)
+        ref = torch.nn.functional.silu(gate) * up
+        assert torch.allclose(got.float(), ref.float(), **tol)
+        for a, b in zip(
+            torch.autograd.grad(got, (gate, up), dy), torch.autograd.grad(ref, (gate, up), dy), strict=True
+        ):
+            assert torch.allclose(a.float(), b.float(), **tol)

@@ -8,9 +8,10 @@ Packed rows (any of `position_ids`, `seq_lens`, `doc_remaining` given) are split
 sees context j only if j < a AND j is in the anchor's document, its RoPE positions restart with the
 document, and neither its anchor's block (DFlash) nor its supervised labels (both) cross the document end.
 
-Full-vocab logits are only ever built for a chunk of supervised rows at a time (`chunk_rows`), each chunk
-under activation checkpointing, so neither the teacher's nor the draft's [rows, V] logits exist for all
-rows at once, in the forward or the backward.
+Full-vocab logits are only ever built for a chunk of supervised rows at a time (`chunk_rows`): by default
+through `vocab_objective.py` (the gradient written out, the chunk's logits recomputed in the backward), or,
+with `fused=False`, the reference: autograd over each chunk under activation checkpointing. Either way
+neither the teacher's nor the draft's [rows, V] logits exist for all rows at once, forward or backward.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from draftfeed.client.batches import DFlashTargetBatch, DSparkTargetBatch
 from draftfeed.client.packing import document_ids as packed_document_ids
 from draftfeed.client.packing import same_document
+
+from .vocab_objective import vocab_objective
 
 __all__ = [
     "NoValidAnchors",
@@ -301,9 +304,20 @@ def _chunked(fn: Callable, tensors: tuple[torch.Tensor, ...], chunk_rows: int) -
 
 
 def dflash_objective(
-    hidden: torch.Tensor, labels: torch.Tensor, lm_head_weight: torch.Tensor, *, chunk_rows: int = 2048
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    *,
+    chunk_rows: int = 2048,
+    fused: bool = True,
 ):
-    """Per-row CE and argmax hit for supervised rows: hidden [R,H], labels [R] -> (ce [R] fp32, hit [R] bool)."""
+    """Per-row CE and argmax hit for supervised rows: hidden [R,H], labels [R] -> (ce [R] fp32, hit [R] bool).
+
+    `fused` (default): `vocab_objective` (gradient written out, compiled kernels); False: the reference
+    (autograd over each chunk under activation checkpointing)."""
+    if fused:
+        ce, _, hit = vocab_objective(hidden, labels, lm_head_weight, chunk_rows=chunk_rows)
+        return ce, hit
 
     def rows(h, y):
         logits = F.linear(h, lm_head_weight.to(h.dtype)).float()
@@ -326,13 +340,22 @@ def dspark_objective(
     markov_head: torch.nn.Module | None = None,
     final_logit_softcapping: float | None = None,
     chunk_rows: int = 1024,
+    fused: bool = True,
 ):
     """Per-row DSpark terms for supervised rows: hidden, teacher_hidden [R,H]; prev, labels [R].
 
     z = softcap(lm_head(h)) + B(prev); p_t = softmax(softcap(lm_head(teacher))) (no grad). Returns
     (ce [R], D [R] = sum_v |softmax(z) - p_t|, hit [R] argmax(z) == label), all computed in fp32.
+    `fused` as in `dflash_objective`.
     """
     cap = final_logit_softcapping
+    if fused:
+        return vocab_objective(
+            hidden, labels, lm_head_weight,
+            markov_embed=None if markov_head is None else markov_head.prev_embed(prev),
+            markov_weight=None if markov_head is None else markov_head.markov_w2.weight,
+            teacher_hidden=teacher_hidden, final_logit_softcapping=cap, chunk_rows=chunk_rows,
+        )  # fmt: skip
 
     def rows(h, p, y, th):
         w = lm_head_weight.to(h.dtype)
@@ -412,11 +435,13 @@ def dflash_loss(
     chunk_rows: int = 2048,
     den_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     world_size: int = 1,
+    fused: bool = True,
 ) -> DFlashLoss:
     """One DFlash training step's loss: sum w_k m CE / sum w_k m, w_k = exp(-(k-1)/gamma).
 
     `den_reduce` (e.g. an all-reduce SUM over ranks) makes the denominator global; the loss is then
-    multiplied by `world_size` so DDP's gradient averaging yields the global mean.
+    multiplied by `world_size` so DDP's gradient averaging yields the global mean. `fused` False runs the
+    reference objective (see `dflash_objective`).
     """
     bs = draft.config.block_size
     blocks = make_blocks(
@@ -427,7 +452,9 @@ def dflash_loss(
     labels, m = dflash_targets(blocks, batch.input_ids, batch.loss_mask)
     w = m * decay_weights(bs, gamma, 1, device=m.device)
     sel = w > 0
-    ce, hit = dflash_objective(hidden[sel], labels[sel], draft.lm_head.weight, chunk_rows=chunk_rows)
+    ce, hit = dflash_objective(
+        hidden[sel], labels[sel], draft.lm_head.weight, chunk_rows=chunk_rows, fused=fused
+    )
     weight_sum = w[sel].sum()
     loss = (w[sel] * ce).sum() * _normalizer(weight_sum, den_reduce, world_size) + hidden.sum() * 0.0
     with torch.no_grad():
@@ -457,11 +484,12 @@ def dspark_loss(
     chunk_rows: int = 1024,
     den_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     world_size: int = 1,
+    fused: bool = True,
 ) -> DSparkLoss:
     """One DSpark step: L = ce_weight L_ce + tv_weight L_tv + conf_weight L_conf, each sum w(.)/sum w with
     w_k = E_k exp(-k/gamma); the teacher is softmax(lm_head(target_last_hidden_states[a+k])).
 
-    `num_anchors` None = the draft config's. `den_reduce` / `world_size` as in `dflash_loss`.
+    `num_anchors` None = the draft config's. `den_reduce` / `world_size` / `fused` as in `dflash_loss`.
     """
     cfg = draft.config
     bs = cfg.block_size
@@ -479,7 +507,7 @@ def dspark_loss(
     h_sel, p_sel = hidden[sel], prev[sel]
     ce, tv, hit = dspark_objective(
         h_sel, p_sel, labels[sel], teacher, draft.lm_head.weight, markov_head=draft.markov_head,
-        final_logit_softcapping=cfg.final_logit_softcapping, chunk_rows=chunk_rows,
+        final_logit_softcapping=cfg.final_logit_softcapping, chunk_rows=chunk_rows, fused=fused,
     )  # fmt: skip
     c_star = (1.0 - tv.detach() / 2.0).clamp(0.0, 1.0)
     conf = draft.confidence_logits(h_sel, p_sel)

@@ -377,6 +377,12 @@ class LoopConfig:
         "--time-limit", "stop after this many seconds of training (checkpoint and export as usual)", None
     )
     bf16: bool = flag("--bf16", "bf16 autocast for the draft on GPU", True)
+    compile: str = flag(
+        "--compile",
+        "torch.compile of the draft step's fused kernels (soft cross-entropy, full-vocab objective): auto "
+        "(on CUDA only), on, off; a compiler failure falls back to eager with a warning",
+        "auto",
+    )
     device: str = flag(
         "--device", "trainer device: auto (cuda:LOCAL_RANK when available), cpu, cuda:N", "auto"
     )
@@ -400,6 +406,7 @@ class LoopConfig:
         _check(self.prefetch >= 1, f"--prefetch {self.prefetch} must be >= 1")
         _check(self.time_limit is None or self.time_limit > 0, f"--time-limit {self.time_limit} must be > 0")
         _check(self.log_every >= 1, f"--log-every {self.log_every} must be >= 1")
+        _check(self.compile in ("auto", "on", "off"), f"--compile {self.compile!r}: expected auto, on or off")
         _check(
             self.progress in ("auto", "on", "off"), f"--progress {self.progress!r}: expected auto, on or off"
         )

@@ -3,9 +3,9 @@
 Per optimizer step: `grad_accum` micro-batches, each a target batch that was requested `prefetch`
 batches ahead with `generate_batch_async` (a remote target computes the next batches while the draft
 trains on this one; an in-process target runs them when they are asked for), scored by the algorithm
-under bf16 autocast on GPU; then gradient clipping, AdamW, and the learning-rate schedule (linear warmup,
-cosine to `min_lr_ratio * lr`). Under torchrun the scoring module is wrapped in DDP (gloo on CPU, nccl on
-GPU); each rank has its own backend and its own shard of the data. Rank 0 shows a progress bar on a
+under bf16 autocast on GPU (its fused kernels compiled per `loop.compile`, `compiling.py`); then gradient
+clipping, AdamW, and the learning-rate schedule (linear warmup, cosine to `min_lr_ratio * lr`). Under
+torchrun the scoring module is wrapped in DDP (gloo on CPU, nccl on GPU); each rank has its own backend and its own shard of the data. Rank 0 shows a progress bar on a
 terminal (`progress.py`: loss, accuracy, tokens per second, eta) and writes a progress line and a
 metrics.jsonl record (TensorBoard scalars too when it is installed) every `log_every` steps.
 
@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from draftfeed.client.errors import Unavailable
 
 from .algorithms import DistContext, DraftAlgorithm
+from .compiling import resolve_compile, set_compile
 from .config import DistConfig, TrainConfig, config_to_dict
 from .progress import ProgressBar, format_duration, progress_enabled
 from .signals import StopSignals, TrainingInterrupted
@@ -180,6 +181,7 @@ class Trainer:
         self.data_state = batches.state_dict()
         self.out_dir = cfg.out_dir
         self.autocast = cfg.loop.bf16 and device.type == "cuda"
+        set_compile(resolve_compile(cfg.loop.compile, device))
         self._metrics_file = None
         self._tb = None
         self._bar: ProgressBar | None = None

@@ -20,6 +20,7 @@ import torch
 
 from draftfeed.client.supervision import target_distribution
 
+from .compiling import Compiled
 from .models.eagle3 import Eagle3DraftModel, document_ids, tokens_left_in_document
 
 __all__ = [
@@ -59,26 +60,40 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
     return -(target_probs.to(dtype) * torch.log_softmax(logits.to(dtype), dim=-1)).sum(-1)
 
 
+def _sce_forward(logits: torch.Tensor, target_probs: torch.Tensor):
+    """(loss, lse, mass) of the fused soft cross-entropy: one pass over the logits and the targets."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    mass = target_probs.sum(-1, dtype=torch.float32)
+    return lse * mass - (target_probs * z).sum(-1), lse, mass
+
+
+def _sce_backward(logits, target_probs, lse, mass, grad):
+    """dl/dlogits = (softmax(z) sum(P) - P) grad, in the logits' dtype."""
+    p = torch.exp(logits.float() - lse[..., None])
+    return ((p * mass[..., None] - target_probs) * grad[..., None]).to(logits.dtype)
+
+
+_sce_forward_kernel = Compiled(_sce_forward)
+_sce_backward_kernel = Compiled(_sce_backward)
+
+
 class _SoftCrossEntropy(torch.autograd.Function):
     """`soft_cross_entropy` with its gradient written out: saves the logits (in their dtype) and the
     fp32 log-normaliser, not the [..., V] fp32 log-probabilities, and needs no autograd graph of the
-    elementwise steps. l = lse(z) sum(P) - <P, z>; dl/dz = softmax(z) sum(P) - P."""
+    elementwise steps. l = lse(z) sum(P) - <P, z>; dl/dz = softmax(z) sum(P) - P. Both bodies are
+    compiled (one fused kernel each) when `compiling` is on."""
 
     @staticmethod
     def forward(ctx, logits, target_probs):
-        z = logits.float()
-        lse = torch.logsumexp(z, dim=-1)
-        mass = target_probs.sum(-1)
-        loss = lse * mass - (target_probs * z).sum(-1)
+        loss, lse, mass = _sce_forward_kernel(logits, target_probs)
         ctx.save_for_backward(logits, target_probs, lse, mass)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         logits, target_probs, lse, mass = ctx.saved_tensors
-        p = torch.exp(logits.float() - lse[..., None])
-        g = grad[..., None]
-        return ((p * mass[..., None] - target_probs) * g).to(logits.dtype), None
+        return _sce_backward_kernel(logits, target_probs, lse, mass, grad), None
 
 
 def fused_soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 EAGLE-3 (`eagle3.py`) and the block drafts (`dflash.py`, `dspark.py`) import these; none of them keeps
 its own copy. RoPE is rotate-half (Llama / Qwen layout) with angles in fp32 whatever the model dtype.
+RMSNorm, RoPE and silu(gate) * up are autograd Functions with their gradients written out, whose bodies are
+pure functions that `compiling` fuses into one kernel each (forward and backward) when `loop.compile` is on;
+fp64 inputs take plain autograd.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from torch import nn
 
 from draftfeed.client.packing import document_ids
 
+from ..compiling import Compiled
+
 __all__ = [
     "ACTIVATIONS",
     "RMSNorm",
@@ -22,6 +27,7 @@ __all__ = [
     "rope_cos_sin",
     "rotate_half",
     "apply_rope",
+    "gated_activation",
     "document_ids",
     "tokens_left_in_document",
     "text_config_dict",
@@ -36,8 +42,46 @@ ACTIVATIONS = {
 }
 
 
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(weight * (x r).to(x.dtype), r) with r = rsqrt(mean(x^2) + eps) over the last dim, in fp32."""
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * r).to(x.dtype), r
+
+
+def _rms_backward(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, dy: torch.Tensor):
+    """(dx, dweight): dn = dy w; dx = r (dn - x r^2 mean(dn x)); dweight = sum over rows of dy n."""
+    xf = x.float()
+    dyf = dy.float()
+    dn = dyf * weight.float()
+    dx = r * (dn - xf * (r * r) * (dn * xf).mean(-1, keepdim=True))
+    dw = (dyf * (xf * r).to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+_rms_forward_kernel = Compiled(_rms_forward)
+_rms_backward_kernel = Compiled(_rms_backward)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with its gradient written out: saves x and the [..., 1] fp32 r (not an fp32 copy of x), and
+    both bodies are one compiled kernel each when `compiling` is on."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, r = _rms_forward_kernel(x, weight, eps)
+        ctx.save_for_backward(x, weight, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, r = ctx.saved_tensors
+        dx, dw = _rms_backward_kernel(x, weight, r, dy)
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
-    """Llama RMSNorm: computed in fp32, weight applied in the input dtype."""
+    """Llama RMSNorm: computed in fp32, weight applied in the input dtype (output: the promoted dtype)."""
 
     def __init__(self, size: int, eps: float = 1e-6):
         super().__init__()
@@ -45,10 +89,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if x.dtype == torch.float64 or self.weight.dtype == torch.float64:
+            y, _ = _rms_forward(x, self.weight, self.eps)  # fp64 (gradient checks): autograd throughout
+            return y
+        return _RMSNormFunction.apply(x, self.weight, float(self.eps))
 
 
 def rope_init(
@@ -120,9 +164,76 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """dx = dy cos + R^T(dy sin) with R^T(u) = cat(u_2, -u_1), the transpose of `rotate_half`."""
+    u = dy * sin.unsqueeze(1)
+    half = u.shape[-1] // 2
+    return dy * cos.unsqueeze(1) + torch.cat((u[..., half:], -u[..., :half]), dim=-1)
+
+
+_rope_kernel = Compiled(_rope)
+_rope_backward_kernel = Compiled(_rope_backward)
+
+
+class _RopeFunction(torch.autograd.Function):
+    """RoPE with its gradient written out (cos / sin take none): one compiled kernel each way."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_kernel(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rope_backward_kernel(dy, cos, sin), None, None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on x [B,heads,S,d] with cos/sin [B,S,d] (broadcast over heads)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    if cos.requires_grad or sin.requires_grad or x.dtype == torch.float64:
+        return _rope(x, cos, sin)
+    return _RopeFunction.apply(x, cos, sin)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor):
+    g = gate.float()
+    s = torch.sigmoid(g)
+    dyf = dy.float()
+    return (dyf * up.float() * s * (1 + g * (1 - s))).to(gate.dtype), (dyf * g * s).to(up.dtype)
+
+
+_silu_mul_kernel = Compiled(_silu_mul)
+_silu_mul_backward_kernel = Compiled(_silu_mul_backward)
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up with its gradient written out: one compiled kernel each way."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _silu_mul_kernel(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        return _silu_mul_backward_kernel(gate, up, dy)
+
+
+def gated_activation(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """ACTIVATIONS[act](gate) * up (the gated MLPs); silu through `_SiluMul`."""
+    if act == "silu" and gate.dtype == up.dtype and gate.dtype != torch.float64:
+        return _SiluMul.apply(gate, up)
+    return ACTIVATIONS[act](gate) * up
 
 
 def tokens_left_in_document(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,15 @@ from torch.utils.checkpoint import checkpoint
 
 from draftfeed.client.layers import LAYER_IDS
 
-from .common import ACTIVATIONS, RMSNorm, apply_rope, rope_cos_sin, rope_init, text_config_dict
+from .common import (
+    ACTIVATIONS,
+    RMSNorm,
+    apply_rope,
+    gated_activation,
+    rope_cos_sin,
+    rope_init,
+    text_config_dict,
+)
 
 __all__ = [
     "DFlashConfig",
@@ -277,9 +285,10 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = ACTIVATIONS[config.hidden_act]
+        self.hidden_act = config.hidden_act
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_activation(self.hidden_act, self.gate_proj(x), self.up_proj(x)))
 
 
 class BlockDecoderLayer(nn.Module):

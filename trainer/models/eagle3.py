@@ -29,11 +29,13 @@ from .common import (
     RMSNorm,
     apply_rope,
     document_ids,
+    gated_activation,
     rope_cos_sin,
     rope_inv_freq,
     text_config_dict,
     tokens_left_in_document,
 )
+from .sink_attention import sink_attention
 
 __all__ = [
     "Eagle3DraftConfig",
@@ -146,11 +148,10 @@ class Eagle3DraftConfig:
 class Eagle3Attention(nn.Module):
     """GQA attention over the [2H] input with the TTT cached-KV pattern.
 
-    `impl` "sdpa" (default) runs `scaled_dot_product_attention`: step 0 as plain (causal) attention, and
-    step k >= 1 over the step-0 keys plus k "sink" keys whose per-slot scores Q_k[t].K_i[t] come in as a
-    differentiable additive bias and whose values are one-hot columns: their softmax weights multiply
-    V_i[t] afterwards. The same softmax over S+k columns as "reference" (explicit scores [B,h,S,S+k]),
-    without materialising the fp32 probabilities of every step for the backward.
+    `impl` "sdpa" (default) runs step 0 as plain (causal) `scaled_dot_product_attention`, and step k >= 1
+    as the fused attention kernel over the step-0 keys whose log-normaliser is merged with the k per-slot
+    scores Q_k[t].K_i[t] (`sink_attention.py`): the same softmax over S+k columns as "reference" (explicit
+    scores [B,h,S,S+k]), without materialising scores, probabilities or a [B,h,S,S+k] bias.
     """
 
     impl = "sdpa"
@@ -235,45 +236,27 @@ class Eagle3Attention(nn.Module):
 
 
 def _ttt_sdpa(q: torch.Tensor, cache: list, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Attention of TTT step k = len(cache) - 1 through sdpa (see `Eagle3Attention`). `allowed` None =
-    plainly causal (no padding, one document): step 0 then runs is_causal (flash)."""
+    """Attention of TTT step k = len(cache) - 1 (see `Eagle3Attention`). `allowed` None = plainly causal
+    (no padding, one document). Step 0 runs `scaled_dot_product_attention` (is_causal: flash); step k >= 1
+    runs the step-0 keys as one fused kernel and merges the k per-slot keys by log-sum-exp
+    (`sink_attention`)."""
     k0, v0 = cache[0]
     extra = len(cache) - 1
     if extra == 0 and allowed is None:
         return F.scaled_dot_product_attention(q, k0, v0, is_causal=True, scale=scale)
-    b, h, s, d = q.shape
+    if allowed is None:
+        return sink_attention(q, k0, v0, cache[1:], None, scale)
     neg = torch.finfo(q.dtype).min  # not -inf: a row with no allowed key is uniform, as in "reference"
     zero = q.new_zeros(())
-    causal = allowed is None
-    if causal:
-        allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()[None, None]
     # A slot with no allowed step-0 key (left padding) averages all step-0 values at step 0, and its
     # scores get no gradient, as "reference"'s masked_fill gives: its query against the step-0 keys is
     # zeroed and, at step 0, its row left unmasked (a fully masked row is special-cased by some kernels).
-    live = allowed.any(-1, keepdim=True)  # [B,1,S,1]
-    q0 = q if causal else q * live.to(q.dtype)
+    # At step k >= 1 its fully masked row gets no weight next to the sinks.
     if extra == 0:
+        live = allowed.any(-1, keepdim=True)  # [B,1,S,1]
         mask0 = torch.where(allowed | ~live, zero, zero + neg)
-        return F.scaled_dot_product_attention(q0, k0, v0, attn_mask=mask0, scale=scale)
-    mask = torch.where(allowed, zero, zero + neg)  # [B,1,S,S]
-    n = (
-        -(-(s + extra) // 16) * 16 - s
-    )  # sink keys: S + n a multiple of 16 (the fused kernels' bias alignment)
-    w = -(-extra // 8) * 8  # head dims added for the sinks' one-hot values (q/k get zeros there)
-    diag = torch.stack([(q * ki).sum(-1) for ki, _ in cache[1:]], dim=-1) * scale  # [B,h,S,k]
-    sinks = torch.cat((diag.to(q.dtype), diag.new_full((b, h, s, n - extra), neg, dtype=q.dtype)), dim=-1)
-    bias = torch.cat((mask.expand(b, h, s, s), sinks), dim=-1)
-    qp = torch.cat((q0, q.new_zeros(b, h, s, w)), dim=-1)  # zero columns: the scores stay Q.K
-    zeros_s = q.new_zeros(()).expand(b, h, s, w)
-    kp = torch.cat((torch.cat((k0, zeros_s), dim=-1), q.new_zeros(()).expand(b, h, n, d + w)), dim=2)
-    sink_values = torch.zeros(n, d + w, dtype=q.dtype, device=q.device)
-    sink_values[:extra, d : d + extra] = torch.eye(extra, dtype=q.dtype, device=q.device)
-    vp = torch.cat((torch.cat((v0, zeros_s), dim=-1), sink_values.expand(b, h, n, d + w)), dim=2)
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias, scale=scale)
-    y = out[..., :d]
-    for i, (_, vi) in enumerate(cache[1:]):
-        y = y + out[..., d + i, None] * vi
-    return y
+        return F.scaled_dot_product_attention(q * live.to(q.dtype), k0, v0, attn_mask=mask0, scale=scale)
+    return sink_attention(q, k0, v0, cache[1:], torch.where(allowed, zero, zero + neg), scale)
 
 
 class Eagle3MLP(nn.Module):
@@ -283,9 +266,10 @@ class Eagle3MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.hidden_act = cfg.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_activation(self.hidden_act, self.gate_proj(x), self.up_proj(x)))
 
 
 class Eagle3DecoderLayer(nn.Module):
