@@ -120,7 +120,7 @@ def report(s, argv, kind, date, num_prompts, trained, rows, train_s, total_s, no
         f"## tau{note} on {num_prompts} MT-Bench prompts (greedy, {s.eval_max_new_tokens} new tokens each)\n\n"
         f"{tau_table(rows)}\n\n"
         "tau = committed tokens per verification round, pooled over prompts, bonus token included "
-        "(ALGORITHMS.md section 4); every draft proposes the same number of tokens per round "
+        "(docs/architecture.md section 4); every draft proposes the same number of tokens per round "
         f"(EAGLE-3 chain K={s.num_draft_tokens}, DFlash block {s.block_size + 1} = {s.block_size} drafts, "
         f"DSpark block {s.block_size}), so max tau is the same for all.\n\n"
         "## Training\n\n| draft | steps | tokens | seconds | last loss |\n|---|---|---|---|---|\n"

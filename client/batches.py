@@ -1,7 +1,7 @@
 """What a target backend returns per batch, one dataclass per draft algorithm.
 
 Shapes use B = batch, S = sequence length, H = target hidden size, V = target vocab,
-Vd = draft vocab, K = number of captured target layers. Semantics: DESIGN.md.
+Vd = draft vocab, K = number of captured target layers. Semantics: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ device=None) -> Tensor` runs on the client. `Encoded.parts` are contiguous tenso
 as raw bytes; `Encoded.info` is a small msgpack-able dict (encoding name, original dtype and shape,
 codec statistics). Names may carry one integer parameter: `topk:64`, `zstd:3`.
 
-Tensor kinds and their encodings (DESIGN.md, Encodings):
+Tensor kinds and their encodings (docs/architecture.md, Encodings):
   hidden  aux / target / final hidden states    raw, fp8, bf16, zstd[:LEVEL]
   probs   target_probs [B,S,Vd] fp32             raw, bf16, topk:K, zstd[:LEVEL], latent
   mask    bool masks such as position_mask       raw, bits

@@ -1,4 +1,4 @@
-"""Default target-layer ids and their validation, per draft algorithm (DESIGN.md).
+"""Default target-layer ids and their validation, per draft algorithm (docs/architecture.md).
 
 Each algorithm's rule lives in its own module (`client/algorithms/<name>.py`); this module names them
 for callers that import them from here, and `LAYER_IDS` is the registry's (default, validator) pairs.

@@ -1,4 +1,4 @@
-"""Packed rows as pure tensor functions, one copy for the server and the trainer (DESIGN.md, Packing).
+"""Packed rows as pure tensor functions, one copy for the server and the trainer (docs/architecture.md, Packing).
 
 `seq_lens` [B, max_docs] holds each row's document lengths, zero-padded, each row summing to S;
 `position_ids` [B,S] restart at 0 for every document; `doc_remaining` [B,S] holds how many tokens of the

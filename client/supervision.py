@@ -1,4 +1,4 @@
-"""The EAGLE-3 supervision formulas, one copy for the server, the client and the trainer (DESIGN.md, EAGLE-3).
+"""The EAGLE-3 supervision formulas, one copy for the server, the client and the trainer (docs/architecture.md, EAGLE-3).
 
 `shift_left` moves a [B,S,...] tensor one position left and zero-fills the tail. With a vocab mapping
 (`selected_token_ids` [Vd] int64: draft index -> target id; `selected_token_mask` [V] bool), full-vocab

@@ -1,4 +1,4 @@
-"""The draft vocabulary: which target token ids the draft predicts (DESIGN.md, token map).
+"""The draft vocabulary: which target token ids the draft predicts (docs/architecture.md, token map).
 
 Order: the special ids (bos, eos, pad, unk; deduplicated, in range), then ids by descending count
 of supervised tokens (`input_ids[loss_mask]`), ties by id, then the lowest unseen ids to fill Vd.

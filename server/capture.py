@@ -18,7 +18,7 @@ from draftfeed.client.errors import InvalidArgument
 
 __all__ = ["TargetLayout", "Captured", "discover", "text_config", "run_target", "capturing"]
 
-# Where decoder-layer lists live, in the order they are tried (DESIGN.md, layer discovery).
+# Where decoder-layer lists live, in the order they are tried (docs/architecture.md, layer discovery).
 _LAYER_PATHS = (
     "model.layers",
     "model.language_model.layers",

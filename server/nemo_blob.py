@@ -1,4 +1,4 @@
-"""NeMo AutoModel's "NMET" tensor blob (shared/NEMO_PROTOCOL.md), written from the format description.
+"""NeMo AutoModel's "NMET" tensor blob (docs/architecture.md, NeMo port), written from the format description.
 
 Little-endian, self-delimiting, no compression, no checksum:
 

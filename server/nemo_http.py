@@ -1,4 +1,4 @@
-"""NeMo AutoModel's remote-target HTTP protocol (shared/NEMO_PROTOCOL.md) on its own port, so a NeMo
+"""NeMo AutoModel's remote-target HTTP protocol (docs/architecture.md, NeMo port) on its own port, so a NeMo
 recipe with `target_model_backend: remote` can point `remote_urls` at a draftfeed server unchanged.
 
 Endpoints, the NMET blob (server/nemo_blob.py) and the reply dtypes are theirs. What differs, on purpose:

@@ -1,4 +1,4 @@
-"""Packed rows: several documents in one row, attended block-causally (DESIGN.md, Packing).
+"""Packed rows: several documents in one row, attended block-causally (docs/architecture.md, Packing).
 
 `seq_lens` [B, max_docs] holds each row's document lengths, zero-padded, each row summing to S;
 `position_ids` [B,S] restart at 0 for every document; `doc_remaining` [B,S] is passed through.

@@ -229,7 +229,7 @@ def test_resume_continues_identically(tmp_path, target_dir, data_file, algorithm
 def test_default_layer_ids_are_designs_in_process_remote_and_server_side(
     tmp_path, target_dir, server, tiny_model, algorithm
 ):
-    """Without --layer-ids the trainer captures DESIGN.md's default of its algorithm (client/algorithms/) for
+    """Without --layer-ids the trainer captures docs/architecture.md's default of its algorithm (client/algorithms/) for
     --num-target-layers K, in process and through a server, and a session opened without ids gets the same
     from the server. N = 8: DFlash round(1 + i(N-4)/(K-1)), DSpark sorted({round(1 + i(N-2)/(K-1))})."""
     from draftfeed.client import remote
@@ -440,7 +440,7 @@ def test_untrained_baseline_keeps_the_frozen_target_copies(constant_target):
 
 @pytest.mark.parametrize("algorithm", BLOCK)
 def test_cli_train_export_load_and_eval(tmp_path, target_dir, data_file, algorithm):
-    """`draftfeed train ALGO` exports the layout of ALGORITHMS.md; `load_draft` detects the algorithm and
+    """`draftfeed train ALGO` exports the layout of docs/architecture.md; `load_draft` detects the algorithm and
     reads back the trained weights; `draftfeed eval` measures it (and its untrained baseline)."""
     from safetensors.torch import load_file
 

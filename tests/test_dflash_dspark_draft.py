@@ -121,7 +121,7 @@ def test_layer_without_context_equals_hf_qwen3_layer(target):
 
 
 def reference_block(draft, feats, anchor_id, s):
-    """ALGORITHMS.md section 2 written out: C = hidden_norm(fc(F)) once, unnormed, in every layer; per layer
+    """docs/architecture.md section 2 written out: C = hidden_norm(fc(F)) once, unnormed, in every layer; per layer
     x' = input_layernorm(x); q = q_norm(q_proj x') at block positions s..s+bs-1; K = k_norm(k_proj [C; x']),
     V = v_proj [C; x'] at positions 0..s+bs-1; softmax over all keys; o_proj; residual; SwiGLU; final norm."""
     cfg = draft.config

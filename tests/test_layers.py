@@ -1,4 +1,4 @@
-"""Default layer ids follow DESIGN.md's formulas; every validation rule names the id and the range."""
+"""Default layer ids follow docs/architecture.md's formulas; every validation rule names the id and the range."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """NeMo's remote-target HTTP protocol on a real server (127.0.0.1, ephemeral ports, tiny llama).
 
-The client here is written from shared/NEMO_PROTOCOL.md alone: raw `requests.Session`s and a blob
+The client here is written from docs/architecture.md, NeMo port alone: raw `requests.Session`s and a blob
 codec of its own (`pack`/`unpack` below, checked against hand-built bytes), not the server's.
 """
 

@@ -1,5 +1,5 @@
 """What the block drafts (DFlash, DSpark) share in training: anchors, block inputs, the block attention
-mask, packing, and their losses (ALGORITHMS.md sections 2, 3, 5).
+mask, packing, and their losses (docs/architecture.md sections 2, 3, 5).
 
 Slot conventions differ and are kept apart here: DFlash slot k (1..bs-1) predicts x_{a+k} (slot 0 is the
 anchor, unsupervised); DSpark slot k (0..bs-1) predicts x_{a+k+1}.

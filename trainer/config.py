@@ -7,7 +7,7 @@ Sources, later ones winning: the dataclass defaults, a YAML file (sections as ne
 sources (client/config_flags.py, shared with `draftfeed serve`); nothing else reads flags, files or the
 environment for settings.
 
-Optimiser defaults are NeMo AutoModel's recipes (ALGORITHMS.md sections 1-3): AdamW betas (0.9, 0.95), no
+Optimiser defaults are NeMo AutoModel's recipes (docs/architecture.md sections 1-3): AdamW betas (0.9, 0.95), no
 weight decay, cosine to 0.1 * lr, clip 1.0; lr 1e-4 with 5% warmup for EAGLE-3, lr 6e-4 with 4% warmup for
 DFlash / DSpark (`--lr` / `--warmup-ratio` unset = the algorithm's).
 """
@@ -238,7 +238,7 @@ class DataConfig:
 
 @dataclass
 class Eagle3Config:
-    """The EAGLE-3 draft and its loss (ALGORITHMS.md section 1)."""
+    """The EAGLE-3 draft and its loss (docs/architecture.md section 1)."""
 
     draft_vocab_size: int = flag("--draft-vocab-size", "draft vocab Vd (>= target vocab: identity)", 8192)
     ttt_steps: int = flag("--ttt-steps", "training-time-test unroll steps K", 4)
@@ -263,7 +263,7 @@ class Eagle3Config:
 
 @dataclass
 class BlockConfig:
-    """The block drafts' shared settings (DFlash and DSpark, ALGORITHMS.md sections 2-3); unset fields take
+    """The block drafts' shared settings (DFlash and DSpark, docs/architecture.md sections 2-3); unset fields take
     the algorithm's default (DFlash: block 16, gamma 7; DSpark: block 7, gamma 4)."""
 
     block_size: int | None = flag(
@@ -311,7 +311,7 @@ class BlockConfig:
 
 @dataclass
 class DSparkTrainConfig:
-    """DSpark's heads and loss weights (ALGORITHMS.md section 3): L = 0.1 CE + 0.9 L1 + 1.0 confidence BCE."""
+    """DSpark's heads and loss weights (docs/architecture.md section 3): L = 0.1 CE + 0.9 L1 + 1.0 confidence BCE."""
 
     ce_weight: float = flag("--ce-weight", "weight of the cross-entropy on the target's tokens", 0.1)
     tv_weight: float = flag("--tv-weight", "weight of the L1 (2 TV) distance to the target distribution", 0.9)

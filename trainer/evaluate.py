@@ -1,6 +1,6 @@
 """Real acceptance length tau of a draft against the target: speculative decoding, batch 1, greedy.
 
-Protocol (ALGORITHMS.md sections 1 "Inference (chain)", 2-3 "Inference" and 4): the target prefills the
+Protocol (docs/architecture.md sections 1 "Inference (chain)", 2-3 "Inference" and 4): the target prefills the
 prompt x_0..x_{n-1} (features of its captured layers, bonus x_n = argmax). Each round the drafter proposes
 up to K tokens d_1..d_l; the target runs [x_n, d_1..d_l] once on its KV cache; a = the longest prefix with
 d_i = the target's argmax at the previous position; d_1..d_a and the target's next token are committed (a + 1
@@ -185,7 +185,7 @@ class TargetVerifier:
     `aux_layer_ids` are the layers whose outputs a round returns, concatenated, captured by the server's
     own hooks (`server/capture.py`) so they are the rows the draft was trained on: id i = output of decoder
     layer i (EAGLE-3's aux layers, DFlash's target layers; N-1 too is the last layer's pre-norm output);
-    with `algorithm` "dspark", -1 = input of the first layer and N-1 = the final-norm output (DESIGN.md)."""
+    with `algorithm` "dspark", -1 = input of the first layer and N-1 = the final-norm output (docs/architecture.md)."""
 
     def __init__(self, model, aux_layer_ids: Sequence[int] | None = None, algorithm: str = "eagle3"):
         from draftfeed.server.capture import discover

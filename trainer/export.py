@@ -1,5 +1,5 @@
 """EAGLE-3 draft export in the layout SGLang (`LlamaForCausalLMEagle3`) and vLLM (`Eagle3LlamaForCausalLM`)
-load, and the loader that reads it back (ALGORITHMS.md section 1, "Export").
+load, and the loader that reads it back (docs/architecture.md section 1, "Export").
 
 A directory with
 - `config.json`: the target's text config with the draft's own dims written over it, plus
@@ -7,7 +7,7 @@ A directory with
   `draft_vocab_size`, `tie_word_embeddings: false`, `target_hidden_size` when it differs from
   `hidden_size`, and `eagle_config.eagle_aux_hidden_state_layer_ids` (output-of-layer ids, SGLang's
   convention). For non-default aux ids vLLM's top-level `eagle_aux_hidden_state_layer_ids` is written as
-  well, as input-of-layer ids (id + 1; inferred from vLLM's capture loop, see ALGORITHMS.md).
+  well, as input-of-layer ids (id + 1; inferred from vLLM's capture loop, see docs/architecture.md).
   Fields only draftfeed reads (num_target_layers, EAGLE-3.1 switches) sit under `draftfeed`.
 - `model.safetensors`: `fc.weight`, `midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight`,
   `midlayer.self_attn.{q,k,v,o}_proj.weight`, `midlayer.mlp.{gate,up,down}_proj.weight`, `norm.weight`,

@@ -1,6 +1,6 @@
 """EAGLE-3 training objective: soft cross-entropy over the TTT unroll, step weights, metrics.
 
-Per slot t and step k (ALGORITHMS.md section 1): l_t = -sum_v P_t(v) log softmax(logits_t)(v),
+Per slot t and step k (docs/architecture.md section 1): l_t = -sum_v P_t(v) log softmax(logits_t)(v),
 in fp32, where P, the position mask M and the loss mask LM are shifted left k times at step k (done
 here by slicing: step k compares logits_k[:, :S-k] with P[:, k:]). In a packed batch slot t at step
 k is supervised only while k < doc_remaining[t], so no prediction crosses a document boundary.

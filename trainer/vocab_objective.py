@@ -1,4 +1,4 @@
-"""The block drafts' full-vocab objective with its gradient written out (ALGORITHMS.md sections 2-3).
+"""The block drafts' full-vocab objective with its gradient written out (docs/architecture.md sections 2-3).
 
 Per supervised row: z = softcap(h W^T) + e W2^T (the Markov bias e = W1[prev], DSpark only), ce = lse(z) -
 z[y], hit = argmax(z) == y, and for DSpark tv = sum_v |softmax(z) - softmax(softcap(t W^T))| against the

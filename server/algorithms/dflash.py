@@ -1,4 +1,4 @@
-"""DFlash on the server: the captures a session needs and the features it gets (DESIGN.md, DFlash).
+"""DFlash on the server: the captures a session needs and the features it gets (docs/architecture.md, DFlash).
 
 Concatenated decoder-layer outputs, unshifted inputs, optional full logits.
 """

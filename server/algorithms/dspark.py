@@ -1,4 +1,4 @@
-"""DSpark on the server: the captures a session needs and the features it gets (DESIGN.md, DSpark).
+"""DSpark on the server: the captures a session needs and the features it gets (docs/architecture.md, DSpark).
 
 Features of ids in {-1} u [0, N-1] (-1 = input of layer 0, N-1 = final-norm output) and the final-norm output.
 """

@@ -1,4 +1,4 @@
-"""EAGLE-3 on the server: the captures a session needs and the supervision it gets (DESIGN.md, EAGLE-3).
+"""EAGLE-3 on the server: the captures a session needs and the supervision it gets (docs/architecture.md, EAGLE-3).
 
 Aux states of 3 layers, shifted inputs, and shifted supervision: full logits, or draft-vocab `target_probs` +
 `position_mask` once a vocab mapping is set (or the shifted final-norm state with the 'latent' probs encoding).

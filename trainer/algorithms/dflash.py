@@ -1,4 +1,4 @@
-"""DFlash in the trainer: block draft over the target's frozen embedding / lm_head, decayed CE (ALGORITHMS.md
+"""DFlash in the trainer: block draft over the target's frozen embedding / lm_head, decayed CE (docs/architecture.md
 section 2)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ __all__ = ["DFlashAlgorithm"]
 
 @register
 class DFlashAlgorithm(BlockAlgorithm):
-    """DFlash: block draft over the target's frozen embedding / lm_head, decayed CE (ALGORITHMS.md section 2)."""
+    """DFlash: block draft over the target's frozen embedding / lm_head, decayed CE (docs/architecture.md section 2)."""
 
     name = "dflash"
     backends = ("HFDFlashTargetModel", "RemoteDFlashTargetModel")

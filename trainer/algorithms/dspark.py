@@ -1,5 +1,5 @@
 """DSpark in the trainer: the block draft plus Markov and confidence heads, 0.1 CE + 0.9 L1 + 1.0 BCE
-(ALGORITHMS.md section 3). `DSPARK_DRAFTS` says which DSpark draft class fits a target, by the target's
+(docs/architecture.md section 3). `DSPARK_DRAFTS` says which DSpark draft class fits a target, by the target's
 `config.architectures` (one line per family)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""EAGLE-3 in the trainer: TTT-unrolled single-layer draft, soft cross-entropy (ALGORITHMS.md section 1)."""
+"""EAGLE-3 in the trainer: TTT-unrolled single-layer draft, soft cross-entropy (docs/architecture.md section 1)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["Eagle3Algorithm"]
 
 @register
 class Eagle3Algorithm(DraftAlgorithm):
-    """EAGLE-3: TTT-unrolled single-layer draft, soft cross-entropy (ALGORITHMS.md section 1)."""
+    """EAGLE-3: TTT-unrolled single-layer draft, soft cross-entropy (docs/architecture.md section 1)."""
 
     name = "eagle3"
     architectures = (EAGLE3_ARCHITECTURE, "Eagle3LlamaForCausalLM", "LlamaEagle3DraftModel")

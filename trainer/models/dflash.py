@@ -1,6 +1,6 @@
 """DFlash draft (math only): a small bidirectional Qwen3-style stack that drafts a block of tokens at once.
 
-ALGORITHMS.md section 2. The draft reads the target's features F [B,S,K*H] of K captured layers,
+docs/architecture.md section 2. The draft reads the target's features F [B,S,K*H] of K captured layers,
 projects them once to a context C = hidden_norm(fc(F)) [B,S,H], and runs `num_layers` decoder layers
 over a block [x_a, MASK, ..., MASK]. In every layer the block's queries attend to keys/values computed
 with the same projections from [C; x] (C is the same tensor in every layer and is not layer-normed);
@@ -175,7 +175,7 @@ class DFlashConfig:
         return {}
 
     def to_export_dict(self) -> dict:
-        """config.json in the DFlash layout (ALGORITHMS.md section 2, "Export")."""
+        """config.json in the DFlash layout (docs/architecture.md section 2, "Export")."""
         out = self._base_export_dict()
         out.update(
             architectures=["DFlashDraftModel"],

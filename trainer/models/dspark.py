@@ -1,6 +1,6 @@
 """DSpark draft (math only): the DFlash backbone plus a Markov head and a confidence head.
 
-ALGORITHMS.md section 3. The backbone (`fc`, `hidden_norm`, `layers`, `norm`) is DFlash's
+docs/architecture.md section 3. The backbone (`fc`, `hidden_norm`, `layers`, `norm`) is DFlash's
 `BlockDraftBackbone`; DSpark adds its own frozen copies of the target's `embed_tokens` / `lm_head`, a
 vanilla low-rank Markov head B(prev) = W2 W1[prev] (`markov_head.markov_w1` Embedding(V,r),
 `markov_head.markov_w2` Linear(r->V)) and a confidence head `confidence_head.proj` Linear(H+r -> 1) on

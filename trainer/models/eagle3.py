@@ -1,6 +1,6 @@
 """The EAGLE-3 draft model and its training-time-test (TTT) unrolled forward. Math only.
 
-Architecture (ALGORITHMS.md section 1): frozen `embed_tokens` [V,H] copied from the target;
+Architecture (docs/architecture.md section 1): frozen `embed_tokens` [V,H] copied from the target;
 `fc` (3H -> H) over the target's aux hidden states; one decoder layer `midlayer` whose attention
 reads cat(input_layernorm(emb), hidden_norm(g)) [2H] and whose residual is the un-normed g; final
 `norm`; `lm_head` (H -> Vd). Buffers `d2t` int64 [Vd] (target id = i + d2t[i]) and `t2d` bool [V].
@@ -427,7 +427,7 @@ class Eagle3DraftModel(nn.Module):
         past_k: torch.Tensor | None = None,
         past_v: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inference rows with a KV cache (chain drafting, ALGORITHMS.md section 1 "Inference").
+        """Inference rows with a KV cache (chain drafting, docs/architecture.md section 1 "Inference").
 
         Row i gets (g[:, i], embed(input_ids[:, i])) at `positions[:, i]`: g = fc(A_t) with the token
         x_{t+1} for a committed row t, or the previous raw layer output h (no fc) with the last draft for a
