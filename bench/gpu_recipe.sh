@@ -12,7 +12,7 @@
 #        run(command="bash bench/gpu_recipe.sh run", carry=[".devtmp/i19/p2"], timeout_s=600)
 # Outputs under $OUT (logs, metrics, eval JSON, draft_quality.md). Knobs: BUDGET_S, ALGS, DATA_LIMIT,
 # REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), EVAL_N, TRAIN_S, CKPT_EVAL=0 (skip the checkpoints' tau),
-# SAME_ROW=0 (skip the remote vs in-process row), NO_SMOKE=1 (stash only), ARGS_<alg>="..." (extra train flags of
+# SAME_ROW=0 (skip the remote vs in-process row), EVAL_FP32=1 (EAGLE-3 again with an fp32 target), NO_SMOKE=1 (stash only), ARGS_<alg>="..." (extra train flags of
 # one recipe, e.g. ARGS_eagle3="--steps 15000 --save-every 2000"), KEEP_WORK=1 + RESUME=1 (a later call on the
 # same warm machine: keep /tmp/recipe, reuse its regenerated data, resume each job from its latest checkpoint).
 # SMOKE=1 runs the CPU smoke sizes (recipes/*-cpu.yaml) for a dry run here.
@@ -127,6 +127,11 @@ EV="$DF eval --config recipes/eval-$SIZE.yaml --prompts $MT,$HELD --limit $EVAL_
 if [ -f $W/eagle3/export/config.json ]; then
   say "eval eagle3 (alone on the GPU)"
   timeout -k 5 $(($(left) - 10)) $EV --draft $W/eagle3/export --out "$OUT/eagle3/eval.json" 2>&1 | grep -v "Loading weights" | tail -4
+fi
+# EVAL_FP32=1: the EAGLE-3 draft once more with the target in fp32 (do bf16 near-ties explain the outputs that differ?)
+if [ "${EVAL_FP32:-0}" = 1 ] && [ -f $W/eagle3/export/config.json ]; then
+  say "eval eagle3, target in fp32"
+  timeout -k 5 $(($(left) - 10)) $EV --draft $W/eagle3/export --dtype float32 --out "$OUT/eagle3/eval_fp32.json" 2>&1 | grep -v "Loading weights" | tail -4
 fi
 say "eval the others, the checkpoints, remote vs in-process (concurrently)"
 PIDS=""
