@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from draftfeed.client.layers import LAYER_IDS
+from draftfeed.client.algorithms import get_algorithm
 
 from .common import (
     ACTIVATIONS,
@@ -96,7 +96,7 @@ class DFlashConfig:
 
     def __post_init__(self):
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
-        LAYER_IDS[self.algorithm][1](self.target_layer_ids, self.num_target_layers)
+        get_algorithm(self.algorithm).validate_layer_ids(self.target_layer_ids, self.num_target_layers)
         for name in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{type(self).__name__}.{name} must be positive, got {getattr(self, name)}")
@@ -139,7 +139,7 @@ class DFlashConfig:
         d = text_config_dict(target_config)
         n, vocab = int(d["num_hidden_layers"]), int(d["vocab_size"])
         if target_layer_ids is None:
-            target_layer_ids = LAYER_IDS[cls.algorithm][0](n, num_target_features)
+            target_layer_ids = get_algorithm(cls.algorithm).default_layer_ids(n, num_target_features)
         heads = int(d["num_attention_heads"])
         rope = _rope_parameters(d)
         dims = dict(
