@@ -113,6 +113,20 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor():
     assert all(f(s) >= f(s + 1) for s in range(5, 120))
 
 
+def test_a_time_budget_paces_the_schedule_whichever_ends_first():
+    spent = [0.0]
+    f, steps = lr_lambda(100, 5, 0.1, lambda: spent[0]), lr_lambda(100, 5, 0.1)
+    assert [f(s) for s in (2, 50, 95)] == pytest.approx([steps(s) for s in (2, 50, 95)])  # no time spent
+    spent[0] = 0.025  # half the warmup's share of the time at step 0
+    assert f(0) == pytest.approx(0.5)
+    spent[0] = 0.05 + 0.95 / 2  # half the cosine's share of the time at step 10: the cosine's middle
+    assert f(10) == pytest.approx(0.1 + 0.9 * 0.5) and f(2) == pytest.approx(0.1 + 0.9 * 0.5)
+    spent[0] = 1.3  # past the budget: the floor
+    assert f(10) == pytest.approx(0.1)
+    spent[0] = 0.1  # the steps ahead of the clock: the steps pace it
+    assert f(95) == pytest.approx(steps(95))
+
+
 def test_yaml_config_with_flags_overriding_it(tmp_path, target_dir, data_file):
     (tmp_path / "c.yaml").write_text(
         f"out: {tmp_path}/o\ntarget: {{model: {target_dir}}}\ndata: {{path: {data_file}, seq_len: 96}}\n"
@@ -203,6 +217,11 @@ def test_epochs_size_the_schedule_and_the_time_limit_stops_early(tmp_path, targe
     )
     assert len(short.history) == 1
     assert (tmp_path / "t/checkpoints/step_0000001/complete").is_file() and (tmp_path / "t/export").is_dir()
+    # the time budget was spent at the first step, so the schedule ended there: the next lr is the floor,
+    # and the checkpoint records the seconds trained (a resumed run paces its schedule from them)
+    state = torch.load(tmp_path / "t/checkpoints/step_0000001/trainer.pt", weights_only=False)
+    assert state["scheduler"]["_last_lr"][0] == pytest.approx(0.1 * 3e-3)
+    assert state["train_seconds"] > 1e-6
 
 
 def test_resume_continues_bit_identically(tmp_path, target_dir, data_file):

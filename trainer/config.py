@@ -374,7 +374,10 @@ class LoopConfig:
     epochs: int = flag("--epochs", "passes over the data when --steps is not given", 1)
     prefetch: int = flag("--prefetch", "target batches in flight ahead of training", 2)
     time_limit: float | None = flag(
-        "--time-limit", "stop after this many seconds of training (checkpoint and export as usual)", None
+        "--time-limit",
+        "stop after this many seconds of training (checkpoint and export as usual); the lr schedule then "
+        "anneals by whichever ends first, the steps or the time",
+        None,
     )
     bf16: bool = flag("--bf16", "bf16 autocast for the draft on GPU", True)
     compile: str = flag(

@@ -4,7 +4,8 @@ Per optimizer step: `grad_accum` micro-batches, each a target batch that was req
 batches ahead with `generate_batch_async` (a remote target computes the next batches while the draft
 trains on this one; an in-process target runs them when they are asked for), scored by the algorithm
 under bf16 autocast on GPU (its fused kernels compiled per `loop.compile`, `compiling.py`); then gradient
-clipping, AdamW, and the learning-rate schedule (linear warmup, cosine to `min_lr_ratio * lr`). Under
+clipping, AdamW, and the learning-rate schedule (linear warmup, cosine to `min_lr_ratio * lr`, paced by
+`--time-limit` when one is set: whichever ends first, steps or time). Under
 torchrun the scoring module is wrapped in DDP (gloo on CPU, nccl on GPU); each rank has its own backend and its own shard of the data. Rank 0 shows a progress bar on a
 terminal (`progress.py`: loss, accuracy, tokens per second, eta) and writes a progress line and a
 metrics.jsonl record (TensorBoard scalars too when it is installed) every `log_every` steps.
@@ -26,6 +27,7 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,14 +61,23 @@ _COMPLETE = "complete"
 CPU_ETA_WARN_S = 600.0  # on a CPU, warn after the first step when the run would take longer than this
 
 
-def lr_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float):
+def lr_lambda(
+    total_steps: int, warmup_steps: int, min_lr_ratio: float, time_progress: Callable[[], float] | None = None
+):
     """Multiplier of the peak lr before optimizer step `s` (0-based): (s+1)/warmup during warmup, then a
-    cosine from 1 to `min_lr_ratio` over the remaining steps."""
+    cosine from 1 to `min_lr_ratio` over the remaining steps. With `time_progress` (the fraction of a time
+    budget spent, see `Trainer`) warmup and cosine run at the pace of whichever ends first, steps or time
+    (the warmup takes the same share of either), so a run cut by `--time-limit` still ends annealed."""
+
+    w = warmup_steps / max(1, total_steps)  # the warmup's share of the run
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        spent = 0.0 if time_progress is None else min(1.0, time_progress())
+        if step < warmup_steps and spent < w:
+            return max((step + 1) / warmup_steps, spent / w)
+        progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if time_progress is not None:
+            progress = max(progress, (spent - w) / max(1e-9, 1 - w))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
@@ -174,8 +185,19 @@ class Trainer:
             self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
         )
         warmup = int(o.warmup_ratio * total_steps)
+        # a time limit paces the schedule: seconds trained in earlier runs (a resumed checkpoint) plus this
+        # run's, over those plus this run's limit; measured on rank 0's clock at each optimizer step
+        self.prior_seconds = 0.0  # training seconds of the runs this one resumes
+        self.elapsed = 0.0  # seconds of this run, updated before each scheduler step
+        paced = None
+        if cfg.loop.time_limit is not None:
+            limit = cfg.loop.time_limit
+
+            def paced() -> float:
+                return (self.prior_seconds + self.elapsed) / (self.prior_seconds + limit)
+
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(total_steps, warmup, o.min_lr_ratio)
+            self.optimizer, lr_lambda(total_steps, warmup, o.min_lr_ratio, paced)
         )
         self.step = 0
         self.data_state = batches.state_dict()
@@ -210,6 +232,7 @@ class Trainer:
                     "draft": draft_state,
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
+                    "train_seconds": self.prior_seconds + self.elapsed,
                     "algorithm": self.algorithm.state_dict(),
                     "config": config_to_dict(self.cfg),
                 },
@@ -245,6 +268,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self.prior_seconds = float(state.get("train_seconds", 0.0))
         rank_state = torch.load(mine, map_location="cpu", weights_only=False)
         self.algorithm.load_state_dict(rank_state.get("algorithm", state["algorithm"]))
         self.batches.load_state_dict(rank_state["data"])
@@ -316,13 +340,14 @@ class Trainer:
         values = torch.stack([m.detach().float().reshape(()) for m in metrics.values()]).tolist()
         return dict(zip(metrics, values, strict=True))
 
-    def _time_is_up(self, start: float) -> bool:
-        """Past `loop.time_limit` on any rank (all ranks stop at the same step)."""
-        up = torch.tensor(float(time.perf_counter() - start > self.cfg.loop.time_limit))
+    def _clock(self, start: float) -> None:
+        """`elapsed` = this run's seconds, rank 0's on every rank (the paced lr and the stop agree)."""
+        elapsed = time.perf_counter() - start
         if self.dist.world_size > 1:
-            up = up.to(self.device)
-            tdist.all_reduce(up, op=tdist.ReduceOp.MAX)
-        return bool(up.item())
+            t = torch.tensor([elapsed], dtype=torch.float64, device=self.device)
+            tdist.broadcast(t, 0)
+            elapsed = float(t.item())
+        self.elapsed = elapsed
 
     def _say(self, msg: str) -> None:
         """A line on rank 0's stderr (above the progress bar when one is shown)."""
@@ -435,6 +460,8 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     break
                 with stop.deferred():  # a signal here is raised after the step (and its checkpoint)
+                    if cfg.loop.time_limit is not None:
+                        self._clock(start)
                     entry = {"step": self.step + 1, **sums, **self._optimizer_step()}
                     self.step += 1
                     committed = (self.data_state, _rng_state(), self.algorithm.state_dict())
@@ -459,7 +486,7 @@ class Trainer:
                     now = time.perf_counter()
                     self._log(window, now - window_start, window_tokens, window_wait)
                     window, window_tokens, window_wait, window_start = [], 0, 0.0, now
-                if cfg.loop.time_limit is not None and self._time_is_up(start):
+                if cfg.loop.time_limit is not None and self.elapsed > cfg.loop.time_limit:
                     if window:
                         self._log(window, time.perf_counter() - window_start, window_tokens, window_wait)
                     self._say(f"time limit of {cfg.loop.time_limit:.0f} s reached at step {self.step}")
