@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from draftfeed.server.app import TargetServer
     from draftfeed.server.config import ServeConfig
-    from draftfeed.server.loading import load_target, load_tokenizer
+    from draftfeed.target.loading import load_target, load_tokenizer
 
     s = DemoSettings.gpu() if args.gpu else DemoSettings(steps=30, eval_prompts=4, eval_max_new_tokens=32)
     s = s.replace(

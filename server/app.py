@@ -32,18 +32,19 @@ from draftfeed.client.channel import MAX_METADATA_BYTES
 from draftfeed.client.errors import InvalidArgument
 from draftfeed.client.layers import validate_eagle3_layer_ids
 from draftfeed.client.wire import SERVICE_NAME, add_to_server, grpc_options
+from draftfeed.target.capture import discover
+from draftfeed.target.fingerprint import fingerprint
 
 from .admission import Admission
 from .auth import AccessControl, load_token_file
 from .call_slots import CallSlots, reserve_for
-from .capture import discover
 from .config import ServeConfig
 from .dataplane import DataPlaneServer, data_ssl_context
 from .graphs import GraphedForward
 from .leases import SessionLeases
 from .listening import GRPC_EXCLUSIVE_PORT, port_taken
 from .metrics import ServerMetrics
-from .model_info import build_model_info, fingerprint
+from .model_info import build_model_info
 from .scheduler import BatchScheduler
 from .service import TargetServicer, lenient_deserializer
 from .sessions import SessionTable
@@ -97,7 +98,7 @@ class TargetServer:
     def __init__(self, cfg: ServeConfig, model: torch.nn.Module | None = None, tp=None):
         self.cfg = cfg
         if model is None:
-            from .loading import load_target
+            from draftfeed.target.loading import load_target
 
             model = load_target(cfg.model, dtype=cfg.dtype, device=cfg.resolved_device())
         self.model = model

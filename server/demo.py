@@ -9,10 +9,10 @@ import torch
 
 from draftfeed.client.remote import RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.client.vocab import TokenCounter, build_token_map
+from draftfeed.target.loading import load_target, load_tokenizer
 
 from .app import TargetServer
 from .config import ServeConfig
-from .loading import load_target, load_tokenizer
 
 __all__ = ["DEMO_PROMPTS", "chat_batch", "run_demo"]
 

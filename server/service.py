@@ -1,7 +1,7 @@
 """The gRPC servicer: translates wire <-> domain and makes one domain call per RPC.
 
 A data request's path in (check, convert, hold, charge, submit, account; shared with the NeMo HTTP
-port) lives in server/admission.py, validation in server/checks.py, batching in server/scheduler.py, math in features/supervision,
+port) lives in server/admission.py, validation in target/checks.py, batching in server/scheduler.py, math in features/supervision,
 who-may-do-what in server/auth.py, session ids (and adoption across replicas) in server/directory.py,
 the optional TCP data plane for reply payloads in server/dataplane.py, the per-job bound on open
 Generate/GenerateStream calls (each holds a worker thread) in server/call_slots.py.

@@ -33,8 +33,8 @@ from draftfeed.client.channel import SESSION_SPEC_KEY
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.remote import RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.client.wire import SERVICE_NAME, ReplyAssembler, TargetStub, tensor_to_proto
-from draftfeed.server.backends import HFDSparkTargetModel, HFEagle3TargetModel
-from draftfeed.server.checks import Limits
+from draftfeed.target.backends import HFDSparkTargetModel, HFEagle3TargetModel
+from draftfeed.target.checks import Limits
 
 # malformed or hostile calls, all ports together (DRAFTFEED_FUZZ_CALLS=20000 for a longer local run)
 FUZZ_CALLS = int(os.environ.get("DRAFTFEED_FUZZ_CALLS", "1200"))

@@ -77,7 +77,7 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(target_dir):
-    from draftfeed.server.loading import load_target
+    from draftfeed.target.loading import load_target
 
     srv = TargetServer(ServeConfig(port=0), model=load_target(target_dir)).start()
     yield srv

@@ -127,7 +127,7 @@ def load_training_conversations(
 
 
 def target_fingerprint(model) -> str:
-    from draftfeed.server.model_info import fingerprint
+    from draftfeed.target.fingerprint import fingerprint
 
     return fingerprint(model)
 
@@ -141,7 +141,7 @@ def served_target_config(backend, local_model: str | None):
     if served:
         fields = dict(served)
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
-    from draftfeed.server.loading import default_target_path
+    from draftfeed.target.loading import default_target_path
 
     return AutoConfig.from_pretrained(local_model or default_target_path(), local_files_only=True)
 
@@ -189,7 +189,7 @@ def _count_steps(dataset, cfg: TrainConfig, pad_id: int, dist: DistContext, devi
 def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> TrainingRun:
     """Everything `Trainer.train` needs. `model` (optional) is an already loaded in-process target, used
     for regeneration and, when no server URL is configured, as the backend's target."""
-    from draftfeed.server.loading import load_target, load_tokenizer
+    from draftfeed.target.loading import load_target, load_tokenizer
 
     device = resolve_device(cfg.loop.device, cfg.dist.local_rank)
     dist = init_distributed(cfg.dist, device)
