@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model = load_target(None, device=device, dtype="bfloat16" if device == "cuda" else None)
     tokenizer = load_tokenizer(None)
-    server = TargetServer(ServeConfig(port=0, device=device), model=model).start()
+    server = TargetServer(ServeConfig(port=0, device=device), model=model, tokenizer=tokenizer).start()
     try:
         cfgs = demo_configs(s, work, server.url, ALGORITHMS, device)
         trained = train_concurrently(cfgs, model, server.info.fingerprint)

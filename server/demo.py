@@ -57,7 +57,7 @@ def run_demo(cfg: ServeConfig, steps: int = 4, draft_vocab: int = 8192) -> int:
     device = cfg.resolved_device()
     tokenizer = load_tokenizer(cfg.model)
     model = load_target(cfg.model, device=device, dtype="bfloat16" if device.startswith("cuda") else None)
-    server = TargetServer(cfg, model=model).start()
+    server = TargetServer(cfg, model=model, tokenizer=tokenizer).start()
     print(
         f"server: {type(model).__name__} ({server.info.num_hidden_layers} layers, {server.info.dtype}) on {server.url}"
     )

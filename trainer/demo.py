@@ -248,7 +248,7 @@ def run_demo_train(s: DemoSettings = DemoSettings(), out: str | None = None) -> 
     start = time.perf_counter()
     model = load_target(None, device=device, dtype=dtype)
     tokenizer = load_tokenizer(None)
-    server = TargetServer(ServeConfig(port=0, device=device), model=model).start()
+    server = TargetServer(ServeConfig(port=0, device=device), model=model, tokenizer=tokenizer).start()
     _say(f"server: {type(model).__name__} on {server.url} ({device}); output in {out_dir}")
     algorithms = ("eagle3", "dspark")
     try:
