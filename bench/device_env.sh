@@ -14,7 +14,7 @@ if [ ! -f $GGUF ] && [ -f /tmp/stash/gguf.part00 ] && [ -f .devtmp/eagle3/p2/ggu
 fi
 DEFAULT_TARGET_GGUF=$([ -f $GGUF ] && echo 1 || echo 0)
 mkdir -p /tmp/dfsrc/draftfeed
-for d in client server trainer bench; do ln -sfn "$PWD/$d" /tmp/dfsrc/draftfeed/$d; done
+for d in client target server trainer bench; do ln -sfn "$PWD/$d" /tmp/dfsrc/draftfeed/$d; done
 export PYTHONPATH=/tmp/dfsrc:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 
 # Time-capped parts of a script (the scripts set T0 and BUDGET_S before sourcing this file).

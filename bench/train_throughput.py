@@ -316,7 +316,7 @@ def single(args):
 
 
 def _single(args, out, url, labels):
-    from draftfeed.server.loading import load_target
+    from draftfeed.target.loading import load_target
 
     model = load_target(args.target, dtype="bfloat16", device=device())
     for b in [int(x) for x in args.batches.split(",")]:
@@ -427,7 +427,7 @@ def _use_impl(algs, impl: str, draft, originals: dict) -> None:
 
 
 def step_bench(args):
-    from draftfeed.server.loading import load_target
+    from draftfeed.target.loading import load_target
     from draftfeed.trainer import algorithms as algs
     from draftfeed.trainer import compiling
     from draftfeed.trainer.algorithms import ALGORITHMS

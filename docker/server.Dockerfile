@@ -19,6 +19,7 @@ WORKDIR /opt/draftfeed
 COPY pyproject.toml README.md ./
 COPY proto/ proto/
 COPY client/ client/
+COPY target/ target/
 COPY server/ server/
 COPY trainer/ trainer/
 COPY bench/ bench/

@@ -2,7 +2,7 @@
 servicer, server/service.py, and the NeMo HTTP port, server/nemo_http.py):
 
   check     the server is not draining, the session exists and is ready, every required tensor is
-            there and passes server/checks.py (the target's vocab, the per-request limits)
+            there and passes target/checks.py (the target's vocab, the per-request limits)
   convert   the request's tensors into a `TokenBatch`
   hold      one of the session's reply holds (its queue limit, --max-queued-per-job)
   charge    the job's token quota (server/auth.py), around
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from draftfeed.client.errors import InvalidArgument, ResourceExhausted, Unavailable
+from draftfeed.target.checks import Limits, check_generate_inputs
+from draftfeed.target.features import TokenBatch
 
 from .auth import AccessControl, Caller
-from .checks import Limits, check_generate_inputs
-from .features import TokenBatch
 from .scheduler import BatchScheduler
 from .sessions import Session
 

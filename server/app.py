@@ -31,19 +31,21 @@ from grpc_reflection.v1alpha import reflection
 from draftfeed.client.channel import MAX_METADATA_BYTES
 from draftfeed.client.errors import InvalidArgument
 from draftfeed.client.layers import validate_eagle3_layer_ids
+from draftfeed.client.tokenizer import tokenizer_message
 from draftfeed.client.wire import SERVICE_NAME, add_to_server, grpc_options
+from draftfeed.target.capture import discover
+from draftfeed.target.fingerprint import fingerprint
 
 from .admission import Admission
 from .auth import AccessControl, load_token_file
 from .call_slots import CallSlots, reserve_for
-from .capture import discover
 from .config import ServeConfig
 from .dataplane import DataPlaneServer, data_ssl_context
 from .graphs import GraphedForward
 from .leases import SessionLeases
 from .listening import GRPC_EXCLUSIVE_PORT, port_taken
 from .metrics import ServerMetrics
-from .model_info import build_model_info, fingerprint
+from .model_info import build_model_info
 from .scheduler import BatchScheduler
 from .service import TargetServicer, lenient_deserializer
 from .sessions import SessionTable
@@ -87,19 +89,36 @@ def _default_layer_ids(cfg: ServeConfig, num_layers: int) -> dict[str, list[int]
         raise InvalidArgument(f"--aux-layer-ids {','.join(map(str, cfg.aux_layer_ids))}: {err}") from None
 
 
+def _tokenizer_of(cfg: ServeConfig):
+    """The tokenizer saved with the target at `cfg.model` (the built-in default's when None), or None with a
+    warning when that directory holds none: the server then answers GetTokenizer with FAILED_PRECONDITION."""
+    from draftfeed.target.loading import load_tokenizer
+
+    try:
+        return load_tokenizer(cfg.model)
+    except InvalidArgument as err:
+        log.warning("serving no tokenizer (remote trainers need --target-model): %s", err)
+        return None
+
+
 class TargetServer:
     """Build with a config (and optionally an already loaded model), then `start()` / `stop()`.
 
     tp: a `TensorParallel` group when the model is sharded (rank 0 only): the scheduler's forward
     and weight gathers then go through it, and `stop()` releases the other ranks.
+    tokenizer: the target's tokenizer, served by GetTokenizer. A server that loads the target from
+    `cfg.model` itself (no `model` given, or `tp`) loads the tokenizer from there too.
     """
 
-    def __init__(self, cfg: ServeConfig, model: torch.nn.Module | None = None, tp=None):
+    def __init__(self, cfg: ServeConfig, model: torch.nn.Module | None = None, tp=None, tokenizer=None):
         self.cfg = cfg
+        from_cfg = model is None or tp is not None  # the target came from cfg.model: so does its tokenizer
         if model is None:
-            from .loading import load_target
+            from draftfeed.target.loading import load_target
 
             model = load_target(cfg.model, dtype=cfg.dtype, device=cfg.resolved_device())
+        if tokenizer is None and from_cfg:
+            tokenizer = _tokenizer_of(cfg)
         self.model = model
         self.tp = tp
         self.layout = discover(model)
@@ -147,6 +166,7 @@ class TargetServer:
             access=self.access,
             gather=tp.gather if tp is not None else None,
             dataplane=self.dataplane,
+            tokenizer=tokenizer_message(tokenizer) if tokenizer is not None else None,
             slots=CallSlots(cfg.grpc_workers - reserve_for(cfg.grpc_workers), cfg.max_streams_per_job),
         )
         options = grpc_options() + [

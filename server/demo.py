@@ -9,10 +9,10 @@ import torch
 
 from draftfeed.client.remote import RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.client.vocab import TokenCounter, build_token_map
+from draftfeed.target.loading import load_target, load_tokenizer
 
 from .app import TargetServer
 from .config import ServeConfig
-from .loading import load_target, load_tokenizer
 
 __all__ = ["DEMO_PROMPTS", "chat_batch", "run_demo"]
 
@@ -57,7 +57,7 @@ def run_demo(cfg: ServeConfig, steps: int = 4, draft_vocab: int = 8192) -> int:
     device = cfg.resolved_device()
     tokenizer = load_tokenizer(cfg.model)
     model = load_target(cfg.model, device=device, dtype="bfloat16" if device.startswith("cuda") else None)
-    server = TargetServer(cfg, model=model).start()
+    server = TargetServer(cfg, model=model, tokenizer=tokenizer).start()
     print(
         f"server: {type(model).__name__} ({server.info.num_hidden_layers} layers, {server.info.dtype}) on {server.url}"
     )

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backends import forward_inputs, run_needs
-from .capture import Captured, TargetLayout
-from .causal_mask import no_padding
-from .features import Needs, TokenBatch
+from draftfeed.target.backends import forward_inputs, run_needs
+from draftfeed.target.capture import Captured, TargetLayout
+from draftfeed.target.causal_mask import no_padding
+from draftfeed.target.features import Needs, TokenBatch
 
 __all__ = ["GraphedForward"]
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
 
 from draftfeed.client.algorithms import get_algorithm
@@ -12,37 +9,15 @@ from draftfeed.client.encodings import supported_encodings
 from draftfeed.client.errors import InvalidArgument
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import dtype_name
+from draftfeed.target.algorithms import ALGORITHMS
+from draftfeed.target.capture import TargetLayout
+from draftfeed.target.fingerprint import config_json
 
-from .algorithms import ALGORITHMS
-from .capture import TargetLayout
 from .config import ServeConfig
 
-__all__ = ["config_json", "fingerprint", "build_model_info", "SERVER_VERSION"]
+__all__ = ["build_model_info", "SERVER_VERSION"]
 
 SERVER_VERSION = "0.1.0"
-
-
-def config_json(model: torch.nn.Module) -> str:
-    """The target's config as JSON (`config.to_dict()`, keys sorted), as the fingerprint and the model info
-    carry it."""
-    return json.dumps(model.config.to_dict(), sort_keys=True, default=str)
-
-
-@torch.inference_mode()
-def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the config and, per parameter, its name, shape, dtype and two on-device sums.
-
-    Cheap on a GPU (no host copy of the weights) and different for different weights or configs.
-    """
-    h = hashlib.sha256(config_json(model).encode())
-    for name, p in model.state_dict().items():
-        x = p.detach().double()
-        stats = torch.stack(
-            [x.sum(), (x * torch.arange(1, x.numel() + 1, device=x.device).view_as(x) % 7).sum()]
-        )
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(stats.cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def build_model_info(model: torch.nn.Module, layout: TargetLayout, cfg: ServeConfig, fp: str) -> pb.ModelInfo:

@@ -82,10 +82,10 @@ from draftfeed.client.errors import (
     capped,
 )
 from draftfeed.client.payload import decode_fields
+from draftfeed.target.features import TokenBatch
 
 from .admission import Admission
 from .auth import Caller
-from .features import TokenBatch
 from .http_thread import UvicornThread, http_peer
 from .nemo_blob import BlobLimits, BlobTooLarge, blob_segments, decode_blob
 from .sessions import Session

@@ -26,7 +26,7 @@ once.
 The forward is `forward_for`, or on a GPU `GraphedForward` (server/graphs.py: a CUDA graph per
 repeated batch shape). Requests are checked for padding on the handler's thread (host memory); a
 batch with none reaches the forward with `attention_mask=None`, so HF need not read the mask on the
-device (server/causal_mask.py).
+device (target/causal_mask.py).
 
 Stacking only requests of equal length keeps every answer bit-identical to serving it alone on
 CPU in fp32; padding to a common length changes sdpa's numerics (measured: 1.3e-6 max abs on
@@ -48,12 +48,12 @@ import torch
 
 from draftfeed.client.errors import DraftfeedError, NotFound, ResourceExhausted, Unavailable
 from draftfeed.client.payload import PendingFields, encode_fields_on_device
+from draftfeed.target.backends import forward_for
+from draftfeed.target.capture import Captured, TargetLayout
+from draftfeed.target.features import TokenBatch
+from draftfeed.target.packing import stack_packed
 
-from .backends import forward_for
-from .capture import Captured, TargetLayout
-from .features import TokenBatch
 from .metrics import ServerMetrics
-from .packing import stack_packed
 from .sessions import Session
 
 __all__ = ["BatchScheduler", "Reply"]
@@ -113,7 +113,7 @@ class _Work:
     tb: TokenBatch
     future: Future
     enqueued: float = field(default_factory=time.perf_counter)
-    unpadded: bool = False  # no padding, checked on the host at submit (see server/causal_mask.py)
+    unpadded: bool = False  # no padding, checked on the host at submit (see target/causal_mask.py)
 
     @property
     def tokens(self) -> int:

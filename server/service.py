@@ -1,7 +1,7 @@
 """The gRPC servicer: translates wire <-> domain and makes one domain call per RPC.
 
 A data request's path in (check, convert, hold, charge, submit, account; shared with the NeMo HTTP
-port) lives in server/admission.py, validation in server/checks.py, batching in server/scheduler.py, math in features/supervision,
+port) lives in server/admission.py, validation in target/checks.py, batching in server/scheduler.py, math in features/supervision,
 who-may-do-what in server/auth.py, session ids (and adoption across replicas) in server/directory.py,
 the optional TCP data plane for reply payloads in server/dataplane.py, the per-job bound on open
 Generate/GenerateStream calls (each holds a worker thread) in server/call_slots.py.
@@ -29,7 +29,7 @@ import grpc
 import torch
 
 from draftfeed.client.channel import RETRY_AFTER_KEY, session_spec_from_metadata
-from draftfeed.client.errors import DraftfeedError, InvalidArgument, Unavailable, capped
+from draftfeed.client.errors import DraftfeedError, FailedPrecondition, InvalidArgument, Unavailable, capped
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import encode_error_reply, encode_reply, tensor_from_proto
 
@@ -147,12 +147,15 @@ class TargetServicer:
         gather=None,
         dataplane: DataPlaneServer | None = None,
         slots: CallSlots | None = None,
+        tokenizer: pb.Tokenizer | None = None,
     ):
         """`gather(getter) -> tensor`: a full host copy of `model.<getter>().weight` (the tensor-parallel
         group's gather when the weights are sharded). `dataplane`: offered to sessions that ask.
+        `tokenizer`: the GetTokenizer reply (client/tokenizer.py), None when the server has none.
         `admission`: the server's one admission path (server/admission.py), shared with the NeMo port."""
         self.model = model
         self.info = info
+        self.tokenizer = tokenizer
         self.sessions = sessions
         self.admission = admission
         self.scheduler = admission.scheduler
@@ -186,6 +189,15 @@ class TargetServicer:
     @_rpc
     def GetModelInfo(self, request, context, caller):
         return self.info
+
+    @_rpc
+    def GetTokenizer(self, request, context, caller):
+        if self.tokenizer is None:
+            raise FailedPrecondition(
+                "this server has no tokenizer (the target's directory holds none); give the trainer a local "
+                "copy of the target's tokenizer with --target-model DIR"
+            )
+        return self.tokenizer
 
     def _open(self, request: pb.OpenSessionRequest, caller: Caller) -> Session:
         if self.draining:

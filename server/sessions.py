@@ -17,10 +17,9 @@ import torch
 from draftfeed.client.algorithms import get_algorithm
 from draftfeed.client.errors import FailedPrecondition, InvalidArgument, NotFound
 from draftfeed.client.payload import resolve_encodings
-
-from .algorithms import ALGORITHMS, get_server_algorithm
-from .features import VocabMapping
-from .supervision import check_vocab_mapping
+from draftfeed.target.algorithms import ALGORITHMS, get_server_algorithm
+from draftfeed.target.features import VocabMapping
+from draftfeed.target.supervision import check_vocab_mapping
 
 __all__ = ["Session", "SessionTable", "ALGORITHMS", "MAX_JOB_NAME_CHARS"]
 
@@ -31,7 +30,7 @@ MAX_JOB_NAME_CHARS = 256  # a job name is a label in logs, /sessions and /metric
 
 def build_features(algorithm: str, ids: list[int], n: int, capture_logits: bool, latent: bool):
     """A session's features object: `ids` defaulted / validated by the algorithm's client-side entry, the
-    features built by its server-side one (`server/algorithms/`)."""
+    features built by its target-side one (`target/algorithms/`)."""
     server_side = get_server_algorithm(algorithm)
     return server_side.features(get_algorithm(algorithm).layer_ids(ids, n), n, capture_logits, latent)
 
@@ -89,7 +88,7 @@ class Session:
     id: str
     job_name: str
     algorithm: str
-    features: object  # the algorithm's features (server/algorithms/<name>.py)
+    features: object  # the algorithm's features (target/algorithms/<name>.py)
     encodings: dict[str, str]
     weight: float = 1.0
     created: float = field(default_factory=time.time)

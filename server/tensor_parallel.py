@@ -28,12 +28,12 @@ import torch
 import torch.distributed as dist
 
 from draftfeed.client.errors import InvalidArgument
+from draftfeed.target.backends import forward_for
+from draftfeed.target.capture import TargetLayout, discover
+from draftfeed.target.features import Needs, TokenBatch
+from draftfeed.target.fingerprint import fingerprint
 
-from .backends import forward_for
-from .capture import TargetLayout, discover
 from .config import ServeConfig
-from .features import Needs, TokenBatch
-from .model_info import fingerprint
 
 __all__ = ["TensorParallel", "check_shardable"]
 
@@ -101,7 +101,7 @@ class TensorParallel:
         Returns (group, model)."""
         from transformers import AutoModelForCausalLM
 
-        from .loading import default_target_path
+        from draftfeed.target.loading import default_target_path
 
         cuda = torch.cuda.is_available() and cfg.device != "cpu"
         if cuda:

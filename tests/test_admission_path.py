@@ -15,9 +15,9 @@ from test_service import _generate_request
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import ReplyAssembler, TargetStub, tensor_to_proto
 from draftfeed.server.app import TargetServer
-from draftfeed.server.checks import Limits
 from draftfeed.server.config import ServeConfig
 from draftfeed.server.nemo_http import NemoHTTPServer
+from draftfeed.target.checks import Limits
 
 
 @pytest.fixture(scope="module")

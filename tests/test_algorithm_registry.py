@@ -2,7 +2,7 @@
 
 A fourth, toy algorithm -- the mean of K captured decoder layers -- is defined and registered in this file
 alone: its client-side entry (`draftfeed.client.algorithms`: batch, reply field kinds, layer ids) and its
-server-side entry (`draftfeed.server.algorithms`: the captures it needs and the fields it builds). A real
+server-side entry (`draftfeed.target.algorithms`: the captures it needs and the fields it builds). A real
 server on port 0 serves it, the generic remote client fetches it, and the answer equals the in-process
 backend's bit for bit (and the mean of HF's own hidden states).
 """
@@ -20,9 +20,9 @@ from test_service import start_server
 from draftfeed.client import algorithms as client_algorithms
 from draftfeed.client.errors import InvalidArgument
 from draftfeed.client.remote import RemoteTargetModel
-from draftfeed.server import algorithms as server_algorithms
-from draftfeed.server.backends import HFTargetModel
-from draftfeed.server.features import Needs, concat_features
+from draftfeed.target import algorithms as target_algorithms
+from draftfeed.target.backends import HFTargetModel
+from draftfeed.target.features import Needs, concat_features
 
 NAME = "mean_of_layers"
 
@@ -92,7 +92,7 @@ class MeanFeatures:
         return MeanBatch(**self.fields(cap, tb))
 
 
-SERVER_SIDE = server_algorithms.ServerAlgorithm(
+SERVER_SIDE = target_algorithms.ServerAlgorithm(
     NAME, lambda ids, n, capture_logits, latent: MeanFeatures(ids)
 )
 
@@ -103,9 +103,9 @@ SERVER_SIDE = server_algorithms.ServerAlgorithm(
 @pytest.fixture(scope="module")
 def registered():
     client_algorithms.register(CLIENT_SIDE)
-    server_algorithms.register(SERVER_SIDE)
+    target_algorithms.register(SERVER_SIDE)
     yield
-    server_algorithms.ALGORITHMS.pop(NAME)
+    target_algorithms.ALGORITHMS.pop(NAME)
     client_algorithms.ALGORITHMS.pop(NAME)
 
 
@@ -160,4 +160,4 @@ def test_its_layer_ids_are_checked_by_its_own_rule(registered, model):
 
 def test_a_server_algorithm_needs_its_client_side_entry():
     with pytest.raises(ValueError, match="client-side entry"):
-        server_algorithms.register(server_algorithms.ServerAlgorithm("nowhere", SERVER_SIDE.features))
+        target_algorithms.register(target_algorithms.ServerAlgorithm("nowhere", SERVER_SIDE.features))

@@ -18,7 +18,7 @@ from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.remote import RemoteDFlashTargetModel, RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.client.wire import ReplyAssembler, TargetStub, tensor_to_proto
 from draftfeed.server.auth import AccessControl, Caller, is_loopback_peer, load_token_file
-from draftfeed.server.backends import HFDSparkTargetModel
+from draftfeed.target.backends import HFDSparkTargetModel
 
 TOKENS = {
     "eagle-a": "tok-eagle-a-0123456789abcdef",

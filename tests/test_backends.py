@@ -7,9 +7,9 @@ import torch
 
 from conftest import FAMILIES
 from draftfeed.client.errors import FailedPrecondition, InvalidArgument
-from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
-from draftfeed.server.capture import discover, run_target
-from draftfeed.server.supervision import project_supervision, shift_left
+from draftfeed.client.supervision import project_supervision, shift_left
+from draftfeed.target.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
+from draftfeed.target.capture import discover, run_target
 
 B, S = 2, 12
 

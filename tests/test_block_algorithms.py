@@ -50,7 +50,7 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(target_dir):
-    from draftfeed.server.loading import load_target
+    from draftfeed.target.loading import load_target
 
     srv = TargetServer(ServeConfig(port=0), model=load_target(target_dir)).start()
     yield srv
@@ -270,7 +270,7 @@ def test_dspark_takes_the_targets_final_logit_softcapping_in_process_and_remote(
     """A target whose config has `final_logit_softcapping` (Gemma-style): the DSpark draft gets it from the
     in-process backend and from the server alike (same losses), its teacher and draft logits use it (the
     losses differ from the uncapped target's), and the export / loader keep it."""
-    from draftfeed.server.loading import load_target
+    from draftfeed.target.loading import load_target
     from draftfeed.trainer.export import load_draft
 
     capped = tmp_path / "capped"
@@ -369,7 +369,7 @@ def test_eval_features_equal_the_training_features(tiny_model, algorithm, ids):
     """The evaluator's per-round target features (prefill, then verify rounds on the KV cache) are the rows
     the backend trains on for the same text: layer N-1 is its pre-norm output for EAGLE-3 and DFlash, the
     final-norm state for DSpark, whose -1 is the embedding output."""
-    from draftfeed.server import backends
+    from draftfeed.target import backends
 
     model = tiny_model("llama")
     text = torch.randint(3, 150, (1, 20))
@@ -445,7 +445,7 @@ def test_cli_train_export_load_and_eval(tmp_path, target_dir, data_file, algorit
     from safetensors.torch import load_file
 
     from draftfeed.server.cli import main
-    from draftfeed.server.loading import load_target
+    from draftfeed.target.loading import load_target
 
     out = tmp_path / "run"
     argv = ["train", algorithm, "--target-model", target_dir, "--data", data_file, "--out", str(out),
@@ -497,7 +497,7 @@ def test_springforge_style_dspark_config_is_detected(tmp_path):
 def test_demo_pieces_train_two_jobs_concurrently_and_measure_both(tmp_path, target_dir, data_file, server):
     """What demo-train does (an EAGLE-3 and a DSpark job at once against one server, then tau of each export
     and of its untrained copy), on the tiny target."""
-    from draftfeed.server.loading import load_target, load_tokenizer
+    from draftfeed.target.loading import load_target, load_tokenizer
     from draftfeed.trainer.demo import measure_exports, train_concurrently
 
     cfgs = {
@@ -581,7 +581,7 @@ def test_a_gpt2_target_trains_and_exports_every_draft(tmp_path, gpt2_dir, monkey
     names (its config has no `num_hidden_layers` key), the loss is finite and goes down, and the export loads
     back. DSpark takes its class name from the registry: GPT-2 has no entry, so the test adds one (the
     one-line append the error asks for) and the export's `architectures` is exactly that entry."""
-    from draftfeed.server.loading import load_target
+    from draftfeed.target.loading import load_target
     from draftfeed.trainer.algorithms.dspark import DSPARK_DRAFTS
 
     monkeypatch.setitem(DSPARK_DRAFTS, "GPT2LMHeadModel", "GPT2DSparkModelForTest")

@@ -1,4 +1,4 @@
-"""The client package imports on a trainer box without transformers or server code."""
+"""The client package imports on a trainer box without transformers, server or target code."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ BLOCK = r"""
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] == 'transformers' or name.startswith('draftfeed.server'):
+        if name.split('.')[0] == 'transformers' or name.startswith(('draftfeed.server', 'draftfeed.target')):
             raise ImportError('blocked for this test: ' + name)
 sys.meta_path.insert(0, Block())
 import pkgutil, importlib
@@ -28,7 +28,7 @@ counter.update(torch.tensor([[4, 4, 7]]), torch.tensor([[1, 1, 1]]))
 assert build_token_map(counter.counts, 3, [1])[0].tolist() == [1, 4, 7]
 t = torch.zeros(1, 2)
 Eagle3TargetBatch(aux_hidden_states=t, input_ids=t, attention_mask=t, loss_mask=t, logits=t)
-bad = sorted(n for n in sys.modules if n.split('.')[0] == 'transformers' or n.startswith('draftfeed.server'))
+bad = sorted(n for n in sys.modules if n.split('.')[0] == 'transformers' or n.startswith(('draftfeed.server', 'draftfeed.target')))
 assert not bad, bad
 print('ok')
 """

@@ -58,7 +58,7 @@ def smol_tokenizer():
     from transformers import AutoTokenizer
 
     from draftfeed.client.errors import FailedPrecondition
-    from draftfeed.server.loading import default_target_gguf
+    from draftfeed.target.loading import default_target_gguf
 
     try:
         gguf = default_target_gguf()

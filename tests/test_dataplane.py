@@ -25,7 +25,7 @@ from draftfeed.client.errors import PermissionDenied, Unavailable
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.remote import RemoteDFlashTargetModel, RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.client.wire import TargetStub, tensor_to_proto
-from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
+from draftfeed.target.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
 
 @pytest.fixture(scope="module")
 def default_target():
-    from draftfeed.server.loading import default_target_path
+    from draftfeed.target.loading import default_target_path
 
     try:
         return str(default_target_path())

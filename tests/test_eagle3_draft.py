@@ -472,7 +472,7 @@ def test_loss_goes_down_on_tiny_overfit_set():
 def test_packed_equals_unpacked_through_the_in_process_backend(tiny_model, mapped):
     """The service's packed batch (block-causal target, shift across documents) and the documents
     run alone give the same draft loss."""
-    from draftfeed.server.backends import HFEagle3TargetModel
+    from draftfeed.target.backends import HFEagle3TargetModel
 
     target = tiny_model("llama")
     backend = HFEagle3TargetModel(target)

@@ -161,7 +161,7 @@ def test_draftfeed_eval_on_an_exported_draft(tmp_path, tiny_dirs):
     from test_loop import word_tokenizer
 
     from draftfeed.server.cli import main
-    from draftfeed.server.loading import load_target
+    from draftfeed.target.loading import load_target
     from draftfeed.trainer.export import export_eagle3
 
     tdir = tmp_path / "target"

@@ -33,8 +33,8 @@ from draftfeed.client.channel import SESSION_SPEC_KEY
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.remote import RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.client.wire import SERVICE_NAME, ReplyAssembler, TargetStub, tensor_to_proto
-from draftfeed.server.backends import HFDSparkTargetModel, HFEagle3TargetModel
-from draftfeed.server.checks import Limits
+from draftfeed.target.backends import HFDSparkTargetModel, HFEagle3TargetModel
+from draftfeed.target.checks import Limits
 
 # malformed or hostile calls, all ports together (DRAFTFEED_FUZZ_CALLS=20000 for a longer local run)
 FUZZ_CALLS = int(os.environ.get("DRAFTFEED_FUZZ_CALLS", "1200"))
@@ -55,6 +55,7 @@ METHODS = {
     "Generate": ("unary_stream", pb.GenerateRequest),
     "GenerateStream": ("stream_stream", pb.GenerateRequest),
     "StreamWeights": ("unary_stream", pb.StreamWeightsRequest),
+    "GetTokenizer": ("unary_unary", pb.GetTokenizerRequest),
 }
 DTYPES = ["int64", "int32", "int16", "uint8", "bool", "float32", "bfloat16", "float8_e4m3fn", "complex", ""]
 DIMS = [-1, 0, 1, 2, 3, 12, 18, 64, 65, 1 << 20, 1 << 40]
@@ -256,6 +257,7 @@ class Fuzzer:
             "SetVocabMappingRequest": lambda: pb.SetVocabMappingRequest(session_id=self.session_id()),
             "StreamWeightsRequest": lambda: pb.StreamWeightsRequest(name="lm_head"),
             "GetModelInfoRequest": lambda: pb.GetModelInfoRequest(),
+            "GetTokenizerRequest": lambda: pb.GetTokenizerRequest(),
         }[cls.__name__]().SerializeToString()
         data = self.mutate(valid) if self.rng.random() < 0.7 else self.rng.randbytes(self.rng.randint(0, 100))
 

@@ -1,4 +1,4 @@
-"""Unpadded forwards without a host sync (server/causal_mask.py) and CUDA graphs of the target
+"""Unpadded forwards without a host sync (target/causal_mask.py) and CUDA graphs of the target
 forward (server/graphs.py).
 
 CPU: a batch the scheduler found unpadded on the host runs with `attention_mask=None` and gives
@@ -21,10 +21,10 @@ from test_host_syncs import HostSyncGuard
 from test_packing import packed_inputs
 
 from conftest import FAMILIES
-from draftfeed.server.backends import forward_for
-from draftfeed.server.capture import discover
-from draftfeed.server.causal_mask import no_padding
-from draftfeed.server.features import Needs, TokenBatch
+from draftfeed.target.backends import forward_for
+from draftfeed.target.capture import discover
+from draftfeed.target.causal_mask import no_padding
+from draftfeed.target.features import Needs, TokenBatch
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -34,14 +34,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from draftfeed.client.encodings import get_encoding
 from draftfeed.client.errors import InvalidArgument
 from draftfeed.client.payload import decode_fields, encode_fields, encode_fields_on_device
-from draftfeed.server.algorithms.dflash import DFlashFeatures
-from draftfeed.server.algorithms.dspark import DSparkFeatures
-from draftfeed.server.algorithms.eagle3 import Eagle3Features
-from draftfeed.server.backends import forward_for
-from draftfeed.server.capture import Captured, discover
-from draftfeed.server.features import TokenBatch, VocabMapping
 from draftfeed.server.scheduler import BatchScheduler
 from draftfeed.server.sessions import SessionTable
+from draftfeed.target.algorithms.dflash import DFlashFeatures
+from draftfeed.target.algorithms.dspark import DSparkFeatures
+from draftfeed.target.algorithms.eagle3 import Eagle3Features
+from draftfeed.target.backends import forward_for
+from draftfeed.target.capture import Captured, discover
+from draftfeed.target.features import TokenBatch, VocabMapping
 
 aten = torch.ops.aten
 HAS_ZSTD = importlib.util.find_spec("zstandard") is not None

@@ -9,8 +9,8 @@ from test_backends import inputs, mapping
 from draftfeed.client.errors import InvalidArgument
 from draftfeed.client.remote import RemoteEagle3TargetModel
 from draftfeed.server.app import TargetServer
-from draftfeed.server.backends import HFEagle3TargetModel
 from draftfeed.server.config import ServeConfig
+from draftfeed.target.backends import HFEagle3TargetModel
 
 
 @pytest.fixture(scope="module")

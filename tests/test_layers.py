@@ -26,8 +26,8 @@ from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.wire import TargetStub
 from draftfeed.server import cli
 from draftfeed.server.app import TargetServer
-from draftfeed.server.backends import HFEagle3TargetModel
 from draftfeed.server.config import ServeConfig
+from draftfeed.target.backends import HFEagle3TargetModel
 
 
 @pytest.mark.parametrize("n", [8, 16, 28, 30, 36, 64])

@@ -20,8 +20,8 @@ from draftfeed.client.errors import NotFound
 from draftfeed.client.pb import draftfeed_pb2 as pb
 from draftfeed.client.remote import RemoteEagle3TargetModel
 from draftfeed.client.wire import TargetStub, tensor_to_proto
-from draftfeed.server.backends import HFEagle3TargetModel
 from draftfeed.server.sessions import SessionTable
+from draftfeed.target.backends import HFEagle3TargetModel
 
 TTL = 0.5
 

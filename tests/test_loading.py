@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from draftfeed.client.errors import FailedPrecondition, InvalidArgument
-from draftfeed.server.loading import (
+from draftfeed.target.loading import (
     DEFAULT_TARGET_NAME,
     default_target_gguf,
     default_target_path,

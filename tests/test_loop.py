@@ -77,9 +77,12 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(target_dir):
-    from draftfeed.server.loading import load_target
+    """A server of the tiny target and its tokenizer (GetTokenizer: a remote run checks its --target-model
+    tokenizer against it)."""
+    from draftfeed.target.loading import load_target, load_tokenizer
 
-    srv = TargetServer(ServeConfig(port=0), model=load_target(target_dir)).start()
+    model, tokenizer = load_target(target_dir), load_tokenizer(target_dir)
+    srv = TargetServer(ServeConfig(port=0), model=model, tokenizer=tokenizer).start()
     yield srv
     srv.stop(grace=1)
 

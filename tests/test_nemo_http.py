@@ -22,11 +22,11 @@ from test_tls import pki  # noqa: F401 - the throwaway CA fixture
 from draftfeed.client.remote import RemoteEagle3TargetModel
 from draftfeed.server.app import TargetServer
 from draftfeed.server.auth import AccessControl
-from draftfeed.server.backends import HFEagle3TargetModel
-from draftfeed.server.checks import Limits
 from draftfeed.server.config import ServeConfig
 from draftfeed.server.nemo_blob import BlobError, BlobLimits, BlobTooLarge, decode_blob, encode_blob
 from draftfeed.server.nemo_http import CLIENT_HEADER, NemoHTTPServer
+from draftfeed.target.backends import HFEagle3TargetModel
+from draftfeed.target.checks import Limits
 
 # ---- the test's own NMET codec, from the format description ----------------------------------
 
@@ -407,12 +407,12 @@ def test_a_full_queue_makes_generate_wait_not_fail(model):
     from draftfeed.client.errors import FailedPrecondition, Unavailable
     from draftfeed.server.admission import Admission
     from draftfeed.server.auth import AccessControl, Caller
-    from draftfeed.server.backends import forward_for
-    from draftfeed.server.capture import discover
-    from draftfeed.server.features import TokenBatch
     from draftfeed.server.nemo_http import _enter, _result
     from draftfeed.server.scheduler import BatchScheduler
     from draftfeed.server.sessions import SessionTable
+    from draftfeed.target.backends import forward_for
+    from draftfeed.target.capture import discover
+    from draftfeed.target.features import TokenBatch
 
     release = threading.Event()
 

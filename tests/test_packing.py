@@ -8,8 +8,8 @@ import torch
 from conftest import FAMILIES
 from draftfeed.client.errors import InvalidArgument
 from draftfeed.client.packing import document_ids
-from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
-from draftfeed.server.packing import block_causal_mask, check_packing
+from draftfeed.target.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
+from draftfeed.target.packing import block_causal_mask, check_packing
 
 LENS = [[5, 9, 4], [10, 8, 0]]  # two rows of S=18, zero-padded
 S = 18

@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from draftfeed.client.remote import RemoteDFlashTargetModel
 from draftfeed.server.app import TargetServer
-from draftfeed.server.checks import Limits
 from draftfeed.server.config import ServeConfig
 from draftfeed.server.metrics import JOB_LABEL_CHARS, OTHER_JOBS, JobLabels, ServerMetrics
+from draftfeed.target.checks import Limits
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,7 @@ def test_stubs_import_and_name_their_package():
         "Generate": (False, True),
         "GenerateStream": (True, True),
         "StreamWeights": (False, True),
+        "GetTokenizer": (False, False),
     }
     stub = pb_grpc.TargetServiceStub(grpc.insecure_channel("127.0.0.1:1"))
     assert isinstance(stub.GenerateStream, grpc.StreamStreamMultiCallable)

@@ -41,7 +41,7 @@ def test_data_regenerated_in_process_is_reused_by_a_remote_job(tmp_path, target_
     """`draftfeed regenerate` names the in-process target's fingerprint; a job training against a server of
     the same target names the served one: the same, so the job reuses the file (before: it found no local
     target to regenerate with and failed)."""
-    from draftfeed.server.loading import load_target, load_tokenizer
+    from draftfeed.target.loading import load_target, load_tokenizer
     from draftfeed.trainer.train import load_training_conversations, run_training, target_fingerprint
 
     regen = {

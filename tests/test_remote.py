@@ -16,7 +16,7 @@ from test_service import assert_same, start_server
 
 from draftfeed.client.errors import DraftfeedError, Unavailable
 from draftfeed.client.remote import RemoteDSparkTargetModel, RemoteEagle3TargetModel
-from draftfeed.server.backends import HFDSparkTargetModel
+from draftfeed.target.backends import HFDSparkTargetModel
 
 WAIT = 120  # a bound for the test itself: a future that does not complete fails the test, not hangs it
 

@@ -1,9 +1,10 @@
 """The repository itself: the fixed layout, one installable package, the `draftfeed` console script, the
-README's two commands (.ci/run runs exactly the test command) and the README's main job on the default
-target."""
+README's two commands (.ci/run runs exactly the test command), the README's main job on the default
+target, and which package may import which."""
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import importlib.util
 import re
@@ -18,6 +19,7 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("client", "target", "server", "trainer")  # the layers, lowest first (docs/architecture.md)
 
 
 def _readme_commands() -> dict[str, str]:
@@ -51,7 +53,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 def test_layout_and_package():
-    for folder in ("proto", "client", "server", "trainer", "docker", "tests"):
+    for folder in ("proto", "client", "target", "server", "trainer", "docker", "tests"):
         assert (ROOT / folder).is_dir(), folder
     assert list((ROOT / "proto").rglob("*.proto")), "proto/ holds the wire contract"
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -60,13 +62,60 @@ def test_layout_and_package():
     pins = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0]: d for d in project["dependencies"]}
     assert pins["transformers"].replace(" ", "") == "transformers>=5.0,<6"
     dirs = meta["tool"]["setuptools"]["package-dir"]
-    for name in ("client", "server", "trainer"):
+    for name in PACKAGES:
         assert dirs[f"draftfeed.{name}"] == name
         spec = importlib.util.find_spec(f"draftfeed.{name}")
-        assert spec is not None and Path(spec.origin).parent == ROOT / name, (
+        assert spec is not None and Path(spec.origin).resolve().parent == ROOT / name, (
             f"draftfeed.{name} not from {ROOT}"
         )
     assert importlib.metadata.version("draftfeed") == project["version"]
+
+
+def _draftfeed_imports(package: str) -> list[tuple[str, str]]:
+    """(file, imported draftfeed module) for every import in `package`'s source, relative ones resolved."""
+    out = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        parts = ["draftfeed", *rel.with_suffix("").parts]
+        here = parts[:-1]  # the package a relative import starts from
+        for node in ast.walk(ast.parse(path.read_text(), str(rel))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = here[: len(here) - node.level + 1] if node.level else []
+                module = ".".join([*base, *([node.module] if node.module else [])])
+                names = [module] if node.module else [f"{module}.{a.name}" for a in node.names]
+            else:
+                continue
+            out += [(str(rel), n) for n in names if n == "draftfeed" or n.startswith("draftfeed.")]
+    return out
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in PACKAGES else None
+
+
+def test_target_imports_neither_server_nor_trainer():
+    """draftfeed.target is the core both the server and an in-process trainer import: it imports only
+    itself and the client (the wire types, errors and shared formulas)."""
+    bad = [(f, m) for f, m in _draftfeed_imports("target") if _layer(m) in ("server", "trainer")]
+    assert not bad, bad
+
+
+def test_trainer_imports_no_server_internals():
+    """The trainer reaches the target through draftfeed.target (in process) or draftfeed.client (remote);
+    only the demo starts a server."""
+    allowed = {("trainer/demo.py", "draftfeed.server.app"), ("trainer/demo.py", "draftfeed.server.config")}
+    imports = _draftfeed_imports("trainer")
+    assert ("trainer/demo.py", "draftfeed.server.app") in imports  # the scan sees function-local imports
+    bad = [(f, m) for f, m in imports if _layer(m) == "server" and (f, m) not in allowed]
+    assert not bad, bad
+
+
+def test_client_imports_no_other_layer():
+    bad = [(f, m) for f, m in _draftfeed_imports("client") if _layer(m) not in (None, "client")]
+    assert not bad, bad
 
 
 def test_console_script():

@@ -13,16 +13,16 @@ from test_packing import packed_inputs
 
 from draftfeed.client.errors import NotFound, ResourceExhausted
 from draftfeed.client.payload import decode_fields
-from draftfeed.server.backends import (
+from draftfeed.server.scheduler import BatchScheduler
+from draftfeed.server.sessions import SessionTable
+from draftfeed.target.backends import (
     HFDFlashTargetModel,
     HFDSparkTargetModel,
     HFEagle3TargetModel,
     forward_for,
 )
-from draftfeed.server.capture import discover
-from draftfeed.server.features import TokenBatch
-from draftfeed.server.scheduler import BatchScheduler
-from draftfeed.server.sessions import SessionTable
+from draftfeed.target.capture import discover
+from draftfeed.target.features import TokenBatch
 
 
 @pytest.fixture(scope="module")

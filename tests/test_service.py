@@ -16,9 +16,9 @@ from test_packing import packed_inputs
 from draftfeed.client.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from draftfeed.client.remote import RemoteDFlashTargetModel, RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.server.app import TargetServer
-from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
-from draftfeed.server.checks import Limits
 from draftfeed.server.config import ServeConfig
+from draftfeed.target.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
+from draftfeed.target.checks import Limits
 
 
 def start_server(model, **cfg):
@@ -416,7 +416,7 @@ class _HeldForward:
     """A scheduler forward that waits at its first call until `release()`; says when it got there."""
 
     def __init__(self):
-        from draftfeed.server.backends import forward_for
+        from draftfeed.target.backends import forward_for
 
         self._forward = forward_for
         self.entered, self.go = threading.Event(), threading.Event()
@@ -681,7 +681,7 @@ def test_model_info_names_the_request_cap_and_the_forward_budget(server):
 
 def test_model_info_tells_a_remote_trainer_the_target_config(server, model):
     """A remote trainer builds its draft from the served target's config, not a local copy of it."""
-    from draftfeed.server.model_info import config_json
+    from draftfeed.target.fingerprint import config_json
     from draftfeed.trainer.train import served_target_config
 
     with RemoteDFlashTargetModel.from_urls([server.url]) as remote:

@@ -130,13 +130,13 @@ def test_latent_probs_use_the_shared_softmax():
 
 
 def test_old_supervision_call_sites_use_the_shared_functions():
-    from draftfeed.server import supervision as server_supervision
-    from draftfeed.server.algorithms import eagle3 as served_eagle3
+    from draftfeed import target
+    from draftfeed.target.algorithms import eagle3 as served_eagle3
     from draftfeed.trainer import losses
     from draftfeed.trainer.models import eagle3
 
-    assert server_supervision.shift_left is supervision.shift_left
-    assert server_supervision.project_supervision is supervision.project_supervision
+    assert target.shift_left is supervision.shift_left
+    assert target.project_supervision is supervision.project_supervision
     assert served_eagle3.shift_left is supervision.shift_left
     assert served_eagle3.draft_supervision is supervision.draft_supervision
     assert eagle3.shift_left is supervision.shift_left
@@ -176,14 +176,14 @@ def test_masks_equal_the_reference():
 
 
 def test_old_packing_call_sites_use_the_shared_functions():
-    from draftfeed.server import packing as server_packing
-    from draftfeed.server.packing import block_causal_mask, packed_attention_mask
+    from draftfeed.target import packing as target_packing
+    from draftfeed.target.packing import block_causal_mask, packed_attention_mask
     from draftfeed.trainer import block_drafting
     from draftfeed.trainer.models import common, eagle3
 
     assert common.document_ids is packing.document_ids
     assert eagle3.attention_allowed is packing.attention_allowed
-    assert server_packing.document_ids is packing.document_ids
+    assert target_packing.document_ids is packing.document_ids
     assert block_drafting.packed_document_ids is packing.document_ids
     lens, pos = _packed(seed=4)
     s = pos.shape[1]

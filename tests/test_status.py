@@ -17,9 +17,9 @@ from test_backends import B, S, inputs, mapping
 
 from draftfeed.client.remote import RemoteDSparkTargetModel, RemoteEagle3TargetModel
 from draftfeed.server.app import TargetServer
-from draftfeed.server.checks import Limits
 from draftfeed.server.config import ServeConfig
 from draftfeed.server.status import Sample, rate, ratio, series, status_page, status_page_csp
+from draftfeed.target.checks import Limits
 
 EAGLE_JOB = "eagle <b>job</b> & co"  # markup in a job name must show as text, never as HTML
 DSPARK_JOB = "dspark-job"

@@ -17,8 +17,8 @@ from test_service import assert_same, start_server
 from draftfeed.client.channel import ChannelSecurity, check_health, parse_target, speaks_tls
 from draftfeed.client.errors import InvalidArgument, Unavailable
 from draftfeed.client.remote import RemoteDSparkTargetModel
-from draftfeed.server.backends import HFDSparkTargetModel
 from draftfeed.server.cli import main as cli_main
+from draftfeed.target.backends import HFDSparkTargetModel
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402

@@ -16,8 +16,8 @@ from test_lifecycle import Served
 from test_nemo_http import Client, expected, unpack
 
 from draftfeed.client.remote import RemoteDFlashTargetModel, RemoteDSparkTargetModel, RemoteEagle3TargetModel
-from draftfeed.server.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
-from draftfeed.server.model_info import fingerprint
+from draftfeed.target.backends import HFDFlashTargetModel, HFDSparkTargetModel, HFEagle3TargetModel
+from draftfeed.target.fingerprint import fingerprint
 
 
 def test_uneven_shards_are_refused_before_loading():

@@ -59,7 +59,7 @@ def test_bad_targets_and_files_are_named_before_anything_runs(tmp_path, pki):  #
 
 @pytest.fixture(scope="module")
 def secure_server(target_dir, pki, tmp_path_factory):  # noqa: F811
-    from draftfeed.server.loading import load_target
+    from draftfeed.target.loading import load_target
 
     tokens = tmp_path_factory.mktemp("auth") / "tokens.yaml"
     tokens.write_text(f"trainer-job: {TOKEN}\n")

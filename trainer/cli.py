@@ -83,7 +83,7 @@ def _run_train(args) -> int:
 
 
 def _run_regenerate(args) -> int:
-    from draftfeed.server.loading import load_target, load_tokenizer
+    from draftfeed.target.loading import load_target, load_tokenizer
 
     from .loop import resolve_device
     from .train import load_training_conversations, target_dtype, target_fingerprint

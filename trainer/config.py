@@ -79,8 +79,9 @@ class TargetConfig:
     )
     model: str | None = flag(
         "--target-model",
-        "local HF checkpoint: the in-process target when no --target is given, else the local copy whose "
-        "tokenizer and config.json describe the served target (default: built-in SmolLM2-135M-Instruct)",
+        "local HF checkpoint: the in-process target when no --target is given (default: built-in "
+        "SmolLM2-135M-Instruct); with --target, optional: a local copy of the served target (its tokenizer "
+        "must be the served one), used to regenerate data (default: the server's tokenizer and config)",
         None,
     )
     dtype: str = flag(

@@ -158,7 +158,7 @@ def train_concurrently(cfgs: dict, model, target_id: str, threads_per_job: int |
     """Run `run_training` for every config at once, one thread each (each its own session on the
     server); the regenerated data are made once first. algorithm -> TrainResult; a failed job re-raises.
     `threads_per_job` sets torch's intra-op threads meanwhile (1 keeps two CPU jobs off each other's cores)."""
-    from draftfeed.server.loading import load_tokenizer
+    from draftfeed.target.loading import load_tokenizer
 
     from .train import load_training_conversations, run_training
 
@@ -238,7 +238,7 @@ def measure_exports(
 def run_demo_train(s: DemoSettings = DemoSettings(), out: str | None = None) -> int:
     from draftfeed.server.app import TargetServer
     from draftfeed.server.config import ServeConfig
-    from draftfeed.server.loading import load_target, load_tokenizer
+    from draftfeed.target.loading import load_target, load_tokenizer
 
     from .evaluate import load_prompt_sets
 
@@ -248,7 +248,7 @@ def run_demo_train(s: DemoSettings = DemoSettings(), out: str | None = None) -> 
     start = time.perf_counter()
     model = load_target(None, device=device, dtype=dtype)
     tokenizer = load_tokenizer(None)
-    server = TargetServer(ServeConfig(port=0, device=device), model=model).start()
+    server = TargetServer(ServeConfig(port=0, device=device), model=model, tokenizer=tokenizer).start()
     _say(f"server: {type(model).__name__} on {server.url} ({device}); output in {out_dir}")
     algorithms = ("eagle3", "dspark")
     try:

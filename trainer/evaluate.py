@@ -183,12 +183,12 @@ class TargetVerifier:
     """The in-process target on a KV cache: prefill, verify a block, crop back to the committed text.
 
     `aux_layer_ids` are the layers whose outputs a round returns, concatenated, captured by the server's
-    own hooks (`server/capture.py`) so they are the rows the draft was trained on: id i = output of decoder
+    own hooks (`target/capture.py`) so they are the rows the draft was trained on: id i = output of decoder
     layer i (EAGLE-3's aux layers, DFlash's target layers; N-1 too is the last layer's pre-norm output);
     with `algorithm` "dspark", -1 = input of the first layer and N-1 = the final-norm output (docs/architecture.md)."""
 
     def __init__(self, model, aux_layer_ids: Sequence[int] | None = None, algorithm: str = "eagle3"):
-        from draftfeed.server.capture import discover
+        from draftfeed.target.capture import discover
 
         self.model = model.eval()
         self.layout = discover(model)
@@ -208,8 +208,8 @@ class TargetVerifier:
     @torch.no_grad()
     def run(self, ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
         """Run `ids` after the cached prefix: (aux [m,K*H] on the device, the greedy next tokens [m])."""
-        from draftfeed.server.capture import capturing
-        from draftfeed.server.features import concat_features
+        from draftfeed.target.capture import capturing
+        from draftfeed.target.features import concat_features
 
         x = torch.tensor([list(ids)], device=self.device)
         with capturing(self.layout, **self._capture) as cap:
@@ -343,7 +343,7 @@ class StaticTarget:
     The same captures as `TargetVerifier` (the rows the draft was trained on)."""
 
     def __init__(self, model, aux_layer_ids, algorithm: str, k: int, max_len: int, graphs: bool = True):
-        from draftfeed.server.capture import text_config
+        from draftfeed.target.capture import text_config
 
         from .fast_decode import Graphed, StaticKV
 
@@ -372,8 +372,8 @@ class StaticTarget:
     def _run(self, ids: torch.Tensor, cols: torch.Tensor, aux: bool):
         from contextlib import nullcontext
 
-        from draftfeed.server.capture import capturing
-        from draftfeed.server.features import concat_features
+        from draftfeed.target.capture import capturing
+        from draftfeed.target.features import concat_features
 
         from .fast_decode import static_forward
 
@@ -784,7 +784,7 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
     config.json) on each prompt set (an `EvalConfig`)."""
     from pathlib import Path
 
-    from draftfeed.server.loading import load_target, load_tokenizer
+    from draftfeed.target.loading import load_target, load_tokenizer
 
     from .export import load_draft
     from .loop import resolve_device

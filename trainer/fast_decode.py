@@ -43,7 +43,7 @@ class StaticKV:
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int) -> StaticKV:
-        from draftfeed.server.capture import text_config
+        from draftfeed.target.capture import text_config
 
         cfg = text_config(model.config)
         heads = cfg.num_attention_heads

@@ -4,8 +4,8 @@ An `Algorithm` says what the client side needs to serve it over the wire: the ba
 becomes, the tensor kind of each reply field (how the session's encodings apply to it), the default
 target-layer ids and their validation, and an optional rebuild of the reply's fields on the client (the
 EAGLE-3 latent supervision). The remote client (`client/remote.py`) and the server's sessions
-(`server/algorithms/`) read everything per algorithm from here; adding an algorithm is a new module
-here and one in `server/algorithms/` that both call `register`, not an edit of either side.
+(`target/algorithms/`) read everything per algorithm from here; adding an algorithm is a new module
+here and one in `target/algorithms/` that both call `register`, not an edit of either side.
 
 Layer ids: N is the target's decoder-layer count; a layer id i means the output of decoder layer i (HF
 `hidden_states[i + 1]`), except DSpark's -1 (input of the first layer) and N-1 (final-norm output).

@@ -119,6 +119,25 @@ class ModelInfo(_message.Message):
     target_config_json: str
     def __init__(self, num_hidden_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., architectures: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., algorithms: _Optional[_Iterable[str]] = ..., encodings: _Optional[_Iterable[str]] = ..., eagle3_default_layer_ids: _Optional[_Iterable[int]] = ..., final_logit_softcapping: _Optional[float] = ..., server_version: _Optional[str] = ..., eagle3_default_layer_ids_from_server: bool = ..., dflash_default_layer_ids: _Optional[_Iterable[int]] = ..., dspark_default_layer_ids: _Optional[_Iterable[int]] = ..., session_ttl_s: _Optional[float] = ..., target_config_json: _Optional[str] = ...) -> None: ...
 
+class GetTokenizerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Tokenizer(_message.Message):
+    __slots__ = ("files", "digest")
+    class FilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.ScalarMap[str, bytes]
+    digest: str
+    def __init__(self, files: _Optional[_Mapping[str, bytes]] = ..., digest: _Optional[str] = ...) -> None: ...
+
 class OpenSessionRequest(_message.Message):
     __slots__ = ("algorithm", "layer_ids", "job_name", "capture_logits", "encodings", "weight", "selected_token_ids", "selected_token_mask", "data_plane")
     class EncodingsEntry(_message.Message):

@@ -70,6 +70,11 @@ class TargetServiceStub(object):
                 request_serializer=draftfeed_dot_v1_dot_draftfeed__pb2.StreamWeightsRequest.SerializeToString,
                 response_deserializer=draftfeed_dot_v1_dot_draftfeed__pb2.ReplyFrame.FromString,
                 _registered_method=True)
+        self.GetTokenizer = channel.unary_unary(
+                '/draftfeed.v1.TargetService/GetTokenizer',
+                request_serializer=draftfeed_dot_v1_dot_draftfeed__pb2.GetTokenizerRequest.SerializeToString,
+                response_deserializer=draftfeed_dot_v1_dot_draftfeed__pb2.Tokenizer.FromString,
+                _registered_method=True)
 
 
 class TargetServiceServicer(object):
@@ -130,6 +135,15 @@ class TargetServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTokenizer(self, request, context):
+        """The target's tokenizer: the files `tokenizer.save_pretrained` writes, so a remote trainer needs no
+        local copy of the target. FAILED_PRECONDITION when the server has none (its model directory holds
+        no tokenizer); servers older than this RPC answer UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TargetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +181,11 @@ def add_TargetServiceServicer_to_server(servicer, server):
                     servicer.StreamWeights,
                     request_deserializer=draftfeed_dot_v1_dot_draftfeed__pb2.StreamWeightsRequest.FromString,
                     response_serializer=draftfeed_dot_v1_dot_draftfeed__pb2.ReplyFrame.SerializeToString,
+            ),
+            'GetTokenizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTokenizer,
+                    request_deserializer=draftfeed_dot_v1_dot_draftfeed__pb2.GetTokenizerRequest.FromString,
+                    response_serializer=draftfeed_dot_v1_dot_draftfeed__pb2.Tokenizer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +378,33 @@ class TargetService(object):
             '/draftfeed.v1.TargetService/StreamWeights',
             draftfeed_dot_v1_dot_draftfeed__pb2.StreamWeightsRequest.SerializeToString,
             draftfeed_dot_v1_dot_draftfeed__pb2.ReplyFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTokenizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/draftfeed.v1.TargetService/GetTokenizer',
+            draftfeed_dot_v1_dot_draftfeed__pb2.GetTokenizerRequest.SerializeToString,
+            draftfeed_dot_v1_dot_draftfeed__pb2.Tokenizer.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,7 @@ how one batch is scored, how the result is exported and read back, and how it dr
 The loop (`loop.py`) is one for every algorithm; an algorithm is a `DraftAlgorithm` subclass in its own
 module here (`eagle3.py`, `dflash.py`, `dspark.py`; the block drafts share `block.py`) that adds itself to
 `ALGORITHMS`. Its backends, layer ids and reply fields come from the client / server registries
-(`draftfeed.client.algorithms`, `draftfeed.server.algorithms`). The block drafts (DFlash, DSpark) share
+(`draftfeed.client.algorithms`, `draftfeed.target.algorithms`). The block drafts (DFlash, DSpark) share
 `BlockAlgorithm`: their backend's frozen embedding / lm_head are fetched once when the draft is built,
 anchors are drawn from a per-rank generator that checkpoints with the run, and their loss denominators
 are all-reduced over ranks (`DistContext`).

@@ -26,7 +26,7 @@ def block_layer_ids(algorithm: str, num_layers: int, k: int) -> list[int]:
 class BlockAlgorithm(DraftAlgorithm):
     """What DFlash and DSpark share: backends, layer ids, the anchor generator, the zero-block step."""
 
-    backends: ClassVar[tuple[str, str]]  # (in-process class in draftfeed.server.backends, remote class)
+    backends: ClassVar[tuple[str, str]]  # (in-process class in draftfeed.target.backends, remote class)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -47,8 +47,8 @@ class BlockAlgorithm(DraftAlgorithm):
         t = self.cfg.target
         local_name, remote_name = self.backends
         if model is not None:
-            from draftfeed.server import backends
-            from draftfeed.server.capture import discover
+            from draftfeed.target import backends
+            from draftfeed.target.capture import discover
 
             ids = self._layer_ids(discover(model).num_layers)
             return getattr(backends, local_name)(model, target_layer_ids=ids)

@@ -23,7 +23,7 @@ class Eagle3Algorithm(DraftAlgorithm):
     def open_backend(self, model, device):
         t = self.cfg.target
         if model is not None:
-            from draftfeed.server.backends import HFEagle3TargetModel
+            from draftfeed.target.backends import HFEagle3TargetModel
 
             return HFEagle3TargetModel(model, aux_layer_ids=t.layer_ids)
         from draftfeed.client.remote import RemoteEagle3TargetModel

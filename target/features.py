@@ -1,6 +1,6 @@
 """What a draft algorithm takes from one target forward: the pieces every algorithm's features share.
 
-An algorithm's features object (`server/algorithms/<name>.py`) says which captures it needs (`needs`, a
+An algorithm's features object (`target/algorithms/<name>.py`) says which captures it needs (`needs`, a
 `Needs`) and turns a forward's `Captured` and the request's `TokenBatch` into its reply fields
 (`fields`) or its batch dataclass (`build`); it also names its `layer_ids` and whether it
 `takes_vocab_mapping` (then it has a `mapping`, a `VocabMapping` or None). The in-process backends run

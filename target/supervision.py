@@ -1,4 +1,4 @@
-"""The server's check of a vocab mapping; the EAGLE-3 supervision formulas it applies (`shift_left`,
+"""The check of a vocab mapping against the target; the EAGLE-3 supervision formulas it serves (`shift_left`,
 `project_supervision`) live in `draftfeed.client.supervision`, shared with the client and the trainer.
 """
 
@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 
 from draftfeed.client.errors import InvalidArgument
-from draftfeed.client.supervision import project_supervision, shift_left
 
-__all__ = ["shift_left", "project_supervision", "check_vocab_mapping"]
+__all__ = ["check_vocab_mapping"]
 
 
 def check_vocab_mapping(

@@ -1,6 +1,6 @@
 """The draft algorithms a server serves, one module each, gathered in one plain-dict registry.
 
-A `ServerAlgorithm` builds a session's features object (`server/features.py` says what one holds) from the
+A `ServerAlgorithm` builds a session's features object (`target/features.py` says what one holds) from the
 session's checked layer ids, the target's layer count N, and the session's `capture_logits` and `latent`
 choices. The layer ids are defaulted and validated by the client-side entry of the same name
 (`draftfeed.client.algorithms`), which also says how the reply's fields are encoded and rebuilt; the

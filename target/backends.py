@@ -1,7 +1,7 @@
 """In-process target backends: a HF causal LM on this process's device.
 
 Each call validates the request, runs one forward capturing just what its algorithm needs, and
-builds the batch (server/features.py). The remote clients return exactly these batches.
+builds the batch (target/features.py). The remote clients return exactly these batches.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ __all__ = [
 def forward_inputs(model: nn.Module, tb: TokenBatch):
     """(input_ids, attention mask, position_ids) for the HF forward of `tb`.
 
-    Packed rows get their block-causal mask (server/packing.py). `tb.attention_mask is None` means
+    Packed rows get their block-causal mask (target/packing.py). `tb.attention_mask is None` means
     the caller checked on the host that no position is padding (the scheduler does): the forward
     then gets an all-ones mask made on the device and must run inside `no_padding()`.
     """
@@ -123,7 +123,7 @@ class _HFTarget:
 
 
 class HFTargetModel(_HFTarget):
-    """The in-process backend of any registered algorithm (`server/algorithms/`, `client/algorithms/`):
+    """The in-process backend of any registered algorithm (`target/algorithms/`, `client/algorithms/`):
     `layer_ids` None = the algorithm's default. `generate_batch` returns the algorithm's batch dataclass,
     as `RemoteTargetModel(urls, algorithm=...)` does from a server."""
 

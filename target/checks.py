@@ -6,7 +6,7 @@ import torch
 
 from draftfeed.client.errors import InvalidArgument, ResourceExhausted
 
-from .config import Limits  # defined with the other settings; checked here
+from .limits import Limits
 from .packing import check_packing
 
 __all__ = ["Limits", "check_generate_inputs"]
