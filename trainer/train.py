@@ -161,6 +161,8 @@ def target_tokenizer(cfg: TrainConfig):
     if not t.remote:
         return load_tokenizer(t.model)
     local = load_tokenizer(t.model) if t.model else None  # a bad local path is named before any server
+    if local is not None:
+        check_chat_template(local)  # so is a local tokenizer without a chat template
     kw = t.client_kwargs()
     security = ChannelSecurity(
         kw["ca_file"], kw["client_cert"], kw["client_key"], kw["token"], kw["server_name"]
