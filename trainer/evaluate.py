@@ -15,8 +15,10 @@ A proposal runs d_1 from the last committed row's output, then K-1 chain rows (p
 emb(d_{j-1})) at the next positions on a temporary extension of the cache, which is discarded; after
 verification the rows of the newly committed tokens are appended with the target's aux states from the
 verify pass. The block drafter (`BlockDrafter`, DFlash / DSpark) keeps the target features of the
-committed tokens and proposes one block at the last committed token. Any object with `reset` / `extend` /
-`propose` can be measured (`ChainDrafter`); `run_eval` reads which algorithm an export is from its config.
+committed tokens and proposes one block at the last committed token (`measure_tau`); `measure_speedup`
+runs the same blocks through `StaticBlockDrafter` (static_drafting.py: the context rows' keys / values
+cached once per committed token, CUDA graphs). Any object with `reset` / `extend` / `propose` can be
+measured (`ChainDrafter`); `run_eval` reads which algorithm an export is from its config.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from draftfeed.client.layers import default_eagle3_layer_ids
 from .models import dflash, dspark
 from .models.eagle3 import Eagle3DraftModel
 from .progress import progress_enabled
+from .static_drafting import StaticBlockDrafter
 
 __all__ = [
     "ChainDrafter",
@@ -51,6 +54,7 @@ __all__ = [
     "tau_table",
     "StaticTarget",
     "StaticEagle3Drafter",
+    "StaticBlockDrafter",
     "decode_target_alone",
     "decode_speculative",
     "measure_speedup",
@@ -361,7 +365,8 @@ class StaticTarget:
         width = text_config(model.config).hidden_size * len(self.spec.aux_layer_ids)
         self.vaux = torch.zeros(k + 1, width, dtype=next(model.parameters()).dtype, device=dev)
         self.accept = torch.zeros((), dtype=torch.long, device=dev)
-        self.result = torch.zeros(k + 2, dtype=torch.long, device=dev)  # [a, pred...]: one read per round
+        # [a, pred_0..pred_K, drafts verified]: one read per round
+        self.result = torch.zeros(k + 3, dtype=torch.long, device=dev)
         self.dtok = torch.zeros(1, dtype=torch.long, device=dev)
         self.gen = torch.zeros(max_len + 1, dtype=torch.long, device=dev)  # baseline: token at column c
         self.arange = torch.arange(k + 1, device=dev)
@@ -409,7 +414,8 @@ class StaticTarget:
         a = match.long().cumprod(0).sum()
         self.accept.copy_(a)
         self.result[:1].copy_(a.view(1))
-        self.result[1:].copy_(pred)
+        self.result[1:-1].copy_(pred)
+        self.result[-1:].copy_(self.ndrafts.view(1))
         self.start.add_(a + 1)
         self.vids[:1].copy_(pred.gather(0, a.view(1)))
 
@@ -496,6 +502,7 @@ class StaticEagle3Drafter:
     def _propose(self) -> None:
         d, t = self.draft, self.t
         h = self.last_h
+        t.ndrafts.fill_(self.k)
         for j in range(self.k):
             tok = self.ids.gather(0, d.compute_logits(h)[0, -1].argmax().view(1))  # no host sync
             t.vids[1 + j : 2 + j].copy_(tok)
@@ -566,8 +573,9 @@ def decode_target_alone(target: StaticTarget, prompt: Sequence[int], max_new_tok
 def decode_speculative(target: StaticTarget, drafter, prompt: Sequence[int], max_new_tokens: int, eos: set,
                        res: TauResult, clock: _Clock | None = None) -> list[int]:  # fmt: skip
     """Greedy speculative decoding (the `measure_tau` protocol) on `target`; rounds and accepted tokens
-    go into `res`. A `device_side` drafter (`StaticEagle3Drafter`) commits and proposes without the host;
-    any other `ChainDrafter` proposes / extends from the host, its drafts padded to the verify's K."""
+    go into `res`. A `device_side` drafter (`StaticEagle3Drafter`, `StaticBlockDrafter`) commits and proposes
+    without the host, writing its drafts and their count into the verify input; any other `ChainDrafter`
+    proposes / extends from the host, its drafts padded to the verify's K."""
     k = target.k
     mark = clock.mark if clock is not None else (lambda label: None)
     aux, pred = target.prefill(prompt)
@@ -596,11 +604,12 @@ def decode_speculative(target: StaticTarget, drafter, prompt: Sequence[int], max
         if device_side:
             drafter.commit()
             drafter.propose()
-            res.drafted += k
             mark("draft")
         r = target.result.tolist()
         mark("sync")
-        a, vpred = r[0], r[1:]
+        a, vpred = r[0], r[1:-1]
+        if device_side:
+            res.drafted += r[-1]  # the count the verify used (DSpark's early stop may verify fewer than K)
         stop = next((i for i in range(a) if vpred[i] in eos), None)
         got = vpred[: stop + 1] if stop is not None else vpred[: a + 1]
         out += got
@@ -644,10 +653,9 @@ def measure_speedup(
         target = StaticTarget(model, layer_ids, algorithm, k, longest + max_new_tokens + k + 8, graphs)
     if algorithm == "eagle3":
         drafter = StaticEagle3Drafter(exported_draft, target, graphs)
-        graphed = target.graphed and drafter.graphed
     else:
-        drafter = make_drafter(algorithm, exported_draft, confidence_threshold)
-        graphed = target.graphed
+        drafter = StaticBlockDrafter(exported_draft, target, confidence_threshold, graphs)
+    graphed = target.graphed and drafter.graphed
     res = TauResult(name=name, algorithm=algorithm, k=k, accept_hist=[0] * (k + 2), graphs=graphed)
     if prompts:  # warm-up (allocator, kernels): one short prompt, both loops, not counted
         decode_target_alone(target, prompts[0], min(16, max_new_tokens), eos)
