@@ -38,7 +38,7 @@ from draftfeed.client.layers import default_eagle3_layer_ids
 from .models import dflash, dspark
 from .models.eagle3 import Eagle3DraftModel
 from .progress import progress_enabled
-from .static_drafting import StaticBlockDrafter
+from .static_drafting import StaticBlockDrafter, block_max_drafts
 
 __all__ = [
     "ChainDrafter",
@@ -132,8 +132,7 @@ class BlockDrafter:
         self.draft = draft.eval()
         self.is_dspark = isinstance(draft, dspark.DSparkDraft)
         self.confidence_threshold = confidence_threshold
-        bs = draft.config.block_size
-        self.max_drafts = bs if self.is_dspark else bs - 1  # DSpark slot k predicts x_{s+k+1}
+        self.max_drafts = block_max_drafts(draft)
         self.reset(())
 
     def reset(self, prompt: Sequence[int] = ()) -> None:
@@ -814,8 +813,7 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
         say(f"eval: draft weights of {cfg.checkpoint} (step {state.get('step')})")
     if cfg.untrained:  # the baseline: same shapes and vocab map, fresh random weights
         reinitialize(exported.draft)
-    drafter = make_drafter(exported.algorithm, exported.draft, cfg.confidence_threshold)
-    k = cfg.num_draft_tokens if exported.algorithm == "eagle3" else drafter.max_drafts
+    k = cfg.num_draft_tokens if exported.algorithm == "eagle3" else block_max_drafts(exported.draft)
     eos = eos_token_ids(tokenizer, model)
     sets = load_prompt_sets(cfg.prompts, tokenizer, cfg.limit)
     longest = max((len(p) for ps in sets.values() for p in ps), default=1)
