@@ -38,7 +38,7 @@ from draftfeed.client.layers import default_eagle3_layer_ids
 from .models import dflash, dspark
 from .models.eagle3 import Eagle3DraftModel
 from .progress import progress_enabled
-from .static_drafting import StaticBlockDrafter, block_max_drafts
+from .static_drafting import StaticBlockDrafter, StaticEagle3Drafter, block_max_drafts
 
 __all__ = [
     "ChainDrafter",
@@ -425,88 +425,6 @@ class StaticTarget:
         self.gen.index_copy_(0, cols + 1, nxt)
         self.dtok.copy_(nxt)
         self.start.add_(1)
-
-
-class StaticEagle3Drafter:
-    """EAGLE-3 chain drafting on a static draft KV cache, entirely on the device: `commit` appends the rows of
-    the verify pass (all K+1; the rows past the accepted a + 1 are never seen and get overwritten), `propose`
-    runs the K chain steps and writes the drafts into the target's verify input. Both are CUDA graphs.
-
-    The same arithmetic as `Eagle3DraftModel.decode` (`Eagle3ChainDrafter`), with the keys / values written
-    into preallocated buffers at their positions and a mask over the buffer instead of concatenation."""
-
-    device_side = True
-
-    def __init__(self, draft: Eagle3DraftModel, target: StaticTarget, graphs: bool = True):
-        from .fast_decode import Graphed
-
-        self.draft, self.t = draft.eval(), target
-        cfg = draft.config
-        attn = draft.midlayer.self_attn
-        p = draft.fc.weight
-        shape = (1, attn.num_kv_heads, target.max_len, attn.head_dim)
-        self.keys = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.values = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.last_h = torch.zeros(1, 1, cfg.hidden_size, dtype=p.dtype, device=p.device)
-        self.ids = draft.selected_token_ids()
-        self.cols = torch.arange(target.max_len, device=p.device)
-        self.k = target.k
-        self.commit = Graphed(self._commit, p.device, graphs, "EAGLE-3 commit").capture()
-        self.propose = Graphed(self._propose, p.device, graphs, "EAGLE-3 chain").capture()
-        self.graphed = self.commit.graph is not None and self.propose.graph is not None
-
-    def _rows(self, ids: torch.Tensor, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Rows (g[:, i], embed(ids[i])) at positions pos [m]; returns the raw layer output h [1,m,H]."""
-        from .models.common import apply_rope, rope_cos_sin
-
-        d = self.draft
-        layer, attn = d.midlayer, d.midlayer.self_attn
-        cos, sin = rope_cos_sin(d.inv_freq, pos[None], g.dtype)
-        emb = d.embed_tokens(ids[None]).to(g.dtype)
-        x = torch.cat((layer.input_layernorm(emb), layer.hidden_norm(g)), dim=-1)
-        m = x.shape[1]
-        q = attn.q_proj(x).view(1, m, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, m, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(1, m, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        self.keys.index_copy_(2, pos, k.to(self.keys.dtype))
-        self.values.index_copy_(2, pos, v.to(self.values.dtype))
-        groups = attn.num_heads // attn.num_kv_heads
-        keys, values = self.keys, self.values
-        if groups > 1:
-            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        allowed = self.cols[None, :] <= pos[:, None]
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * attn.head_dim**-0.5
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, values).transpose(1, 2).reshape(1, m, attn.num_heads * attn.head_dim)
-        h = g + attn.o_proj(out)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
-
-    @torch.no_grad()
-    def prefill(self, aux: torch.Tensor, next_ids: torch.Tensor) -> None:
-        """The prompt's rows 0..n-1 (eager), then the first proposal."""
-        d = self.draft
-        n = aux.shape[0]
-        g = d.project_hidden_states(aux[None])
-        h = self._rows(next_ids.to(g.device), g, torch.arange(n, device=g.device))
-        self.last_h.copy_(h[:, -1:])
-        self.propose()
-
-    def _commit(self) -> None:
-        t, d = self.t, self.draft
-        h = self._rows(t.vpred, d.project_hidden_states(t.vaux[None]), t.vcols)
-        self.last_h.copy_(h.index_select(1, t.accept.view(1)))
-
-    def _propose(self) -> None:
-        d, t = self.draft, self.t
-        h = self.last_h
-        t.ndrafts.fill_(self.k)
-        for j in range(self.k):
-            tok = self.ids.gather(0, d.compute_logits(h)[0, -1].argmax().view(1))  # no host sync
-            t.vids[1 + j : 2 + j].copy_(tok)
-            if j < self.k - 1:
-                h = self._rows(tok, d.next_input(h), (t.start + j).view(1))
 
 
 class _Clock:
