@@ -1,6 +1,7 @@
 """GPU smoke and speed check of trainer/fast_decode.py and the evaluator's graphed loops, on a model of the
 default target's dimensions with random weights (speed does not depend on the values): graphs on == off,
-the target-alone and speculative loops agree, and how fast the steps are. Writes $OUT/gpu_smoke.json.
+the target-alone and speculative loops agree, and how fast the steps are (EAGLE-3's chain and random DFlash /
+DSpark blocks). Writes $OUT/gpu_smoke.json.
 
     python bench/gpu_smoke.py --out DIR
 """
@@ -21,6 +22,19 @@ def smollm_dims():
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
     )  # fmt: skip
+
+
+def block_draft(model, algorithm: str, block_size: int):
+    """A DFlash or DSpark draft of the GPU recipes' shape (5 target layers, 5 draft layers), random weights."""
+    from draftfeed.trainer.models.dflash import DFlashConfig, DFlashDraft
+    from draftfeed.trainer.models.dspark import DSparkConfig, DSparkDraft
+
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if algorithm == "dflash":
+        cfg = DFlashConfig.from_target_config(model.config, num_layers=5, block_size=block_size)
+        return DFlashDraft(cfg, embed, head)
+    cfg = DSparkConfig.from_target_config(model.config, num_layers=5, block_size=block_size)
+    return DSparkDraft(cfg).copy_target_weights(embed, head)
 
 
 def sync(dev) -> None:
@@ -89,6 +103,14 @@ def main(argv=None) -> int:
         out[key] = {**r.as_dict(), "graphed": r.graphs}
         print(f"{key}: graphed={r.graphs} identical {r.identical}/{r.prompts} tau {r.tau:.3f} "
               f"base {r.base_tok_s:.0f} tok/s spec {r.spec_tok_s:.0f} tok/s x{r.speedup:.2f} round {r.round_ms()}", flush=True)  # fmt: skip
+    for algorithm, bs in (("dflash", 8), ("dspark", 7)):  # random block drafts: the graphed block step's cost
+        draft = block_draft(model, algorithm, bs).to(dev, dtype)
+        k, ids = (bs - 1 if algorithm == "dflash" else bs), draft.config.target_layer_ids
+        t = StaticTarget(model, ids, algorithm, k, max(lens) + new + 16)
+        r = measure_speedup(model, draft, algorithm, ids, ps, k, new, [2], "random", target=t, progress=False)
+        out[algorithm] = {**r.as_dict(), "graphed": r.graphs}
+        print(f"{algorithm}: graphed={r.graphs} identical {r.identical}/{r.prompts} tau {r.tau:.3f} "
+              f"x{r.speedup:.2f} round {r.round_ms()}", flush=True)  # fmt: skip
     with open(f"{args.out}/gpu_smoke.json", "w") as f:
         json.dump(out, f, indent=2)
     return 0

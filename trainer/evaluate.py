@@ -15,8 +15,10 @@ A proposal runs d_1 from the last committed row's output, then K-1 chain rows (p
 emb(d_{j-1})) at the next positions on a temporary extension of the cache, which is discarded; after
 verification the rows of the newly committed tokens are appended with the target's aux states from the
 verify pass. The block drafter (`BlockDrafter`, DFlash / DSpark) keeps the target features of the
-committed tokens and proposes one block at the last committed token. Any object with `reset` / `extend` /
-`propose` can be measured (`ChainDrafter`); `run_eval` reads which algorithm an export is from its config.
+committed tokens and proposes one block at the last committed token (`measure_tau`); `measure_speedup`
+runs the same blocks through `StaticBlockDrafter` (static_drafting.py: the context rows' keys / values
+cached once per committed token, CUDA graphs). Any object with `reset` / `extend` / `propose` can be
+measured (`ChainDrafter`); `run_eval` reads which algorithm an export is from its config.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from draftfeed.client.layers import default_eagle3_layer_ids
 from .models import dflash, dspark
 from .models.eagle3 import Eagle3DraftModel
 from .progress import progress_enabled
+from .static_drafting import StaticBlockDrafter, StaticEagle3Drafter, block_max_drafts
 
 __all__ = [
     "ChainDrafter",
@@ -51,6 +54,7 @@ __all__ = [
     "tau_table",
     "StaticTarget",
     "StaticEagle3Drafter",
+    "StaticBlockDrafter",
     "decode_target_alone",
     "decode_speculative",
     "measure_speedup",
@@ -128,8 +132,7 @@ class BlockDrafter:
         self.draft = draft.eval()
         self.is_dspark = isinstance(draft, dspark.DSparkDraft)
         self.confidence_threshold = confidence_threshold
-        bs = draft.config.block_size
-        self.max_drafts = bs if self.is_dspark else bs - 1  # DSpark slot k predicts x_{s+k+1}
+        self.max_drafts = block_max_drafts(draft)
         self.reset(())
 
     def reset(self, prompt: Sequence[int] = ()) -> None:
@@ -361,7 +364,8 @@ class StaticTarget:
         width = text_config(model.config).hidden_size * len(self.spec.aux_layer_ids)
         self.vaux = torch.zeros(k + 1, width, dtype=next(model.parameters()).dtype, device=dev)
         self.accept = torch.zeros((), dtype=torch.long, device=dev)
-        self.result = torch.zeros(k + 2, dtype=torch.long, device=dev)  # [a, pred...]: one read per round
+        # [a, pred_0..pred_K, drafts verified]: one read per round
+        self.result = torch.zeros(k + 3, dtype=torch.long, device=dev)
         self.dtok = torch.zeros(1, dtype=torch.long, device=dev)
         self.gen = torch.zeros(max_len + 1, dtype=torch.long, device=dev)  # baseline: token at column c
         self.arange = torch.arange(k + 1, device=dev)
@@ -409,7 +413,8 @@ class StaticTarget:
         a = match.long().cumprod(0).sum()
         self.accept.copy_(a)
         self.result[:1].copy_(a.view(1))
-        self.result[1:].copy_(pred)
+        self.result[1:-1].copy_(pred)
+        self.result[-1:].copy_(self.ndrafts.view(1))
         self.start.add_(a + 1)
         self.vids[:1].copy_(pred.gather(0, a.view(1)))
 
@@ -420,87 +425,6 @@ class StaticTarget:
         self.gen.index_copy_(0, cols + 1, nxt)
         self.dtok.copy_(nxt)
         self.start.add_(1)
-
-
-class StaticEagle3Drafter:
-    """EAGLE-3 chain drafting on a static draft KV cache, entirely on the device: `commit` appends the rows of
-    the verify pass (all K+1; the rows past the accepted a + 1 are never seen and get overwritten), `propose`
-    runs the K chain steps and writes the drafts into the target's verify input. Both are CUDA graphs.
-
-    The same arithmetic as `Eagle3DraftModel.decode` (`Eagle3ChainDrafter`), with the keys / values written
-    into preallocated buffers at their positions and a mask over the buffer instead of concatenation."""
-
-    device_side = True
-
-    def __init__(self, draft: Eagle3DraftModel, target: StaticTarget, graphs: bool = True):
-        from .fast_decode import Graphed
-
-        self.draft, self.t = draft.eval(), target
-        cfg = draft.config
-        attn = draft.midlayer.self_attn
-        p = draft.fc.weight
-        shape = (1, attn.num_kv_heads, target.max_len, attn.head_dim)
-        self.keys = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.values = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.last_h = torch.zeros(1, 1, cfg.hidden_size, dtype=p.dtype, device=p.device)
-        self.ids = draft.selected_token_ids()
-        self.cols = torch.arange(target.max_len, device=p.device)
-        self.k = target.k
-        self.commit = Graphed(self._commit, p.device, graphs, "EAGLE-3 commit").capture()
-        self.propose = Graphed(self._propose, p.device, graphs, "EAGLE-3 chain").capture()
-        self.graphed = self.commit.graph is not None and self.propose.graph is not None
-
-    def _rows(self, ids: torch.Tensor, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Rows (g[:, i], embed(ids[i])) at positions pos [m]; returns the raw layer output h [1,m,H]."""
-        from .models.common import apply_rope, rope_cos_sin
-
-        d = self.draft
-        layer, attn = d.midlayer, d.midlayer.self_attn
-        cos, sin = rope_cos_sin(d.inv_freq, pos[None], g.dtype)
-        emb = d.embed_tokens(ids[None]).to(g.dtype)
-        x = torch.cat((layer.input_layernorm(emb), layer.hidden_norm(g)), dim=-1)
-        m = x.shape[1]
-        q = attn.q_proj(x).view(1, m, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, m, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(1, m, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        self.keys.index_copy_(2, pos, k.to(self.keys.dtype))
-        self.values.index_copy_(2, pos, v.to(self.values.dtype))
-        groups = attn.num_heads // attn.num_kv_heads
-        keys, values = self.keys, self.values
-        if groups > 1:
-            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        allowed = self.cols[None, :] <= pos[:, None]
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * attn.head_dim**-0.5
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, values).transpose(1, 2).reshape(1, m, attn.num_heads * attn.head_dim)
-        h = g + attn.o_proj(out)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
-
-    @torch.no_grad()
-    def prefill(self, aux: torch.Tensor, next_ids: torch.Tensor) -> None:
-        """The prompt's rows 0..n-1 (eager), then the first proposal."""
-        d = self.draft
-        n = aux.shape[0]
-        g = d.project_hidden_states(aux[None])
-        h = self._rows(next_ids.to(g.device), g, torch.arange(n, device=g.device))
-        self.last_h.copy_(h[:, -1:])
-        self.propose()
-
-    def _commit(self) -> None:
-        t, d = self.t, self.draft
-        h = self._rows(t.vpred, d.project_hidden_states(t.vaux[None]), t.vcols)
-        self.last_h.copy_(h.index_select(1, t.accept.view(1)))
-
-    def _propose(self) -> None:
-        d, t = self.draft, self.t
-        h = self.last_h
-        for j in range(self.k):
-            tok = self.ids.gather(0, d.compute_logits(h)[0, -1].argmax().view(1))  # no host sync
-            t.vids[1 + j : 2 + j].copy_(tok)
-            if j < self.k - 1:
-                h = self._rows(tok, d.next_input(h), (t.start + j).view(1))
 
 
 class _Clock:
@@ -566,8 +490,9 @@ def decode_target_alone(target: StaticTarget, prompt: Sequence[int], max_new_tok
 def decode_speculative(target: StaticTarget, drafter, prompt: Sequence[int], max_new_tokens: int, eos: set,
                        res: TauResult, clock: _Clock | None = None) -> list[int]:  # fmt: skip
     """Greedy speculative decoding (the `measure_tau` protocol) on `target`; rounds and accepted tokens
-    go into `res`. A `device_side` drafter (`StaticEagle3Drafter`) commits and proposes without the host;
-    any other `ChainDrafter` proposes / extends from the host, its drafts padded to the verify's K."""
+    go into `res`. A `device_side` drafter (`StaticEagle3Drafter`, `StaticBlockDrafter`) commits and proposes
+    without the host, writing its drafts and their count into the verify input; any other `ChainDrafter`
+    proposes / extends from the host, its drafts padded to the verify's K."""
     k = target.k
     mark = clock.mark if clock is not None else (lambda label: None)
     aux, pred = target.prefill(prompt)
@@ -596,11 +521,12 @@ def decode_speculative(target: StaticTarget, drafter, prompt: Sequence[int], max
         if device_side:
             drafter.commit()
             drafter.propose()
-            res.drafted += k
             mark("draft")
         r = target.result.tolist()
         mark("sync")
-        a, vpred = r[0], r[1:]
+        a, vpred = r[0], r[1:-1]
+        if device_side:
+            res.drafted += r[-1]  # the count the verify used (DSpark's early stop may verify fewer than K)
         stop = next((i for i in range(a) if vpred[i] in eos), None)
         got = vpred[: stop + 1] if stop is not None else vpred[: a + 1]
         out += got
@@ -644,10 +570,9 @@ def measure_speedup(
         target = StaticTarget(model, layer_ids, algorithm, k, longest + max_new_tokens + k + 8, graphs)
     if algorithm == "eagle3":
         drafter = StaticEagle3Drafter(exported_draft, target, graphs)
-        graphed = target.graphed and drafter.graphed
     else:
-        drafter = make_drafter(algorithm, exported_draft, confidence_threshold)
-        graphed = target.graphed
+        drafter = StaticBlockDrafter(exported_draft, target, confidence_threshold, graphs)
+    graphed = target.graphed and drafter.graphed
     res = TauResult(name=name, algorithm=algorithm, k=k, accept_hist=[0] * (k + 2), graphs=graphed)
     if prompts:  # warm-up (allocator, kernels): one short prompt, both loops, not counted
         decode_target_alone(target, prompts[0], min(16, max_new_tokens), eos)
@@ -806,8 +731,7 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
         say(f"eval: draft weights of {cfg.checkpoint} (step {state.get('step')})")
     if cfg.untrained:  # the baseline: same shapes and vocab map, fresh random weights
         reinitialize(exported.draft)
-    drafter = make_drafter(exported.algorithm, exported.draft, cfg.confidence_threshold)
-    k = cfg.num_draft_tokens if exported.algorithm == "eagle3" else drafter.max_drafts
+    k = cfg.num_draft_tokens if exported.algorithm == "eagle3" else block_max_drafts(exported.draft)
     eos = eos_token_ids(tokenizer, model)
     sets = load_prompt_sets(cfg.prompts, tokenizer, cfg.limit)
     longest = max((len(p) for ps in sets.values() for p in ps), default=1)

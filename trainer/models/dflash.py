@@ -42,6 +42,7 @@ __all__ = [
     "DFlashDraft",
     "run_block",
     "propose_block",
+    "block_drafts",
     "export_dflash",
     "load_dflash",
     "text_config_dict",
@@ -264,13 +265,26 @@ class BlockAttention(nn.Module):
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
 
     def forward(self, x, context, rope_q, rope_k, mask):
-        b, q_len, _ = x.shape
-        kv_in = torch.cat([context, x], dim=1)
-        kv_len = kv_in.shape[1]
-        q = self.q_norm(self.q_proj(x).view(b, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(kv_in).view(b, kv_len, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(kv_in).view(b, kv_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_k)
+        k, v = self.keys_values(torch.cat([context, x], dim=1))
+        q, k = apply_rope(self.queries(x), *rope_q), apply_rope(k, *rope_k)
+        return self.attend(q, k, v, mask)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """q_norm(q_proj(x)) [B,heads,Q,d], before RoPE."""
+        b, n, _ = x.shape
+        return self.q_norm(self.q_proj(x).view(b, n, self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def keys_values(self, kv_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k_norm(k_proj(kv_in)) (before RoPE) and v_proj(kv_in), [B,kv_heads,L,d]. Row-wise: a context row's
+        keys / values depend on that row (and, after RoPE, its position) only."""
+        b, n, _ = kv_in.shape
+        k = self.k_norm(self.k_proj(kv_in).view(b, n, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(kv_in).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def attend(self, q, k, v, mask) -> torch.Tensor:
+        """o_proj(softmax(q k^T / sqrt(d) | mask) v) [B,Q,H] for q [B,heads,Q,d], k / v [B,kv_heads,L,d]."""
+        b, _, q_len, _ = q.shape
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -392,7 +406,8 @@ def run_block(
     `context_features` [B,s,K*H] are the target features of the committed tokens x_0..x_{s-1}, all at
     positions 0..s-1 (every row the same length); `anchor_ids` [B] is x_s (the last committed token,
     which the target has not run yet). No mask: the block sees all of its context and itself. There is no
-    draft KV cache: the context K/V are recomputed from the features on every call (correct, O(s) per round).
+    draft KV cache: the context K/V are recomputed from the features on every call (correct, O(s) per round;
+    `trainer/static_drafting.py` keeps them in a cache, as they depend on each row's features alone).
     """
     b, s = context_features.shape[:2]
     bs = draft.config.block_size
@@ -409,7 +424,11 @@ def propose_block(
     draft: DFlashDraft, context_features: torch.Tensor, anchor_ids: torch.Tensor
 ) -> torch.Tensor:
     """Greedy DFlash proposal: d_1..d_{bs-1} [B,bs-1] (slot k predicts the token after k-1 drafts)."""
-    hidden = run_block(draft, context_features, anchor_ids)
+    return block_drafts(draft, run_block(draft, context_features, anchor_ids))
+
+
+def block_drafts(draft: DFlashDraft, hidden: torch.Tensor) -> torch.Tensor:
+    """d_1..d_{bs-1} [B,bs-1] from a block's final hidden states [B,bs,H] (`run_block`)."""
     return draft.logits(hidden[:, 1:]).argmax(-1)
 
 

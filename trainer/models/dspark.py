@@ -28,6 +28,7 @@ __all__ = [
     "ConfidenceHead",
     "softcap",
     "propose_block",
+    "block_proposal",
     "export_dspark",
     "load_dspark",
 ]
@@ -215,6 +216,14 @@ def propose_block(
     sigmoid(c_k) < theta (0 = off: all bs drafts).
     """
     hidden = run_block(draft, context_features, anchor_ids)
+    return block_proposal(draft, hidden, anchor_ids, confidence_threshold=confidence_threshold)
+
+
+def block_proposal(
+    draft: DSparkDraft, hidden: torch.Tensor, anchor_ids: torch.Tensor, *, confidence_threshold: float = 0.0
+) -> DSparkProposal:
+    """The proposal from a block's final hidden states [B,bs,H] (`run_block`) and its anchors [B]: fixed
+    shapes, no host sync (a caller may capture it in a CUDA graph)."""
     base = draft.base_logits(hidden)
     prev = anchor_ids.to(hidden.device).long()
     tokens, confidence = [], []
