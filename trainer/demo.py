@@ -46,6 +46,7 @@ class DemoSettings:
     regen_max_turns: int | None = 1  # None: every user turn
     regen_time_limit: float | None = None
     seq_len: int = 512
+    batch_size: int = 1  # EAGLE-3 rows per step (the block drafts take one row: their step is larger)
     steps: int = 40
     time_limit: float | None = None  # seconds of training per job
     prefetch: int = 2
@@ -77,12 +78,13 @@ class DemoSettings:
             regen_max_turns=None,
             regen_time_limit=150.0,
             seq_len=2048,
-            steps=1600,
+            batch_size=8,
+            steps=4000,  # ~10 epochs of EAGLE-3 at 8 x 2048; the time limit paces the schedule when it ends first
             time_limit=300.0,
             prefetch=4,
             draft_vocab_size=8192,
             ttt_steps=7,
-            lr=5e-4,
+            lr=1e-3,
             block_layers=5,
             num_anchors=512,
             markov_rank=256,
@@ -135,7 +137,7 @@ def demo_configs(s: DemoSettings, out_dir: Path, url: str, algorithms: Sequence[
             out=str(out_dir / alg),
             algorithm=alg,
             target=TargetConfig(url=[url], job_name=f"demo-train-{alg}"),
-            data=dataclasses.replace(data),
+            data=dataclasses.replace(data, batch_size=1 if block else s.batch_size),
             eagle3=Eagle3Config(draft_vocab_size=s.draft_vocab_size, ttt_steps=s.ttt_steps),
             block=BlockConfig(
                 block_size=s.block_size + (1 if alg == "dflash" else 0),  # the same number of drafts
