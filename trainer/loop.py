@@ -83,6 +83,21 @@ def lr_lambda(
     return factor
 
 
+def _read_metrics(entries: list[dict]) -> dict:
+    """Turn the metric tensors of `entries` (0-d, on the device) into floats in place, with one copy to
+    the host for all of them, and empty the list: the loop reads its metrics only when it logs, so the host
+    queues the next steps while the device still runs this one. Returns the last entry ({} if none)."""
+    slots = [(e, k) for e in entries for k, v in e.items() if isinstance(v, torch.Tensor)]
+    if slots:
+        dev = slots[0][0][slots[0][1]].device
+        values = torch.stack([e[k].float().reshape(()).to(dev) for e, k in slots]).tolist()
+        for (e, k), v in zip(slots, values, strict=True):
+            e[k] = v
+    last = entries[-1] if entries else {}
+    entries.clear()
+    return last
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -299,7 +314,7 @@ class Trainer:
 
     def _log(self, window: list[dict], seconds: float, tokens: int, wait: float) -> None:
         """Average `window` (this rank's steps since the last log) over ranks; rank 0 writes it."""
-        keys = sorted(window[0])
+        keys = sorted(k for k in window[0] if k != "step")
         local = torch.tensor(
             [[sum(w[k] for w in window) / len(window) for k in keys] + [tokens]], dtype=torch.float64
         )
@@ -337,8 +352,7 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext():
                 loss, metrics = self.module(target)
             (loss / self.cfg.optim.grad_accum).backward()  # outside autocast, as torch recommends
-        values = torch.stack([m.detach().float().reshape(()) for m in metrics.values()]).tolist()
-        return dict(zip(metrics, values, strict=True))
+        return {k: m.detach().float().reshape(()) for k, m in metrics.items()}  # read at the next log
 
     def _clock(self, start: float) -> None:
         """`elapsed` = this run's seconds, rank 0's on every rank (the paced lr and the stop agree)."""
@@ -390,7 +404,7 @@ class Trainer:
 
     def _optimizer_step(self) -> dict[str, float]:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).detach()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -425,6 +439,9 @@ class Trainer:
                 pending.append((tb, future))
 
         result = TrainResult(steps=0, seconds=0.0, tokens=0)
+        unread: list[dict] = []  # entries whose metrics are still tensors on the device
+        shown: dict = {}  # the latest entry read: the progress bar and the status page show it
+        read_at = 0.0
         start = window_start = time.perf_counter()
         window, window_tokens, window_wait = [], 0, 0.0
         accum = cfg.optim.grad_accum
@@ -467,6 +484,7 @@ class Trainer:
                     committed = (self.data_state, _rng_state(), self.algorithm.state_dict())
                     result.steps += 1
                     result.history.append(entry)
+                    unread.append(entry)
                     if (
                         cfg.loop.save_every
                         and self.step % cfg.loop.save_every == 0
@@ -476,18 +494,25 @@ class Trainer:
                         saved = self.step
                 if result.steps == 1:
                     self._warn_if_slow_on_cpu(time.perf_counter() - start)
+                window.append(entry)
+                log_now = self.step % cfg.loop.log_every == 0 or self.step == self.total_steps
+                # the loop's own host syncs: the metrics, read at once when it logs, and for a progress bar
+                # at most once a second (the first step's at once)
+                bar_due = self._bar is not None and (not shown or time.perf_counter() - read_at > 1.0)
+                if log_now or bar_due:
+                    shown, read_at = _read_metrics(unread) or shown, time.perf_counter()
                 report = getattr(self.backend, "report_progress", None)  # for the server's status page
                 if report is not None:
-                    report(self.step, entry.get("loss"))
-                window.append({k: v for k, v in entry.items() if k != "step"})
+                    report(self.step, shown.get("loss"))
                 if self._bar is not None:  # rank 0's tokens x ranks (equal shards); metrics.jsonl has the sum
-                    self._bar.update(self.step, step_tokens * self.dist.world_size, entry)
-                if self.step % cfg.loop.log_every == 0 or self.step == self.total_steps:
+                    self._bar.update(self.step, step_tokens * self.dist.world_size, shown)
+                if log_now:
                     now = time.perf_counter()
                     self._log(window, now - window_start, window_tokens, window_wait)
                     window, window_tokens, window_wait, window_start = [], 0, 0.0, now
                 if cfg.loop.time_limit is not None and self.elapsed > cfg.loop.time_limit:
                     if window:
+                        _read_metrics(unread)
                         self._log(window, time.perf_counter() - window_start, window_tokens, window_wait)
                     self._say(f"time limit of {cfg.loop.time_limit:.0f} s reached at step {self.step}")
                     break
@@ -509,6 +534,7 @@ class Trainer:
             raise
         finally:
             stop.__exit__(None, None, None)
+            _read_metrics(unread)  # the history holds numbers
             for _, future in pending:
                 future.cancel()
             self._close_logs()
