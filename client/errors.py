@@ -14,6 +14,7 @@ __all__ = [
     "FailedPrecondition",
     "NotFound",
     "ResourceExhausted",
+    "Busy",
     "Unavailable",
     "Unauthenticated",
     "PermissionDenied",
@@ -56,6 +57,12 @@ class ResourceExhausted(DraftfeedError, RuntimeError):
     """Over a limit: request size, queue depth or a job's quota."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Busy(ResourceExhausted):
+    """Over a limit on requests or clients at once (a queue, a job's requests in flight): the same request
+    fits once earlier ones are done. RESOURCE_EXHAUSTED on gRPC, 429 with Retry-After on HTTP (a request
+    too large to ever fit stays a plain ResourceExhausted: 413)."""
 
 
 class Unavailable(DraftfeedError, ConnectionError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from draftfeed.client.errors import InvalidArgument, ResourceExhausted, Unavailable
+from draftfeed.client.errors import Busy, InvalidArgument, Unavailable
 from draftfeed.target.checks import Limits, check_generate_inputs
 from draftfeed.target.features import TokenBatch
 
@@ -55,7 +55,7 @@ class ReplyHolds:
         with self._lock:
             n = self._count.get(session.id, 0)
             if n >= self.limit:
-                raise ResourceExhausted(
+                raise Busy(
                     f"job {session.job_name!r} has {n} requests whose replies are queued, running or not yet "
                     f"read (per-job limit {self.limit}, --max-queued-per-job); read replies before sending "
                     "more (retry in ~1 s)"

@@ -72,6 +72,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from draftfeed.client.errors import (
+    Busy,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -116,6 +117,7 @@ _STATUS = (
     (InvalidArgument, 400),
     (FailedPrecondition, 409),
     (NotFound, 404),
+    (Busy, 429),
     (ResourceExhausted, 413),
     (Unauthenticated, 401),
     (PermissionDenied, 403),
@@ -255,7 +257,7 @@ class NemoClients:
         idle = [c for c in own if c.session.stats.in_flight == 0]
         if not idle:
             if len(own) >= self.max_clients_per_job:
-                raise ResourceExhausted(
+                raise Busy(
                     f"this job already has {len(own)} NeMo HTTP clients on this server (the cap per job), all "
                     "busy; retry later or disconnect clients it no longer uses"
                 )
@@ -376,7 +378,7 @@ def _endpoint(fn):
                 msg = capped(str(err))  # a message that echoes a huge input stays small
                 log.info("/%s: %d %s", name, status, msg)
             response = _error_response(msg, status)
-            if status == 503:
+            if status in (429, 503):
                 response.headers["Retry-After"] = "1"
             if status == 401:
                 response.headers["WWW-Authenticate"] = 'Basic realm="draftfeed", charset="UTF-8"'

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from draftfeed.client.errors import DraftfeedError, NotFound, ResourceExhausted, Unavailable
+from draftfeed.client.errors import Busy, DraftfeedError, NotFound, ResourceExhausted, Unavailable
 from draftfeed.client.payload import PendingFields, encode_fields_on_device
 from draftfeed.target.backends import forward_for
 from draftfeed.target.capture import Captured, TargetLayout
@@ -195,14 +195,12 @@ class BatchScheduler:
                 )
             q = self._queues.setdefault(session.id, deque())
             if len(q) >= self.max_queued_per_session:
-                raise ResourceExhausted(
+                raise Busy(
                     f"job {session.job_name!r} already has {len(q)} requests queued (per-job limit "
                     f"{self.max_queued_per_session}); wait for replies before sending more (retry in ~1 s)"
                 )
             if self.metrics.queue_depth >= self.max_queue:
-                raise ResourceExhausted(
-                    f"the server queue is full ({self.max_queue} requests); retry in ~1 s"
-                )
+                raise Busy(f"the server queue is full ({self.max_queue} requests); retry in ~1 s")
             if session.id not in self._vtime:  # a newcomer starts level with the others, not ahead
                 self._vtime[session.id] = min(self._vtime.values(), default=0.0)
             q.append(_Work(session, tb, fut, unpadded=unpadded))

@@ -782,3 +782,16 @@ def test_client_caps_and_eviction_stay_within_one_job(token_server, model):
             c.post("disconnect", b"{}")
     finally:
         nemo.stop()
+
+
+def test_a_busy_server_answers_429_and_a_request_too_large_413():
+    """Limits on requests at once (a queue, a job's replies in flight, a job's clients) are `Busy`: the same
+    request fits later, so HTTP says 429 (with Retry-After, as 503 does); a request over a size limit never
+    fits: 413. On gRPC both stay RESOURCE_EXHAUSTED."""
+    import grpc
+
+    from draftfeed.client.errors import Busy, ResourceExhausted
+    from draftfeed.server.nemo_http import _status_of
+
+    assert _status_of(Busy("queue full")) == 429 and _status_of(ResourceExhausted("too big")) == 413
+    assert Busy.code == ResourceExhausted.code == grpc.StatusCode.RESOURCE_EXHAUSTED
