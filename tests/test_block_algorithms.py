@@ -540,6 +540,20 @@ def test_a_batch_without_anchors_is_a_zero_step(tmp_path, tiny_model, algorithm)
     assert all(p.grad is not None and not p.grad.any() for p in draft.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("algorithm", BLOCK)
+def test_a_block_algorithm_names_its_own_size_flags(tmp_path, algorithm):
+    """The slow-on-CPU warning names what shrinks a block step; EAGLE-3 has none of its own."""
+    from draftfeed.trainer.algorithms import ALGORITHMS
+
+    cfg = make_cfg(tmp_path, algorithm, None, None)
+    flags = ALGORITHMS[algorithm](cfg).size_flags()
+    assert (
+        f"--num-anchors {cfg.block.num_anchors}" in flags
+        and f"--draft-layers {cfg.block.num_layers}" in flags
+    )
+    assert ALGORITHMS["eagle3"](cfg).size_flags() == ""
+
+
 def test_dspark_ddp_on_two_cpu_processes(tmp_path, target_dir, data_file, server):
     """`draftfeed train dspark` under torchrun: global loss denominators, per-rank anchor generators."""
     import os

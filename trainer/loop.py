@@ -393,9 +393,8 @@ class Trainer:
         shrink = (
             f"--seq-len {d.seq_len}, --batch-size {d.batch_size}, --grad-accum {self.cfg.optim.grad_accum}"
         )
-        if self.cfg.algorithm in ("dflash", "dspark"):
-            b = self.cfg.block
-            shrink += f", --num-anchors {b.num_anchors}, --draft-layers {b.num_layers}"
+        if extra := self.algorithm.size_flags():
+            shrink += f", {extra}"
         self._say(
             f"warning: training on the CPU: step {self.step} took {first_step_s:.0f} s, so the "
             f"{self.total_steps - self.step} steps left need about {format_duration(eta)} (eta). The defaults "

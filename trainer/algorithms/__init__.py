@@ -79,6 +79,10 @@ class DraftAlgorithm(ABC):
     ) -> nn.Module:
         """A freshly initialised draft (the caller seeds the RNG first)."""
 
+    def size_flags(self) -> str:
+        """This algorithm's own flags that make a step cheaper (named in the slow-on-CPU warning)."""
+        return ""
+
     def prepare_backend(self, backend, draft: nn.Module) -> None:  # noqa: B027 - optional
         """Session state the backend needs before the first batch (called again after a resume)."""
 

@@ -43,6 +43,10 @@ class BlockAlgorithm(DraftAlgorithm):
             else block_layer_ids(self.name, num_layers, self.cfg.block.num_target_layers)
         )
 
+    def size_flags(self) -> str:
+        b = self.cfg.block
+        return f"--num-anchors {b.num_anchors}, --draft-layers {b.num_layers}"
+
     def open_backend(self, model, device):
         t = self.cfg.target
         local_name, remote_name = self.backends
