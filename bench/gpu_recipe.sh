@@ -103,7 +103,11 @@ HELD=$W/heldout_prompts.jsonl
 
 # -- train every recipe at the same time against the one server --------------------------------------
 RESERVE=${RESERVE:-150} # eval + the remote/in-process row
-TRAIN_S=${TRAIN_S:-$(($(left) - RESERVE - 40))}
+# STARTUP: what a job spends before its first step (loading, tokenizing 16k conversations, compiling the step):
+# ~70 s measured on an H100 on 2026-12-05; with 40 s the hard cap below killed the job before its time limit, so
+# it left a checkpoint and no export
+STARTUP=${STARTUP:-110}
+TRAIN_S=${TRAIN_S:-$(($(left) - RESERVE - STARTUP))}
 say "train $ALGS for $TRAIN_S s each"
 for a in $ALGS; do
   alg=${a%%-*}
