@@ -387,7 +387,7 @@ def job(args):
 def jobs(args):
     algos = args.algos.split(",")
     procs = []
-    group = f"{len(algos)}jobs"
+    group = f"{len(algos)}jobs_b{args.batch}"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     server = Server(args)
     try:
@@ -657,20 +657,37 @@ def report(args):
         lines.append("")
     job_rows = _rows(out / "jobs.jsonl")
     if job_rows:
-        lines += ["## Concurrent jobs against one server (one process each)", ""]
+        # the same job alone: the single-job run's remote row of its algorithm, B and encodings
+        alone = {
+            (r["algo"], r["B"], r["encodings"]): r["tok_s"]
+            for r in single_rows
+            if r["mode"] == "remote" and "error" not in r
+        }
         lines += [
-            "| jobs | job | algorithm | B | tok/s | target wait | bytes/token |",
-            "|---:|---:|---|---:|---:|---:|---:|",
+            "## Concurrent jobs against one server (one process each)",
+            "",
+            "alone = the same job (algorithm, B, encodings) training alone against the server, from the table",
+            "above; shared / alone = the share of its lone speed it keeps. Their sum is the work done per second",
+            "in units of one job alone: 1.0 is what running the jobs one after another gives.",
+            "",
+            "| jobs | job | algorithm | B | tok/s | alone tok/s | shared / alone | target wait | bytes/token |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
         for group in sorted({r["group"] for r in job_rows}):
             rows = sorted((r for r in job_rows if r["group"] == group), key=lambda r: r["index"])
+            kept = []
             for r in rows:
+                lone = alone.get((r["algo"], r["B"], r["encodings"]))
+                kept.append(r["tok_s"] / lone if lone else None)
                 lines.append(
                     f"| {r['jobs']} | {r['index']} | {r['algo']} | {r['B']} | {r['tok_s']:,} | "
+                    f"{f'{lone:,}' if lone else ''} | {f'{kept[-1]:.2f}' if lone else ''} | "
                     f"{100 * r['target_wait']:.0f}% | {r['bytes_per_token']} |"
                 )
+            gain = f"**{sum(kept):.2f}x one job**" if all(k is not None for k in kept) else ""
             lines.append(
-                f"| {rows[0]['jobs']} | all | aggregate | | **{sum(r['tok_s'] for r in rows):,}** | | |"
+                f"| {rows[0]['jobs']} | all | aggregate | {rows[0]['B']} | **{sum(r['tok_s'] for r in rows):,}** "
+                f"| | {gain} | | |"
             )
         lines.append("")
     (out / "train_throughput.md").write_text("\n".join(lines) + "\n")

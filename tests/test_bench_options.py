@@ -76,3 +76,30 @@ def test_report_names_where_the_server_and_trainer_ran(tmp_path):
     assert text.startswith("# two GPUs")
     assert "(32 layers)" in text and "on cuda:0, trainer(s) and the co-located target on cuda:1" in text
     assert "| eagle3 | 16 | remote | exact | 150 | 1.50 |" in text
+
+
+def test_report_sums_each_shared_job_against_the_same_job_alone(tmp_path):
+    """The concurrent-jobs table: each job's tok/s over its lone remote tok/s (same algorithm, B,
+    encodings), summed into the aggregate's gain in units of one job alone."""
+    import argparse
+    import json
+
+    from draftfeed.bench.train_throughput import report
+
+    single = [
+        dict(algo=a, B=4, S=64, mode="remote", encodings="exact", tok_s=t, target_wait=0.0, steps=3,
+             trainer_peak_gib=1.0, gpu_used_gib=2.0, bytes_per_token=10)
+        for a, t in (("eagle3", 200), ("dspark", 100))
+    ]  # fmt: skip
+    jobs = [
+        dict(group="2jobs_b4", jobs=2, index=i, algo=a, B=4, S=64, encodings="exact", tok_s=t, target_wait=0.1,
+             steps=3, trainer_peak_gib=1.0, bytes_per_token=10)
+        for i, (a, t) in enumerate((("eagle3", 150), ("dspark", 60)))
+    ]  # fmt: skip
+    for name, rows in (("single", single), ("jobs", jobs)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report(argparse.Namespace(out=str(tmp_path), command="c", device="H100", title="t"))
+    text = (tmp_path / "train_throughput.md").read_text()
+    assert "| 2 | 0 | eagle3 | 4 | 150 | 200 | 0.75 | 10% | 10 |" in text
+    assert "| 2 | 1 | dspark | 4 | 60 | 100 | 0.60 | 10% | 10 |" in text
+    assert "| 2 | all | aggregate | 4 | **210** | | **1.35x one job** | | |" in text

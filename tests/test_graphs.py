@@ -301,3 +301,54 @@ def test_a_server_with_graphs_answers_like_one_without(cuda_llama):
         assert set(a) == set(b)
         for k in b:
             assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_cuda_client_decodes_off_the_trainers_stream_and_gets_what_a_cpu_client_gets(cuda_llama):
+    """A CUDA client reads frames into page-locked buffers and decodes them on its own stream while the
+    trainer's stream is busy: its batches equal those it decodes on an idle GPU (and a CPU client's, the
+    rebuilt fp32 probabilities to rounding), and stay intact while the trainer's stream that reads them
+    runs behind the client's next decodes (record_stream)."""
+    from draftfeed.client.remote import RemoteEagle3TargetModel
+    from draftfeed.server.app import TargetServer
+    from draftfeed.server.config import ServeConfig
+
+    model = cuda_llama[0]
+    server = TargetServer(ServeConfig(port=0), model=model).start()
+    try:
+        cpu = RemoteEagle3TargetModel(server.url)
+        gpu_client = RemoteEagle3TargetModel(server.url, device="cuda")
+        for c in (cpu, gpu_client):
+            c.set_vocab_mapping(*mapping(model.config.vocab_size))
+        assert gpu_client.servers[0].data is not None and gpu_client.servers[0].data.pin_memory
+        assert cpu.servers[0].data is not None and not cpu.servers[0].data.pin_memory
+        batches = [inputs(seed=s, b=2, s=12) for s in range(8)]
+        want = [gpu_client.generate_batch(*b) for b in batches]
+        for w, c in zip(want, (cpu.generate_batch(*b) for b in batches), strict=True):
+            for k, v in c.tensors().items():
+                if k == "target_probs":
+                    torch.testing.assert_close(w.target_probs.cpu(), v, rtol=0, atol=1e-5)
+                else:
+                    assert torch.equal(w.tensors()[k].cpu(), v), k
+        want = [{k: v.double().sum() for k, v in w.tensors().items()} for w in want]
+        busy = torch.randn(2048, 2048, device="cuda")
+        sums = []
+        futures = [gpu_client.generate_batch_async(*b) for b in batches[:2]]
+        for i in range(len(batches)):
+            for _ in range(20):  # the trainer's stream runs well behind the host
+                busy = torch.tanh(busy @ busy)
+            got = futures[i].result(timeout=60)
+            if i + 2 < len(batches):
+                futures.append(gpu_client.generate_batch_async(*batches[i + 2]))
+            sums.append({k: v.double().sum() for k, v in got.tensors().items()})  # queued behind the matmuls
+            del got  # freed while the kernels that read it are still queued
+        torch.cuda.synchronize()
+        for s, w in zip(sums, want, strict=True):
+            assert set(s) == set(w)
+            for k, v in w.items():
+                assert torch.equal(s[k], v), k
+        cpu.close()
+        gpu_client.close()
+    finally:
+        server.stop(grace=1)
