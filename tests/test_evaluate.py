@@ -246,6 +246,34 @@ def test_eos_stops_both_static_loops_at_the_same_token(target):
     assert decode_speculative(static, OracleDrafter(target), p, 40, eos, res) == base
 
 
+def test_pipelined_device_rounds_stop_at_an_eos_where_the_reference_does(target):
+    """The device-side rounds are pipelined (the next round is queued before the host reads this one):
+    an eos mid-text still ends each prompt at the same token, with the rounds and tokens of the reference
+    chain drafter; the round queued past the end is not counted."""
+    from draftfeed.trainer.evaluate import (
+        StaticEagle3Drafter,
+        StaticTarget,
+        TauResult,
+        decode_speculative,
+        decode_target_alone,
+    )
+
+    draft = eagle3_draft(target, vd=None, dtype=torch.float32, seed=2)
+    ps = prompts(3, seed=5)
+    eos = {greedy(target, p, 12)[6] for p in ps}  # a token each prompt's greedy text reaches
+    ref = measure_tau(
+        TargetVerifier(target), Eagle3ChainDrafter(draft), ps, K, max_new_tokens=30, eos_ids=eos
+    )
+    static = StaticTarget(target, None, "eagle3", K, max_len=80)
+    drafter = StaticEagle3Drafter(draft, static)
+    res = TauResult("t", k=K, accept_hist=[0] * (K + 2))
+    for p in ps:
+        base = decode_target_alone(static, p, 30, eos)
+        assert base[-1] in eos and len(base) <= 7
+        assert decode_speculative(static, drafter, p, 30, eos, res) == base
+    assert (res.rounds, res.committed) == (ref.rounds, ref.committed)
+
+
 def test_measure_speedup_reports_real_timings_and_identical_outputs(target):
     from draftfeed.trainer.evaluate import measure_speedup, round_split, tau_table
 

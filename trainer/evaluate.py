@@ -499,45 +499,85 @@ def decode_speculative(target: StaticTarget, drafter, prompt: Sequence[int], max
     bonus = int(pred[-1])
     out = [bonus]
     next_ids = torch.cat((torch.tensor(list(prompt[1:]), dtype=torch.long, device=pred.device), pred[-1:]))
-    device_side = getattr(drafter, "device_side", False)
-    if device_side:
+    if getattr(drafter, "device_side", False):
         drafter.prefill(aux, next_ids)
-    else:
-        drafter.reset(prompt)
-        drafter.extend(aux, next_ids)
+        mark("prefill")
+        return _rounds_on_device(target, drafter, out, max_new_tokens, eos, res, mark)
+    drafter.reset(prompt)
+    drafter.extend(aux, next_ids)
     mark("prefill")
     while len(out) < max_new_tokens and out[-1] not in eos:
-        if not device_side:
-            drafts = list(drafter.propose(k))[:k]
-            if drafts:
-                target.vids[1 : 1 + len(drafts)].copy_(
-                    torch.tensor(drafts, dtype=torch.long), non_blocking=True
-                )
-            target.ndrafts.fill_(len(drafts))
-            res.drafted += len(drafts)
-            mark("draft")
+        drafts = list(drafter.propose(k))[:k]
+        if drafts:
+            target.vids[1 : 1 + len(drafts)].copy_(torch.tensor(drafts, dtype=torch.long), non_blocking=True)
+        target.ndrafts.fill_(len(drafts))
+        res.drafted += len(drafts)
+        mark("draft")
         target.verify()
         mark("verify")
-        if device_side:
-            drafter.commit()
-            drafter.propose()
-            mark("draft")
         r = target.result.tolist()
         mark("sync")
-        a, vpred = r[0], r[1:-1]
-        if device_side:
-            res.drafted += r[-1]  # the count the verify used (DSpark's early stop may verify fewer than K)
-        stop = next((i for i in range(a) if vpred[i] in eos), None)
-        got = vpred[: stop + 1] if stop is not None else vpred[: a + 1]
-        out += got
-        res.rounds += 1
-        res.committed += len(got)
-        res.accept_hist[len(got)] += 1
-        if stop is not None:
+        if _take_round(r, out, eos, res):
             break
-        if not device_side:
-            drafter.extend(target.vaux[: a + 1], target.vpred[: a + 1])
-            mark("draft")
+        drafter.extend(target.vaux[: r[0] + 1], target.vpred[: r[0] + 1])
+        mark("draft")
+    return _cut(out, max_new_tokens, eos)
+
+
+def _take_round(r: list[int], out: list[int], eos: set, res: TauResult) -> bool:
+    """Commit one round's result [a, pred_0..pred_K, drafts verified] to `out` and `res`; True when it ends
+    at an eos (an accepted draft's or the bonus token)."""
+    a, vpred = r[0], r[1:-1]
+    stop = next((i for i in range(a) if vpred[i] in eos), None)
+    got = vpred[: stop + 1] if stop is not None else vpred[: a + 1]
+    out += got
+    res.rounds += 1
+    res.committed += len(got)
+    res.accept_hist[len(got)] += 1
+    return out[-1] in eos
+
+
+def _rounds_on_device(target: StaticTarget, drafter, out: list[int], max_new_tokens: int, eos: set,
+                      res: TauResult, mark) -> list[int]:  # fmt: skip
+    """The rounds of a `device_side` drafter, pipelined: verify, commit and propose need nothing from the host,
+    so round r + 1 is queued before the host reads round r's result (an asynchronous copy into pinned memory
+    and an event), and the GPU never idles while the host reads and counts. The cost: when round r ends the
+    prompt (an eos) the already queued round r + 1 is wasted work; it is timed with the prompt. A round is
+    queued only when the rounds before it may leave tokens to make (each commits at least one), so the
+    static cache needs room for one round beyond the last useful one (`measure_speedup` sizes it)."""
+    if len(out) >= max_new_tokens or out[-1] in eos:  # the prefill's bonus token ended it
+        return _cut(out, max_new_tokens, eos)
+    cuda = target.device.type == "cuda"
+    width = target.result.numel()
+    host = torch.zeros(2, width, dtype=torch.long, pin_memory=cuda)
+    ready = [torch.cuda.Event() if cuda else None for _ in range(2)]
+
+    def queue_round(slot: int) -> None:
+        target.verify()
+        mark("verify")
+        drafter.commit()
+        drafter.propose()
+        mark("draft")
+        host[slot].copy_(target.result, non_blocking=cuda)
+        if cuda:
+            ready[slot].record()
+        mark("sync")
+
+    queue_round(0)
+    slot, queued = 0, 1  # rounds queued and not yet read
+    while queued:
+        # round `slot` is queued; queue the next one unless this round surely finishes the prompt
+        if len(out) + 1 < max_new_tokens:
+            queue_round(1 - slot)
+            queued += 1
+        if cuda:
+            ready[slot].synchronize()
+        r = host[slot].tolist()
+        queued -= 1
+        res.drafted += r[-1]  # the count the verify used (DSpark's early stop may verify fewer than K)
+        if _take_round(r, out, eos, res) or len(out) >= max_new_tokens:
+            break
+        slot = 1 - slot
     return _cut(out, max_new_tokens, eos)
 
 
@@ -567,7 +607,8 @@ def measure_speedup(
     eos = set(eos_ids)
     if target is None:
         longest = max((len(p) for p in prompts), default=1)
-        target = StaticTarget(model, layer_ids, algorithm, k, longest + max_new_tokens + k + 8, graphs)
+        # room for the rows of one pipelined round past the last useful one (`_rounds_on_device`)
+        target = StaticTarget(model, layer_ids, algorithm, k, longest + max_new_tokens + 3 * k + 8, graphs)
     if algorithm == "eagle3":
         drafter = StaticEagle3Drafter(exported_draft, target, graphs)
     else:
