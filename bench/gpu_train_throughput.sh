@@ -67,6 +67,9 @@ for JB in ${JOB_BATCHES:-4}; do  # e.g. JOB_BATCHES="1 4": the jobs runs at each
   [[ ${PARTS:-1234} == *3* ]] && part "3 two jobs B=$JB" ${JOBS2_CAP:-35} python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark --batch $JB --seq $SEQ --seconds 4
   [[ ${PARTS:-1234} == *4* ]] && part "4 four jobs B=$JB" ${JOBS4_CAP:-45} python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark,dflash,eagle3 --batch $JB --seq $SEQ --seconds 4
 done
+# EVAL_SMOKE=1: bench/gpu_smoke.py after the server stops (the evaluator's graphed loops on a random model of the same dims)
+[ -n "$SERVER" ] && [ "${EVAL_SMOKE:-0}" = 1 ] && { kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; SERVER=; }
+[ "${EVAL_SMOKE:-0}" = 1 ] && part "5 eval loops smoke" ${SMOKE_CAP:-80} python3 bench/gpu_smoke.py --out "$OUT" --regen-batches 512x256
 [ -n "$SERVER" ] && { kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; }
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1); DEV=${DEV:-cpu}
 python3 $B report --out $R --device "$DEV" --command "bash bench/gpu_train_throughput.sh (SEQ=$SEQ RUN_SECONDS=$SECONDS_PER_RUN BATCHES=$BATCHES)"
