@@ -32,6 +32,7 @@ from draftfeed.trainer.data import ChatDataset, TokenBatchIterator, read_chat_fi
 from draftfeed.trainer.evaluate import (  # noqa: E402
     Eagle3ChainDrafter,
     TargetVerifier,
+    chain_rounds,
     eos_token_ids,
     prompt_token_ids,
 )
@@ -173,33 +174,14 @@ def chain_runs(draft, backend, ids, mask, k):
     return run, inputs["loss_mask"][0].bool(), d0
 
 
-@torch.no_grad()
 def decode_rounds(target, drafter, prompt, k, max_new, eos):
-    """measure_tau's loop for one prompt, recording (committed length L at the round's start, accepted a,
-    drafts, target preds)."""
-    target.reset()
-    drafter.reset(prompt)
-    aux, pred = target.run(prompt)
-    committed = list(prompt) + [pred[-1]]
-    drafter.extend(aux, torch.tensor(committed[1:]))
-    rounds = []
-    new = 1
-    while new < max_new and committed[-1] not in eos:
-        drafts = list(drafter.propose(k))[:k]
-        p = len(committed) - 1
-        aux, pred = target.run([committed[-1]] + drafts)
-        a = 0
-        while a < len(drafts) and drafts[a] == pred[a]:
-            a += 1
-        stop = next((i for i in range(a) if drafts[i] in eos), None)
-        got = drafts[: stop + 1] if stop is not None else list(drafts[:a]) + [pred[a]]
-        rounds.append((len(committed), a, len(got), drafts, pred))
-        committed += got
-        new += len(got)
-        if stop is not None:
-            break
-        target.crop(p + a + 1)
-        drafter.extend(aux[: a + 1], torch.tensor(committed[p + 1 : p + a + 2]))
+    """measure_tau's loop (`evaluate.chain_rounds`) for one prompt: the committed ids and each round's
+    (committed length at its start, accepted a, tokens committed, drafts, target preds)."""
+    committed: list[int] = []
+    rounds = [
+        (r.start, r.accepted, len(r.got), r.drafts, r.pred)
+        for r in chain_rounds(target, drafter, prompt, k, max_new, eos, committed)
+    ]
     return committed, rounds
 
 

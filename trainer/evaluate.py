@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -278,6 +278,50 @@ class TauResult:
         return {**asdict(self), "tau": self.tau, **extra, "round_ms": self.round_ms()}
 
 
+@dataclass
+class Round:
+    """One verification round of `chain_rounds`: `start` = tokens committed before it (prompt included),
+    `accepted` drafts, the `drafts` proposed, the tokens it committed (`got`) and the target's predictions."""
+
+    start: int
+    accepted: int
+    drafts: list[int]
+    got: list[int]
+    pred: list[int]
+
+
+@torch.no_grad()
+def chain_rounds(target: TargetVerifier, drafter: ChainDrafter, prompt: Sequence[int], k: int, max_new_tokens: int,
+                 eos: set, committed: list[int] | None = None) -> Iterator[Round]:  # fmt: skip
+    """Greedy speculative decoding of one prompt (the `measure_tau` protocol), a `Round` at a time: the
+    target verifies the last committed token + up to K drafts, the longest matching prefix is accepted and
+    the target's next token committed after it (an eos among them ends the prompt). `committed`, when
+    given, receives the prompt and every committed token."""
+    target.reset()
+    drafter.reset(prompt)
+    aux, pred = target.run(prompt)
+    committed = [] if committed is None else committed
+    committed += list(prompt) + [pred[-1]]
+    drafter.extend(aux, torch.tensor(committed[1:]))
+    new = 1
+    while new < max_new_tokens and committed[-1] not in eos:
+        drafts = list(drafter.propose(k))[:k]
+        p = len(committed) - 1
+        aux, pred = target.run([committed[-1]] + drafts)
+        a = 0
+        while a < len(drafts) and drafts[a] == pred[a]:
+            a += 1
+        stop = next((i for i in range(a) if drafts[i] in eos), None)
+        got = drafts[: stop + 1] if stop is not None else list(drafts[:a]) + [pred[a]]
+        yield Round(len(committed), a, drafts, got, pred)
+        committed += got
+        new += len(got)
+        if stop is not None:
+            break
+        target.crop(p + a + 1)
+        drafter.extend(aux[: a + 1], torch.tensor(committed[p + 1 : p + a + 2]))
+
+
 def measure_tau(
     target: TargetVerifier,
     drafter: ChainDrafter,
@@ -301,31 +345,11 @@ def measure_tau(
     if progress and log is not None:
         log = bar.write
     for n, prompt in enumerate(prompts):
-        target.reset()
-        drafter.reset(prompt)
-        aux, pred = target.run(prompt)
-        committed = list(prompt) + [pred[-1]]
-        drafter.extend(aux, torch.tensor(committed[1:]))
-        new = 1
-        while new < max_new_tokens and committed[-1] not in eos:
-            drafts = list(drafter.propose(k))[:k]
-            p = len(committed) - 1
-            aux, pred = target.run([committed[-1]] + drafts)
-            a = 0
-            while a < len(drafts) and drafts[a] == pred[a]:
-                a += 1
-            res.drafted += len(drafts)
-            stop = next((i for i in range(a) if drafts[i] in eos), None)
-            got = drafts[: stop + 1] if stop is not None else list(drafts[:a]) + [pred[a]]
-            committed += got
-            new += len(got)
+        for r in chain_rounds(target, drafter, prompt, k, max_new_tokens, eos):
+            res.drafted += len(r.drafts)
             res.rounds += 1
-            res.committed += len(got)
-            res.accept_hist[len(got)] += 1
-            if stop is not None:
-                break
-            target.crop(p + a + 1)
-            drafter.extend(aux[: a + 1], torch.tensor(committed[p + 1 : p + a + 2]))
+            res.committed += len(r.got)
+            res.accept_hist[len(r.got)] += 1
         res.prompts += 1
         bar.set_postfix_str(f"tau {res.tau:.3f}" if res.rounds else "", refresh=False)
         bar.update(1)
