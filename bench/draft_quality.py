@@ -154,6 +154,33 @@ def main(argv=None) -> int:
                 f"- {k}: tau ~ {a0:.2f} + {b:.3f} ln(t): {at[600]:.2f} at 10 min, {at[1200]:.2f} at 20 min, "
                 f"{at[3600]:.2f} at 1 h of training; the target {goal.get(k, '?')} at ~{need / 60:.0f} min"
             )
+    # the held-out validation along the training (OUT/<alg>/validation.jsonl, `--val-data` / `--data-holdout`):
+    # the simulated tau on the target's own answers to held-out first turns, what decoding sees
+    vals = {a: read_jsonl(out / a / "validation.jsonl") for a in algs}
+    if any(vals.values()):
+        lines += ["", "## Held-out validation along the training (simulated tau on the target's answers to "
+                  "held-out ShareGPT first turns)", "",
+                  "| recipe | step | ~training s | held-out tau (simulated) | held-out loss | tokens |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for a in algs:
+            ms = read_jsonl(out / a / "metrics.jsonl")
+            end = ms[-1]["step"] if ms else 0
+            pts = []
+            for v in vals[a]:
+                tau = next(
+                    (v[k] for k in ("val_tau_sim", "val_tau_train", "val_accept_len") if k in v), float("nan")
+                )
+                t = v["step"] / end * args.train_seconds if end else float("nan")
+                pts.append((t, tau))
+                lines.append(
+                    f"| {a} | {v['step']} | {t:.0f} | {tau:.3f} | {v['val_loss']:.3f} | {v['val_tokens']:,} |"
+                )
+            fit = fit_log([p for p in pts if p[0] > 0 and p[0] == p[0]])
+            if a == "eagle3" and fit is not None and fit[1] > 0:
+                a0, b = fit
+                lines.append(
+                    f"| {a} | projection | | tau ~ {a0:.2f} + {b:.3f} ln(t): {a0 + b * math.log(1200):.2f} at 20 min; "
+                    f"3.0 at ~{math.exp((3.0 - a0) / b) / 60:.0f} min | | |"
+                )
     if m:
         lines += ["", "Simulated tau on the training data (EAGLE-3, from metrics.jsonl): " + ", ".join(
             f"step {x['step']}: {x.get('tau_sim', float('nan')):.2f}" for x in m[:: max(1, len(m) // 8)])]  # fmt: skip

@@ -11,7 +11,7 @@
 #      eval with speedup (trained drafts and checkpoints along the way), remote vs in-process losses.
 #        run(command="bash bench/gpu_recipe.sh run", carry=[".devtmp/i19/p2"], timeout_s=600)
 # Outputs under $OUT (logs, metrics, eval JSON, draft_quality.md). Knobs: BUDGET_S, ALGS, DATA_LIMIT,
-# REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), EVAL_N, TRAIN_S, CKPT_EVAL=0 (skip the checkpoints' tau),
+# REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), EVAL_N, TRAIN_S, VAL_EVERY (steps between held-out validations), CKPT_EVAL=0 (skip the checkpoints' tau),
 # SAME_ROW=0 (skip the remote vs in-process row), EVAL_FP32=1 (EAGLE-3 again with an fp32 target), NO_SMOKE=1 (stash only), ARGS_<alg>="..." (extra train flags of
 # one recipe, e.g. ARGS_eagle3="--steps 15000 --save-every 2000"), KEEP_WORK=1 + RESUME=1 (a later call on the
 # same warm machine: keep /tmp/recipe, reuse its regenerated data, resume each job from its latest checkpoint).
@@ -81,6 +81,7 @@ say "server up"
 if [ -n "${REGENERATED:-}" ]; then
   gunzip -c $REGENERATED/regenerated.jsonl.gz >$W/regenerated.jsonl
   cp $REGENERATED/heldout_prompts.jsonl $W/heldout_prompts.jsonl
+  cp $REGENERATED/regenerated.heldout.jsonl $W/ 2>/dev/null
   REGEN_S=0
   say "carried regenerated data: $(wc -l <$W/regenerated.jsonl) conversations, $(wc -l <$W/heldout_prompts.jsonl) held out"
 elif [ -f $W/regenerated.jsonl ]; then # KEEP_WORK=1: an earlier call's regeneration on this machine
@@ -94,11 +95,13 @@ else
   REGEN_S=$(($(date +%s) - t))
   say "regenerate done in $REGEN_S s: $(wc -l <$W/regenerated.jsonl) conversations"
   cp $W/eagle3/heldout_prompts.jsonl $W/heldout_prompts.jsonl 2>/dev/null
-  cp $W/heldout_prompts.jsonl $W/regenerated.jsonl.meta.json "$OUT/"
+  cp $W/heldout_prompts.jsonl $W/regenerated.jsonl.meta.json $W/regenerated.heldout.jsonl "$OUT/"
   gzip -c $W/regenerated.jsonl >"$OUT/regenerated.jsonl.gz"
 fi
-# every job (and a resumed one in a later call) trains on the regenerated file itself, held-out prompts excluded
+# every job (and a resumed one in a later call) trains on the regenerated file itself, held-out prompts excluded,
+# and validates every VAL_EVERY steps on the target's answers to the held-out first turns (validation.jsonl)
 REGEN_FLAGS="--data $W/regenerated.jsonl --no-regenerate --data-holdout 0"
+[ -f $W/regenerated.heldout.jsonl ] && REGEN_FLAGS="$REGEN_FLAGS --val-data $W/regenerated.heldout.jsonl --val-every ${VAL_EVERY:-250}"
 HELD=$W/heldout_prompts.jsonl
 
 # -- train every recipe at the same time against the one server --------------------------------------
@@ -120,7 +123,7 @@ done
 for a in $ALGS; do wait $(cat $W/$a.pid); echo "$(date +%T) train $a rc=$? (t=$(($(date +%s) - T0))s)"; done
 say "trained"
 for a in $ALGS; do
-  mkdir -p "$OUT/$a" && cp $W/$a/metrics.jsonl $W/$a/train_config.json "$OUT/$a/" 2>/dev/null
+  mkdir -p "$OUT/$a" && cp $W/$a/metrics.jsonl $W/$a/validation.jsonl $W/$a/train_config.json "$OUT/$a/" 2>/dev/null
   grep -E "time limit|trained|Error|error" "$OUT/train_$a.log" | tail -3
 done
 kill $SERVER; wait $SERVER 2>/dev/null

@@ -37,7 +37,13 @@ def test_recipes_build_configs_and_share_their_data_section(size, tmp_path):
     assert config_from_dict(EvalConfig, {**ev, "draft": str(tmp_path)}).num_draft_tokens >= 1
 
 
-def test_data_regenerated_in_process_is_reused_by_a_remote_job(tmp_path, target_dir, data_file, server):  # noqa: F811
+def test_data_regenerated_in_process_is_reused_by_a_remote_job(
+    tmp_path,
+    target_dir,  # noqa: F811
+    data_file,  # noqa: F811
+    server,  # noqa: F811
+    capsys,
+):
     """`draftfeed regenerate` names the in-process target's fingerprint; a job training against a server of
     the same target names the served one: the same, so the job reuses the file (before: it found no local
     target to regenerate with and failed)."""
@@ -58,6 +64,10 @@ def test_data_regenerated_in_process_is_reused_by_a_remote_job(tmp_path, target_
     remote = make_cfg(tmp_path / "remote", target_dir, data_file, data=regen, target={"url": [server.url]})
     result = run_training(remote)
     assert result.steps == 4 and (tmp_path / "regen.jsonl").stat().st_mtime_ns == before
+    # the held-out answers were never made (no `draftfeed regenerate`): the remote job does not load a local
+    # target for them, it trains without validation and says why
+    assert "validation off: no regenerated data at" in capsys.readouterr().err
+    assert not (tmp_path / "remote" / "validation.jsonl").exists()
     assert 0 < len(convs) <= 24 - 3  # conversations with empty answers are dropped
 
 

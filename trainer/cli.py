@@ -31,6 +31,7 @@ REGENERATE_FLAGS = {
     "loop.device",
     "data.path",
     "data.limit",
+    "data.holdout",
     "data.regen_max_new_tokens",
     "data.regen_temperature",
     "data.regen_batch_size",
@@ -86,15 +87,23 @@ def _run_regenerate(args) -> int:
     from draftfeed.target.loading import load_target, load_tokenizer
 
     from .loop import resolve_device
-    from .train import load_training_conversations, target_dtype, target_fingerprint
+    from .train import load_training_conversations, read_conversations, target_dtype, target_fingerprint
+    from .validation import val_conversations
 
     cfg = train_config_from_args(args)
     cfg.data.regenerate = True
+    cfg.data.val_path = None  # the held-out answers are made here, not read
     device = resolve_device(cfg.loop.device)
+    convs, held = read_conversations(cfg)
     model = load_target(cfg.target.model, device=device, dtype=target_dtype(cfg.target.dtype, device))
-    convs = load_training_conversations(
-        cfg, load_tokenizer(cfg.target.model), model, target_fingerprint(model)
-    )
+    tokenizer, fp = load_tokenizer(cfg.target.model), target_fingerprint(model)
+    if held:  # first: a few hundred answers, kept even when a --regen-time-limit cuts the rest
+        val = val_conversations(cfg, held, tokenizer, model, fp)
+        print(
+            f"{len(val)} held-out first turns answered at {cfg.heldout_regen_path()} "
+            f"(validate on them while training: --val-data {cfg.heldout_regen_path()})"
+        )
+    convs = load_training_conversations(cfg, tokenizer, model, fp, convs=convs)
     print(f"{len(convs)} conversations regenerated at {cfg.regen_cache_path()}")
     return 0
 

@@ -217,6 +217,13 @@ class DataConfig:
     regen_cache: str | None = flag(
         "--regen-cache", "regenerated data file (default: OUT/regenerated.jsonl)", None
     )
+    val_path: str | None = flag(
+        "--val-data",
+        "conversations to validate the draft on while it trains, used as they are (e.g. the "
+        "<regen cache>.heldout.jsonl that `draftfeed regenerate --data-holdout N` writes); default: the "
+        "--data-holdout conversations' first turns, answered by the target when --regenerate",
+        None,
+    )
 
     def __post_init__(self):
         for name in (
@@ -234,6 +241,10 @@ class DataConfig:
         _check(
             self.path is None or Path(self.path).expanduser().is_file(),
             f"--data {self.path!r}: no such file",
+        )
+        _check(
+            self.val_path is None or Path(self.val_path).expanduser().is_file(),
+            f"--val-data {self.val_path!r}: no such file",
         )
 
 
@@ -400,6 +411,13 @@ class LoopConfig:
         500,
     )
     keep_checkpoints: int = flag("--keep-checkpoints", "checkpoints kept on disk", 2)
+    val_every: int | None = flag(
+        "--val-every",
+        "optimizer steps between validations on the held-out or --val-data conversations, written to "
+        "OUT/validation.jsonl (default: at every checkpoint and at the end; 0: never)",
+        None,
+    )
+    val_batches: int = flag("--val-batches", "validate on at most this many batches", 16)
     resume: str | None = flag("--resume", "a checkpoint directory, or 'auto' (the latest in OUT)", None)
     export: bool = flag("--export", "write the SGLang/vLLM draft to OUT/export at the end", True)
     tensorboard: bool = flag("--tensorboard", "also log to TensorBoard when it is installed", True)
@@ -416,6 +434,12 @@ class LoopConfig:
         )
         _check(self.save_every >= 0, f"--save-every {self.save_every} must be >= 0")
         _check(self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints} must be >= 1")
+        _check(self.val_every is None or self.val_every >= 0, f"--val-every {self.val_every} must be >= 0")
+        _check(self.val_batches >= 1, f"--val-batches {self.val_batches} must be >= 1")
+
+    def validation_period(self) -> int:
+        """Optimizer steps between validations (0: only at the end; None-valued flag: the checkpoints')."""
+        return self.save_every if self.val_every is None else self.val_every
 
 
 @dataclass
@@ -474,6 +498,11 @@ class TrainConfig:
             if self.data.regen_cache
             else self.out_dir / "regenerated.jsonl"
         )
+
+    def heldout_regen_path(self) -> Path:
+        """The held-out conversations' first turns answered by the target, beside the regenerated data."""
+        p = self.regen_cache_path()
+        return p.with_name(p.name.removesuffix(".jsonl") + ".heldout.jsonl")
 
 
 @dataclass

@@ -183,8 +183,11 @@ class Trainer:
         *,
         device: torch.device,
         dist: DistContext | None = None,
+        val_batches: list | None = None,
     ):
         self.cfg, self.algorithm, self.backend, self.batches = cfg, algorithm, backend, batches
+        self.val_batches = val_batches or []  # held-out batches (validation.py), measured every val period
+        self.validated_at: int | None = None
         self.total_steps = total_steps
         self.device = device
         self.dist = dist or DistContext()
@@ -303,6 +306,35 @@ class Trainer:
             except ImportError:  # tensorboard not installed: JSONL only
                 return
             self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _validate(self) -> float:
+        """Measure the draft on the held-out batches (validation.py); rank 0 appends the record to
+        OUT/validation.jsonl. Returns the seconds it took (the loop's throughput clock leaves them out)."""
+        from .validation import measure
+
+        record = measure(
+            self.algorithm, self.draft, self.backend, self.val_batches, device=self.device, dist=self.dist,
+            autocast=self.autocast, prefetch=self.cfg.loop.prefetch,
+        )  # fmt: skip
+        self.validated_at = self.step
+        if self.dist.rank == 0:
+            record = {"step": self.step, **record}
+            with open(self.out_dir / "validation.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if self._tb is not None:
+                for k, v in record.items():
+                    if k != "step":
+                        self._tb.add_scalar(f"val/{k.removeprefix('val_')}", v, self.step)
+            shown = "  ".join(
+                f"{k.removeprefix('val_')} {v:.3f}"
+                for k, v in record.items()
+                if k not in ("step", "val_tokens", "val_seconds")
+            )
+            self._say(
+                f"{self.algorithm.name} step {self.step} validation ({record['val_tokens']:,} held-out tokens, "
+                f"{record['val_seconds']:.1f} s): {shown}"
+            )
+        return record["val_seconds"]
 
     def _close_logs(self) -> None:
         if self._metrics_file is not None:
@@ -509,6 +541,9 @@ class Trainer:
                     now = time.perf_counter()
                     self._log(window, now - window_start, window_tokens, window_wait)
                     window, window_tokens, window_wait, window_start = [], 0, 0.0, now
+                period = cfg.loop.validation_period()
+                if self.val_batches and period and self.step % period == 0 and self.step < self.total_steps:
+                    window_start += self._validate()  # not counted in the next window's tokens/s
                 if cfg.loop.time_limit is not None and self.elapsed > cfg.loop.time_limit:
                     if window:
                         _read_metrics(unread)
@@ -516,6 +551,8 @@ class Trainer:
                     self._say(f"time limit of {cfg.loop.time_limit:.0f} s reached at step {self.step}")
                     break
             if result.steps:
+                if self.val_batches and cfg.loop.val_every != 0 and self.validated_at != self.step:
+                    self._validate()  # the final draft's
                 with stop.deferred():
                     self.save_checkpoint()
         except TrainingInterrupted as err:

@@ -3,12 +3,14 @@
 Build order: join the process group (torchrun), read the data file, get the tokenizer (the server's when
 a server URL is given) and the target's config (the in-process target itself when no server URL is given,
 else the server's model info), regenerate the conversations when asked (from a cache when one matches),
-tokenize them, open the backend, seed and build the draft (EAGLE-3: token map from the data's supervised
-tokens), size the schedule, resume if asked.
+tokenize them (and the held-out or --val-data conversations the loop validates on, `validation.py`), open
+the backend, seed and build the draft (EAGLE-3: token map from the data's supervised tokens), size the
+schedule, resume if asked.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -36,6 +38,7 @@ from .data import (
 )
 from .loop import Trainer, TrainResult, init_distributed, latest_checkpoint, resolve_device
 from .regenerate import RegenerateSettings, regenerate_cached
+from .validation import held_out_batches
 
 __all__ = [
     "TrainingRun",
@@ -43,6 +46,7 @@ __all__ = [
     "run_training",
     "load_training_conversations",
     "read_training_conversations",
+    "read_conversations",
     "target_dtype",
     "target_fingerprint",
     "special_ids",
@@ -73,6 +77,12 @@ def special_ids(tokenizer) -> list[int]:
 def read_training_conversations(cfg: TrainConfig) -> list:
     """The data file's (or the packaged ShareGPT) conversations less the held-out ones, which are written
     to the run's directory; a file without a usable conversation is a clear error."""
+    return read_conversations(cfg)[0]
+
+
+def read_conversations(cfg: TrainConfig) -> tuple[list, list]:
+    """(training conversations, held-out ones): the held-out ones' first user turns are written to
+    OUT/heldout_prompts.jsonl (rank 0); a file without a usable conversation is a clear error."""
     d = cfg.data
     limit = None if d.limit is None else d.limit + d.holdout
     convs = read_chat_file(d.path, limit=limit) if d.path else load_sharegpt(limit=limit)
@@ -85,7 +95,7 @@ def read_training_conversations(cfg: TrainConfig) -> list:
             "followed by an assistant turn (ShareGPT conversations: [{from, value}] or OpenAI messages: "
             "[{role, content}])"
         )
-    return convs
+    return convs, held
 
 
 def load_training_conversations(
@@ -243,7 +253,7 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
     dist = init_distributed(cfg.dist, device)
     algorithm = ALGORITHMS[cfg.algorithm](cfg)
     # the user's own mistakes (data file, tokenizer path) are named before any server is reached
-    convs = read_training_conversations(cfg)
+    convs, held = read_conversations(cfg)
     tokenizer = target_tokenizer(cfg)
     check_chat_template(tokenizer)
     if model is None and not cfg.target.remote:
@@ -255,6 +265,7 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
             "`draftfeed regenerate` with the same flags (one process), then train"
         )
 
+    @functools.cache
     def load_local():  # a remote run regenerates with its local copy of the target, loaded only if needed
         if dist.world_size > 1:
             raise ValueError(
@@ -310,7 +321,16 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
             dataset, d.batch_size, d.seq_len, pack=d.pack, seed=cfg.seed, rank=dist.rank,
             world_size=dist.world_size, pad_token_id=pad_id, num_epochs=None if cfg.loop.steps else cfg.loop.epochs,
         )  # fmt: skip
-        trainer = Trainer(cfg, algorithm, draft, backend, batches, total, device=device, dist=dist)
+        trainer = Trainer(
+            cfg, algorithm, draft, backend, batches, total, device=device, dist=dist,
+            val_batches=held_out_batches(
+                cfg, held, tokenizer, pad_id, dist,
+                # held-out answers from an in-process target (one process), or from the local copy a remote
+                # run loaded anyway to regenerate; else only from the cache
+                target=model if dist.world_size == 1 else None, target_id=target_id,
+                load_target=load_local if load_local.cache_info().currsize else None, say=_say,
+            ),
+        )  # fmt: skip
         resume = latest_checkpoint(cfg.out_dir) if cfg.loop.resume == "auto" else cfg.loop.resume
         if resume:
             trainer.load_checkpoint(resume)
