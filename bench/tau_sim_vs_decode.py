@@ -37,36 +37,11 @@ from draftfeed.trainer.evaluate import (  # noqa: E402
     prompt_token_ids,
 )
 from draftfeed.trainer.export import load_draft  # noqa: E402
-from draftfeed.trainer.losses import eagle3_batch_loss, eagle3_ttt_loss  # noqa: E402
+from draftfeed.trainer.losses import decode_walk, eagle3_batch_loss, eagle3_ttt_loss  # noqa: E402
 
 
 def say(*a):
     print(*a, flush=True)
-
-
-def walk(run, lm, dr=None):
-    """Decoding-like walk over the TTT chain runs of one row: in every contiguous span of supervised slots
-    (an answer), start at its first slot, accept run[s] drafts, commit run[s] + 1 tokens, jump there.
-    Returns (rounds, tokens committed)."""
-    lm = lm.tolist()
-    run = run.tolist()
-    rounds = tokens = 0
-    s, n = 0, len(lm)
-    while s < n:
-        if not lm[s]:
-            s += 1
-            continue
-        e = s
-        while e < n and lm[e] and (dr is None or e == s or int(dr[e - 1]) > 0):
-            e += 1
-        t = s
-        while t < e:
-            step = min(run[t] + 1, e - t)
-            rounds += 1
-            tokens += step
-            t += run[t] + 1
-        s = e
-    return rounds, tokens
 
 
 @torch.no_grad()
@@ -127,10 +102,9 @@ def sim_tau(draft, backend, convs, tok, k, seq_len, pack=True):
             hits[j] += hit.sum()
             valids[j] += valid.sum()
             run += hit.long()
-        for b in range(run.shape[0]):
-            r, t = walk(run[b], lm0[b], dr[b] if dr is not None else None)
-            walk_rounds += r
-            walk_tokens += t
+        r, t = decode_walk(run, lm0 & (dr > 0) if dr is not None else lm0)
+        walk_rounds += r
+        walk_tokens += t
         weights.append(int(lm0.sum()))
     mean = sum(taus) / max(1, len(taus))
     pooled = 1 + float((hits / valids.clamp_min(1)).sum())
@@ -272,7 +246,7 @@ def main():
                             )
                         )
             # unpacked tau_sim of this conversation from its slots (first-turn answer only): rounds-free version
-            wr, wt = walk(run, lm)
+            wr, wt = decode_walk(run[None], lm[None])
             walk_r += wr
             walk_t += wt
             sup = lm.nonzero().flatten()

@@ -8,6 +8,7 @@ import argparse
 import json
 
 import pytest
+import torch
 from test_loop import make_cfg, target_dir, word_tokenizer, write_chats  # noqa: F401 - fixture
 from test_regenerate import greedy_answer, sharp_target  # noqa: F401 - fixture
 
@@ -126,3 +127,48 @@ def test_bad_validation_input_is_a_clear_error(tmp_path, target_dir, capsys):  #
     empty.write_text(json.dumps({"messages": [{"role": "user", "content": "fox"}]}) + "\n")
     with pytest.raises(InvalidArgument, match="--val-data .*no usable conversation"):
         build_run(make_cfg(tmp_path / "e", target_dir, data, data={"val_path": str(empty)}))
+
+
+def test_decode_walk_replays_rounds_over_each_answer():
+    from draftfeed.trainer.losses import decode_walk
+
+    run = torch.tensor([[2, 0, 3, 1, 0, 5, 0], [7, 7, 7, 7, 7, 7, 7]])
+    valid = torch.tensor([[1, 1, 1, 1, 1, 0, 1], [0, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    # row 0: span 0..4: commit 3 (2 drafts + bonus) at 0, then 2 at 3 (capped at the span's end); span 6: 1
+    # row 1: span 1..3: 3 tokens in one round (the run is longer than what is left)
+    assert decode_walk(run, valid) == (4, 9)
+
+
+def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives(tmp_path, sharp_target):  # noqa: F811
+    """val_tau_decode reads the TTT unroll the way greedy speculative decoding proceeds: it matches
+    measure_tau on the same prompts (the answers are the target's greedy ones, K = the unroll's steps), where
+    the slot-averaged tau_sim reads high (it also counts the slots a decoding round skips)."""
+    from draftfeed.target.loading import load_target, load_tokenizer
+    from draftfeed.trainer.evaluate import Eagle3ChainDrafter, TargetVerifier, measure_tau, prompt_token_ids
+    from draftfeed.trainer.export import load_draft
+
+    target = tmp_path / "target"
+    sharp_target.save_pretrained(target)
+    word_tokenizer().save_pretrained(target)
+    data = write_chats(tmp_path / "chats.jsonl", 24, turns=(1, 1))
+    answers = 120
+    cfg = make_cfg(
+        tmp_path / "o", str(target), data,
+        data={"holdout": 8, "regenerate": True, "regen_max_new_tokens": answers, "seq_len": 160},
+        optim={"lr": 1e-2}, loop={"steps": 60, "val_every": 60, "log_every": 60},
+    )  # fmt: skip
+    run_training(cfg)
+    (rec,) = records(tmp_path / "o/validation.jsonl")
+    model, tok = load_target(str(target)), load_tokenizer(str(target))
+    exp = load_draft(tmp_path / "o/export", model, device="cpu", dtype=torch.float32)
+    val = [r["messages"] for r in records(cfg.heldout_regen_path())]
+    prompts = [prompt_token_ids(tok, v[:-1]) for v in val]
+    k = cfg.eagle3.ttt_steps
+    res = measure_tau(
+        TargetVerifier(model, exp.layer_ids), Eagle3ChainDrafter(exp.draft), prompts, k, answers + 1
+    )
+    assert 1.3 < res.tau  # the draft learned something: a trivial tau would match anything
+    # measured here: decode 3.16, val_tau_decode 3.11 (the answers' last slots differ: the text ends with the
+    # template's eos, decoding runs to max_new_tokens), val_tau_sim 3.71
+    assert abs(rec["val_tau_decode"] - res.tau) < 0.05 * res.tau, (rec, res.tau)
+    assert abs(rec["val_tau_decode"] - res.tau) < abs(rec["val_tau_sim"] - res.tau), (rec, res.tau)

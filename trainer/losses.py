@@ -32,6 +32,7 @@ __all__ = [
     "target_distribution",
     "eagle3_ttt_loss",
     "eagle3_batch_loss",
+    "decode_walk",
 ]
 
 NORMALIZATIONS = ("masked_mean", "full_mean")
@@ -44,6 +45,8 @@ class Eagle3Loss:
     step_losses [K] (fp32; L_k under the chosen normalisation), step_counts [K] int64 (supervised
     slots per step), step_accuracies [K] (argmax(logits) == argmax(P) over M), `accuracy` over all
     steps' supervised slots, `tau_sim` the simulated acceptance length (bonus token included).
+    `chain_run` [B,S] int64: per slot, how many chained draft steps hit from it (0..K), `valid` [B,S] the
+    step-0 supervised slots (in-document), for `decode_walk`.
     """
 
     loss: torch.Tensor
@@ -52,6 +55,8 @@ class Eagle3Loss:
     step_accuracies: torch.Tensor
     accuracy: torch.Tensor
     tau_sim: torch.Tensor
+    chain_run: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -140,6 +145,8 @@ def eagle3_ttt_loss(
     bsz, seq_len = m0.shape
     hit = torch.ones_like(m0)
     valid = torch.ones_like(m0)
+    run = torch.zeros(m0.shape, dtype=torch.long, device=m0.device)
+    valid0 = None
     total = weights = None
     losses, counts, correct_counts, tau_terms = [], [], [], []
     with torch.no_grad():
@@ -167,6 +174,9 @@ def eagle3_ttt_loss(
             valid[:, :n] &= lm
             valid[:, n:] = False
             tau_terms.append(hit.sum() / valid.sum().clamp_min(1))
+            run += hit
+            if valid0 is None:
+                valid0 = valid.clone()
             losses.append(step_loss.detach())
             counts.append(count)
             correct_counts.append(correct.sum())
@@ -182,7 +192,37 @@ def eagle3_ttt_loss(
         step_accuracies=correct_t / counts_t.clamp_min(1),
         accuracy=correct_t.sum() / counts_t.sum().clamp_min(1),
         tau_sim=1 + torch.stack(tau_terms).sum(),
+        chain_run=run,
+        valid=valid0,
     )
+
+
+def decode_walk(chain_run: torch.Tensor, valid: torch.Tensor) -> tuple[int, int]:
+    """(rounds, tokens) of greedy speculative decoding over the supervised spans of a batch, read off the
+    TTT unroll: in every contiguous run of `valid` slots (an answer), start at its first slot, accept
+    `chain_run[s]` drafts, commit them and the bonus token (`chain_run[s] + 1`, at most up to the span's
+    end), continue after them. Decoding the span's prompt with K = the unroll's steps accepts exactly
+    this, round for round, when the span is the target's own greedy answer (bench/tau_sim_vs_decode.py
+    checked every round on the CPU). tau_sim averages over every slot instead, including the slots a
+    decoding round skips, which reads higher when easy tokens come in stretches. One host sync."""
+    runs, ok = chain_run.cpu().tolist(), valid.cpu().tolist()
+    rounds = tokens = 0
+    for run, v in zip(runs, ok, strict=True):
+        s, n = 0, len(v)
+        while s < n:
+            if not v[s]:
+                s += 1
+                continue
+            e = s
+            while e < n and v[e]:
+                e += 1
+            t = s
+            while t < e:
+                rounds += 1
+                tokens += min(run[t] + 1, e - t)
+                t += run[t] + 1
+            s = e
+    return rounds, tokens
 
 
 def eagle3_batch_loss(

@@ -2,9 +2,11 @@
 acceptance) on conversations it never trains on, measured through the same target backend as training.
 
 The held-out set is what `draftfeed eval` decodes on: the first turns of the `--data-holdout`
-conversations, answered by the target itself when the run regenerates its data (so the draft is scored on
-the target's own continuations, which is what decoding sees; on the CPU the simulated tau over such
-answers tracks the decoding tau round for round, `bench/tau_sim_vs_decode.py`). `--val-data FILE` names
+conversations, answered by the target itself when the run regenerates its data, so the draft is scored on
+the target's own continuations, which is what decoding sees. For EAGLE-3, `val_tau_decode` replays greedy
+speculative decoding over those answers from the TTT unroll (`losses.decode_walk`: K = the unroll's steps);
+it predicts `draftfeed eval`'s tau on the same prompts, where the trainer's slot-averaged `tau_sim` reads
+high (tests/test_validation.py: 3.11 against a decoded 3.16, tau_sim 3.71). `--val-data FILE` names
 conversations to use as they are instead, e.g. the `<regen cache>.heldout.jsonl` written by
 `draftfeed regenerate --data-holdout N`.
 
@@ -143,6 +145,7 @@ def measure(algorithm, draft, backend, batches: Sequence[TokenBatch], *, device:
     rng, own = _rng_state(), algorithm.state_dict()
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
+    walk = [0, 0]  # decoding rounds, tokens (EAGLE-3: losses.decode_walk)
     pending: deque = deque()
     todo = iter(batches)
     try:
@@ -158,6 +161,10 @@ def measure(algorithm, draft, backend, batches: Sequence[TokenBatch], *, device:
             with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext():
                 out = algorithm.loss(draft, target, dist)
             metrics = {"loss": out.loss.detach(), **{k: m.detach() for k, m in out.metrics.items()}}
+            if out.decode_walk is not None:
+                r, t = out.decode_walk()
+                walk[0] += r
+                walk[1] += t
             del out
             for k, m in metrics.items():
                 sums[k] = sums.get(k, 0) + m.float().reshape(())
@@ -168,13 +175,19 @@ def measure(algorithm, draft, backend, batches: Sequence[TokenBatch], *, device:
         _set_rng_state(rng)
         algorithm.load_state_dict(own)
     keys = sorted(sums)
-    local = torch.stack([sums[k].double().cpu() / len(batches) for k in keys] + [torch.tensor(float(tokens))])
+    local = torch.stack(
+        [sums[k].double().cpu() / len(batches) for k in keys]
+        + [torch.tensor(float(x)) for x in (*walk, tokens)]
+    )
     if dist.world_size > 1:
         local = local.to(device if device.type == "cuda" else "cpu")
         tdist.all_reduce(local)
         local[: len(keys)] /= dist.world_size
     values = local.cpu().tolist()
     record = {f"val_{k}": v for k, v in zip(keys, values[: len(keys)], strict=True)}
+    rounds, committed = values[len(keys)], values[len(keys) + 1]
+    if rounds:  # tokens per round of greedy speculative decoding of these answers (K = the unroll's steps)
+        record["val_tau_decode"] = committed / rounds
     record["val_tokens"] = int(values[-1])
     record["val_seconds"] = time.perf_counter() - t0
     return record

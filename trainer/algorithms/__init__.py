@@ -13,6 +13,7 @@ are all-reduced over ranks (`DistContext`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,10 +38,13 @@ __all__ = [
 
 @dataclass
 class StepOutput:
-    """`loss` is differentiable; `metrics` are detached scalars (averaged over micro-batches and ranks)."""
+    """`loss` is differentiable; `metrics` are detached scalars (averaged over micro-batches and ranks).
+    `decode_walk` (EAGLE-3): () -> (rounds, tokens) of greedy speculative decoding over the batch's answers,
+    read off the TTT unroll (`losses.decode_walk`); validation calls it, training never does (a host sync)."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
+    decode_walk: Callable[[], tuple[int, int]] | None = None
 
 
 @dataclass

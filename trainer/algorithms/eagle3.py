@@ -5,7 +5,7 @@ from __future__ import annotations
 from draftfeed.client.vocab import build_token_map
 
 from ..export import EAGLE3_ARCHITECTURE, export_eagle3, load_eagle3, read_eagle3_config
-from ..losses import eagle3_batch_loss
+from ..losses import decode_walk, eagle3_batch_loss
 from ..models.common import text_config_dict
 from ..models.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 from . import DraftAlgorithm, StepOutput, register
@@ -73,7 +73,9 @@ class Eagle3Algorithm(DraftAlgorithm):
         metrics = {"loss": out.loss.detach(), "accuracy": out.accuracy, "tau_sim": out.tau_sim}
         for k, acc in enumerate(out.step_accuracies):
             metrics[f"acc_{k}"] = acc
-        return StepOutput(loss=out.loss, metrics=metrics)
+        return StepOutput(
+            loss=out.loss, metrics=metrics, decode_walk=lambda: decode_walk(out.chain_run, out.valid)
+        )
 
     def export(self, draft, out_dir, target_config, backend):
         num_layers = int(text_config_dict(target_config)["num_hidden_layers"])
