@@ -107,16 +107,17 @@ HELD=$W/heldout_prompts.jsonl
 # -- train every recipe at the same time against the one server --------------------------------------
 RESERVE=${RESERVE:-150} # eval + the remote/in-process row
 # STARTUP: what a job spends before its first step (loading, tokenizing 16k conversations, compiling the step):
-# ~70 s measured on an H100 on 2026-12-05; with 40 s the hard cap below killed the job before its time limit, so
-# it left a checkpoint and no export
-STARTUP=${STARTUP:-110}
+# ~70 s on an H100 on 2026-12-05, ~32 s on an H200 on 2026-12-06. It only paces the lr schedule (--time-limit
+# counts from the first step): a job still running at the hard cap below gets SIGTERM, and saves a checkpoint
+# and exports its draft (before 2026-12-06 it left a checkpoint only, and 110 s were reserved)
+STARTUP=${STARTUP:-40}
 TRAIN_S=${TRAIN_S:-$(($(left) - RESERVE - STARTUP))}
 say "train $ALGS for $TRAIN_S s each"
 for a in $ALGS; do
   alg=${a%%-*}
   extra=ARGS_${a//-/_}
   # a hard cap too: --time-limit counts from the first step, not from the start (loading, tokenizing)
-  OMP_NUM_THREADS=2 timeout -k 5 $(($(left) - RESERVE)) $DF train $alg --config recipes/$a-$SIZE.yaml --target grpc://127.0.0.1:50551 $REGEN_FLAGS \
+  OMP_NUM_THREADS=2 timeout -k 30 $(($(left) - RESERVE)) $DF train $alg --config recipes/$a-$SIZE.yaml --target grpc://127.0.0.1:50551 $REGEN_FLAGS \
     --time-limit $TRAIN_S --progress off --out $W/$a ${!extra:-} $([ "${RESUME:-0}" = 1 ] && echo --resume auto) >>"$OUT/train_$a.log" 2>&1 &
   echo $! >$W/$a.pid
 done

@@ -54,11 +54,11 @@ def test_periodic_checkpoints_are_on_by_default():
     assert LoopConfig().save_every > 0
 
 
-def _train(target, data, out, steps, *extra):
+def _train(target, data, out, steps, *extra, export=False):
     cmd = [
         sys.executable, "-m", "draftfeed.server.cli", "train", "eagle3", "--target-model", target,
         "--data", data, "--out", str(out), "--steps", str(steps), "--seq-len", "48", "--batch-size", "2",
-        "--device", "cpu", "--no-export", "--log-every", "1", "--save-every", "0", "--progress", "off",
+        "--device", "cpu", "--export" if export else "--no-export", "--log-every", "1", "--save-every", "0", "--progress", "off",
         "--draft-vocab-size", "64", *extra,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -72,7 +72,8 @@ def test_signal_checkpoints_and_resume_continues(tmp_path, target_dir, data_file
     out = tmp_path / "run"
     job = f"signal-{sig}"
     remote = ["--target", server.url, "--job-name", job] if sig == signal.SIGTERM else []
-    proc = _train(target_dir, data_file, out, 100_000, *remote)
+    # SIGTERM (a deadline, a scheduler) exports the draft of the last step too
+    proc = _train(target_dir, data_file, out, 100_000, *remote, export=sig == signal.SIGTERM)
     lines = []
     try:
         for line in proc.stderr:  # wait for the event: two optimizer steps logged
@@ -96,7 +97,9 @@ def test_signal_checkpoints_and_resume_continues(tmp_path, target_dir, data_file
     assert step >= 2 and ckpt.endswith(f"step_{step:07d}") and os.path.isfile(os.path.join(ckpt, "complete"))
     assert "session closed. Resume with:" in err and "--resume auto" in err
     if sig != signal.SIGTERM:
+        assert "exported" not in err and not (out / "export").exists()  # --no-export is kept
         return
+    assert f"draft exported to {out / 'export'}" in err and (out / "export" / "model.safetensors").is_file()
     assert not [x for x in server.sessions.list() if x.job_name == job], "the job's session is still open"
     # resume from it: the run continues at the next step
     proc = _train(target_dir, data_file, out, step + 1, *remote, "--resume", "auto")

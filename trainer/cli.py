@@ -70,6 +70,8 @@ def _run_train(args) -> int:
         if cfg.dist.rank == 0:
             where = f"at step {err.step}" if err.step is not None else "before training started"
             saved = f"checkpoint: {err.checkpoint}" if err.checkpoint else "no checkpoint yet"
+            if err.export:
+                saved += f"; draft exported to {err.export}"
             print(
                 f"draftfeed: {err.name} {where}; {saved}; session closed. Resume with:\n"
                 f"  {resume_command(sys.argv[1:])}",

@@ -20,13 +20,15 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingInterrupted(BaseException):
-    """The run was stopped by `signum`; `checkpoint` is where its state was saved (None: nothing new)."""
+    """The run was stopped by `signum`; `checkpoint` is where its state was saved (None: nothing new),
+    `export` where the draft of its last step was exported (None: not exported)."""
 
     def __init__(self, signum: int, checkpoint=None, step: int | None = None):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.checkpoint = checkpoint
         self.step = step
+        self.export = None
 
     @property
     def name(self) -> str:

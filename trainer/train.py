@@ -38,6 +38,7 @@ from .data import (
 )
 from .loop import Trainer, TrainResult, init_distributed, latest_checkpoint, resolve_device
 from .regenerate import RegenerateSettings, regenerate_cached
+from .signals import TrainingInterrupted
 from .validation import held_out_batches
 
 __all__ = [
@@ -350,10 +351,17 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
 
 
 def run_training(cfg: TrainConfig, **build_kwargs) -> TrainResult:
-    """Build, train, export (rank 0), close."""
+    """Build, train, export (rank 0), close. A run stopped by SIGINT / SIGTERM after a step exports too
+    (`TrainingInterrupted.export`): a job stopped at its deadline leaves a draft to evaluate, not only a
+    checkpoint to resume."""
     run = build_run(cfg, **build_kwargs)
     try:
-        result = run.trainer.train()
+        try:
+            result = run.trainer.train()
+        except TrainingInterrupted as err:
+            if cfg.loop.export and run.dist.rank == 0 and err.step:
+                err.export = run.export()
+            raise
         if cfg.loop.export and run.dist.rank == 0:
             _say(f"exported the draft to {run.export()}")
         return result
