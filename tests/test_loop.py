@@ -402,6 +402,7 @@ def test_ddp_on_two_cpu_processes_runs_two_steps(tmp_path, target_dir, data_file
         "-m", "draftfeed.server.cli", "train", "eagle3", "--config", str(tmp_path / "c.yaml"),
         "--target", server.url, "--target-model", target_dir, "--data", data_file, "--out", str(tmp_path / "o"),
         "--steps", "2", "--seq-len", "48", "--batch-size", "2", "--device", "cpu", "--no-export",
+        "--data-holdout", "8", "--val-every", "1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = run_while_it_progresses(cmd, env=env)
@@ -413,5 +414,10 @@ def test_ddp_on_two_cpu_processes_runs_two_steps(tmp_path, target_dir, data_file
     assert (r0["rank"], r1["rank"], r0["world_size"]) == (0, 1, 2) and r0["cursor"] == r1["cursor"] == 4
     steps = [json.loads(x)["step"] for x in (tmp_path / "o/metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+    # both ranks validated their shards of the 8 held-out conversations, rank 0 wrote the mean
+    val = [json.loads(x) for x in (tmp_path / "o/validation.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in val] == [1, 2] and all(
+        v["val_tokens"] > 0 and "val_tau_decode" in v for v in val
+    )
     cfg = json.loads((tmp_path / "o/train_config.json").read_text())
     assert cfg["dist"]["world_size"] == 2 and cfg["eagle3"]["ttt_steps"] == 2

@@ -325,7 +325,7 @@ def build_run(cfg: TrainConfig, *, model=None, target_id: str | None = None) -> 
         trainer = Trainer(
             cfg, algorithm, draft, backend, batches, total, device=device, dist=dist,
             val_batches=held_out_batches(
-                cfg, held, tokenizer, pad_id, dist,
+                cfg, held, tokenizer, pad_id, dist, device,
                 # held-out answers from an in-process target (one process), or from the local copy a remote
                 # run loaded anyway to regenerate; else only from the cache
                 target=model if dist.world_size == 1 else None, target_id=target_id,

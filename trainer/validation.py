@@ -83,7 +83,8 @@ def val_conversations(cfg, held: Sequence[Conversation], tokenizer, target=None,
     )
 
 
-def val_batches(convs: Sequence[Conversation], tokenizer, cfg, pad_id: int, dist) -> list[TokenBatch]:
+def val_batches(convs: Sequence[Conversation], tokenizer, cfg, pad_id: int, dist,
+                device: torch.device | str = "cpu") -> list[TokenBatch]:  # fmt: skip
     """At most `--val-batches` full batches of the training shape (a final partial batch is left out), the
     same number on every rank (the block drafts' loss denominators are all-reduced over ranks)."""
     d = cfg.data
@@ -101,7 +102,8 @@ def val_batches(convs: Sequence[Conversation], tokenizer, cfg, pad_id: int, dist
     except ValueError:  # no supervised token within seq_len in this rank's shard
         batches = []
     n = torch.tensor(len(batches))
-    if dist.world_size > 1:
+    if dist.world_size > 1:  # on the rank's device: NCCL reduces CUDA tensors only
+        n = n.to(device)
         tdist.all_reduce(n, op=tdist.ReduceOp.MIN)
     if int(n) == 0:
         raise InvalidArgument(
@@ -112,8 +114,8 @@ def val_batches(convs: Sequence[Conversation], tokenizer, cfg, pad_id: int, dist
     return batches[: int(n)]
 
 
-def held_out_batches(cfg, held, tokenizer, pad_id: int, dist, target=None, target_id=None, load_target=None,
-                     say=print) -> list[TokenBatch]:  # fmt: skip
+def held_out_batches(cfg, held, tokenizer, pad_id: int, dist, device, target=None, target_id=None,
+                     load_target=None, say=print) -> list[TokenBatch]:  # fmt: skip
     """The batches the loop validates on ([] = no validation). Asked for (`--val-data`, `--val-every N`), a
     validation that cannot be made is an error; by default (only `--data-holdout`) it is skipped with a line
     that says why. The held-out answers are made with an in-process target (`target`, or `load_target` when
@@ -124,7 +126,7 @@ def held_out_batches(cfg, held, tokenizer, pad_id: int, dist, target=None, targe
     asked = cfg.data.val_path is not None or cfg.loop.val_every is not None
     try:
         convs = val_conversations(cfg, held, tokenizer, target, target_id, load_target)
-        return val_batches(convs, tokenizer, cfg, pad_id, dist)
+        return val_batches(convs, tokenizer, cfg, pad_id, dist, device)
     except InvalidArgument as err:
         if asked:
             raise
