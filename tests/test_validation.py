@@ -172,3 +172,48 @@ def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives
     # template's eos, decoding runs to max_new_tokens), val_tau_sim 3.71
     assert abs(rec["val_tau_decode"] - res.tau) < 0.05 * res.tau, (rec, res.tau)
     assert abs(rec["val_tau_decode"] - res.tau) < abs(rec["val_tau_sim"] - res.tau), (rec, res.tau)
+
+
+def test_demo_jobs_validate_on_held_out_answers_made_once_before_them(tmp_path, sharp_target, capsys):  # noqa: F811
+    """demo-train's jobs (threads of one process, one regenerated file) validate on the held-out answers that
+    `train_concurrently` makes once before starting them, not on answers each job writes at the same time."""
+    from draftfeed.trainer.demo import train_concurrently
+
+    target = tmp_path / "target"
+    sharp_target.save_pretrained(target)
+    word_tokenizer().save_pretrained(target)
+    data = write_chats(tmp_path / "chats.jsonl", 20)
+    srv = TargetServer(ServeConfig(port=0, model=str(target))).start()
+    regen = {
+        "regenerate": True,
+        "holdout": 4,
+        "regen_max_new_tokens": 6,
+        "regen_cache": str(tmp_path / "r.jsonl"),
+    }
+    try:
+        cfgs = {
+            a: make_cfg(
+                tmp_path / a,
+                str(target),
+                data,
+                algorithm=a,
+                block=BLOCK,
+                dspark={"markov_rank": 8},
+                target={"url": [srv.url]},
+                data=regen,
+                loop={"steps": 2},
+            )  # fmt: skip
+            for a in ("eagle3", "dspark")
+        }
+        from draftfeed.target.loading import load_target
+
+        train_concurrently(cfgs, load_target(str(target)), srv.info.fingerprint, threads_per_job=1)
+    finally:
+        srv.stop(grace=0)
+    held = records(tmp_path / "r.heldout.jsonl")
+    assert len(held) == 4 and all(len(r["messages"]) == 2 for r in held)
+    assert (
+        capsys.readouterr().err.count(f"regenerate: reusing {tmp_path / 'r.heldout.jsonl'}") == 2
+    )  # both jobs
+    for a in cfgs:
+        assert [r["step"] for r in records(tmp_path / a / "validation.jsonl")] == [2]
