@@ -35,8 +35,10 @@ aggregate tokens/s. Every part appends JSON lines to OUT/*.jsonl; `report` write
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -51,7 +53,7 @@ SMOL = dict(
     rope_theta=100000.0,
 )  # fmt: skip
 TINY = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
     num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=4096,
 )  # fmt: skip
 LLAMA_8B = dict(
@@ -320,7 +322,7 @@ def _single(args, out, url, labels):
 
     model = load_target(args.target, dtype="bfloat16", device=device())
     for b in [int(x) for x in args.batches.split(",")]:
-        for algo in args.algos.split(","):
+        for algo, rep in itertools.product(args.algos.split(","), range(args.repeats)):
             modes = [("co-located", None), ("remote", "exact"), ("remote", "compact")]
             for mode, enc in modes[:2] if b in args.no_compact_at else modes:
                 t0 = time.perf_counter()
@@ -337,7 +339,7 @@ def _single(args, out, url, labels):
                         target_wait=round(wait, 3), steps=steps, trainer_peak_gib=round(peak / 2**30, 2),
                         gpu_used_gib=round(gpu_used() / 2**30, 2),
                         bytes_per_token=round(wire["bytes"] / wire["tokens"]) if wire["tokens"] else None,
-                        wall_s=round(time.perf_counter() - t0, 1), **labels,
+                        wall_s=round(time.perf_counter() - t0, 1), rep=rep, **labels,
                     )  # fmt: skip
                     if mode == "remote":
                         backend.close()
@@ -349,6 +351,7 @@ def _single(args, out, url, labels):
                         mode=mode,
                         encodings=enc or "-",
                         error=repr(err)[:300],
+                        rep=rep,
                         **labels,
                     )
                 append(out, "single.jsonl", rec)
@@ -640,29 +643,49 @@ def report(args):
             "| algorithm | B | mode | encodings | tok/s | remote / co-located | target wait | bytes/token | trainer peak GiB | GPU used GiB |",
             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
         ]
-        coloc = {(r["algo"], r["B"]): r.get("tok_s") for r in single_rows if r["mode"] == "co-located"}
+        # each remote row against the co-located row of the same repeat (--repeats interleaves them)
+        coloc = {
+            (r["algo"], r["B"], r.get("rep", 0)): r.get("tok_s")
+            for r in single_rows
+            if r["mode"] == "co-located"
+        }
+        ratios: dict[tuple, list[float]] = {}
         for r in single_rows:
             if "error" in r:
                 lines.append(
                     f"| {r['algo']} | {r['B']} | {r['mode']} | {r['encodings']} | error: {r['error']} |"
                 )
                 continue
-            base = coloc.get((r["algo"], r["B"]))
+            base = coloc.get((r["algo"], r["B"], r.get("rep", 0)))
             ratio = f"{r['tok_s'] / base:.2f}" if base and r["mode"] == "remote" else ""
+            if ratio:
+                ratios.setdefault((r["algo"], r["B"], r["encodings"]), []).append(r["tok_s"] / base)
             lines.append(
                 f"| {r['algo']} | {r['B']} | {r['mode']} | {r['encodings']} | {r['tok_s']:,} | {ratio} | "
                 f"{100 * r['target_wait']:.0f}% | {r['bytes_per_token'] if r['bytes_per_token'] is not None else ''} | "
                 f"{r['trainer_peak_gib']} | {r['gpu_used_gib']} |"
             )
         lines.append("")
+        if any(len(v) > 1 for v in ratios.values()):
+            lines += [
+                "Remote / co-located over the repeats (each remote run against the co-located run just before it):",
+                "",
+                "| algorithm | B | encodings | runs | median | min | max |",
+                "|---|---:|---|---:|---:|---:|---:|",
+            ]
+            for (algo, b, enc), v in ratios.items():
+                lines.append(
+                    f"| {algo} | {b} | {enc} | {len(v)} | **{statistics.median(v):.3f}** | {min(v):.3f} | {max(v):.3f} |"
+                )
+            lines.append("")
     job_rows = _rows(out / "jobs.jsonl")
     if job_rows:
         # the same job alone: the single-job run's remote row of its algorithm, B and encodings
-        alone = {
-            (r["algo"], r["B"], r["encodings"]): r["tok_s"]
-            for r in single_rows
-            if r["mode"] == "remote" and "error" not in r
-        }
+        lone_runs: dict[tuple, list[int]] = {}
+        for r in single_rows:
+            if r["mode"] == "remote" and "error" not in r:
+                lone_runs.setdefault((r["algo"], r["B"], r["encodings"]), []).append(r["tok_s"])
+        alone = {k: round(statistics.median(v)) for k, v in lone_runs.items()}
         lines += [
             "## Concurrent jobs against one server (one process each)",
             "",
@@ -711,6 +734,12 @@ def main(argv=None):
         q.add_argument("--out", required=True)
         q.add_argument("--seq", type=int, default=2048)
         q.add_argument("--seconds", type=float, default=4.0)
+        q.add_argument(
+            "--repeats",
+            type=int,
+            default=1,
+            help="single: each co-located / remote pair N times, interleaved",
+        )
         q.add_argument("--algos", default=",".join(ALGOS))
         q.add_argument("--batch", type=int, default=16)
         q.add_argument("--batches", default="16,4,1")

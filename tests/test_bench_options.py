@@ -103,3 +103,27 @@ def test_report_sums_each_shared_job_against_the_same_job_alone(tmp_path):
     assert "| 2 | 0 | eagle3 | 4 | 150 | 200 | 0.75 | 10% | 10 |" in text
     assert "| 2 | 1 | dspark | 4 | 60 | 100 | 0.60 | 10% | 10 |" in text
     assert "| 2 | all | aggregate | 4 | **210** | | **1.35x one job** | | |" in text
+
+
+def test_report_of_repeated_pairs_compares_each_remote_run_with_its_own_co_located_run(tmp_path):
+    """--repeats: co-located / remote pairs interleaved; each ratio uses the co-located run of its repeat and
+    the summary gives the median and the spread."""
+    import argparse
+    import json
+
+    from draftfeed.bench.train_throughput import report
+
+    base = dict(algo="eagle3", B=16, S=2048, target_wait=0.1, steps=3, trainer_peak_gib=1.0, gpu_used_gib=2.0)
+    rows = []
+    for rep, (co, rem) in enumerate(((100, 94), (110, 106), (90, 87))):
+        rows.append(
+            {**base, "mode": "co-located", "encodings": "-", "tok_s": co, "bytes_per_token": None, "rep": rep}
+        )
+        rows.append(
+            {**base, "mode": "remote", "encodings": "exact", "tok_s": rem, "bytes_per_token": 1, "rep": rep}
+        )
+    (tmp_path / "single.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report(argparse.Namespace(out=str(tmp_path), command="c", device="H200", title="t"))
+    text = (tmp_path / "train_throughput.md").read_text()
+    assert "| eagle3 | 16 | remote | exact | 106 | 0.96 |" in text  # against 110, not the first run's 100
+    assert "| eagle3 | 16 | exact | 3 | **0.964** | 0.940 | 0.967 |" in text
