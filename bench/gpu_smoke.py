@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    from draftfeed.trainer.evaluate import StaticTarget, measure_speedup
+    from draftfeed.trainer.evaluate import StaticTarget, measure_speedup, speculative_capacity
     from draftfeed.trainer.fast_decode import greedy_generate
     from draftfeed.trainer.models.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     lens, new = ((10, 20), 12) if args.tiny else ((40, 120, 300, 80, 60), 128)
     ps = [torch.randint(10, 49000, (n,), generator=g).tolist() for n in lens]
     for graphs in (True, False):
-        t = StaticTarget(model, None, "eagle3", 7, max(lens) + new + 3 * 8 + 8, graphs)
+        t = StaticTarget(model, None, "eagle3", 7, speculative_capacity(max(lens), new, 7), graphs)
         r = measure_speedup(
             model, draft, "eagle3", None, ps, 7, new, [2], "random", graphs=graphs, target=t, progress=False
         )
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     for algorithm, bs in (("dflash", 8), ("dspark", 7)):  # random block drafts: the graphed block step's cost
         draft = block_draft(model, algorithm, bs).to(dev, dtype)
         k, ids = (bs - 1 if algorithm == "dflash" else bs), draft.config.target_layer_ids
-        t = StaticTarget(model, ids, algorithm, k, max(lens) + new + 3 * 8 + 8)
+        t = StaticTarget(model, ids, algorithm, k, speculative_capacity(max(lens), new, k))
         r = measure_speedup(model, draft, algorithm, ids, ps, k, new, [2], "random", target=t, progress=False)
         out[algorithm] = {**r.as_dict(), "graphed": r.graphs}
         print(f"{algorithm}: graphed={r.graphs} identical {r.identical}/{r.prompts} tau {r.tau:.3f} "

@@ -288,3 +288,60 @@ def test_measure_speedup_reports_real_timings_and_identical_outputs(target):
     d = r.as_dict()
     assert {"speedup", "base_tok_s", "spec_tok_s", "identical", "round_ms"} <= set(d)
     assert f"**{r.speedup:.2f}x**" in tau_table([r]) and "verify" in round_split(r)
+
+
+class _OracleDrafter:
+    """A device-side drafter that proposes the target's own greedy continuation: every round accepts all K,
+    so the pipelined loop writes as far past the text as it ever can."""
+
+    device_side = True
+
+    def __init__(self, target, sequence: list[int]):
+        self.t, self.seq = target, sequence
+
+    def prefill(self, aux, next_ids):
+        self.propose()
+
+    def commit(self):
+        pass
+
+    def propose(self):
+        c = int(self.t.start)  # the column of the last committed token (the verify's input 0)
+        k = self.t.k
+        self.t.vids[1:].copy_(torch.tensor(self.seq[c + 1 : c + 1 + k]))
+        self.t.ndrafts.fill_(k)
+
+
+@pytest.mark.parametrize("k,new", [(7, 35), (10, 36)])
+def test_the_static_cache_holds_the_pipelined_rounds_of_a_draft_that_is_always_right(target, k, new):
+    """`speculative_capacity` (what eval and measure_speedup size the cache with) leaves room for the round
+    queued past the last useful one when every round accepts all K; eval used to size it K + 8 past the end,
+    which K = 10 overruns when the last read leaves max_new_tokens - 2 (36 = 1 + 3 x 11 + 2)."""
+    from draftfeed.trainer.evaluate import (
+        StaticTarget,
+        TauResult,
+        decode_speculative,
+        decode_target_alone,
+        speculative_capacity,
+    )
+
+    prompt = prompts(1)[0]
+    wide = StaticTarget(target, [1, 3, 5], "eagle3", k, len(prompt) + new + 8 * k, graphs=False)
+    seq = list(prompt) + decode_target_alone(wide, prompt, new + 4 * k, set())
+    fits = StaticTarget(
+        target, [1, 3, 5], "eagle3", k, speculative_capacity(len(prompt), new, k), graphs=False
+    )
+    res = TauResult("oracle", k=k, accept_hist=[0] * (k + 2))
+    out = decode_speculative(fits, _OracleDrafter(fits, seq), prompt, new, set(), res)
+    assert out == seq[len(prompt) : len(prompt) + new] and res.tau == k + 1  # every round took all K
+    short = StaticTarget(target, [1, 3, 5], "eagle3", k, len(prompt) + new + k + 8, graphs=False)
+    if k == 10:  # the old size: the queued round writes past the cache
+        with pytest.raises((IndexError, RuntimeError)):
+            decode_speculative(
+                short,
+                _OracleDrafter(short, seq),
+                prompt,
+                new,
+                set(),
+                TauResult("x", k=k, accept_hist=[0] * (k + 2)),
+            )

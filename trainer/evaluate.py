@@ -58,6 +58,7 @@ __all__ = [
     "decode_target_alone",
     "decode_speculative",
     "measure_speedup",
+    "speculative_capacity",
     "eval_dtype",
     "run_eval",
 ]
@@ -605,6 +606,12 @@ def _rounds_on_device(target: StaticTarget, drafter, out: list[int], max_new_tok
     return _cut(out, max_new_tokens, eos)
 
 
+def speculative_capacity(longest_prompt: int, max_new_tokens: int, k: int) -> int:
+    """Columns of the static cache `measure_speedup` decodes in: the prompt, the new tokens, and the rows of
+    one pipelined round queued past the last useful one (`_rounds_on_device`) with the verify's K + 1."""
+    return longest_prompt + max_new_tokens + 3 * k + 8
+
+
 def measure_speedup(
     model,
     exported_draft,
@@ -631,8 +638,9 @@ def measure_speedup(
     eos = set(eos_ids)
     if target is None:
         longest = max((len(p) for p in prompts), default=1)
-        # room for the rows of one pipelined round past the last useful one (`_rounds_on_device`)
-        target = StaticTarget(model, layer_ids, algorithm, k, longest + max_new_tokens + 3 * k + 8, graphs)
+        target = StaticTarget(
+            model, layer_ids, algorithm, k, speculative_capacity(longest, max_new_tokens, k), graphs
+        )
     if algorithm == "eagle3":
         drafter = StaticEagle3Drafter(exported_draft, target, graphs)
     else:
@@ -805,7 +813,7 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
         exported.layer_ids,
         exported.algorithm,
         k,
-        longest + cfg.max_new_tokens + k + 8,
+        speculative_capacity(longest, cfg.max_new_tokens, k),
         cfg.cuda_graphs,
     )
     say(f"eval: {exported.algorithm} draft, K={k}, CUDA graphs {'on' if static.graphed else 'off'}")
