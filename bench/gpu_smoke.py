@@ -94,15 +94,25 @@ def main(argv=None) -> int:
     draft.set_vocab_mapping(torch.arange(8192), torch.arange(49152) < 8192)
     lens, new = ((10, 20), 12) if args.tiny else ((40, 120, 300, 80, 60), 128)
     ps = [torch.randint(10, 49000, (n,), generator=g).tolist() for n in lens]
-    for graphs in (True, False):
+    from draftfeed.trainer import compiling
+
+    # graphs with the draft's fused kernels compiled (draftfeed eval's CUDA default), graphs with them eager,
+    # and no graphs: the draft's per-round time of each
+    for key, graphs, compiled in (
+        ("graphs", True, True),
+        ("graphs_uncompiled", True, False),
+        ("eager", False, False),
+    ):
+        compiling.set_compile(compiled and dev.type == "cuda")
         t = StaticTarget(model, None, "eagle3", 7, speculative_capacity(max(lens), new, 7), graphs)
         r = measure_speedup(
             model, draft, "eagle3", None, ps, 7, new, [2], "random", graphs=graphs, target=t, progress=False
         )
-        key = "graphs" if graphs else "eager"
+        compiling.set_compile(False)
         out[key] = {**r.as_dict(), "graphed": r.graphs}
         print(f"{key}: graphed={r.graphs} identical {r.identical}/{r.prompts} tau {r.tau:.3f} "
               f"base {r.base_tok_s:.0f} tok/s spec {r.spec_tok_s:.0f} tok/s x{r.speedup:.2f} round {r.round_ms()}", flush=True)  # fmt: skip
+    compiling.set_compile(dev.type == "cuda")  # as draftfeed eval runs them
     for algorithm, bs in (("dflash", 8), ("dspark", 7)):  # random block drafts: the graphed block step's cost
         draft = block_draft(model, algorithm, bs).to(dev, dtype)
         k, ids = (bs - 1 if algorithm == "dflash" else bs), draft.config.target_layer_ids

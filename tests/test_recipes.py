@@ -4,6 +4,7 @@ target; `draftfeed eval --checkpoint` measures a training checkpoint."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 from test_loop import data_file, make_cfg, server, target_dir  # noqa: F401  (fixtures)
 
 from draftfeed.trainer.config import EvalConfig, TrainConfig, config_from_dict
+from draftfeed.trainer.models import common
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -86,3 +88,34 @@ def test_eval_of_a_training_checkpoint(tmp_path, target_dir, data_file, capsys):
     assert "step 2" in capsys.readouterr().err
     assert main([*argv, "--checkpoint", str(tmp_path)]) != 0  # not a checkpoint: a clear error
     assert "expected a checkpoint directory holding trainer.pt" in capsys.readouterr().err
+
+
+def test_eval_with_the_drafts_kernels_compiled_decodes_what_eager_does(
+    tmp_path,
+    target_dir,  # noqa: F811
+    data_file,  # noqa: F811
+    capsys,
+):
+    """`draftfeed eval --compile on` (the CUDA default) runs the draft's RMSNorm / RoPE / gated MLP as compiled
+    kernels: the same rounds and tokens as eager on the CPU; the process's compile switch is restored."""
+    from draftfeed.server.cli import main
+    from draftfeed.trainer import compiling
+    from draftfeed.trainer.train import run_training
+
+    run_training(make_cfg(tmp_path / "run", target_dir, data_file))
+    (tmp_path / "q.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "the quick fox"}]}\n'
+        '{"messages": [{"role": "user", "content": "seven wizards hex bright jugs"}]}\n'
+    )
+    argv = ["eval", "--draft", str(tmp_path / "run" / "export"), "--target-model", target_dir, "--device", "cpu",
+            "--prompts", str(tmp_path / "q.jsonl"), "--max-new-tokens", "12", "--num-draft-tokens", "3"]  # fmt: skip
+    out = {}
+    for mode in ("off", "on"):
+        assert main([*argv, "--compile", mode, "--out", str(tmp_path / f"{mode}.json")]) == 0
+        assert f"compiled draft kernels {mode}" in capsys.readouterr().err
+        (r,) = json.loads((tmp_path / f"{mode}.json").read_text()).values()
+        out[mode] = (r["tau"], r["rounds"], r["identical"], r["prompts"])
+    assert out["on"] == out["off"] and not compiling.compile_enabled()
+    assert all(
+        k.compiled is not None and not k.failed for k in (common._rms_forward_kernel, common._rope_kernel)
+    )

@@ -547,6 +547,12 @@ class EvalConfig:
         "capture the target's verify / decode steps and the EAGLE-3 draft steps as CUDA graphs",
         True,
     )
+    compile: str = flag(
+        "--compile",
+        "torch.compile of the draft's fused kernels (RMSNorm, RoPE, gated MLP: the training step's) in its "
+        "drafting steps, fewer kernels a draft step: auto (on CUDA), on, off",
+        "auto",
+    )
     checkpoint: str | None = flag(
         "--checkpoint",
         "a training checkpoint directory (OUT/checkpoints/step_N) of the same run: its draft weights replace "
@@ -579,6 +585,7 @@ class EvalConfig:
             f"--dtype {self.dtype!r}: expected auto, bfloat16, float16 or float32",
         )
         _check(self.limit is None or self.limit >= 1, f"--limit {self.limit} must be >= 1")
+        _check(self.compile in ("auto", "on", "off"), f"--compile {self.compile!r}: expected auto, on or off")
         prompts = []
         for p in self.prompts:
             prompts += [x.strip() for x in str(p).split(",") if x.strip()]

@@ -35,6 +35,7 @@ import torch
 from draftfeed.client.dtypes import float_dtype
 from draftfeed.client.layers import default_eagle3_layer_ids
 
+from .compiling import compile_enabled, resolve_compile, set_compile
 from .models import dflash, dspark
 from .models.eagle3 import Eagle3DraftModel
 from .progress import progress_enabled
@@ -779,18 +780,30 @@ def eval_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
     """`draftfeed eval`: tau of the exported draft `cfg.draft` (EAGLE-3, DFlash or DSpark, read from its
-    config.json) on each prompt set (an `EvalConfig`)."""
-    from pathlib import Path
-
-    from draftfeed.target.loading import load_target, load_tokenizer
-
-    from .export import load_draft
+    config.json) on each prompt set (an `EvalConfig`). The draft's fused kernels are compiled per
+    `cfg.compile` (on CUDA by default: a draft step is launch-bound, and each fused RMSNorm, RoPE and gated
+    MLP is one kernel instead of several); the switch is restored afterwards."""
     from .loop import resolve_device
 
     def say(m):
         print(m, file=sys.stderr, flush=True)
 
     device = resolve_device(cfg.device)
+    before = compile_enabled()
+    set_compile(resolve_compile(cfg.compile, device))  # the draft's fused kernels, as in training
+    try:
+        return _run_eval(cfg, device, model, tokenizer, say)
+    finally:
+        set_compile(before)
+
+
+def _run_eval(cfg, device, model, tokenizer, say) -> dict[str, TauResult]:
+    from pathlib import Path
+
+    from draftfeed.target.loading import load_target, load_tokenizer
+
+    from .export import load_draft
+
     dtype = eval_dtype(cfg.dtype, device)
     if model is None:
         model = load_target(cfg.target_model, device=device, dtype=dtype)
@@ -816,7 +829,10 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
         speculative_capacity(longest, cfg.max_new_tokens, k),
         cfg.cuda_graphs,
     )
-    say(f"eval: {exported.algorithm} draft, K={k}, CUDA graphs {'on' if static.graphed else 'off'}")
+    say(
+        f"eval: {exported.algorithm} draft, K={k}, CUDA graphs {'on' if static.graphed else 'off'}, "
+        f"compiled draft kernels {'on' if compile_enabled() else 'off'}"
+    )
     results = {}
     for name, prompts in sets.items():
         r = measure_speedup(
