@@ -90,39 +90,36 @@ def main(argv=None) -> int:
         print(f"regen B={bsz} prompt={width}: {dt:.2f} s, {toks / dt:,.0f} new tok/s", flush=True)
     out["regen"] = regen
     cfg = Eagle3DraftConfig.from_target_config(model.config, draft_vocab_size=8192)
-    draft = Eagle3DraftModel(cfg, embed_weight=model.get_input_embeddings().weight).to(dev, dtype)
-    draft.set_vocab_mapping(torch.arange(8192), torch.arange(49152) < 8192)
+    eagle = Eagle3DraftModel(cfg, embed_weight=model.get_input_embeddings().weight).to(dev, dtype)
+    eagle.set_vocab_mapping(torch.arange(8192), torch.arange(49152) < 8192)
     lens, new = ((10, 20), 12) if args.tiny else ((40, 120, 300, 80, 60), 128)
     ps = [torch.randint(10, 49000, (n,), generator=g).tolist() for n in lens]
     from draftfeed.trainer import compiling
 
-    # graphs with the draft's fused kernels compiled (draftfeed eval's CUDA default), graphs with them eager,
-    # and no graphs: the draft's per-round time of each
-    for key, graphs, compiled in (
-        ("graphs", True, True),
-        ("graphs_uncompiled", True, False),
-        ("eager", False, False),
-    ):
+    def row(key, algorithm, draft, k, ids, graphs, compiled):
+        """One measure_speedup pass; the JSON is rewritten after each row (a time cap keeps what ran)."""
         compiling.set_compile(compiled and dev.type == "cuda")
-        t = StaticTarget(model, None, "eagle3", 7, speculative_capacity(max(lens), new, 7), graphs)
-        r = measure_speedup(
-            model, draft, "eagle3", None, ps, 7, new, [2], "random", graphs=graphs, target=t, progress=False
-        )
-        compiling.set_compile(False)
-        out[key] = {**r.as_dict(), "graphed": r.graphs}
+        try:
+            t = StaticTarget(model, ids, algorithm, k, speculative_capacity(max(lens), new, k), graphs)
+            r = measure_speedup(model, draft, algorithm, ids, ps, k, new, [2], "random", graphs=graphs, target=t,
+                                progress=False)  # fmt: skip
+        finally:
+            compiling.set_compile(False)
+        out[key] = {**r.as_dict(), "graphed": r.graphs, "compiled": compiled and dev.type == "cuda"}
         print(f"{key}: graphed={r.graphs} identical {r.identical}/{r.prompts} tau {r.tau:.3f} "
               f"base {r.base_tok_s:.0f} tok/s spec {r.spec_tok_s:.0f} tok/s x{r.speedup:.2f} round {r.round_ms()}", flush=True)  # fmt: skip
-    compiling.set_compile(dev.type == "cuda")  # as draftfeed eval runs them
+        with open(f"{args.out}/gpu_smoke.json", "w") as f:
+            json.dump(out, f, indent=2)
+
+    # EAGLE-3's chain graphed with the draft's fused kernels compiled (draftfeed eval's CUDA default) and
+    # eager, the random block drafts as eval runs them, then the whole loop without graphs (slowest: last)
+    row("graphs", "eagle3", eagle, 7, None, True, True)
+    row("graphs_uncompiled", "eagle3", eagle, 7, None, True, False)
     for algorithm, bs in (("dflash", 8), ("dspark", 7)):  # random block drafts: the graphed block step's cost
         draft = block_draft(model, algorithm, bs).to(dev, dtype)
-        k, ids = (bs - 1 if algorithm == "dflash" else bs), draft.config.target_layer_ids
-        t = StaticTarget(model, ids, algorithm, k, speculative_capacity(max(lens), new, k))
-        r = measure_speedup(model, draft, algorithm, ids, ps, k, new, [2], "random", target=t, progress=False)
-        out[algorithm] = {**r.as_dict(), "graphed": r.graphs}
-        print(f"{algorithm}: graphed={r.graphs} identical {r.identical}/{r.prompts} tau {r.tau:.3f} "
-              f"x{r.speedup:.2f} round {r.round_ms()}", flush=True)  # fmt: skip
-    with open(f"{args.out}/gpu_smoke.json", "w") as f:
-        json.dump(out, f, indent=2)
+        k = bs - 1 if algorithm == "dflash" else bs
+        row(algorithm, algorithm, draft, k, draft.config.target_layer_ids, True, True)
+    row("eager", "eagle3", eagle, 7, None, False, False)
     return 0
 
 
