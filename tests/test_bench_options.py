@@ -127,3 +127,13 @@ def test_report_of_repeated_pairs_compares_each_remote_run_with_its_own_co_locat
     text = (tmp_path / "train_throughput.md").read_text()
     assert "| eagle3 | 16 | remote | exact | 106 | 0.96 |" in text  # against 110, not the first run's 100
     assert "| eagle3 | 16 | exact | 3 | **0.964** | 0.940 | 0.967 |" in text
+
+
+def test_the_coverage_ceiling_walks_each_answer_like_decoding():
+    import torch
+
+    from draftfeed.bench.draft_vocab_coverage import chain_ceiling
+
+    assert chain_ceiling([torch.ones(9, dtype=torch.bool)], 7) == 4.5  # 1 + 7 drafts, then the last token
+    assert chain_ceiling([torch.zeros(5, dtype=torch.bool)], 7) == 1.0  # nothing draftable: a token a round
+    assert chain_ceiling([torch.tensor([1, 1, 0, 1, 1], dtype=torch.bool)], 7) == 2.5  # rounds of 2 and 3
