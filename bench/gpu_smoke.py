@@ -98,13 +98,10 @@ def main(argv=None) -> int:
 
     def row(key, algorithm, draft, k, ids, graphs, compiled):
         """One measure_speedup pass; the JSON is rewritten after each row (a time cap keeps what ran)."""
-        compiling.set_compile(compiled and dev.type == "cuda")
-        try:
+        with compiling.compiling_as(compiled and dev.type == "cuda"):
             t = StaticTarget(model, ids, algorithm, k, speculative_capacity(max(lens), new, k), graphs)
             r = measure_speedup(model, draft, algorithm, ids, ps, k, new, [2], "random", graphs=graphs, target=t,
                                 progress=False)  # fmt: skip
-        finally:
-            compiling.set_compile(False)
         out[key] = {**r.as_dict(), "graphed": r.graphs, "compiled": compiled and dev.type == "cuda"}
         print(f"{key}: graphed={r.graphs} identical {r.identical}/{r.prompts} tau {r.tau:.3f} "
               f"base {r.base_tok_s:.0f} tok/s spec {r.spec_tok_s:.0f} tok/s x{r.speedup:.2f} round {r.round_ms()}", flush=True)  # fmt: skip

@@ -167,7 +167,9 @@ def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives
     res = measure_tau(
         TargetVerifier(model, exp.layer_ids), Eagle3ChainDrafter(exp.draft), prompts, k, answers + 1
     )
-    assert 1.3 < res.tau  # the draft learned something: a trivial tau would match anything
+    # decoded 3.16 here: rounds accept several drafts, so the agreement below compares real chains (an
+    # untrained draft decodes at ~1.0, where walk and tau_sim would both agree trivially)
+    assert res.tau > 2.5, res.tau
     # measured here: decode 3.16, val_tau_decode 3.11 (the answers' last slots differ: the text ends with the
     # template's eos, decoding runs to max_new_tokens), val_tau_sim 3.71
     assert abs(rec["val_tau_decode"] - res.tau) < 0.05 * res.tau, (rec, res.tau)

@@ -89,23 +89,19 @@ def _run_regenerate(args) -> int:
     from draftfeed.target.loading import load_target, load_tokenizer
 
     from .loop import resolve_device
-    from .train import load_training_conversations, read_conversations, target_dtype, target_fingerprint
-    from .validation import val_conversations
+    from .train import regenerate_all, target_dtype, target_fingerprint
 
     cfg = train_config_from_args(args)
     cfg.data.regenerate = True
     cfg.data.val_path = None  # the held-out answers are made here, not read
     device = resolve_device(cfg.loop.device)
-    convs, held = read_conversations(cfg)
     model = load_target(cfg.target.model, device=device, dtype=target_dtype(cfg.target.dtype, device))
-    tokenizer, fp = load_tokenizer(cfg.target.model), target_fingerprint(model)
-    if held:  # first: a few hundred answers, kept even when a --regen-time-limit cuts the rest
-        val = val_conversations(cfg, held, tokenizer, model, fp)
+    convs, val = regenerate_all(cfg, load_tokenizer(cfg.target.model), model, target_fingerprint(model))
+    if val:
         print(
             f"{len(val)} held-out first turns answered at {cfg.heldout_regen_path()} "
             f"(validate on them while training: --val-data {cfg.heldout_regen_path()})"
         )
-    convs = load_training_conversations(cfg, tokenizer, model, fp, convs=convs)
     print(f"{len(convs)} conversations regenerated at {cfg.regen_cache_path()}")
     return 0
 

@@ -12,11 +12,20 @@ at most two compilations per function.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
-__all__ = ["COMPILE_MODES", "resolve_compile", "set_compile", "compile_enabled", "Compiled", "compiled"]
+__all__ = [
+    "COMPILE_MODES",
+    "resolve_compile",
+    "set_compile",
+    "compile_enabled",
+    "compiling_as",
+    "Compiled",
+    "compiled",
+]
 
 COMPILE_MODES = ("auto", "on", "off")
 
@@ -39,6 +48,17 @@ def set_compile(enabled: bool) -> None:
 
 def compile_enabled() -> bool:
     return _enabled[0]
+
+
+@contextmanager
+def compiling_as(enabled: bool) -> Iterator[None]:
+    """The compiled kernels on or off inside the block, the process's setting restored after it."""
+    before = _enabled[0]
+    set_compile(enabled)
+    try:
+        yield
+    finally:
+        set_compile(before)
 
 
 class Compiled:

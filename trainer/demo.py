@@ -158,20 +158,16 @@ def demo_configs(s: DemoSettings, out_dir: Path, url: str, algorithms: Sequence[
 
 def train_concurrently(cfgs: dict, model, target_id: str, threads_per_job: int | None = None) -> dict:
     """Run `run_training` for every config at once, one thread each (each its own session on the
-    server); the regenerated data (and the held-out answers the jobs validate on) are made once first. algorithm -> TrainResult; a failed job re-raises.
+    server); the regenerated data and the held-out answers the jobs validate on are made once first.
+    algorithm -> TrainResult; a failed job re-raises.
     `threads_per_job` sets torch's intra-op threads meanwhile (1 keeps two CPU jobs off each other's cores)."""
     from draftfeed.target.loading import load_tokenizer
 
-    from .train import load_training_conversations, read_conversations, run_training
-    from .validation import val_conversations
+    from .train import regenerate_all, run_training
 
     first = next(iter(cfgs.values()))
-    if first.data.regenerate:
-        tokenizer = load_tokenizer(first.target.model)
-        convs, held = read_conversations(first)
-        load_training_conversations(first, tokenizer, model, target_id, convs=convs)
-        if held and first.loop.val_every != 0:  # the held-out answers too: the jobs read them from the cache
-            val_conversations(first, held, tokenizer, model, target_id)
+    if first.data.regenerate:  # the jobs read both from the cache
+        regenerate_all(first, load_tokenizer(first.target.model), model, target_id)
     results, errors = {}, {}
 
     def job(alg, cfg):

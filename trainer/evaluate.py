@@ -35,7 +35,7 @@ import torch
 from draftfeed.client.dtypes import float_dtype
 from draftfeed.client.layers import default_eagle3_layer_ids
 
-from .compiling import compile_enabled, resolve_compile, set_compile
+from .compiling import compiling_as, resolve_compile
 from .models import dflash, dspark
 from .models.eagle3 import Eagle3DraftModel
 from .progress import progress_enabled
@@ -783,27 +783,17 @@ def run_eval(cfg, model=None, tokenizer=None) -> dict[str, TauResult]:
     config.json) on each prompt set (an `EvalConfig`). The draft's fused kernels are compiled per
     `cfg.compile` (on CUDA by default: a draft step is launch-bound, and each fused RMSNorm, RoPE and gated
     MLP is one kernel instead of several); the switch is restored afterwards."""
+    from pathlib import Path
+
+    from draftfeed.target.loading import load_target, load_tokenizer
+
+    from .export import load_draft
     from .loop import resolve_device
 
     def say(m):
         print(m, file=sys.stderr, flush=True)
 
     device = resolve_device(cfg.device)
-    before = compile_enabled()
-    set_compile(resolve_compile(cfg.compile, device))  # the draft's fused kernels, as in training
-    try:
-        return _run_eval(cfg, device, model, tokenizer, say)
-    finally:
-        set_compile(before)
-
-
-def _run_eval(cfg, device, model, tokenizer, say) -> dict[str, TauResult]:
-    from pathlib import Path
-
-    from draftfeed.target.loading import load_target, load_tokenizer
-
-    from .export import load_draft
-
     dtype = eval_dtype(cfg.dtype, device)
     if model is None:
         model = load_target(cfg.target_model, device=device, dtype=dtype)
@@ -829,17 +819,19 @@ def _run_eval(cfg, device, model, tokenizer, say) -> dict[str, TauResult]:
         speculative_capacity(longest, cfg.max_new_tokens, k),
         cfg.cuda_graphs,
     )
+    compiled = resolve_compile(cfg.compile, device)
     say(
         f"eval: {exported.algorithm} draft, K={k}, CUDA graphs {'on' if static.graphed else 'off'}, "
-        f"compiled draft kernels {'on' if compile_enabled() else 'off'}"
+        f"compiled draft kernels {'on' if compiled else 'off'}"
     )
     results = {}
     for name, prompts in sets.items():
-        r = measure_speedup(
-            model, exported.draft, exported.algorithm, exported.layer_ids, prompts, k, cfg.max_new_tokens, eos,
-            name, confidence_threshold=cfg.confidence_threshold, graphs=cfg.cuda_graphs, target=static,
-            progress=progress_enabled(cfg.progress, sys.stderr),
-        )  # fmt: skip
+        with compiling_as(compiled):  # the draft's fused kernels, as in training
+            r = measure_speedup(
+                model, exported.draft, exported.algorithm, exported.layer_ids, prompts, k, cfg.max_new_tokens,
+                eos, name, confidence_threshold=cfg.confidence_threshold, graphs=cfg.cuda_graphs, target=static,
+                progress=progress_enabled(cfg.progress, sys.stderr),
+            )  # fmt: skip
         results[name] = r
         print(
             f"{name}: {exported.algorithm} tau {r.tau:.3f} over {r.rounds} rounds, {r.prompts} prompts, K={k}; "

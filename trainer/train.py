@@ -48,6 +48,7 @@ __all__ = [
     "load_training_conversations",
     "read_training_conversations",
     "read_conversations",
+    "regenerate_all",
     "target_dtype",
     "target_fingerprint",
     "special_ids",
@@ -136,6 +137,19 @@ def load_training_conversations(
         load_target=load_target,
         time_limit=d.regen_time_limit,
     )
+
+
+def regenerate_all(cfg: TrainConfig, tokenizer, model, target_id: str | None) -> tuple[list, list]:
+    """(training conversations, held-out validation conversations), both answered by the in-process `model`
+    and cached, before any job trains on them (`draftfeed regenerate`, demo-train): the held-out first turns
+    first (a few hundred answers, kept even when --regen-time-limit cuts the rest)."""
+    from .validation import val_conversations
+
+    convs, held = read_conversations(cfg)
+    val = (
+        val_conversations(cfg, held, tokenizer, model, target_id) if held and cfg.loop.val_every != 0 else []
+    )
+    return load_training_conversations(cfg, tokenizer, model, target_id, convs=convs), val
 
 
 def target_fingerprint(model) -> str:

@@ -11,9 +11,9 @@ conversations to use as they are instead, e.g. the `<regen cache>.heldout.jsonl`
 `draftfeed regenerate --data-holdout N`.
 
 A validation leaves training exactly as it was: the global RNG and the algorithm's own state (the block
-drafts' anchor generator) are restored afterwards, no gradient is kept, and the loop's clock for the
-tokens/s it logs does not count it. The forward runs with gradients enabled, as the training step does, so
-a compiled step is not compiled a second time for inference mode.
+drafts' anchor generator) are restored afterwards, and the loop's clock for the tokens/s it logs does not
+count it. The forward runs without autograd (no activations kept); the compiled kernels run inside autograd
+Functions, whose forward is gradient-free either way, so they are not compiled a second time.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def measure(algorithm, draft, backend, batches: Sequence[TokenBatch], *, device:
             autocast: bool, prefetch: int) -> dict[str, float]:  # fmt: skip
     """The draft's metrics over `batches` (mean over batches and ranks) with `val_tokens` and `val_seconds`;
     keys prefixed `val_`. Training state (RNG, the algorithm's generator, gradients) is left as it was."""
-    from .loop import _plain, _rng_state, _set_rng_state
+    from .loop import _rng_state, _set_rng_state
 
     t0 = time.perf_counter()
     rng, own = _rng_state(), algorithm.state_dict()
@@ -158,11 +158,10 @@ def measure(algorithm, draft, backend, batches: Sequence[TokenBatch], *, device:
             if not pending:
                 break
             tb, future = pending.popleft()
-            target = future.result()
-            target = type(target)(**{k: _plain(v) for k, v in target.to(device).tensors().items()})
-            with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext():
+            target = future.result().to(device)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext():
                 out = algorithm.loss(draft, target, dist)
-            metrics = {"loss": out.loss.detach(), **{k: m.detach() for k, m in out.metrics.items()}}
+            metrics = {"loss": out.loss, **out.metrics}
             if out.decode_walk is not None:
                 r, t = out.decode_walk()
                 walk[0] += r
