@@ -12,7 +12,7 @@
 #        run(command="bash bench/gpu_recipe.sh run", carry=[".devtmp/i19/p2"], timeout_s=600)
 # Outputs under $OUT (logs, metrics, eval JSON, draft_quality.md). Knobs: BUDGET_S, ALGS, DATA_LIMIT,
 # REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), EVAL_N, TRAIN_S, VAL_EVERY (steps between held-out validations), CKPT_EVAL=0 (skip the checkpoints' tau),
-# SAME_ROW=0 (skip the remote vs in-process row), EVAL_FP32=1 (EAGLE-3 again with an fp32 target), NO_SMOKE=1 (stash only), ARGS_<alg>="..." (extra train flags of
+# SAME_ROW=0 (skip the remote vs in-process row), EVAL=0 (train only), EVAL_FP32=1 (EAGLE-3 again with an fp32 target), NO_SMOKE=1 (stash only), ARGS_<alg>="..." (extra train flags of
 # one recipe, e.g. ARGS_eagle3="--steps 15000 --save-every 2000"), KEEP_WORK=1 + RESUME=1 (a later call on the
 # same warm machine: keep /tmp/recipe, reuse its regenerated data, resume each job from its latest checkpoint).
 # SMOKE=1 runs the CPU smoke sizes (recipes/*-cpu.yaml) for a dry run here.
@@ -128,6 +128,8 @@ for a in $ALGS; do
   grep -E "time limit|trained|Error|error" "$OUT/train_$a.log" | tail -3
 done
 kill $SERVER; wait $SERVER 2>/dev/null
+# EVAL=0: train only (a first call of a recipe split over two warm calls; the next one resumes and evaluates)
+[ "${EVAL:-1}" = 0 ] && { say "done (no eval)"; exit 0; }
 
 # -- eval: the main EAGLE-3 draft alone on the GPU (its speedup is the clean one), then the other drafts,
 # the EAGLE-3 checkpoints (tau along the training) and the remote vs in-process row at the same time
