@@ -12,7 +12,7 @@
 #        run(command="bash bench/gpu_recipe.sh run", carry=[".devtmp/i19/p2"], timeout_s=600)
 # Outputs under $OUT (logs, metrics, eval JSON, draft_quality.md). Knobs: BUDGET_S, ALGS, DATA_LIMIT,
 # REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), EVAL_N, TRAIN_S, VAL_EVERY (steps between held-out validations), CKPT_EVAL=0 (skip the checkpoints' tau),
-# SAME_ROW=0 (skip the remote vs in-process row), EVAL=0 (train only), EVAL_FP32=1 (EAGLE-3 again with an fp32 target), NO_SMOKE=1 (stash only), ARGS_<alg>="..." (extra train flags of
+# SAME_ROW=0 (skip the remote vs in-process row), EVAL=0 (train only), WALK_CHECK=1 (validation's decoding walk vs real decoding, round by round), EVAL_FP32=1 (EAGLE-3 again with an fp32 target), NO_SMOKE=1 (stash only), ARGS_<alg>="..." (extra train flags of
 # one recipe, e.g. ARGS_eagle3="--steps 15000 --save-every 2000"), KEEP_WORK=1 + RESUME=1 (a later call on the
 # same warm machine: keep /tmp/recipe, reuse its regenerated data, resume each job from its latest checkpoint).
 # SMOKE=1 runs the CPU smoke sizes (recipes/*-cpu.yaml) for a dry run here.
@@ -125,6 +125,7 @@ for a in $ALGS; do wait $(cat $W/$a.pid); echo "$(date +%T) train $a rc=$? (t=$(
 say "trained"
 for a in $ALGS; do
   mkdir -p "$OUT/$a" && cp $W/$a/metrics.jsonl $W/$a/validation.jsonl $W/$a/train_config.json "$OUT/$a/" 2>/dev/null
+  cp -r $W/$a/export "$OUT/$a/" 2>/dev/null # the draft itself comes back too (a machine released between calls loses it)
   grep -E "time limit|trained|Error|error" "$OUT/train_$a.log" | tail -3
 done
 kill $SERVER; wait $SERVER 2>/dev/null
@@ -142,6 +143,17 @@ fi
 if [ "${EVAL_FP32:-0}" = 1 ] && [ -f $W/eagle3/export/config.json ]; then
   say "eval eagle3, target in fp32"
   timeout -k 5 $(($(left) - 10)) $EV --draft $W/eagle3/export --dtype float32 --out "$OUT/eagle3/eval_fp32.json" 2>&1 | grep -v "Loading weights" | tail -4
+fi
+# WALK_CHECK=1: on this GPU, in bf16, the held-out answers' TTT unroll (packed like training, and per
+# conversation) against a real decoding of the same prompts, round by round (bench/tau_sim_vs_decode.py):
+# does the validation's decoding walk read what decoding gets, and if not, which rounds differ?
+if [ "${WALK_CHECK:-0}" = 1 ] && [ -f $W/eagle3/export/config.json ] && [ -f $W/regenerated.heldout.jsonl ]; then
+  say "walk check (held-out answers: unroll vs decoding)"
+  read -r K NEW < <(python3 -c "import yaml; c = yaml.safe_load(open('recipes/eval-$SIZE.yaml')); print(c['num_draft_tokens'], c['max_new_tokens'])")
+  timeout -k 5 $(($(left) - 15)) python3 bench/tau_sim_vs_decode.py --draft $W/eagle3/export \
+    --sets held=$W/regenerated.heldout.jsonl --k $K --seq-len 2048 --per-conv ${EVAL_N} --max-new $NEW \
+    $([ "$SMOKE" = 1 ] && echo "--threads 2" || echo "--device cuda --dtype bfloat16") \
+    --out "$OUT/eagle3/walk_check.json" 2>&1 | grep -v "Loading weights" | tail -8
 fi
 say "eval the others, the checkpoints, remote vs in-process (concurrently)"
 PIDS=""

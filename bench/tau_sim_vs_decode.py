@@ -1,5 +1,7 @@
 """Diagnostic: simulated tau (the trainer's own code path) vs real decoding tau of an exported EAGLE-3 draft,
-on the CPU in fp32 against the built-in default target (one thread: it runs beside other work).
+against the built-in default target: on the CPU in fp32 by default (one thread: it runs beside other work), or
+on the GPU in the eval's dtype (`--device cuda --dtype bfloat16`, what `bench/gpu_recipe.sh` runs with
+WALK_CHECK=1).
 
     python bench/tau_sim_vs_decode.py --draft RUN/export --sets train=train.jsonl,held=held.jsonl --k 3 \
         --seq-len 512 --per-conv 20 --max-new 96 --out simtau.json
@@ -23,8 +25,6 @@ import json
 import time
 
 import torch
-
-torch.set_num_threads(1)
 
 from draftfeed.target.backends import HFEagle3TargetModel  # noqa: E402
 from draftfeed.target.loading import load_target, load_tokenizer  # noqa: E402
@@ -55,6 +55,7 @@ def sim_tau(draft, backend, convs, tok, k, seq_len, pack=True):
     valids = torch.zeros(k)
     accs = []
     walk_rounds = walk_tokens = 0
+    dev = backend.device
     for batch in it:
         tb = backend.generate_batch(**batch.backend_kwargs())
         inputs = tb.to_trainer_inputs()
@@ -87,7 +88,7 @@ def sim_tau(draft, backend, convs, tok, k, seq_len, pack=True):
         S = m0.shape[1]
         hit = torch.ones_like(m0)
         valid = torch.ones_like(m0)
-        run = torch.zeros(m0.shape, dtype=torch.long)
+        run = torch.zeros(m0.shape, dtype=torch.long, device=dev)
         for j, lg in enumerate(steps):
             n = S - j
             m, lm = m0[:, j:], lm0[:, j:]
@@ -99,8 +100,8 @@ def sim_tau(draft, backend, convs, tok, k, seq_len, pack=True):
             hit[:, n:] = False
             valid[:, :n] &= lm
             valid[:, n:] = False
-            hits[j] += hit.sum()
-            valids[j] += valid.sum()
+            hits[j] += float(hit.sum())
+            valids[j] += float(valid.sum())
             run += hit.long()
         r, t = decode_walk(run, lm0 & (dr > 0) if dr is not None else lm0)
         walk_rounds += r
@@ -126,26 +127,26 @@ def sim_tau(draft, backend, convs, tok, k, seq_len, pack=True):
 def chain_runs(draft, backend, ids, mask, k):
     """Per slot t of one unpacked conversation: the TTT unroll's chain run length (0..k), and whether it was
     valid (step-0 loss mask)."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=backend.device)
     am = torch.ones_like(x)
-    lm = torch.tensor([mask])
+    lm = torch.tensor([mask], device=backend.device)
     tb = backend.generate_batch(input_ids=x, attention_mask=am, loss_mask=lm)
     inputs = tb.to_trainer_inputs()
     steps = list(draft.unroll(inputs["hidden_states"], inputs["input_ids"], inputs["attention_mask"], k))
     top = inputs["target_probs"].argmax(-1)[0]
     m0 = inputs["position_mask"].squeeze(-1).bool()[0]
     S = x.shape[1]
-    run = torch.zeros(S, dtype=torch.long)
-    alive = torch.ones(S, dtype=torch.bool)
+    run = torch.zeros(S, dtype=torch.long, device=x.device)
+    alive = torch.ones(S, dtype=torch.bool, device=x.device)
     for j, lg in enumerate(steps):
         n = S - j
-        c = torch.zeros(S, dtype=torch.bool)
+        c = torch.zeros(S, dtype=torch.bool, device=x.device)
         c[:n] = (lg[0, :n].argmax(-1) == top[j:]) & m0[j:]
         alive &= c
         run += alive.long()
     # draft argmax tokens of step 0 (target ids), for inspection
     d0 = draft.selected_token_ids()[steps[0][0].argmax(-1)]
-    return run, inputs["loss_mask"][0].bool(), d0
+    return run.cpu(), inputs["loss_mask"][0].bool().cpu(), d0.cpu()
 
 
 def decode_rounds(target, drafter, prompt, k, max_new, eos):
@@ -169,12 +170,18 @@ def main():
         "--per-conv", type=int, default=20, help="conversations per set for the round-by-round check"
     )
     ap.add_argument("--max-new", type=int, default=96)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--dtype", default="float32", help="of the target and the draft (the eval's: bfloat16 on a GPU)"
+    )
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
 
-    model = load_target(None, device="cpu", dtype=torch.float32)
+    model = load_target(None, device=a.device, dtype=getattr(torch, a.dtype))
     tok = load_tokenizer(None)
-    exp = load_draft(a.draft, model, device="cpu", dtype=model.dtype)
+    exp = load_draft(a.draft, model, device=a.device, dtype=model.dtype)
     draft = exp.draft.eval()
     backend = HFEagle3TargetModel(model, aux_layer_ids=exp.layer_ids)
     backend.set_vocab_mapping(draft.selected_token_ids().cpu(), draft.t2d.cpu())
@@ -201,7 +208,7 @@ def main():
         same_cont = 0
         sim_unpacked_hits = sim_unpacked_n = 0
         examples = []
-        walk_r = walk_t = 0
+        walk_r = walk_t = cut_r = cut_t = 0
         for ci, conv in enumerate(convs[: a.per_conv]):
             chat = tokenize_chat(tok, conv, None)
             ids, mask = chat.input_ids, chat.loss_mask
@@ -249,6 +256,12 @@ def main():
             wr, wt = decode_walk(run[None], lm[None])
             walk_r += wr
             walk_t += wt
+            # the same walk over the first --max-new supervised slots only (what the decoding covers)
+            cut = lm.clone()
+            cut[lm.nonzero().flatten()[a.max_new :]] = False
+            wr, wt = decode_walk(run[None], cut[None])
+            cut_r += wr
+            cut_t += wt
             sup = lm.nonzero().flatten()
             sim_unpacked_hits += int(run[sup].sum())
             sim_unpacked_n += len(sup)
@@ -271,6 +284,7 @@ def main():
             mean_a_plus1_decode=sum_dec / max(1, n_cmp),
             unpacked_slot_tau=1 + sim_unpacked_hits / max(1, sim_unpacked_n),
             unpacked_walk_tau=walk_t / max(1, walk_r),
+            unpacked_walk_tau_first_max_new=cut_t / max(1, cut_r),
             mismatch_examples=examples,
         )
         report[name] = res
