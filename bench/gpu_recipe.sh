@@ -125,7 +125,6 @@ for a in $ALGS; do wait $(cat $W/$a.pid); echo "$(date +%T) train $a rc=$? (t=$(
 say "trained"
 for a in $ALGS; do
   mkdir -p "$OUT/$a" && cp $W/$a/metrics.jsonl $W/$a/validation.jsonl $W/$a/train_config.json "$OUT/$a/" 2>/dev/null
-  cp -r $W/$a/export "$OUT/$a/" 2>/dev/null # the draft itself comes back too (a machine released between calls loses it)
   grep -E "time limit|trained|Error|error" "$OUT/train_$a.log" | tail -3
 done
 kill $SERVER; wait $SERVER 2>/dev/null
