@@ -11,7 +11,7 @@
 #      eval with speedup (trained drafts and checkpoints along the way), remote vs in-process losses.
 #        run(command="bash bench/gpu_recipe.sh run", carry=[".devtmp/i19/p2"], timeout_s=600)
 # Outputs under $OUT (logs, metrics, eval JSON, draft_quality.md). Knobs: BUDGET_S, ALGS, DATA_LIMIT,
-# REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), EVAL_N, TRAIN_S, VAL_EVERY (steps between held-out validations), CKPT_EVAL=0 (skip the checkpoints' tau),
+# REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), REGENERATED=DIR + REGEN_SECONDS (carried data and what it took), EVAL_N, TRAIN_S, VAL_EVERY (steps between held-out validations), CKPT_EVAL=0 (skip the checkpoints' tau),
 # SAME_ROW=0 (skip the remote vs in-process row), EVAL=0 (train only), WALK_CHECK=1 (validation's decoding walk vs real decoding, round by round), EVAL_FP32=1 (EAGLE-3 again with an fp32 target), NO_SMOKE=1 (stash only), ARGS_<alg>="..." (extra train flags of
 # one recipe, e.g. ARGS_eagle3="--steps 15000 --save-every 2000"), KEEP_WORK=1 + RESUME=1 (a later call on the
 # same warm machine: keep /tmp/recipe, reuse its regenerated data, resume each job from its latest checkpoint).
@@ -82,7 +82,7 @@ if [ -n "${REGENERATED:-}" ]; then
   gunzip -c $REGENERATED/regenerated.jsonl.gz >$W/regenerated.jsonl
   cp $REGENERATED/heldout_prompts.jsonl $W/heldout_prompts.jsonl
   cp $REGENERATED/regenerated.heldout.jsonl $W/ 2>/dev/null
-  REGEN_S=0
+  REGEN_S=${REGEN_SECONDS:-0} # what the carried regeneration took, for the report
   say "carried regenerated data: $(wc -l <$W/regenerated.jsonl) conversations, $(wc -l <$W/heldout_prompts.jsonl) held out"
 elif [ -f $W/regenerated.jsonl ]; then # KEEP_WORK=1: an earlier call's regeneration on this machine
   REGEN_S=0
@@ -183,5 +183,5 @@ for p in $PIDS; do wait $p; done
 for a in $ALGS; do grep -h "tau" "$OUT/eval_$a.log" 2>/dev/null | tail -2; done
 
 say report
-python3 bench/draft_quality.py --work "$OUT" --out "$OUT" --regen-seconds $REGEN_S --train-seconds $TRAIN_S --algs "$ALGS"
+python3 bench/draft_quality.py --work $W --out "$OUT" --regen-seconds $REGEN_S --train-seconds $TRAIN_S --algs "$ALGS"
 say done
