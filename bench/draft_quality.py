@@ -96,8 +96,8 @@ def main(argv=None) -> int:
     for a in algs:
         m = read_jsonl(out / a / "metrics.jsonl")
         cfg = (
-            json.loads((out / a / "train_config.json").read_text())
-            if (out / a / "train_config.json").is_file()
+            json.loads((work / a / "train_config.json").read_text())
+            if (work / a / "train_config.json").is_file()
             else {}
         )
         if not m:

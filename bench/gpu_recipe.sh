@@ -124,7 +124,7 @@ done
 for a in $ALGS; do wait $(cat $W/$a.pid); echo "$(date +%T) train $a rc=$? (t=$(($(date +%s) - T0))s)"; done
 say "trained"
 for a in $ALGS; do
-  mkdir -p "$OUT/$a" && cp $W/$a/metrics.jsonl $W/$a/validation.jsonl $W/$a/train_config.json "$OUT/$a/" 2>/dev/null
+  mkdir -p "$OUT/$a" && cp $W/$a/metrics.jsonl $W/$a/validation.jsonl "$OUT/$a/" 2>/dev/null
   grep -E "time limit|trained|Error|error" "$OUT/train_$a.log" | tail -3
 done
 kill $SERVER; wait $SERVER 2>/dev/null
@@ -149,10 +149,16 @@ fi
 if [ "${WALK_CHECK:-0}" = 1 ] && [ -f $W/eagle3/export/config.json ] && [ -f $W/regenerated.heldout.jsonl ]; then
   say "walk check (held-out answers: unroll vs decoding)"
   read -r K NEW < <(python3 -c "import yaml; c = yaml.safe_load(open('recipes/eval-$SIZE.yaml')); print(c['num_draft_tokens'], c['max_new_tokens'])")
-  timeout -k 5 $(($(left) - 15)) python3 bench/tau_sim_vs_decode.py --draft $W/eagle3/export \
-    --sets held=$W/regenerated.heldout.jsonl --k $K --seq-len 2048 --per-conv ${EVAL_N} --max-new $NEW \
-    $([ "$SMOKE" = 1 ] && echo "--threads 2" || echo "--device cuda --dtype bfloat16") \
-    --out "$OUT/eagle3/walk_check.json" 2>&1 | grep -v "Loading weights" | tail -8
+  # twice: the unroll as the eval's draft runs (bf16 weights, eager), then as training ran it (fp32 weights,
+  # bf16 autocast, compiled kernels); the decoding is the eval's both times
+  for kern in eval train; do
+    timeout -k 5 $(($(left) - 15)) python3 bench/tau_sim_vs_decode.py --draft $W/eagle3/export \
+      --sets held=$W/regenerated.heldout.jsonl --k $K --seq-len 2048 --per-conv ${EVAL_N} --max-new $NEW \
+      $([ "$SMOKE" = 1 ] && echo "--threads 2" || echo "--device cuda --dtype bfloat16") \
+      $([ $kern = train ] && echo --train-kernels) --out $W/walk_$kern.json 2>&1 | grep "^\[held\]\|mismatch"
+  done
+  # one file back (the device returns at most 8)
+  python3 -c "import json, sys; json.dump({k: json.load(open(f'$W/walk_{k}.json')) for k in ('eval', 'train')}, open(sys.argv[1], 'w'), indent=1)" "$OUT/eagle3/walk_check.json"
 fi
 say "eval the others, the checkpoints, remote vs in-process (concurrently)"
 PIDS=""

@@ -21,23 +21,25 @@ For a set of conversations (regenerated JSONL):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
 import torch
 
-from draftfeed.target.backends import HFEagle3TargetModel  # noqa: E402
-from draftfeed.target.loading import load_target, load_tokenizer  # noqa: E402
-from draftfeed.trainer.data import ChatDataset, TokenBatchIterator, read_chat_file, tokenize_chat  # noqa: E402
-from draftfeed.trainer.evaluate import (  # noqa: E402
+from draftfeed.target.backends import HFEagle3TargetModel
+from draftfeed.target.loading import load_target, load_tokenizer
+from draftfeed.trainer.compiling import compiling_as
+from draftfeed.trainer.data import ChatDataset, TokenBatchIterator, read_chat_file, tokenize_chat
+from draftfeed.trainer.evaluate import (
     Eagle3ChainDrafter,
     TargetVerifier,
     chain_rounds,
     eos_token_ids,
     prompt_token_ids,
 )
-from draftfeed.trainer.export import load_draft  # noqa: E402
-from draftfeed.trainer.losses import decode_walk, eagle3_batch_loss, eagle3_ttt_loss  # noqa: E402
+from draftfeed.trainer.export import load_draft
+from draftfeed.trainer.losses import decode_walk, eagle3_batch_loss, eagle3_ttt_loss
 
 
 def say(*a):
@@ -175,6 +177,12 @@ def main():
         "--dtype", default="float32", help="of the target and the draft (the eval's: bfloat16 on a GPU)"
     )
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument(
+        "--train-kernels",
+        action="store_true",
+        help="run the unroll as training does on a GPU (fp32 weights, bf16 autocast, the compiled kernels); "
+        "decoding stays as the eval runs it",
+    )
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -183,6 +191,15 @@ def main():
     tok = load_tokenizer(None)
     exp = load_draft(a.draft, model, device=a.device, dtype=model.dtype)
     draft = exp.draft.eval()
+    unroll_draft, unroll_kernels = draft, contextlib.nullcontext
+    if a.train_kernels:
+        unroll_draft = load_draft(a.draft, model, device=a.device, dtype=torch.float32).draft.eval()
+
+        @contextlib.contextmanager
+        def unroll_kernels():
+            with torch.autocast("cuda", dtype=torch.bfloat16), compiling_as(True):
+                yield
+
     backend = HFEagle3TargetModel(model, aux_layer_ids=exp.layer_ids)
     backend.set_vocab_mapping(draft.selected_token_ids().cpu(), draft.t2d.cpu())
     eos = set(eos_token_ids(tok, model))
@@ -194,7 +211,8 @@ def main():
         name, path = spec.split("=")
         convs = read_chat_file(path)
         t0 = time.time()
-        sim = sim_tau(draft, backend, convs, tok, a.k, a.seq_len)
+        with unroll_kernels():
+            sim = sim_tau(unroll_draft, backend, convs, tok, a.k, a.seq_len)
         say(
             f"[{name}] {len(convs)} convs; tau_sim (trainer path, packed {a.seq_len}): {sim} ({time.time() - t0:.0f} s)"
         )
@@ -228,7 +246,8 @@ def main():
             cont_match += m
             cont_total += len(ref)
             same_cont += int(m == len(ref) or (m == len(gen)))
-            run, lm, d0 = chain_runs(draft, backend, ids, mask, a.k)
+            with unroll_kernels():
+                run, lm, d0 = chain_runs(unroll_draft, backend, ids, mask, a.k)
             for L, acc, got, drafts, pred in rounds:
                 slot = L - 2
                 tot_rounds += 1
