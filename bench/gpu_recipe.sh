@@ -158,7 +158,7 @@ if [ "${WALK_CHECK:-0}" = 1 ] && [ -f $W/eagle3/export/config.json ] && [ -f $W/
       $([ $kern = train ] && echo --train-kernels) --out $W/walk_$kern.json 2>&1 | grep "^\[held\]\|mismatch"
   done
   # one file back (the device returns at most 8)
-  python3 -c "import json, sys; json.dump({k: json.load(open(f'$W/walk_{k}.json')) for k in ('eval', 'train')}, open(sys.argv[1], 'w'), indent=1)" "$OUT/eagle3/walk_check.json"
+  python3 -c "import json, os, sys; json.dump({k: json.load(open(f)) for k, f in ((k, f'$W/walk_{k}.json') for k in ('eval', 'train')) if os.path.isfile(f)}, open(sys.argv[1], 'w'), indent=1)" "$OUT/eagle3/walk_check.json"
 fi
 say "eval the others, the checkpoints, remote vs in-process (concurrently)"
 PIDS=""
