@@ -144,7 +144,17 @@ def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives
     measure_tau on the same prompts (the answers are the target's greedy ones, K = the unroll's steps), where
     the slot-averaged tau_sim reads high (it also counts the slots a decoding round skips)."""
     from draftfeed.target.loading import load_target, load_tokenizer
-    from draftfeed.trainer.evaluate import Eagle3ChainDrafter, TargetVerifier, measure_tau, prompt_token_ids
+    from draftfeed.trainer.evaluate import (
+        Eagle3ChainDrafter,
+        StaticEagle3Drafter,
+        StaticTarget,
+        TargetVerifier,
+        TauResult,
+        decode_speculative,
+        measure_tau,
+        prompt_token_ids,
+        speculative_capacity,
+    )
     from draftfeed.trainer.export import load_draft
 
     target = tmp_path / "target"
@@ -174,6 +184,15 @@ def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives
     # template's eos, decoding runs to max_new_tokens), val_tau_sim 3.71
     assert abs(rec["val_tau_decode"] - res.tau) < 0.05 * res.tau, (rec, res.tau)
     assert abs(rec["val_tau_decode"] - res.tau) < abs(rec["val_tau_sim"] - res.tau), (rec, res.tau)
+    # `draftfeed eval`'s own loop (static cache, device-side drafter; CUDA graphs off on the CPU) accepts the
+    # same drafts round for round on this draft, which accepts several a round
+    cap = speculative_capacity(max(map(len, prompts)), answers + 1, k)
+    static = StaticTarget(model, exp.layer_ids, "eagle3", k, cap, graphs=False)
+    drafter = StaticEagle3Drafter(exp.draft, static, graphs=False)
+    got = TauResult("static", k=k, accept_hist=[0] * (k + 2))
+    for p in prompts:
+        decode_speculative(static, drafter, p, answers + 1, set(), got)
+    assert (got.rounds, got.committed, got.accept_hist) == (res.rounds, res.committed, res.accept_hist)
 
 
 def test_demo_jobs_validate_on_held_out_answers_made_once_before_them(tmp_path, sharp_target, capsys):  # noqa: F811
