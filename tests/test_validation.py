@@ -139,7 +139,8 @@ def test_decode_walk_replays_rounds_over_each_answer():
     assert decode_walk(run, valid) == (4, 9)
 
 
-def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives(tmp_path, sharp_target):  # noqa: F811
+@pytest.mark.parametrize("ttt", [3, 7])
+def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives(tmp_path, sharp_target, ttt):  # noqa: F811
     """val_tau_decode reads the TTT unroll the way greedy speculative decoding proceeds: it matches
     measure_tau on the same prompts (the answers are the target's greedy ones, K = the unroll's steps), where
     the slot-averaged tau_sim reads high (it also counts the slots a decoding round skips)."""
@@ -165,6 +166,7 @@ def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives
     cfg = make_cfg(
         tmp_path / "o", str(target), data,
         data={"holdout": 8, "regenerate": True, "regen_max_new_tokens": answers, "seq_len": 160},
+        eagle3={"ttt_steps": ttt},
         optim={"lr": 1e-2}, loop={"steps": 60, "val_every": 60, "log_every": 60},
     )  # fmt: skip
     run_training(cfg)
@@ -177,11 +179,11 @@ def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives
     res = measure_tau(
         TargetVerifier(model, exp.layer_ids), Eagle3ChainDrafter(exp.draft), prompts, k, answers + 1
     )
-    # decoded 3.16 here: rounds accept several drafts, so the agreement below compares real chains (an
+    # decoded 3.16 / 4.95 here: rounds accept several drafts, so the agreement below compares real chains (an
     # untrained draft decodes at ~1.0, where walk and tau_sim would both agree trivially)
     assert res.tau > 2.5, res.tau
-    # measured here: decode 3.16, val_tau_decode 3.11 (the answers' last slots differ: the text ends with the
-    # template's eos, decoding runs to max_new_tokens), val_tau_sim 3.71
+    # measured here (K = 3 / 7): decode 3.16 / 4.95, val_tau_decode 3.11 / 4.79, val_tau_sim 3.71 / 7.24 (the
+    # answers' last slots differ: the text ends with the template's eos, decoding runs to max_new_tokens)
     assert abs(rec["val_tau_decode"] - res.tau) < 0.05 * res.tau, (rec, res.tau)
     assert abs(rec["val_tau_decode"] - res.tau) < abs(rec["val_tau_sim"] - res.tau), (rec, res.tau)
     # `draftfeed eval`'s own loop (static cache, device-side drafter; CUDA graphs off on the CPU) accepts the
