@@ -35,6 +35,7 @@ aggregate tokens/s. Every part appends JSON lines to OUT/*.jsonl; `report` write
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -152,21 +153,23 @@ def describe_target(target_dir: str) -> str:
 
 
 def start_server(target_dir: str, server_device: str, log_path: Path, timeout: float = 900):
-    """`draftfeed serve` on `server_device` as a subprocess on a free port: (process, url)."""
+    """`draftfeed serve` on `server_device` as a subprocess on free ports: (process, url, admin url)."""
     import re
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
     cmd = [sys.executable, "-m", "draftfeed.server.cli", "serve", "--model", target_dir]
-    cmd += ["--dtype", "bfloat16", "--device", server_device, "--port", "0"]
+    cmd += ["--dtype", "bfloat16", "--device", server_device, "--port", "0", "--admin-port", "0"]
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1")
     )
     deadline = time.time() + timeout
     while time.time() < deadline:
-        m = re.search(r"draftfeed: serving on (grpc://[0-9.]+:[0-9]+)", log_path.read_text())
+        m = re.search(
+            r"draftfeed: serving on (grpc://[0-9.]+:[0-9]+), admin on (\S+?)[,;]", log_path.read_text()
+        )
         if m:
-            return proc, m.group(1)
+            return proc, m.group(1), m.group(2)
         if proc.poll() is not None:
             raise SystemExit(f"the server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.2)
@@ -190,9 +193,9 @@ class Server:
     def __init__(self, args):
         self.where = placement(args.server_device, args.trainer_device, torch.cuda.device_count())
         self.proc = None
-        self.url = args.url
+        self.url, self.admin_url = args.url, args.admin_url
         if self.url is None:
-            self.proc, self.url = start_server(
+            self.proc, self.url, self.admin_url = start_server(
                 args.target, self.where["server"], Path(args.out) / "server.log"
             )
 
@@ -301,6 +304,41 @@ def timed_train(trainer, cfg, seconds, warm_steps=2, barrier=None):
     return result.tokens / max(result.seconds, 1e-9), wait, peak, result.steps
 
 
+def server_load(admin_url: str | None) -> dict | None:
+    """The server's cumulative load counters from its admin `/status.json` (None without an admin URL)."""
+    if not admin_url:
+        return None
+    import urllib.request
+
+    with urllib.request.urlopen(admin_url.rstrip("/") + "/status.json", timeout=10) as r:
+        doc = json.load(r)
+    up, load = doc["server"]["uptime_s"], doc["load"]
+    return dict(
+        t=up,
+        busy_s=load["busy_fraction"] * up,
+        forward_s=load["forward_ms_mean"] * load["forwards"] / 1e3,
+        forwards=load["forwards"],
+        tokens=load["tokens"],
+    )
+
+
+def snapshot(into: list, admin_url: str | None) -> None:
+    into.append(server_load(admin_url))
+
+
+def load_between(a: dict | None, b: dict | None) -> dict:
+    """Over a timed run: the share of the time the server's worker (its GPU) was busy, and its forwards'
+    mean duration and tokens (how long the target took in the server while the trainer shared the GPU)."""
+    if a is None or b is None or b["forwards"] <= a["forwards"]:
+        return {}
+    n = b["forwards"] - a["forwards"]
+    return dict(
+        server_busy=round((b["busy_s"] - a["busy_s"]) / max(b["t"] - a["t"], 1e-9), 3),
+        server_forward_ms=round(1e3 * (b["forward_s"] - a["forward_s"]) / n, 1),
+        server_forward_tokens=round((b["tokens"] - a["tokens"]) / n),
+    )
+
+
 def gpu_used() -> int:
     if not torch.cuda.is_available():
         return 0
@@ -312,12 +350,12 @@ def single(args):
     out = Path(args.out)
     server = Server(args)
     try:
-        _single(args, out, server.url, {**server.labels(), "target": describe_target(args.target)})
+        _single(args, out, server, {**server.labels(), "target": describe_target(args.target)})
     finally:
         server.close()
 
 
-def _single(args, out, url, labels):
+def _single(args, out, server, labels):
     from draftfeed.target.loading import load_target
 
     model = load_target(args.target, dtype="bfloat16", device=device())
@@ -329,17 +367,22 @@ def _single(args, out, url, labels):
                 trainer = None
                 try:
                     trainer, backend, wire, cfg = build(
-                        algo, args.target, None if mode == "co-located" else url, b, args.seq, enc,
+                        algo, args.target, None if mode == "co-located" else server.url, b, args.seq, enc,
                         args.seconds, out / "runs" / f"{algo}_{b}_{mode}_{enc}", f"{algo}-{b}-{enc}",
                         model if mode == "co-located" else None,
                     )  # fmt: skip
-                    tps, wait, peak, steps = timed_train(trainer, cfg, args.seconds)
+                    loads: list = []
+                    snap = functools.partial(snapshot, loads, server.admin_url) if mode == "remote" else None
+                    tps, wait, peak, steps = timed_train(trainer, cfg, args.seconds, barrier=snap)
+                    if snap is not None:
+                        snap()
                     rec = dict(
                         algo=algo, B=b, S=args.seq, mode=mode, encodings=enc or "-", tok_s=round(tps),
                         target_wait=round(wait, 3), steps=steps, trainer_peak_gib=round(peak / 2**30, 2),
                         gpu_used_gib=round(gpu_used() / 2**30, 2),
                         bytes_per_token=round(wire["bytes"] / wire["tokens"]) if wire["tokens"] else None,
-                        wall_s=round(time.perf_counter() - t0, 1), rep=rep, **labels,
+                        wall_s=round(time.perf_counter() - t0, 1), rep=rep,
+                        **(load_between(*loads) if len(loads) == 2 else {}), **labels,
                     )  # fmt: skip
                     if mode == "remote":
                         backend.close()
@@ -606,7 +649,10 @@ def report(args):
         f"trainer(s) and the co-located target on {_where(every, 'trainer_device') or 'the same GPU'}; "
         "random token rows, S as given. tok/s = training tokens per second",
         "after a warm-up (the real loop: prefetch 2, bf16 autocast, AdamW); target wait = time the loop waited on the",
-        "target; bytes/token = reply payload per token; trainer peak = the trainer process's max allocated.",
+        "target; bytes/token = reply payload per token; trainer peak = the trainer process's max allocated;",
+        "server busy = the share of a remote run the server's worker had a forward on the GPU; server forward ms =",
+        "those forwards' mean duration (from its admin /status.json; against the co-located target's own time, what",
+        "sharing the GPU costs the server's forward).",
         "",
     ]
     steps = _rows(out / "steps.jsonl")
@@ -640,8 +686,8 @@ def report(args):
     if single_rows:
         lines += ["## One job: co-located vs remote", ""]
         lines += [
-            "| algorithm | B | mode | encodings | tok/s | remote / co-located | target wait | bytes/token | trainer peak GiB | GPU used GiB |",
-            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+            "| algorithm | B | mode | encodings | tok/s | remote / co-located | target wait | bytes/token | trainer peak GiB | GPU used GiB | server busy | server forward ms |",
+            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         # each remote row against the co-located row of the same repeat (--repeats interleaves them)
         coloc = {
@@ -663,7 +709,12 @@ def report(args):
             lines.append(
                 f"| {r['algo']} | {r['B']} | {r['mode']} | {r['encodings']} | {r['tok_s']:,} | {ratio} | "
                 f"{100 * r['target_wait']:.0f}% | {r['bytes_per_token'] if r['bytes_per_token'] is not None else ''} | "
-                f"{r['trainer_peak_gib']} | {r['gpu_used_gib']} |"
+                f"{r['trainer_peak_gib']} | {r['gpu_used_gib']} | "
+                + (
+                    f"{100 * r['server_busy']:.0f}% | {r['server_forward_ms']} |"
+                    if "server_busy" in r
+                    else " | |"
+                )
             )
         lines.append("")
         if any(len(v) > 1 for v in ratios.values()):
@@ -731,6 +782,9 @@ def main(argv=None):
         q = sub.add_parser(name)
         q.add_argument("--target", required=True)
         q.add_argument("--url", default=None)
+        q.add_argument(
+            "--admin-url", default=None, help="the --url server's admin HTTP (its load over each remote run)"
+        )
         q.add_argument("--out", required=True)
         q.add_argument("--seq", type=int, default=2048)
         q.add_argument("--seconds", type=float, default=4.0)
