@@ -137,3 +137,30 @@ def test_the_coverage_ceiling_walks_each_answer_like_decoding():
     assert chain_ceiling([torch.ones(9, dtype=torch.bool)], 7) == 4.5  # 1 + 7 drafts, then the last token
     assert chain_ceiling([torch.zeros(5, dtype=torch.bool)], 7) == 1.0  # nothing draftable: a token a round
     assert chain_ceiling([torch.tensor([1, 1, 0, 1, 1], dtype=torch.bool)], 7) == 2.5  # rounds of 2 and 3
+
+
+def test_the_server_load_over_a_run_comes_from_its_admin_status(tiny_model):
+    """`server_load` / `load_between` (a remote row's server busy share and forward time) read a real
+    server's admin /status.json: three forwards of 2 x 12 tokens between the two snapshots."""
+    from test_graphs import _unpadded
+
+    from draftfeed.bench.train_throughput import load_between, server_load
+    from draftfeed.client.remote import RemoteDFlashTargetModel
+    from draftfeed.server.app import TargetServer
+    from draftfeed.server.config import ServeConfig
+
+    assert server_load(None) is None and load_between(None, None) == {}
+    server = TargetServer(ServeConfig(port=0, admin_port=0), model=tiny_model("llama")).start()
+    try:
+        with RemoteDFlashTargetModel.from_urls([server.url]) as job:
+            job.generate_batch(*_unpadded(seed=0))
+            before = server_load(server.admin.url)
+            for seed in (1, 2, 3):
+                job.generate_batch(*_unpadded(seed=seed))
+            after = server_load(server.admin.url)
+    finally:
+        server.stop(grace=1)
+    load = load_between(before, after)
+    assert load["server_forward_tokens"] == 24, load
+    assert load["server_forward_ms"] > 0 and 0 < load["server_busy"] <= 1, load
+    assert load_between(after, after) == {}  # no forward in between: nothing to say
