@@ -323,7 +323,16 @@ def server_load(admin_url: str | None) -> dict | None:
 
 
 def snapshot(into: list, admin_url: str | None) -> None:
-    into.append(server_load(admin_url))
+    """Append the server's load counters to `into`; an admin port that does not answer costs the row its
+    server columns, not the row."""
+    try:
+        into.append(server_load(admin_url))
+    except OSError as err:
+        print(
+            f"server load: {admin_url}/status.json did not answer ({err}); the row goes without it",
+            flush=True,
+        )
+        into.append(None)
 
 
 def load_between(a: dict | None, b: dict | None) -> dict:
