@@ -50,7 +50,9 @@ URL=grpc://127.0.0.1:$PORT
 SERVER=
 FIDELITY=${FIDELITY:-1}  # PARTS=1 FIDELITY=0: the draft steps alone, no server
 if [[ ${PARTS:-1234} == *[234]* || $FIDELITY == 1 ]]; then
-  python3 -m draftfeed.server.cli serve --model $TGT --dtype bfloat16 --port $PORT --admin-port $((PORT + 1)) >$R/server.log 2>&1 &
+  # the admin port (the server's load over each remote run) where fastapi / uvicorn import (WHL carries them)
+  ADMIN=$(python3 -c "import fastapi, uvicorn" 2>/dev/null && echo "--admin-port $((PORT + 1))")
+  python3 -m draftfeed.server.cli serve --model $TGT --dtype bfloat16 --port $PORT $ADMIN >$R/server.log 2>&1 &
   SERVER=$!
   for _ in $(seq 1 90); do grep -q "serving on" $R/server.log && break; sleep 1; done
   echo "server up at t=$(($(date +%s) - T0)) s"
@@ -62,7 +64,7 @@ fi
 # GPU_TESTS="tests/test_graphs.py -k cuda_client": GPU tests to run first (the server is up, but they start their own)
 [ -n "${GPU_TESTS:-}" ] && part "gpu tests" ${GPU_TESTS_CAP:-90} python3 -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS
 [[ ${PARTS:-1234} == *1* ]] && part "1 draft steps + profile" ${STEPS_CAP:-80} python3 $B steps --target $TGT $STEP_URL --out $R --batch ${STEP_BATCH:-16} --seq $SEQ --steps ${STEPS:-4} --impls ${IMPLS:-reference,fast,compiled} --algos ${STEP_ALGOS:-eagle3,dspark,dflash}
-[[ ${PARTS:-1234} == *2* ]] && part "2 one job: co-located vs remote" ${SINGLE_CAP:-150} python3 $B single --target $TGT --url $URL --admin-url http://127.0.0.1:$((PORT + 1)) --out $R ${SINGLE_ALGOS:+--algos $SINGLE_ALGOS} --batches $BATCHES --no-compact-at ${NO_COMPACT_AT:-1} --seq $SEQ --seconds $SECONDS_PER_RUN --repeats ${REPEATS:-1}
+[[ ${PARTS:-1234} == *2* ]] && part "2 one job: co-located vs remote" ${SINGLE_CAP:-150} python3 $B single --target $TGT --url $URL ${ADMIN:+--admin-url http://127.0.0.1:$((PORT + 1))} --out $R ${SINGLE_ALGOS:+--algos $SINGLE_ALGOS} --batches $BATCHES --no-compact-at ${NO_COMPACT_AT:-1} --seq $SEQ --seconds $SECONDS_PER_RUN --repeats ${REPEATS:-1}
 for JB in ${JOB_BATCHES:-4}; do  # e.g. JOB_BATCHES="1 4": the jobs runs at each batch size (alone rows come from part 2)
   [[ ${PARTS:-1234} == *3* ]] && part "3 two jobs B=$JB" ${JOBS2_CAP:-35} python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark --batch $JB --seq $SEQ --seconds 4
   [[ ${PARTS:-1234} == *4* ]] && part "4 four jobs B=$JB" ${JOBS4_CAP:-45} python3 $B jobs --target $TGT --url $URL --out $R --algos eagle3,dspark,dflash,eagle3 --batch $JB --seq $SEQ --seconds 4
