@@ -275,10 +275,8 @@ def main():
             wr, wt = decode_walk(run[None], lm[None])
             walk_r += wr
             walk_t += wt
-            # the same walk over the first --max-new supervised slots only (what the decoding covers)
-            cut = lm.clone()
-            cut[lm.nonzero().flatten()[a.max_new :]] = False
-            wr, wt = decode_walk(run[None], cut[None])
+            # the same walk over the first --max-new tokens of each answer only (what the decoding covers)
+            wr, wt = decode_walk(run[None], lm[None], a.max_new)
             cut_r += wr
             cut_t += wt
             sup = lm.nonzero().flatten()

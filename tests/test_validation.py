@@ -137,10 +137,21 @@ def test_decode_walk_replays_rounds_over_each_answer():
     # row 0: span 0..4: commit 3 (2 drafts + bonus) at 0, then 2 at 3 (capped at the span's end); span 6: 1
     # row 1: span 1..3: 3 tokens in one round (the run is longer than what is left)
     assert decode_walk(run, valid) == (4, 9)
+    # the first 3 tokens of each answer (`draftfeed eval --max-new-tokens 3`): the prompt's forward gives the
+    # first, the walk the next 2 slots: row 0 commits 2 at 0 (capped), span 6 commits 1; row 1 commits 2
+    assert decode_walk(run, valid, max_tokens=3) == (3, 5)
+    assert decode_walk(run, valid, max_tokens=100) == decode_walk(run, valid)
 
 
-@pytest.mark.parametrize("ttt", [3, 7])
-def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives(tmp_path, sharp_target, ttt):  # noqa: F811
+@pytest.mark.parametrize(
+    ("ttt", "new"), [(3, None), (7, 40)]
+)  # new: --val-answer-tokens = eval's max_new_tokens
+def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives(
+    tmp_path,
+    sharp_target,  # noqa: F811
+    ttt,
+    new,
+):
     """val_tau_decode reads the TTT unroll the way greedy speculative decoding proceeds: it matches
     measure_tau on the same prompts (the answers are the target's greedy ones, K = the unroll's steps), where
     the slot-averaged tau_sim reads high (it also counts the slots a decoding round skips)."""
@@ -167,7 +178,8 @@ def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives
         tmp_path / "o", str(target), data,
         data={"holdout": 8, "regenerate": True, "regen_max_new_tokens": answers, "seq_len": 160},
         eagle3={"ttt_steps": ttt},
-        optim={"lr": 1e-2}, loop={"steps": 60, "val_every": 60, "log_every": 60},
+        optim={"lr": 1e-2},
+        loop={"steps": 60, "val_every": 60, "log_every": 60, **({"val_answer_tokens": new} if new else {})},
     )  # fmt: skip
     run_training(cfg)
     (rec,) = records(tmp_path / "o/validation.jsonl")
@@ -176,24 +188,24 @@ def test_the_validation_decoding_tau_is_what_decoding_the_held_out_prompts_gives
     val = [r["messages"] for r in records(cfg.heldout_regen_path())]
     prompts = [prompt_token_ids(tok, v[:-1]) for v in val]
     k = cfg.eagle3.ttt_steps
-    res = measure_tau(
-        TargetVerifier(model, exp.layer_ids), Eagle3ChainDrafter(exp.draft), prompts, k, answers + 1
-    )
-    # decoded 3.16 / 4.95 here: rounds accept several drafts, so the agreement below compares real chains (an
+    new = new or answers + 1  # the whole answers (the default 256 covers them)
+    res = measure_tau(TargetVerifier(model, exp.layer_ids), Eagle3ChainDrafter(exp.draft), prompts, k, new)
+    # decoded 3.16 / 6.36 here: rounds accept several drafts, so the agreement below compares real chains (an
     # untrained draft decodes at ~1.0, where walk and tau_sim would both agree trivially)
     assert res.tau > 2.5, res.tau
-    # measured here (K = 3 / 7): decode 3.16 / 4.95, val_tau_decode 3.11 / 4.79, val_tau_sim 3.71 / 7.24 (the
-    # answers' last slots differ: the text ends with the template's eos, decoding runs to max_new_tokens)
+    # measured here (K = 3, whole answers / K = 7, their first 40 tokens): decode 3.16 / 6.36, val_tau_decode
+    # 3.11 / 6.24, val_tau_sim 3.71 / 7.24 (K = 7 over the whole answers: decode 4.95, walk 4.79; the answers'
+    # last slots differ: the text ends with the template's eos, decoding runs to max_new_tokens)
     assert abs(rec["val_tau_decode"] - res.tau) < 0.05 * res.tau, (rec, res.tau)
     assert abs(rec["val_tau_decode"] - res.tau) < abs(rec["val_tau_sim"] - res.tau), (rec, res.tau)
     # `draftfeed eval`'s own loop (static cache, device-side drafter; CUDA graphs off on the CPU) accepts the
     # same drafts round for round on this draft, which accepts several a round
-    cap = speculative_capacity(max(map(len, prompts)), answers + 1, k)
+    cap = speculative_capacity(max(map(len, prompts)), new, k)
     static = StaticTarget(model, exp.layer_ids, "eagle3", k, cap, graphs=False)
     drafter = StaticEagle3Drafter(exp.draft, static, graphs=False)
     got = TauResult("static", k=k, accept_hist=[0] * (k + 2))
     for p in prompts:
-        decode_speculative(static, drafter, p, answers + 1, set(), got)
+        decode_speculative(static, drafter, p, new, set(), got)
     assert (got.rounds, got.committed, got.accept_hist) == (res.rounds, res.committed, res.accept_hist)
 
 

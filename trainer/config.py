@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 PROMPT_SETS = ("mtbench", "humaneval")
+EVAL_MAX_NEW_TOKENS = 256  # `draftfeed eval`'s tokens a prompt, and what validation's decoding walk covers
 
 
 def _check(cond: bool, message: str) -> None:
@@ -418,6 +419,12 @@ class LoopConfig:
         None,
     )
     val_batches: int = flag("--val-batches", "validate on at most this many batches", 16)
+    val_answer_tokens: int = flag(
+        "--val-answer-tokens",
+        "val_tau_decode decodes the first N tokens of each held-out answer, as `draftfeed eval "
+        "--max-new-tokens N` decodes a prompt",
+        EVAL_MAX_NEW_TOKENS,
+    )
     resume: str | None = flag("--resume", "a checkpoint directory, or 'auto' (the latest in OUT)", None)
     export: bool = flag("--export", "write the SGLang/vLLM draft to OUT/export at the end", True)
     tensorboard: bool = flag("--tensorboard", "also log to TensorBoard when it is installed", True)
@@ -436,6 +443,7 @@ class LoopConfig:
         _check(self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints} must be >= 1")
         _check(self.val_every is None or self.val_every >= 0, f"--val-every {self.val_every} must be >= 0")
         _check(self.val_batches >= 1, f"--val-batches {self.val_batches} must be >= 1")
+        _check(self.val_answer_tokens >= 2, f"--val-answer-tokens {self.val_answer_tokens} must be >= 2")
 
     def validation_period(self) -> int:
         """Optimizer steps between validations (0: only at the end; None-valued flag: the checkpoints')."""
@@ -534,7 +542,7 @@ class EvalConfig:
         "DSpark early stop theta: verify drafts up to the first with confidence < theta (0 = off)",
         0.0,
     )
-    max_new_tokens: int = flag("--max-new-tokens", "tokens generated per prompt", 256)
+    max_new_tokens: int = flag("--max-new-tokens", "tokens generated per prompt", EVAL_MAX_NEW_TOKENS)
     device: str = flag("--device", "auto (cuda when available), cpu, cuda:N", "auto")
     dtype: str = flag(
         "--dtype", "target and draft dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32", "auto"

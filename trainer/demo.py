@@ -151,6 +151,7 @@ def demo_configs(s: DemoSettings, out_dir: Path, url: str, algorithms: Sequence[
                 time_limit=s.time_limit,
                 prefetch=s.prefetch,
                 log_every=max(1, s.steps // 10),
+                val_answer_tokens=s.eval_max_new_tokens,  # what its eval decodes
             ),
         )
     return out

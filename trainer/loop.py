@@ -314,7 +314,7 @@ class Trainer:
 
         record = measure(
             self.algorithm, self.draft, self.backend, self.val_batches, device=self.device, dist=self.dist,
-            autocast=self.autocast, prefetch=self.cfg.loop.prefetch,
+            autocast=self.autocast, prefetch=self.cfg.loop.prefetch, answer_tokens=self.cfg.loop.val_answer_tokens,
         )  # fmt: skip
         self.validated_at = self.step
         if self.dist.rank == 0:

@@ -197,11 +197,15 @@ def eagle3_ttt_loss(
     )
 
 
-def decode_walk(chain_run: torch.Tensor, valid: torch.Tensor) -> tuple[int, int]:
+def decode_walk(
+    chain_run: torch.Tensor, valid: torch.Tensor, max_tokens: int | None = None
+) -> tuple[int, int]:
     """(rounds, tokens) of greedy speculative decoding over the supervised spans of a batch, read off the
     TTT unroll: in every contiguous run of `valid` slots (an answer), start at its first slot, accept
     `chain_run[s]` drafts, commit them and the bonus token (`chain_run[s] + 1`, at most up to the span's
-    end), continue after them. Decoding the span's prompt with K = the unroll's steps accepts exactly
+    end), continue after them. `max_tokens`: decode only the first that many tokens of each answer, as
+    `draftfeed eval --max-new-tokens` does (its first token comes from the prompt's forward, so the walk
+    covers the span's first max_tokens - 1 slots). Decoding the span's prompt with K = the unroll's steps accepts exactly
     this, round for round, when the span is the target's own greedy answer (bench/tau_sim_vs_decode.py
     checked every round on the CPU). tau_sim averages over every slot instead, including the slots a
     decoding round skips, which reads higher when easy tokens come in stretches. One host sync."""
@@ -216,10 +220,11 @@ def decode_walk(chain_run: torch.Tensor, valid: torch.Tensor) -> tuple[int, int]
             e = s
             while e < n and v[e]:
                 e += 1
+            stop = e if max_tokens is None else min(e, s + max_tokens - 1)
             t = s
-            while t < e:
+            while t < stop:
                 rounds += 1
-                tokens += min(run[t] + 1, e - t)
+                tokens += min(run[t] + 1, stop - t)
                 t += run[t] + 1
             s = e
     return rounds, tokens

@@ -138,7 +138,7 @@ def held_out_batches(cfg, held, tokenizer, pad_id: int, dist, device, target=Non
 
 
 def measure(algorithm, draft, backend, batches: Sequence[TokenBatch], *, device: torch.device, dist,
-            autocast: bool, prefetch: int) -> dict[str, float]:  # fmt: skip
+            autocast: bool, prefetch: int, answer_tokens: int | None = None) -> dict[str, float]:  # fmt: skip
     """The draft's metrics over `batches` (mean over batches and ranks) with `val_tokens` and `val_seconds`;
     keys prefixed `val_`. Training state (RNG, the algorithm's generator, gradients) is left as it was."""
     from .loop import _rng_state, _set_rng_state
@@ -163,7 +163,7 @@ def measure(algorithm, draft, backend, batches: Sequence[TokenBatch], *, device:
                 out = algorithm.loss(draft, target, dist)
             metrics = {"loss": out.loss, **out.metrics}
             if out.decode_walk is not None:
-                r, t = out.decode_walk()
+                r, t = out.decode_walk(answer_tokens)
                 walk[0] += r
                 walk[1] += t
             del out

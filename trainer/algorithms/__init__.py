@@ -39,12 +39,13 @@ __all__ = [
 @dataclass
 class StepOutput:
     """`loss` is differentiable; `metrics` are detached scalars (averaged over micro-batches and ranks).
-    `decode_walk` (EAGLE-3): () -> (rounds, tokens) of greedy speculative decoding over the batch's answers,
+    `decode_walk` (EAGLE-3): (max_tokens) -> (rounds, tokens) of greedy speculative decoding over the batch's answers
+    (the first max_tokens of each; None: all),
     read off the TTT unroll (`losses.decode_walk`); validation calls it, training never does (a host sync)."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
-    decode_walk: Callable[[], tuple[int, int]] | None = None
+    decode_walk: Callable[[int | None], tuple[int, int]] | None = None
 
 
 @dataclass

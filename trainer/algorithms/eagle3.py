@@ -74,7 +74,9 @@ class Eagle3Algorithm(DraftAlgorithm):
         for k, acc in enumerate(out.step_accuracies):
             metrics[f"acc_{k}"] = acc
         return StepOutput(
-            loss=out.loss, metrics=metrics, decode_walk=lambda: decode_walk(out.chain_run, out.valid)
+            loss=out.loss,
+            metrics=metrics,
+            decode_walk=lambda max_tokens=None: decode_walk(out.chain_run, out.valid, max_tokens),
         )
 
     def export(self, draft, out_dir, target_config, backend):
