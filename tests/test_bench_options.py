@@ -164,3 +164,11 @@ def test_the_server_load_over_a_run_comes_from_its_admin_status(tiny_model):
     assert load["server_forward_tokens"] == 24, load
     assert load["server_forward_ms"] > 0 and 0 < load["server_busy"] <= 1, load
     assert load_between(after, after) == {}  # no forward in between: nothing to say
+
+
+def test_copy_hits_follow_the_latest_earlier_trigram():
+    from draftfeed.bench.answer_repetition import copy_hits
+
+    ids = [1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 3, 5]
+    # position 7: (1,2,3) last seen at 0..2, followed by 4: miss; position 11: last seen at 4..6, then 5: hit
+    assert copy_hits(ids, [2, 7, 11]) == [False, False, True]
