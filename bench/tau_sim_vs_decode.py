@@ -15,7 +15,10 @@ For a set of conversations (regenerated JSONL):
  2. per conversation (unpacked, one row): the token ids the trainer trains on vs the ids eval feeds the target
     (evaluate.prompt_token_ids of the first user turn + the target's greedy continuation), and a real decoding
     (measure_tau protocol, Eagle3ChainDrafter, K) whose every round (start L, accepted a) is compared with the
-    TTT unroll's chain hits at the slot that round starts from (slot L-2: row (A_{L-2}, x_{L-1}) predicts x_L).
+    TTT unroll's chain hits at the slot that round starts from (slot L-2: row (A_{L-2}, x_{L-1}) predicts x_L);
+    the decoding walk over whole answers and over their first --max-new tokens.
+ 3. `draftfeed eval`'s own loop on the same prompts (StaticTarget + StaticEagle3Drafter: CUDA graphs and the
+    compiled draft kernels on a GPU): `eval_loop_tau` against the eager decoding's.
 """
 
 from __future__ import annotations
@@ -33,10 +36,15 @@ from draftfeed.trainer.compiling import compiling_as
 from draftfeed.trainer.data import ChatDataset, TokenBatchIterator, read_chat_file, tokenize_chat
 from draftfeed.trainer.evaluate import (
     Eagle3ChainDrafter,
+    StaticEagle3Drafter,
+    StaticTarget,
     TargetVerifier,
+    TauResult,
     chain_rounds,
+    decode_speculative,
     eos_token_ids,
     prompt_token_ids,
+    speculative_capacity,
 )
 from draftfeed.trainer.export import load_draft
 from draftfeed.trainer.losses import decode_walk, eagle3_batch_loss, eagle3_ttt_loss
@@ -227,12 +235,14 @@ def main():
         sim_unpacked_hits = sim_unpacked_n = 0
         examples = []
         walk_r = walk_t = cut_r = cut_t = 0
+        prompts = []
         for ci, conv in enumerate(convs[: a.per_conv]):
             chat = tokenize_chat(tok, conv, None)
             ids, mask = chat.input_ids, chat.loss_mask
             user = next(m for m in conv if m["role"] == "user")
             sys_ = [m for m in conv if m["role"] == "system"][:1]
             prompt = prompt_token_ids(tok, sys_ + [user])
+            prompts.append(prompt)
             n = len(prompt)
             pre = ids[:n] == prompt
             prefix_ok += int(pre)
@@ -288,8 +298,19 @@ def main():
                     f"{first_sup}, decode matches train continuation for {m}/{len(ref)} tokens, "
                     f"{len(rounds)} rounds, decode tau {sum(r[2] for r in rounds) / max(1, len(rounds)):.3f}"
                 )
+        # `draftfeed eval`'s own loop on the same prompts (static cache, device-side drafter, CUDA graphs on a GPU)
+        static = StaticTarget(
+            model, exp.layer_ids, "eagle3", a.k, speculative_capacity(max(map(len, prompts)), a.max_new, a.k)
+        )
+        got = TauResult("static", k=a.k, accept_hist=[0] * (a.k + 2))
+        with compiling_as(torch.device(a.device).type == "cuda"):  # as `draftfeed eval --compile auto`
+            static_drafter = StaticEagle3Drafter(draft, static)
+            for prompt in prompts:
+                decode_speculative(static, static_drafter, prompt, a.max_new, eos, got)
         res = dict(
             sim=sim,
+            eval_loop_tau=got.tau,
+            eval_loop_rounds=got.rounds,
             per_conv=a.per_conv,
             prompt_prefix_equal=f"{prefix_ok}/{min(a.per_conv, len(convs))}",
             continuation_match=f"{cont_match}/{cont_total}",
