@@ -4,9 +4,11 @@ acceptance) on conversations it never trains on, measured through the same targe
 The held-out set is what `draftfeed eval` decodes on: the first turns of the `--data-holdout`
 conversations, answered by the target itself when the run regenerates its data, so the draft is scored on
 the target's own continuations, which is what decoding sees. For EAGLE-3, `val_tau_decode` replays greedy
-speculative decoding over those answers from the TTT unroll (`losses.decode_walk`: K = the unroll's steps);
-it predicts `draftfeed eval`'s tau on the same prompts, where the trainer's slot-averaged `tau_sim` reads
-high (tests/test_validation.py: 3.11 against a decoded 3.16, tau_sim 3.71). `--val-data FILE` names
+speculative decoding of the first `--val-answer-tokens` of those answers from the TTT unroll
+(`losses.decode_walk`: K = the unroll's steps); it predicts `draftfeed eval --max-new-tokens` (the same
+number) on the same prompts, where the trainer's slot-averaged `tau_sim` reads high (tests/test_validation.py:
+3.11 against a decoded 3.16, tau_sim 3.71). The cap matters: a small target's answers turn repetitive as they
+grow, so a walk over longer answers than the eval decodes reads high (bench/answer_repetition.py). `--val-data FILE` names
 conversations to use as they are instead, e.g. the `<regen cache>.heldout.jsonl` written by
 `draftfeed regenerate --data-holdout N`.
 
