@@ -1,8 +1,8 @@
 # Source on the GPU machine (bench/gpu_*.sh do; set T0 and BUDGET_S first for `part`): this checkout importable as `draftfeed`, the carried wheels
-# installed (.whl, .devtmp/eagle3/whl, .devtmp/web: fastapi/uvicorn stack and py-spy), and the real default target's GGUF assembled from its two carried
+# installed ($WHL, .whl, .devtmp/eagle3/whl, .devtmp/web: fastapi/uvicorn stack and py-spy), and the real default target's GGUF assembled from its two carried
 # pieces when they are there (/tmp/stash/gguf.part00 from an earlier call of the same warm machine, plus
 # .devtmp/eagle3/p2/gguf.part01 carried now: ../shared/DEVICE.md). DEFAULT_TARGET_GGUF=1 when it is installed.
-for d in .devtmp/eagle3/whl .devtmp/web .whl; do
+for d in ${WHL:-} .devtmp/eagle3/whl .devtmp/web .whl; do
   if ls $d/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl
   fi

@@ -19,26 +19,8 @@ T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-320}
 SEQ=${SEQ:-2048}; BATCHES=${BATCHES:-16,4,1}; TINY=${TINY:-}
 SECONDS_PER_RUN=${RUN_SECONDS:-2.5}  # not $SECONDS: bash counts the shell's seconds in it
-if [ -n "${WHL:-}" ] && ls "$WHL"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl
-fi
-SRC=${SRC:-/tmp/dfsrc_i17}  # this checkout importable as `draftfeed`
-mkdir -p $SRC/draftfeed
-for d in client target server trainer bench; do ln -sfn "$PWD/$d" $SRC/draftfeed/$d; done
-touch $SRC/draftfeed/__init__.py
-export PYTHONPATH=$SRC:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
-part() { # part NAME SECONDS CMD...: run with a time cap (never past the budget), as bench/device_env.sh does
-  local name=$1 cap=$2
-  shift 2
-  local l=$(left)
-  [ "$cap" -gt "$l" ] && cap=$l
-  if [ "$cap" -le 5 ]; then echo "== $name: SKIPPED (budget spent)"; return; fi
-  echo "== $name (cap ${cap}s, t=$(($(date +%s) - T0))s)"
-  local t=$(date +%s)
-  timeout -k 5 "$cap" "$@"
-  echo "== $name: rc=$? in $(($(date +%s) - t)) s"
-}
+# WHL (a folder of wheels carried with the call), this checkout importable as `draftfeed`, left / part
+source bench/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 python3 -c "import torch, transformers, grpc; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__)"
 R=/tmp/ttr; rm -rf $R; mkdir -p $R
