@@ -18,6 +18,7 @@ __all__ = [
     "project_supervision",
     "draft_supervision",
     "draft_position_mask",
+    "top1_position_mask",
 ]
 
 
@@ -93,7 +94,14 @@ def draft_position_mask(
 ) -> torch.Tensor:
     """Shifted `position_mask` [B,S,1] from unshifted logits [B,S,V]: the full-vocab argmax of the next
     position is a draft token and the next position is supervised (the zero-logit tail row argmaxes to id 0)."""
-    hit = draft_hits(logits, selected_token_mask)
-    tail_hit = selected_token_mask.to(logits.device)[torch.zeros_like(hit[:, :1], dtype=torch.long)]
+    return top1_position_mask(logits.argmax(dim=-1), loss_mask, selected_token_mask)
+
+
+def top1_position_mask(
+    top1: torch.Tensor, loss_mask: torch.Tensor, selected_token_mask: torch.Tensor
+) -> torch.Tensor:
+    """`draft_position_mask` from the logits' full-vocab argmax `top1` [B,S] alone."""
+    hit = selected_token_mask.to(top1.device)[top1]
+    tail_hit = selected_token_mask.to(top1.device)[torch.zeros_like(hit[:, :1], dtype=torch.long)]
     pmask = torch.cat([hit[:, 1:], tail_hit], dim=1) & shift_left(loss_mask).bool()
     return pmask.unsqueeze(-1)

@@ -12,8 +12,9 @@ buffers before each replay; the captured outputs are copied out right after it o
 so the post stage may read them while the next replay runs. All graphs share one memory pool (they
 run one at a time on one stream, and their outputs are never read after the next replay).
 
-Memory: a graph keeps its static inputs and outputs (for EAGLE-3 the [B,S,V] logits: 4.2 GB for a
-1B-class target at 4x4096 tokens in bf16), and its intermediates live in the shared pool, bounded by
+Memory: a graph keeps its static inputs and outputs (for a raw-probs EAGLE-3 session the [B,S,V] logits: 4.2 GB
+for a 1B-class target at 4x4096 tokens in bf16; a latent session's, the default, keeps their [B,S] argmax
+instead, and each replay copies out that, not the logits), and its intermediates live in the shared pool, bounded by
 the largest graph. Once the static bytes of all graphs reach `max_graph_bytes` (default an eighth
 of the device's memory), or `max_graphs` shapes are held, new shapes run eagerly.
 
@@ -61,21 +62,6 @@ def _unflat(flat: list[torch.Tensor], mask) -> tuple:
 
 def _signature(flat: list) -> tuple:
     return tuple(None if t is None else (tuple(t.shape), t.dtype) for t in flat)
-
-
-def _tensors(cap: Captured):
-    yield from cap.layers.values()
-    yield from (t for t in (cap.first_input, cap.final, cap.logits) if t is not None)
-
-
-def _copy_out(cap: Captured) -> Captured:
-    keep = lambda t: None if t is None else t.clone()  # noqa: E731
-    return Captured(
-        {i: t.clone() for i, t in cap.layers.items()},
-        keep(cap.first_input),
-        keep(cap.final),
-        keep(cap.logits),
-    )
 
 
 class GraphedForward:
@@ -127,7 +113,7 @@ class GraphedForward:
                     static.copy_(t)
             graph.graph.replay()
             self.replays += 1
-            return _copy_out(graph.out)
+            return graph.out.map(torch.clone)
 
     def _room(self, flat: list, device: torch.device) -> bool:
         """Whether one more graph fits the bounds (its outputs are estimated no smaller than its inputs)."""
@@ -179,7 +165,7 @@ class GraphedForward:
             return None
         self._pool = graph.pool()
         self.graph_bytes += sum(t.nbytes for t in static if t is not None) + sum(
-            t.nbytes for t in _tensors(out)
+            t.nbytes for t in out.tensors()
         )
         log.info("captured a CUDA graph of the %dx%d forward (%d graphs)", b, s, self.captures + 1)
         return _Graph(graph, static, out)

@@ -487,16 +487,10 @@ def _stack(tbs: list[TokenBatch]) -> TokenBatch:
 
 
 def _slice(cap: Captured, rows: slice) -> Captured:
-    pick = lambda t: None if t is None else t[rows]  # noqa: E731
-    return Captured(
-        {i: t[rows] for i, t in cap.layers.items()}, pick(cap.first_input), pick(cap.final), pick(cap.logits)
-    )
+    return cap.map(lambda t: t[rows])
 
 
 def _device_tensors(cap: Captured, tbs: list[TokenBatch]):
-    yield from cap.layers.values()
-    for t in (cap.first_input, cap.final, cap.logits):
-        if t is not None:
-            yield t
+    yield from cap.tensors()
     for tb in tbs:
         yield from (t for t in vars(tb).values() if t is not None)

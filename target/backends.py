@@ -81,6 +81,7 @@ def run_needs(model: nn.Module, layout: TargetLayout, input_ids, mask, position_
         want_first_input=needs.first_input,
         want_final=needs.final,
         want_logits=needs.logits,
+        want_top1=needs.top1,
     )
 
 

@@ -7,7 +7,7 @@ raises; it never uses `output_hidden_states=True`, which keeps all N layer outpu
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -118,12 +118,29 @@ def discover(model: nn.Module) -> TargetLayout:
 @dataclass
 class Captured:
     """One forward's captures: decoder-layer outputs by id, the input of layer 0, the final-norm
-    output and the full logits, each only when asked for."""
+    output, the full logits and their full-vocab argmax `top1` [B,S] (int64), each only when asked for."""
 
     layers: dict[int, torch.Tensor] = field(default_factory=dict)
     first_input: torch.Tensor | None = None
     final: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    top1: torch.Tensor | None = None
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every captured tensor."""
+        yield from self.layers.values()
+        yield from (t for t in (self.first_input, self.final, self.logits, self.top1) if t is not None)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Captured:
+        """The same captures with `fn` applied to each tensor (a slice of rows, a copy)."""
+        keep = lambda t: None if t is None else fn(t)  # noqa: E731
+        return Captured(
+            {i: fn(t) for i, t in self.layers.items()},
+            keep(self.first_input),
+            keep(self.final),
+            keep(self.logits),
+            keep(self.top1),
+        )
 
 
 def _first(x):
@@ -192,20 +209,24 @@ def run_target(
     want_first_input: bool = False,
     want_final: bool = False,
     want_logits: bool = False,
+    want_top1: bool = False,
 ) -> Captured:
     """One forward of the target capturing exactly what is asked for.
 
     `attention_mask` is the [B,S] padding mask, or a prepared 4-D block-causal mask (or a dict of
-    them by layer type) for packed rows. Without `want_logits` the base model runs alone, so the
-    [B,S,V] logits are never computed.
+    them by layer type) for packed rows. Without `want_logits` / `want_top1` the base model runs alone, so the
+    [B,S,V] logits are never computed; with `want_top1` alone they are reduced to their argmax and dropped
+    (a CUDA graph of the forward then keeps [B,S] ids, not [B,S,V] logits, as its output).
     """
     out = Captured()
     with _hooks(layout, layer_ids, want_first_input, want_final, out):
         kwargs = dict(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
-        if want_logits:
-            out.logits = model(**kwargs).logits
+        if want_logits or want_top1:
+            logits = model(**kwargs).logits
+            out.logits = logits if want_logits else None
+            out.top1 = logits.argmax(dim=-1) if want_top1 else None
         else:
             model.base_model(**kwargs)
     return out

@@ -55,12 +55,14 @@ class TokenBatch:
 @dataclass(frozen=True)
 class Needs:
     """Captures one forward must make: decoder-layer outputs by id, the input of layer 0, the
-    final-norm output, and the full logits."""
+    final-norm output, the full logits, and their full-vocab argmax alone (`top1`: what a latent
+    EAGLE-3 session's position_mask needs, without keeping [B,S,V] logits)."""
 
     layers: frozenset[int] = frozenset()
     first_input: bool = False
     final: bool = False
     logits: bool = False
+    top1: bool = False
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(
@@ -68,6 +70,7 @@ class Needs:
             self.first_input or other.first_input,
             self.final or other.final,
             self.logits or other.logits,
+            self.top1 or other.top1,
         )
 
 

@@ -229,6 +229,26 @@ def test_replayed_graphs_equal_the_eager_forward(tiny_model, family, dtype):
 
 @pytest.mark.gpu
 @gpu
+def test_a_graph_of_a_latent_sessions_forward_keeps_no_logits(cuda_llama):
+    """`top1` alone (a latent EAGLE-3 session): the graph's output is the [B,S] argmax, the same as the eager
+    forward's logits give, and no [B,S,V] logits buffer (nor a per-replay copy of one)."""
+    from draftfeed.server.graphs import GraphedForward
+
+    model, layout, _ = cuda_llama
+    top1 = Needs(frozenset({0, layout.num_layers - 1}), final=True, top1=True)
+    with_logits = Needs(frozenset({0, layout.num_layers - 1}), final=True, logits=True)
+    graphed = GraphedForward()
+    for seed in (1, 2, 3):  # eager, captured, replayed
+        tb = TokenBatch(*_unpadded(seed=seed)).to("cuda")
+        got = graphed(model, layout, tb, top1)
+        want = forward_for(model, layout, tb, with_logits)
+        assert got.logits is None and torch.equal(got.top1, want.logits.argmax(-1))
+    (graph,) = [g for g in graphed._graphs.values() if g]
+    assert graph.out.logits is None and graph.out.top1 is not None and graphed.replays == 1
+
+
+@pytest.mark.gpu
+@gpu
 def test_a_forward_that_cannot_be_captured_runs_eagerly(cuda_llama):
     from draftfeed.server.graphs import GraphedForward
 

@@ -222,10 +222,7 @@ def _features(algorithm, layer_ids, capture_logits, encodings, num_layers, devic
 
 
 def _to(cap: Captured, device) -> Captured:
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return Captured(
-        {i: t.to(device) for i, t in cap.layers.items()}, *map(move, (cap.first_input, cap.final, cap.logits))
-    )
+    return cap.map(lambda t: t.to(device))
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])

@@ -124,3 +124,34 @@ def test_bounds_on_the_default_targets_real_activations(default_target):
         assert torch.equal(got.position_mask, want.position_mask)
     finally:
         srv.stop(grace=1)
+
+
+def test_a_latent_session_keeps_only_the_logits_argmax(model):
+    """With a vocab map, a latent EAGLE-3 session's forward asks for the final state and the logits' full-vocab
+    argmax (its position_mask), not the [B,S,V] logits: the forward keeps [B,S] ids (and a CUDA graph of it
+    no logits output), and the position_mask is the one the full logits give. Merged with a raw session's
+    needs, both come."""
+    from draftfeed.client.supervision import draft_position_mask, top1_position_mask
+    from draftfeed.target.algorithms.eagle3 import Eagle3Features
+    from draftfeed.target.backends import forward_for
+    from draftfeed.target.capture import discover
+    from draftfeed.target.features import TokenBatch, VocabMapping
+
+    ids, attn, loss = inputs(seed=4, b=2, s=12)
+    selected, selected_mask = mapping(160)
+    vm = VocabMapping(selected, selected_mask)
+    latent = Eagle3Features([0, 1, 2], mapping=vm, latent=True)
+    raw = Eagle3Features([0, 1, 2], mapping=vm)
+    assert latent.needs.top1 and latent.needs.final and not latent.needs.logits
+    assert raw.needs.logits and not raw.needs.top1
+    assert Eagle3Features([0, 1, 2], latent=True).needs.logits  # before the map: the raw logits go out
+    layout, tb = discover(model), TokenBatch(ids, attn, loss)
+    cap = forward_for(model, layout, tb, latent.needs)
+    assert cap.logits is None and cap.top1.shape == ids.shape and cap.top1.dtype == torch.long
+    both = forward_for(model, layout, tb, latent.needs | raw.needs)
+    assert torch.equal(both.top1, both.logits.argmax(-1)) and torch.equal(cap.top1, both.top1)
+    assert torch.equal(
+        top1_position_mask(cap.top1, loss, selected_mask),
+        draft_position_mask(both.logits, loss, selected_mask),
+    )
+    assert torch.equal(latent.fields(cap, tb)["position_mask"], raw.fields(both, tb)["position_mask"])

@@ -13,7 +13,7 @@ import torch
 
 from draftfeed.client.batches import Eagle3TargetBatch
 from draftfeed.client.errors import FailedPrecondition
-from draftfeed.client.supervision import draft_position_mask, draft_supervision, shift_left
+from draftfeed.client.supervision import draft_supervision, shift_left, top1_position_mask
 
 from ..capture import Captured
 from ..features import Needs, TokenBatch, VocabMapping, concat_features
@@ -39,7 +39,10 @@ class Eagle3Features:
 
     @property
     def needs(self) -> Needs:
-        return Needs(layers=frozenset(self.aux_layer_ids), final=self.latent, logits=True)
+        # latent: the trainer rebuilds the probabilities from the final state; the server needs the logits'
+        # full-vocab argmax alone (position_mask), so no [B,S,V] logits outlive the forward
+        latent = self.latent and self.mapping is not None
+        return Needs(layers=frozenset(self.aux_layer_ids), final=latent, logits=not latent, top1=latent)
 
     def build(self, cap: Captured, tb: TokenBatch) -> Eagle3TargetBatch:
         return Eagle3TargetBatch(**self.fields(cap, tb))
@@ -61,7 +64,7 @@ class Eagle3Features:
         if self.mapping is None:
             return {**common, "logits": shift_left(cap.logits)}
         if self.latent:
-            pmask = draft_position_mask(cap.logits, tb.loss_mask, self.mapping.selected_token_mask)
+            pmask = top1_position_mask(cap.top1, tb.loss_mask, self.mapping.selected_token_mask)
             return {**common, "final_hidden": shift_left(cap.final), "position_mask": pmask}
         probs, pmask = draft_supervision(
             cap.logits, tb.loss_mask, self.mapping.selected_token_ids, self.mapping.selected_token_mask
