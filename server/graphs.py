@@ -12,10 +12,10 @@ buffers before each replay; the captured outputs are copied out right after it o
 so the post stage may read them while the next replay runs. All graphs share one memory pool (they
 run one at a time on one stream, and their outputs are never read after the next replay).
 
-Memory: a graph keeps its static inputs and outputs (for a raw-probs EAGLE-3 session the [B,S,V] logits: 4.2 GB
-for a 1B-class target at 4x4096 tokens in bf16; a latent session's, the default, keeps their [B,S] argmax
-instead, and each replay copies out that, not the logits), and its intermediates live in the shared pool, bounded by
-the largest graph. Once the static bytes of all graphs reach `max_graph_bytes` (default an eighth
+Memory: a graph keeps its static inputs and outputs (for a raw-probs EAGLE-3 session the [B,S,V] logits:
+4.2 GB for a 1B-class target at 4x4096 tokens in bf16; for a latent session, the default, their [B,S]
+argmax instead, which is also all a replay copies out), and its intermediates live in the shared pool,
+bounded by the largest graph. Once the static bytes of all graphs reach `max_graph_bytes` (default an eighth
 of the device's memory), or `max_graphs` shapes are held, new shapes run eagerly.
 
 A forward that cannot be captured (a host sync inside the model, an op CUDA graphs refuse) runs
