@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 
+from draftfeed.bench import emit
 from draftfeed.target.loading import load_tokenizer
 from draftfeed.trainer.data import read_chat_file, tokenize_chat
 
@@ -58,11 +59,7 @@ def main(argv=None) -> int:
     for b in sorted(counts):
         n, h = counts[b]
         lines.append(f"| {b * BIN}-{b * BIN + BIN - 1} | {n:,} | {h / n:.3f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w", encoding="utf-8") as f:
-            f.write(text)
+    emit(lines, a.out)
     return 0
 
 

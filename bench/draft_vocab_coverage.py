@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from draftfeed.bench import emit
 from draftfeed.client.vocab import TokenCounter, build_token_map
 from draftfeed.target.loading import load_tokenizer
 from draftfeed.trainer.data import ChatDataset, read_chat_file
@@ -85,11 +86,7 @@ def main(argv=None) -> int:
         "|---:|---:|---:|",
         *[f"| {v:,} | {100 * share:.2f}% | {ceil:.2f} |" for v, share, ceil in rows],
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w", encoding="utf-8") as f:
-            f.write(text)
+    emit(lines, a.out)
     return 0
 
 

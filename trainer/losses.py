@@ -206,8 +206,8 @@ def decode_walk(
     end), continue after them. `max_tokens`: decode only the first that many tokens of each answer, as
     `draftfeed eval --max-new-tokens` does (its first token comes from the prompt's forward, so the walk
     covers the span's first max_tokens - 1 slots). Decoding the span's prompt with K = the unroll's steps
-    accepts exactly this, round for round, when the span is the target's own greedy answer (bench/tau_sim_vs_decode.py
-    checked every round on the CPU). tau_sim averages over every slot instead, including the slots a
+    accepts exactly this, round for round, when the span is the target's own greedy answer
+    (bench/tau_sim_vs_decode.py checked every round on the CPU). tau_sim averages over every slot instead, including the slots a
     decoding round skips, which reads higher when easy tokens come in stretches. One host sync."""
     runs, ok = chain_run.cpu().tolist(), valid.cpu().tolist()
     rounds = tokens = 0

@@ -6,10 +6,10 @@ conversations, answered by the target itself when the run regenerates its data, 
 the target's own continuations, which is what decoding sees. For EAGLE-3, `val_tau_decode` replays greedy
 speculative decoding of the first `--val-answer-tokens` of those answers from the TTT unroll
 (`losses.decode_walk`: K = the unroll's steps); it predicts `draftfeed eval --max-new-tokens` (the same
-number) on the same prompts, where the trainer's slot-averaged `tau_sim` reads high (tests/test_validation.py:
-3.11 against a decoded 3.16, tau_sim 3.71). The cap matters: a small target's answers turn repetitive as they
-grow, so a walk over longer answers than the eval decodes reads high (bench/answer_repetition.py). `--val-data FILE` names
-conversations to use as they are instead, e.g. the `<regen cache>.heldout.jsonl` written by
+number) on the same prompts, where the trainer's slot-averaged `tau_sim` reads high
+(tests/test_validation.py: 3.11 against a decoded 3.16, tau_sim 3.71). The cap matters: a small target's
+answers turn repetitive as they grow, so a walk over longer answers than the eval decodes reads high
+(bench/answer_repetition.py). `--val-data FILE` names conversations to use as they are instead, e.g. the `<regen cache>.heldout.jsonl` written by
 `draftfeed regenerate --data-holdout N`.
 
 A validation leaves training exactly as it was: the global RNG and the algorithm's own state (the block
