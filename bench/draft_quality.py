@@ -14,11 +14,7 @@ import math
 import re
 from pathlib import Path
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+from draftfeed.bench import read_jsonl
 
 
 def set_name(name: str) -> str:

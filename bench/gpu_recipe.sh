@@ -14,7 +14,9 @@
 # REGEN_TURNS, REGEN_LIMIT (seconds of regeneration), REGENERATED=DIR + REGEN_SECONDS (carried data and what it took), EVAL_N, TRAIN_S, VAL_EVERY (steps between held-out validations), CKPT_EVAL=0 (skip the checkpoints' tau),
 # SAME_ROW=0 (skip the remote vs in-process row), EVAL=0 (train only), WALK_CHECK=1 (validation's decoding walk vs real decoding, round by round), EVAL_FP32=1 (EAGLE-3 again with an fp32 target), NO_SMOKE=1 (stash only), ARGS_<alg>="..." (extra train flags of
 # one recipe, e.g. ARGS_eagle3="--steps 15000 --save-every 2000"), KEEP_WORK=1 + RESUME=1 (a later call on the
-# same warm machine: keep /tmp/recipe, reuse its regenerated data, resume each job from its latest checkpoint).
+# same warm machine: keep /tmp/recipe, reuse its regenerated data, resume each job from its latest checkpoint;
+# TRAIN_S is then the seconds THIS call adds: the lr schedule spans the earlier calls' seconds plus these, so
+# set it to what the call has left for training or the schedule stops before it anneals).
 # SMOKE=1 runs the CPU smoke sizes (recipes/*-cpu.yaml) for a dry run here.
 set -uo pipefail
 MODE=${1:?usage: bench/gpu_recipe.sh stash|run}

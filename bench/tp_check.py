@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from draftfeed.bench import read_jsonl
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -147,7 +149,6 @@ def _throughput(url, vocab, batch, seq, seconds, algo="dspark", encodings=None, 
 
 def _train_through(url, args, label):
     """The real training loop through `url` for `args.train_seconds` (after 2 warm-up steps): a result line."""
-    import json
     from pathlib import Path
 
     from draftfeed.bench import train_throughput as tt
@@ -163,7 +164,7 @@ def _train_through(url, args, label):
     except Exception as err:  # noqa: BLE001 - a failed job is a result line, not the end of the report
         return f"- {label}: training failed: {err!r}"[:600]
     metrics = cfg.out_dir / "metrics.jsonl"
-    records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    records = read_jsonl(metrics)
     last = f"{records[-1]['loss']:.4f}" if records else "-"
     per_token = f", {wire['bytes'] / wire['tokens']:,.0f} reply bytes/token" if wire["tokens"] else ""
     return (

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import torch
 
+from draftfeed.bench import read_jsonl
+
 SMOL = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
     num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -297,7 +299,7 @@ def timed_train(trainer, cfg, seconds, warm_steps=2, barrier=None):
     trainer.total_steps = 10**6
     cfg.loop.time_limit = seconds
     result = trainer.train()
-    records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    records = read_jsonl(metrics)
     spans = [1 / r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
     wait = sum(r["target_wait"] * w for r, w in zip(records, spans, strict=False)) / max(sum(spans), 1e-9)
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
@@ -639,7 +641,7 @@ def fidelity(args, model, tb, out):
 
 
 def _rows(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return read_jsonl(path)
 
 
 def _where(rows: list[dict], key: str) -> str:

@@ -172,3 +172,17 @@ def test_copy_hits_follow_the_latest_earlier_trigram():
     ids = [1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 3, 5]
     # position 7: (1,2,3) last seen at 0..2, followed by 4: miss; position 11: last seen at 4..6, then 5: hit
     assert copy_hits(ids, [2, 7, 11]) == [False, False, True]
+
+
+def test_jsonl_records_keep_line_separators_inside_their_strings(tmp_path):
+    """A regenerated answer written with ensure_ascii=False may hold U+2028 (a line break to `str.splitlines`):
+    the benches' reader splits records on newlines alone (this broke the recipe's report on 2026-12-06)."""
+    import json
+
+    from draftfeed.bench import read_jsonl
+
+    rows = [{"messages": [{"role": "assistant", "content": "one\u2028two\x85three"}]}, {"n": 2}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_jsonl(path) == rows
+    assert read_jsonl(tmp_path / "absent.jsonl") == []
