@@ -159,7 +159,7 @@ def _train_through(url, args, label):
             args.train_algo, args.model, url, args.train_batch, args.seq, args.encodings, args.train_seconds,
             out, f"tp-check-{label}",
         )  # fmt: skip
-        tps, wait, _, steps = tt.timed_train(trainer, cfg, args.train_seconds)
+        tps, wait, _, steps, _ = tt.timed_train(trainer, cfg, args.train_seconds)
         backend.close()
     except Exception as err:  # noqa: BLE001 - a failed job is a result line, not the end of the report
         return f"- {label}: training failed: {err!r}"[:600]

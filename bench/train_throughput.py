@@ -236,7 +236,7 @@ class RandomBatches:
         self.n = state["n"]
 
 
-def train_config(algo, out, target_dir, url, b, s, encodings, seconds, job, draft_vocab):
+def train_config(algo, out, target_dir, url, b, s, encodings, seconds, job, draft_vocab, prefetch=2):
     from draftfeed.trainer.config import DataConfig, Eagle3Config, LoopConfig, TargetConfig, TrainConfig
 
     return TrainConfig(
@@ -249,12 +249,12 @@ def train_config(algo, out, target_dir, url, b, s, encodings, seconds, job, draf
         eagle3=Eagle3Config(draft_vocab_size=draft_vocab),
         loop=LoopConfig(
             steps=10**6, time_limit=seconds, log_every=max(1, 32 // b), progress="off", export=False,
-            tensorboard=False, prefetch=2,
+            tensorboard=False, prefetch=prefetch,
         ),
     )  # fmt: skip
 
 
-def build(algo, target_dir, url, b, s, encodings, seconds, out, job, model=None):
+def build(algo, target_dir, url, b, s, encodings, seconds, out, job, model=None, prefetch=2):
     """(trainer, backend, byte counter) for one run; `model` = the co-located target (else remote)."""
     from transformers import AutoConfig
 
@@ -263,7 +263,9 @@ def build(algo, target_dir, url, b, s, encodings, seconds, out, job, model=None)
 
     conf = AutoConfig.from_pretrained(target_dir)
     vocab = conf.vocab_size
-    cfg = train_config(algo, out, target_dir, url, b, s, encodings, seconds, job, min(8192, vocab // 2))
+    cfg = train_config(
+        algo, out, target_dir, url, b, s, encodings, seconds, job, min(8192, vocab // 2), prefetch
+    )
     algorithm = ALGORITHMS[algo](cfg)
     backend = algorithm.open_backend(model, device())
     counts = torch.arange(vocab, 0, -1).float()
@@ -285,8 +287,42 @@ def build(algo, target_dir, url, b, s, encodings, seconds, out, job, model=None)
     return trainer, backend, wire, cfg
 
 
+class GpuBusy:
+    """The GPU's mean utilization over a span (NVML: the share of each sample period in which any kernel of
+    any process ran), sampled every 50 ms on a thread; None without NVML (`nvidia-ml-py`) or a GPU. Below 100%
+    while a GPU-bound trainer shares the card with the server, the card sat idle: neither had work queued."""
+
+    def __init__(self, index: int = 0):
+        import threading
+
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle, self._nvml = pynvml.nvmlDeviceGetHandleByIndex(index), pynvml
+        except Exception:  # noqa: BLE001 - no NVML here: the column stays empty
+            self._handle = None
+        if self._handle is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return round(statistics.fmean(self.samples) / 100, 3) if self.samples else None
+
+
 def timed_train(trainer, cfg, seconds, warm_steps=2, barrier=None):
-    """Warm up `warm_steps` optimizer steps, then train for `seconds`: (tok/s, target wait, peak bytes)."""
+    """Warm up `warm_steps` optimizer steps, then train for `seconds`: (tok/s, target wait, peak bytes,
+    steps, the GPU's mean utilization over the timed part or None)."""
     trainer.total_steps = warm_steps
     cfg.loop.time_limit = None
     trainer.train()
@@ -298,12 +334,14 @@ def timed_train(trainer, cfg, seconds, warm_steps=2, barrier=None):
         torch.cuda.reset_peak_memory_stats()
     trainer.total_steps = 10**6
     cfg.loop.time_limit = seconds
+    busy = GpuBusy(torch.cuda.current_device()) if torch.cuda.is_available() else None
     result = trainer.train()
+    gpu_busy = busy.stop() if busy is not None else None
     records = read_jsonl(metrics)
     spans = [1 / r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
     wait = sum(r["target_wait"] * w for r, w in zip(records, spans, strict=False)) / max(sum(spans), 1e-9)
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    return result.tokens / max(result.seconds, 1e-9), wait, peak, result.steps
+    return result.tokens / max(result.seconds, 1e-9), wait, peak, result.steps, gpu_busy
 
 
 def server_load(admin_url: str | None) -> dict | None:
@@ -372,19 +410,23 @@ def _single(args, out, server, labels):
     model = load_target(args.target, dtype="bfloat16", device=device())
     for b in [int(x) for x in args.batches.split(",")]:
         for algo, rep in itertools.product(args.algos.split(","), range(args.repeats)):
-            modes = [("co-located", None), ("remote", "exact"), ("remote", "compact")]
-            for mode, enc in modes[:2] if b in args.no_compact_at else modes:
+            # the co-located run, then the remote ones: exact at each --prefetch depth, compact at the first
+            first = args.prefetch[0]
+            modes = [("co-located", None, first)] + [("remote", "exact", p) for p in args.prefetch]
+            if b not in args.no_compact_at:
+                modes.append(("remote", "compact", first))
+            for mode, enc, prefetch in modes:
                 t0 = time.perf_counter()
                 trainer = None
                 try:
                     trainer, backend, wire, cfg = build(
                         algo, args.target, None if mode == "co-located" else server.url, b, args.seq, enc,
-                        args.seconds, out / "runs" / f"{algo}_{b}_{mode}_{enc}", f"{algo}-{b}-{enc}",
-                        model if mode == "co-located" else None,
+                        args.seconds, out / "runs" / f"{algo}_{b}_{mode}_{enc}_{prefetch}", f"{algo}-{b}-{enc}",
+                        model if mode == "co-located" else None, prefetch,
                     )  # fmt: skip
                     loads: list = []
                     snap = functools.partial(snapshot, loads, server.admin_url) if mode == "remote" else None
-                    tps, wait, peak, steps = timed_train(trainer, cfg, args.seconds, barrier=snap)
+                    tps, wait, peak, steps, busy = timed_train(trainer, cfg, args.seconds, barrier=snap)
                     if snap is not None:
                         snap()
                     rec = dict(
@@ -392,7 +434,7 @@ def _single(args, out, server, labels):
                         target_wait=round(wait, 3), steps=steps, trainer_peak_gib=round(peak / 2**30, 2),
                         gpu_used_gib=round(gpu_used() / 2**30, 2),
                         bytes_per_token=round(wire["bytes"] / wire["tokens"]) if wire["tokens"] else None,
-                        wall_s=round(time.perf_counter() - t0, 1), rep=rep,
+                        wall_s=round(time.perf_counter() - t0, 1), rep=rep, prefetch=prefetch, gpu_busy=busy,
                         **(load_between(*loads) if len(loads) == 2 else {}), **labels,
                     )  # fmt: skip
                     if mode == "remote":
@@ -404,6 +446,7 @@ def _single(args, out, server, labels):
                         S=args.seq,
                         mode=mode,
                         encodings=enc or "-",
+                        prefetch=prefetch,
                         error=repr(err)[:300],
                         rep=rep,
                         **labels,
@@ -429,7 +472,7 @@ def job(args):
         while len(list(out.glob(f"ready_{args.group}_*"))) < args.of and time.time() < deadline:
             time.sleep(0.05)
 
-    tps, wait, peak, steps = timed_train(trainer, cfg, args.seconds, barrier=barrier)
+    tps, wait, peak, steps, _ = timed_train(trainer, cfg, args.seconds, barrier=barrier)
     backend.close()
     rec = dict(
         group=args.group, jobs=args.of, index=args.index, algo=args.algo, B=args.batch, S=args.seq,
@@ -659,8 +702,9 @@ def report(args):
         f"server (`draftfeed serve`, CUDA graphs on, data plane) on {_where(every, 'server_device') or 'the same GPU'}, "
         f"trainer(s) and the co-located target on {_where(every, 'trainer_device') or 'the same GPU'}; "
         "random token rows, S as given. tok/s = training tokens per second",
-        "after a warm-up (the real loop: prefetch 2, bf16 autocast, AdamW); target wait = time the loop waited on the",
-        "target; bytes/token = reply payload per token; trainer peak = the trainer process's max allocated;",
+        "after a warm-up (the real loop: bf16 autocast, AdamW; prefetch = target batches in flight); target wait = time",
+        "the loop waited on the target; GPU busy = the card's mean NVML utilization over the run (below 100%: idle",
+        "gaps); bytes/token = reply payload per token; trainer peak = the trainer process's max allocated;",
         "server busy = the share of a remote run the server's worker had a forward on the GPU; server forward ms =",
         "those forwards' mean duration (from its admin /status.json; against the co-located target's own time, what",
         "sharing the GPU costs the server's forward).",
@@ -697,8 +741,8 @@ def report(args):
     if single_rows:
         lines += ["## One job: co-located vs remote", ""]
         lines += [
-            "| algorithm | B | mode | encodings | tok/s | remote / co-located | target wait | bytes/token | trainer peak GiB | GPU used GiB | server busy | server forward ms |",
-            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| algorithm | B | mode | encodings | prefetch | tok/s | remote / co-located | target wait | GPU busy | bytes/token | trainer peak GiB | GPU used GiB | server busy | server forward ms |",
+            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         # each remote row against the co-located row of the same repeat (--repeats interleaves them)
         coloc = {
@@ -716,10 +760,13 @@ def report(args):
             base = coloc.get((r["algo"], r["B"], r.get("rep", 0)))
             ratio = f"{r['tok_s'] / base:.2f}" if base and r["mode"] == "remote" else ""
             if ratio:
-                ratios.setdefault((r["algo"], r["B"], r["encodings"]), []).append(r["tok_s"] / base)
+                key = (r["algo"], r["B"], r["encodings"], r.get("prefetch", 2))
+                ratios.setdefault(key, []).append(r["tok_s"] / base)
+            busy = f"{100 * r['gpu_busy']:.0f}%" if r.get("gpu_busy") is not None else ""
             lines.append(
-                f"| {r['algo']} | {r['B']} | {r['mode']} | {r['encodings']} | {r['tok_s']:,} | {ratio} | "
-                f"{100 * r['target_wait']:.0f}% | {r['bytes_per_token'] if r['bytes_per_token'] is not None else ''} | "
+                f"| {r['algo']} | {r['B']} | {r['mode']} | {r['encodings']} | {r.get('prefetch', 2)} | {r['tok_s']:,} | "
+                f"{ratio} | {100 * r['target_wait']:.0f}% | {busy} | "
+                f"{r['bytes_per_token'] if r['bytes_per_token'] is not None else ''} | "
                 f"{r['trainer_peak_gib']} | {r['gpu_used_gib']} | "
                 + (
                     f"{100 * r['server_busy']:.0f}% | {r['server_forward_ms']} |"
@@ -732,12 +779,12 @@ def report(args):
             lines += [
                 "Remote / co-located over the repeats (each remote run against the co-located run just before it):",
                 "",
-                "| algorithm | B | encodings | runs | median | min | max |",
-                "|---|---:|---|---:|---:|---:|---:|",
+                "| algorithm | B | encodings | prefetch | runs | median | min | max |",
+                "|---|---:|---|---:|---:|---:|---:|---:|",
             ]
-            for (algo, b, enc), v in ratios.items():
+            for (algo, b, enc, prefetch), v in ratios.items():
                 lines.append(
-                    f"| {algo} | {b} | {enc} | {len(v)} | **{statistics.median(v):.3f}** | {min(v):.3f} | {max(v):.3f} |"
+                    f"| {algo} | {b} | {enc} | {prefetch} | {len(v)} | **{statistics.median(v):.3f}** | {min(v):.3f} | {max(v):.3f} |"
                 )
             lines.append("")
     job_rows = _rows(out / "jobs.jsonl")
@@ -745,7 +792,7 @@ def report(args):
         # the same job alone: the single-job run's remote row of its algorithm, B and encodings
         lone_runs: dict[tuple, list[int]] = {}
         for r in single_rows:
-            if r["mode"] == "remote" and "error" not in r:
+            if r["mode"] == "remote" and "error" not in r and r.get("prefetch", 2) == 2:  # the jobs prefetch 2
                 lone_runs.setdefault((r["algo"], r["B"], r["encodings"]), []).append(r["tok_s"])
         alone = {k: round(statistics.median(v)) for k, v in lone_runs.items()}
         lines += [
@@ -816,6 +863,10 @@ def main(argv=None):
         q.add_argument("--warmup", type=int, default=3, help="steps: untimed steps first (compilation)")
         q.add_argument("--profile", type=int, default=1, help="steps: 1 = a torch-profiler table per row")
         q.add_argument("--encodings", default="exact")
+        q.add_argument(
+            "--prefetch", type=lambda x: [int(v) for v in x.split(",") if v], default=[2],
+            help="single: target batches in flight; several (2,4) give one remote exact row each",
+        )  # fmt: skip
         q.add_argument("--algo", default="eagle3")
         q.add_argument("--index", type=int, default=0)
         q.add_argument("--of", type=int, default=1)

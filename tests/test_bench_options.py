@@ -75,7 +75,7 @@ def test_report_names_where_the_server_and_trainer_ran(tmp_path):
     text = (tmp_path / "train_throughput.md").read_text()
     assert text.startswith("# two GPUs")
     assert "(32 layers)" in text and "on cuda:0, trainer(s) and the co-located target on cuda:1" in text
-    assert "| eagle3 | 16 | remote | exact | 150 | 1.50 |" in text
+    assert "| eagle3 | 16 | remote | exact | 2 | 150 | 1.50 |" in text
 
 
 def test_report_sums_each_shared_job_against_the_same_job_alone(tmp_path):
@@ -107,7 +107,7 @@ def test_report_sums_each_shared_job_against_the_same_job_alone(tmp_path):
 
 def test_report_of_repeated_pairs_compares_each_remote_run_with_its_own_co_located_run(tmp_path):
     """--repeats: co-located / remote pairs interleaved; each ratio uses the co-located run of its repeat and
-    the summary gives the median and the spread."""
+    the summary gives the median and the spread, apart for each --prefetch depth."""
     import argparse
     import json
 
@@ -115,18 +115,20 @@ def test_report_of_repeated_pairs_compares_each_remote_run_with_its_own_co_locat
 
     base = dict(algo="eagle3", B=16, S=2048, target_wait=0.1, steps=3, trainer_peak_gib=1.0, gpu_used_gib=2.0)
     rows = []
-    for rep, (co, rem) in enumerate(((100, 94), (110, 106), (90, 87))):
+    for rep, (co, rem, deep) in enumerate(((100, 94, 97), (110, 106, 108), (90, 87, 88))):
         rows.append(
             {**base, "mode": "co-located", "encodings": "-", "tok_s": co, "bytes_per_token": None, "rep": rep}
         )
-        rows.append(
-            {**base, "mode": "remote", "encodings": "exact", "tok_s": rem, "bytes_per_token": 1, "rep": rep}
-        )
+        remote = {**base, "mode": "remote", "encodings": "exact", "bytes_per_token": 1, "rep": rep}
+        rows.append({**remote, "tok_s": rem, "prefetch": 2, "gpu_busy": 0.931})
+        rows.append({**remote, "tok_s": deep, "prefetch": 4})
     (tmp_path / "single.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report(argparse.Namespace(out=str(tmp_path), command="c", device="H200", title="t"))
     text = (tmp_path / "train_throughput.md").read_text()
-    assert "| eagle3 | 16 | remote | exact | 106 | 0.96 |" in text  # against 110, not the first run's 100
-    assert "| eagle3 | 16 | exact | 3 | **0.964** | 0.940 | 0.967 |" in text
+    assert "| eagle3 | 16 | remote | exact | 2 | 106 | 0.96 | 10% | 93% |" in text  # against 110, not 100
+    assert "| eagle3 | 16 | remote | exact | 4 | 108 | 0.98 | 10% |  |" in text
+    assert "| eagle3 | 16 | exact | 2 | 3 | **0.964** | 0.940 | 0.967 |" in text
+    assert "| eagle3 | 16 | exact | 4 | 3 | **0.978** | 0.970 | 0.982 |" in text
 
 
 def test_the_coverage_ceiling_walks_each_answer_like_decoding():
