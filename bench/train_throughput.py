@@ -705,9 +705,9 @@ def report(args):
         "after a warm-up (the real loop: bf16 autocast, AdamW; prefetch = target batches in flight); target wait = time",
         "the loop waited on the target; GPU busy = the card's mean NVML utilization over the run (below 100%: idle",
         "gaps); bytes/token = reply payload per token; trainer peak = the trainer process's max allocated;",
-        "server busy = the share of a remote run the server's worker had a forward on the GPU; server forward ms =",
-        "those forwards' mean duration (from its admin /status.json; against the co-located target's own time, what",
-        "sharing the GPU costs the server's forward).",
+        "server busy = the share of a remote run with server work (forward, post stage, reply copy) on the GPU;",
+        "server forward ms = those forwards' mean GPU time (both from its admin /status.json; on a shared card they",
+        "include the trainer's time slices; before 2026-12-06d the forward ms was the host time to issue one).",
         "",
     ]
     steps = _rows(out / "steps.jsonl")
@@ -792,7 +792,8 @@ def report(args):
         # the same job alone: the single-job run's remote row of its algorithm, B and encodings
         lone_runs: dict[tuple, list[int]] = {}
         for r in single_rows:
-            if r["mode"] == "remote" and "error" not in r and r.get("prefetch", 2) == 2:  # the jobs prefetch 2
+            # the jobs prefetch 2: their lone speed is the remote rows at that depth
+            if r["mode"] == "remote" and "error" not in r and r.get("prefetch", 2) == 2:
                 lone_runs.setdefault((r["algo"], r["B"], r["encodings"]), []).append(r["tok_s"])
         alone = {k: round(statistics.median(v)) for k, v in lone_runs.items()}
         lines += [

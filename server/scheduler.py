@@ -21,7 +21,9 @@ stage on its own thread and stream, that work overlaps the next forward (bench/s
 GPU busy time is the union of the intervals between CUDA timing events (each forward on the
 compute stream, each post stage on its stream, each reply's copy on the side stream), converted to
 the host clock and merged by `ServerMetrics.busy` (server/metrics.py): overlapping intervals count
-once.
+once. A forward's duration (the metrics' forward time, the status page's "forward ms") is on a GPU its
+GPU time between the same events, recorded once it has run: issuing a graphed forward takes ~1 ms of host
+time whatever it costs the GPU. On a card shared with other processes it includes their time slices.
 
 The forward is `forward_for`, or on a GPU `GraphedForward` (server/graphs.py: a CUDA graph per
 repeated batch shape). Requests are checked for padding on the handler's thread (host memory); a
@@ -168,6 +170,7 @@ class BatchScheduler:
         # forwarded batches that may wait for the post stage (their captures are the memory held)
         self._posts: queue.Queue[_Forwarded | None] = queue.Queue(maxsize=max_forwarded)
         self._gpu_spans: list = []  # (start, end) CUDA timing events not yet accounted as busy time
+        self._forward_spans: list = []  # (start, end, tokens): forwards whose GPU time is not yet recorded
         self._spans_lock = threading.Lock()
         if on_gpu:  # the one host sync: pair a CUDA event with the host clock, before any request
             anchor = torch.cuda.Event(enable_timing=True)
@@ -353,6 +356,15 @@ class BatchScheduler:
                 else:
                     left.append(span)
             self._gpu_spans = left
+            # a forward's duration is its GPU time (a graphed forward is issued in ~1 ms of host time)
+            running = []
+            for start, end, tokens in self._forward_spans:
+                if end.query():
+                    seconds = start.elapsed_time(end) / 1e3
+                    self.metrics.record_forward(tokens, self.max_forward_tokens, seconds)
+                else:
+                    running.append((start, end, tokens))
+            self._forward_spans = running
 
     def _gpu_span(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
         start = torch.cuda.Event(enable_timing=True)
@@ -383,10 +395,15 @@ class BatchScheduler:
             needs = needs | w.session.features.needs
         cap = self._forward(self.model, self.layout, stacked, needs)
         t1 = time.perf_counter()
-        done = self._end_gpu_span(start_ev, compute) if on_gpu else None
-        if not on_gpu:
+        tokens = sum(w.tokens for w in works)
+        if on_gpu:
+            done = self._end_gpu_span(start_ev, compute)
+            with self._spans_lock:  # recorded with its GPU time once it has run (_account_gpu_time)
+                self._forward_spans.append((start_ev, done, tokens))
+        else:
+            done = None
             self.metrics.busy.add(t0, t1)
-        self.metrics.record_forward(sum(w.tokens for w in works), self.max_forward_tokens, t1 - t0)
+            self.metrics.record_forward(tokens, self.max_forward_tokens, t1 - t0)
         self._posts.put(_Forwarded(works, tbs, cap, t0, t1, done))  # waits while the post stage is behind
 
     def _post_loop(self) -> None:

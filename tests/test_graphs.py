@@ -310,6 +310,9 @@ def test_a_server_with_graphs_answers_like_one_without(cuda_llama):
                 from draftfeed.server.admin import prometheus_text
 
                 assert server.graphs.replays >= 4 and server.graphs.failed == 0
+                # each forward's time is its GPU time, recorded once it has run: inside the busy time
+                busy = server.metrics.busy_s  # accounts the finished CUDA spans
+                assert server.metrics.forwards >= 7 and 0 < server.metrics.forward_s <= busy + 1e-6
                 text = prometheus_text(server)
                 assert f"draftfeed_cuda_graph_replays_total {server.graphs.replays}" in text
                 assert f"draftfeed_cuda_graphs {server.graphs.captures}" in text
