@@ -389,7 +389,8 @@ class LoopConfig:
     time_limit: float | None = flag(
         "--time-limit",
         "stop after this many seconds of training (checkpoint and export as usual); the lr schedule then "
-        "anneals by whichever ends first, the steps or the time",
+        "anneals by whichever ends first, the steps or the time. A resumed run counts its own seconds: its "
+        "schedule spans the earlier runs' seconds plus these",
         None,
     )
     bf16: bool = flag("--bf16", "bf16 autocast for the draft on GPU", True)
