@@ -687,7 +687,7 @@ def latent_target_probs(
         logits = torch.nn.functional.linear(rows[start : start + chunk_rows].to(dtype), weight)
         if final_logit_softcapping is not None:
             logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
-        out[start : start + chunk_rows] = draft_probs(logits)
+        draft_probs(logits, out=out[start : start + chunk_rows])  # written in place: no copy of [rows, Vd]
     return out.reshape(*h_final.shape[:-1], weight.shape[0])
 
 

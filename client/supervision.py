@@ -27,11 +27,16 @@ def shift_left(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], dim=1)
 
 
-def draft_probs(logits: torch.Tensor, selected_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+def draft_probs(
+    logits: torch.Tensor, selected_token_ids: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax over the draft vocab in fp32: `softmax(logits[..., ids].float())` ([..., V] -> [..., Vd]);
-    without ids, over the last dim as given (logits already of the draft vocab)."""
+    without ids, over the last dim as given (logits already of the draft vocab). `out`: an fp32 tensor of
+    the result's shape to write into (the same kernel, so the same bits, without a copy)."""
     if selected_token_ids is not None:
         logits = logits.index_select(-1, selected_token_ids.to(logits.device))
+    if out is not None:
+        return torch.softmax(logits.float(), dim=-1, out=out)
     return torch.softmax(logits.float(), dim=-1)
 
 

@@ -127,6 +127,12 @@ def test_latent_probs_use_the_shared_softmax():
     expected = torch.softmax(logits.float(), dim=-1)
     assert torch.equal(latent_target_probs(h, head[ids]), expected)
     assert torch.equal(supervision.draft_probs(logits), expected)
+    out = torch.empty_like(expected)
+    assert supervision.draft_probs(logits, out=out) is out and torch.equal(out, expected)
+    rows = h.reshape(-1, 8)  # in chunks of 3 rows (each its own matmul), each written in place
+    chunked = torch.cat([torch.softmax(torch.nn.functional.linear(rows[i : i + 3], head[ids]).float(), -1)
+                         for i in range(0, 10, 3)]).reshape(2, 5, -1)  # fmt: skip
+    assert torch.equal(latent_target_probs(h, head[ids], chunk_rows=3), chunked)
 
 
 def test_old_supervision_call_sites_use_the_shared_functions():
