@@ -170,7 +170,7 @@ class ServerMetrics:
         )
         self.forward_duration = Histogram(
             "draftfeed_forward_duration_seconds",
-            "Duration of one batched target forward.",
+            "Duration of one batched target forward (its GPU time on a GPU server).",
             buckets=FORWARD_BUCKETS,
             registry=self.registry,
         )
