@@ -209,10 +209,13 @@ class Server:
 
 
 class RandomBatches:
-    """Endless random `TokenBatch`es: ids in [3, V), loss on all but the first eighth of each row."""
+    """Endless random `TokenBatch`es: ids in [3, V). Unpacked (the default): full rows, loss on all but the
+    first eighth of each. `packed`: documents of S/16 to S/2 tokens laid end to end as `draftfeed train`
+    packs real conversations (`trainer.data.collate`: position ids restart per document, the rest of a row
+    is padding), loss on all but each document's first eighth: the attention masks real data takes."""
 
-    def __init__(self, batch_size: int, seq_len: int, vocab: int, seed: int = 0):
-        self.b, self.s, self.v = batch_size, seq_len, vocab
+    def __init__(self, batch_size: int, seq_len: int, vocab: int, seed: int = 0, packed: bool = False):
+        self.b, self.s, self.v, self.packed = batch_size, seq_len, vocab, packed
         self.g = torch.Generator().manual_seed(seed)
         self.n = 0
 
@@ -220,14 +223,27 @@ class RandomBatches:
         return self
 
     def __next__(self):
-        from draftfeed.trainer.data import TokenBatch
+        from draftfeed.trainer.data import TokenBatch, collate
 
         self.n += 1
+        if self.packed:
+            rows = [self._packed_row() for _ in range(self.b)]
+            return collate(rows, self.s, pad_token_id=0, pack=True, data_state={"n": self.n})
         ids = torch.randint(3, self.v, (self.b, self.s), generator=self.g)
         attn = torch.ones(self.b, self.s, dtype=torch.long)
         loss = attn.clone()
         loss[:, : self.s // 8] = 0
         return TokenBatch(ids, attn, loss, data_state={"n": self.n})
+
+    def _packed_row(self) -> list[tuple[list[int], list[int]]]:
+        docs, left = [], self.s
+        lo, hi = max(2, self.s // 16), max(3, self.s // 2)
+        while left >= lo:
+            n = min(left, int(torch.randint(lo, hi + 1, (), generator=self.g)))
+            ids = torch.randint(3, self.v, (n,), generator=self.g).tolist()
+            docs.append((ids, [0] * (n // 8) + [1] * (n - n // 8)))
+            left -= n
+        return docs
 
     def state_dict(self):
         return {"n": self.n}
@@ -254,7 +270,7 @@ def train_config(algo, out, target_dir, url, b, s, encodings, seconds, job, draf
     )  # fmt: skip
 
 
-def build(algo, target_dir, url, b, s, encodings, seconds, out, job, model=None, prefetch=2):
+def build(algo, target_dir, url, b, s, encodings, seconds, out, job, model=None, prefetch=2, packed=False):
     """(trainer, backend, byte counter) for one run; `model` = the co-located target (else remote)."""
     from transformers import AutoConfig
 
@@ -271,7 +287,8 @@ def build(algo, target_dir, url, b, s, encodings, seconds, out, job, model=None,
     counts = torch.arange(vocab, 0, -1).float()
     torch.manual_seed(0)
     draft = algorithm.build_draft(backend, conf, counts if algorithm.needs_token_counts(vocab) else None, [0])
-    trainer = Trainer(cfg, algorithm, draft, backend, RandomBatches(b, s, vocab), 10**6, device=device())
+    batches = RandomBatches(b, s, vocab, packed=packed)
+    trainer = Trainer(cfg, algorithm, draft, backend, batches, 10**6, device=device())
     trainer.save_checkpoint = lambda: None  # not part of what is measured
     wire = {"bytes": 0, "tokens": 0}
     if model is None:
@@ -318,6 +335,11 @@ class GpuBusy:
         if self._thread is not None:
             self._thread.join()
         return round(statistics.fmean(self.samples) / 100, 3) if self.samples else None
+
+
+def rows_label(args) -> str:
+    """What the rows of a run hold: "packed" documents (as real data trains) or "full" random rows."""
+    return "packed" if getattr(args, "packed", False) else "full"
 
 
 def timed_train(trainer, cfg, seconds, warm_steps=2, barrier=None):
@@ -422,7 +444,7 @@ def _single(args, out, server, labels):
                     trainer, backend, wire, cfg = build(
                         algo, args.target, None if mode == "co-located" else server.url, b, args.seq, enc,
                         args.seconds, out / "runs" / f"{algo}_{b}_{mode}_{enc}_{prefetch}", f"{algo}-{b}-{enc}",
-                        model if mode == "co-located" else None, prefetch,
+                        model if mode == "co-located" else None, prefetch, args.packed,
                     )  # fmt: skip
                     loads: list = []
                     snap = functools.partial(snapshot, loads, server.admin_url) if mode == "remote" else None
@@ -435,6 +457,7 @@ def _single(args, out, server, labels):
                         gpu_used_gib=round(gpu_used() / 2**30, 2),
                         bytes_per_token=round(wire["bytes"] / wire["tokens"]) if wire["tokens"] else None,
                         wall_s=round(time.perf_counter() - t0, 1), rep=rep, prefetch=prefetch, gpu_busy=busy,
+                        rows=rows_label(args),
                         **(load_between(*loads) if len(loads) == 2 else {}), **labels,
                     )  # fmt: skip
                     if mode == "remote":
@@ -447,6 +470,7 @@ def _single(args, out, server, labels):
                         mode=mode,
                         encodings=enc or "-",
                         prefetch=prefetch,
+                        rows=rows_label(args),
                         error=repr(err)[:300],
                         rep=rep,
                         **labels,
@@ -462,7 +486,7 @@ def job(args):
     out = Path(args.out)
     trainer, backend, wire, cfg = build(
         args.algo, args.target, args.url, args.batch, args.seq, args.encodings, args.seconds,
-        out / "runs" / f"job{args.index}_{args.algo}", f"job{args.index}-{args.algo}",
+        out / "runs" / f"job{args.index}_{args.algo}", f"job{args.index}-{args.algo}", packed=args.packed,
     )  # fmt: skip
     ready = out / f"ready_{args.group}_{args.index}"
 
@@ -480,6 +504,7 @@ def job(args):
         trainer_peak_gib=round(peak / 2**30, 2),
         bytes_per_token=round(wire["bytes"] / wire["tokens"]) if wire["tokens"] else None,
         server_device=args.server_device, trainer_device=str(device()), target=describe_target(args.target),
+        rows=rows_label(args),
     )  # fmt: skip
     append(out, "jobs.jsonl", rec)
 
@@ -497,7 +522,7 @@ def jobs(args):
                 "--batch", str(args.batch), "--seq", str(args.seq), "--seconds", str(args.seconds),
                 "--encodings", args.encodings, "--index", str(i), "--of", str(len(algos)), "--group", group,
                 "--out", args.out, "--server-device", server.where["server"],
-                "--trainer-device", server.where["trainer"],
+                "--trainer-device", server.where["trainer"], *(["--packed"] if args.packed else []),
             ]  # fmt: skip
             log = open(Path(args.out) / f"{group}_{i}.log", "w")  # noqa: SIM115
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
@@ -537,7 +562,7 @@ def step_bench(args):
     model = load_target(args.target, dtype="bfloat16", device=dev)
     conf = model.config
     b, s = args.batch, args.seq
-    batches = RandomBatches(b, s, conf.vocab_size)
+    batches = RandomBatches(b, s, conf.vocab_size, packed=args.packed)
     tb = next(batches)
     # the loss each trainer-side algorithm module calls, patched there for the reference rows
     homes = {"eagle3_batch_loss": algs.eagle3, "dflash_loss": algs.dflash, "dspark_loss": algs.dspark}
@@ -575,7 +600,7 @@ def step_bench(args):
                 algorithm.generator.manual_seed(0)  # the same anchors in every row's first step
             step = partial(_train_step, algorithm, draft, target, params, opt, dev)
 
-            rec = dict(algo=algo, impl=impl, B=b, S=s)
+            rec = dict(algo=algo, impl=impl, B=b, S=s, rows=rows_label(args))
             try:
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
@@ -719,10 +744,12 @@ def report(args):
         ]
         for r in steps:
             if "error" in r:
-                lines.append(f"| {r['algo']} | {r['impl']} | {r['B']}x{r['S']} | error: {r['error']} |")
+                lines.append(
+                    f"| {r['algo']} | {r['impl']} | {r['B']}x{r['S']}{' packed' if r.get('rows') == 'packed' else ''} | error: {r['error']} |"
+                )
                 continue
             lines.append(
-                f"| {r['algo']} | {r['impl']} | {r['B']}x{r['S']} | {r['step_ms']} | {r['tok_s']:,} | {r['mfu']} | "
+                f"| {r['algo']} | {r['impl']} | {r['B']}x{r['S']}{' packed' if r.get('rows') == 'packed' else ''} | {r['step_ms']} | {r['tok_s']:,} | {r['mfu']} | "
                 f"{r['tflop_per_step']} | {r['peak_gib']} | {r['target_fwd_ms']} | {r['colocated_tok_s']:,} | "
                 f"{r.get('first_loss', r['loss'])} | {r.get('first_grad_norm', '')} | {r.get('warmup_s', '')} |"
             )
@@ -746,7 +773,7 @@ def report(args):
         ]
         # each remote row against the co-located row of the same repeat (--repeats interleaves them)
         coloc = {
-            (r["algo"], r["B"], r.get("rep", 0)): r.get("tok_s")
+            (r["algo"], r["B"], r.get("rows"), r.get("rep", 0)): r.get("tok_s")
             for r in single_rows
             if r["mode"] == "co-located"
         }
@@ -757,14 +784,15 @@ def report(args):
                     f"| {r['algo']} | {r['B']} | {r['mode']} | {r['encodings']} | error: {r['error']} |"
                 )
                 continue
-            base = coloc.get((r["algo"], r["B"], r.get("rep", 0)))
+            base = coloc.get((r["algo"], r["B"], r.get("rows"), r.get("rep", 0)))
+            b_label = f"{r['B']} packed" if r.get("rows") == "packed" else r["B"]
             ratio = f"{r['tok_s'] / base:.2f}" if base and r["mode"] == "remote" else ""
             if ratio:
-                key = (r["algo"], r["B"], r["encodings"], r.get("prefetch", 2))
+                key = (r["algo"], b_label, r["encodings"], r.get("prefetch", 2))
                 ratios.setdefault(key, []).append(r["tok_s"] / base)
             busy = f"{100 * r['gpu_busy']:.0f}%" if r.get("gpu_busy") is not None else ""
             lines.append(
-                f"| {r['algo']} | {r['B']} | {r['mode']} | {r['encodings']} | {r.get('prefetch', 2)} | {r['tok_s']:,} | "
+                f"| {r['algo']} | {b_label} | {r['mode']} | {r['encodings']} | {r.get('prefetch', 2)} | {r['tok_s']:,} | "
                 f"{ratio} | {100 * r['target_wait']:.0f}% | {busy} | "
                 f"{r['bytes_per_token'] if r['bytes_per_token'] is not None else ''} | "
                 f"{r['trainer_peak_gib']} | {r['gpu_used_gib']} | "
@@ -864,6 +892,11 @@ def main(argv=None):
         q.add_argument("--warmup", type=int, default=3, help="steps: untimed steps first (compilation)")
         q.add_argument("--profile", type=int, default=1, help="steps: 1 = a torch-profiler table per row")
         q.add_argument("--encodings", default="exact")
+        q.add_argument(
+            "--packed", action="store_true",
+            help="rows of packed documents (S/16 to S/2 tokens), as `draftfeed train` packs real data, "
+            "instead of full random rows: the attention masks real training takes",
+        )  # fmt: skip
         q.add_argument(
             "--prefetch", type=lambda x: [int(v) for v in x.split(",") if v], default=[2],
             help="single: target batches in flight; several (2,4) give one remote exact row each",

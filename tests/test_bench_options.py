@@ -188,3 +188,21 @@ def test_jsonl_records_keep_line_separators_inside_their_strings(tmp_path):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     assert read_jsonl(path) == rows
     assert read_jsonl(tmp_path / "absent.jsonl") == []
+
+
+def test_packed_random_rows_are_laid_out_as_training_packs_real_data():
+    """`--packed`: documents end to end with the packing fields of real training (trainer.data.collate), so
+    the bench takes the attention masks real data takes; full rows stay the default."""
+    from draftfeed.bench.train_throughput import RandomBatches
+
+    tb = next(RandomBatches(3, 256, 100, packed=True))
+    assert tb.seq_lens.sum(1).tolist() == [256] * 3 and (tb.seq_lens > 0).sum(1).min() >= 2
+    for row in range(3):
+        at = 0
+        for n in tb.seq_lens[row][tb.seq_lens[row] > 0].tolist():
+            assert tb.position_ids[row, at : at + n].tolist() == list(range(n))
+            assert tb.doc_remaining[row, at : at + n].tolist() == list(range(n - 1, -1, -1))
+            at += n
+    assert tb.loss_mask.sum() > 0 and bool((tb.loss_mask <= tb.attention_mask).all())
+    full = next(RandomBatches(3, 256, 100))
+    assert full.position_ids is None and bool(full.attention_mask.all())

@@ -38,6 +38,7 @@ __all__ = [
     "TokenBatch",
     "ChatDataset",
     "TokenBatchIterator",
+    "collate",
     "iter_json_array",
     "read_chat_file",
     "normalize_conversation",
@@ -415,6 +416,53 @@ class TokenBatch:
         return out
 
 
+def collate(
+    rows: list[list[tuple[Sequence[int], Sequence[int]]]],
+    seq_len: int,
+    pad_token_id: int = 0,
+    pack: bool = False,
+    data_state: dict | None = None,
+) -> TokenBatch:
+    """A `TokenBatch` of rows, each a list of documents (ids, loss mask) laid end to end and right-padded
+    to `seq_len`; with `pack`, the packing fields of the module docstring (the padding its own segment)."""
+    bsz = len(rows)
+    ids = np.full((bsz, seq_len), pad_token_id, dtype=np.int64)
+    attn = np.zeros((bsz, seq_len), dtype=np.int64)
+    loss = np.zeros((bsz, seq_len), dtype=np.int64)
+    pos = np.zeros((bsz, seq_len), dtype=np.int64)
+    remaining = np.zeros((bsz, seq_len), dtype=np.int64)
+    segments: list[list[int]] = []
+    for b, docs in enumerate(rows):
+        at, lens = 0, []
+        for doc_ids, doc_mask in docs:
+            n = len(doc_ids)
+            ids[b, at : at + n], loss[b, at : at + n], attn[b, at : at + n] = doc_ids, doc_mask, 1
+            pos[b, at : at + n] = np.arange(n)
+            remaining[b, at : at + n] = np.arange(n - 1, -1, -1)
+            lens.append(n)
+            at += n
+        if at < seq_len:  # trailing padding: its own segment
+            pos[b, at:] = np.arange(seq_len - at)
+            remaining[b, at:] = np.arange(seq_len - at - 1, -1, -1)
+            lens.append(seq_len - at)
+        segments.append(lens)
+    batch = TokenBatch(
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(attn),
+        loss_mask=torch.from_numpy(loss),
+        data_state=data_state or {},
+    )
+    if pack:
+        width = max(len(s) for s in segments)
+        seq_lens = np.zeros((bsz, width), dtype=np.int64)
+        for b, lens in enumerate(segments):
+            seq_lens[b, : len(lens)] = lens
+        batch.position_ids = torch.from_numpy(pos)
+        batch.seq_lens = torch.from_numpy(seq_lens)
+        batch.doc_remaining = torch.from_numpy(remaining)
+    return batch
+
+
 class TokenBatchIterator:
     """Infinite (or `num_epochs`-long) iterator of `TokenBatch` over a `ChatDataset`.
 
@@ -530,39 +578,4 @@ class TokenBatchIterator:
         return self._collate(rows)
 
     def _collate(self, rows) -> TokenBatch:
-        bsz, seq_len = len(rows), self.seq_len
-        ids = np.full((bsz, seq_len), self.pad_token_id, dtype=np.int64)
-        attn = np.zeros((bsz, seq_len), dtype=np.int64)
-        loss = np.zeros((bsz, seq_len), dtype=np.int64)
-        pos = np.zeros((bsz, seq_len), dtype=np.int64)
-        remaining = np.zeros((bsz, seq_len), dtype=np.int64)
-        segments: list[list[int]] = []
-        for b, docs in enumerate(rows):
-            at, lens = 0, []
-            for doc_ids, doc_mask in docs:
-                n = len(doc_ids)
-                ids[b, at : at + n], loss[b, at : at + n], attn[b, at : at + n] = doc_ids, doc_mask, 1
-                pos[b, at : at + n] = np.arange(n)
-                remaining[b, at : at + n] = np.arange(n - 1, -1, -1)
-                lens.append(n)
-                at += n
-            if at < seq_len:  # trailing padding: its own segment
-                pos[b, at:] = np.arange(seq_len - at)
-                remaining[b, at:] = np.arange(seq_len - at - 1, -1, -1)
-                lens.append(seq_len - at)
-            segments.append(lens)
-        batch = TokenBatch(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(attn),
-            loss_mask=torch.from_numpy(loss),
-            data_state=self.state_dict(),
-        )
-        if self.pack:
-            width = max(len(s) for s in segments)
-            seq_lens = np.zeros((bsz, width), dtype=np.int64)
-            for b, lens in enumerate(segments):
-                seq_lens[b, : len(lens)] = lens
-            batch.position_ids = torch.from_numpy(pos)
-            batch.seq_lens = torch.from_numpy(seq_lens)
-            batch.doc_remaining = torch.from_numpy(remaining)
-        return batch
+        return collate(rows, self.seq_len, self.pad_token_id, self.pack, self.state_dict())
