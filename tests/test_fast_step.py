@@ -190,3 +190,25 @@ def test_norm_rope_and_gated_activation_gradients_equal_autograd():
             torch.autograd.grad(got, (gate, up), dy), torch.autograd.grad(ref, (gate, up), dy), strict=True
         ):
             assert torch.allclose(a.float(), b.float(), **tol)
+
+
+@pytest.mark.parametrize(("kind", "masked"), [("plain", False), ("padded", False), ("left-padded", True),
+                                              ("packed", True)])  # fmt: skip
+def test_right_padded_rows_take_the_plain_causal_kernel(kind, masked, monkeypatch):
+    """Training rows are right-padded (trainer/data.py): their real slots see only real keys under a plain
+    causal mask, so the step runs sdpa's is_causal (flash on CUDA) instead of an additive [B,1,S,S] mask;
+    left-padded and packed rows keep the mask. The losses and gradients against the reference step are
+    `test_fast_step_matches_the_reference_step`'s."""
+    from draftfeed.trainer.models import eagle3
+
+    built = []
+    monkeypatch.setattr(eagle3, "attention_allowed", lambda *a: built.append(1) or _allowed(*a))
+    draft, inputs = _draft(), _inputs(kind)
+    eagle3_batch_loss(draft, inputs, 2, fused=True)
+    assert bool(built) == masked
+
+
+def _allowed(*args):
+    from draftfeed.client.packing import attention_allowed
+
+    return attention_allowed(*args)

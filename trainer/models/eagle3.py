@@ -259,6 +259,13 @@ def _ttt_sdpa(q: torch.Tensor, cache: list, allowed: torch.Tensor | None, scale:
     return sink_attention(q, k0, v0, cache[1:], torch.where(allowed, zero, zero + neg), scale)
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row of `attention_mask` [B,S] is ones then zeros (no padding counts): the training rows of
+    trainer/data.py. One host sync."""
+    m = attention_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
 class Eagle3MLP(nn.Module):
     def __init__(self, cfg: Eagle3DraftConfig):
         super().__init__()
@@ -402,8 +409,11 @@ class Eagle3DraftModel(nn.Module):
         else:
             positions = position_ids.long()
         docs = document_ids(seq_len, position_ids, seq_lens)
-        if self.midlayer.self_attn.impl == "sdpa" and docs is None and bool(attention_mask.bool().all()):
-            allowed = None  # plainly causal: sdpa's is_causal
+        if self.midlayer.self_attn.impl == "sdpa" and docs is None and right_padded(attention_mask):
+            # plainly causal (sdpa's is_causal: flash on CUDA). Exact for every real slot of a right-padded
+            # row: the keys before it are all real. A padding slot then also sees the padding keys before it,
+            # but no real slot ever reads a padding slot (its keys come after) and no loss or metric does.
+            allowed = None
         else:
             allowed = attention_allowed(attention_mask, docs)
         g = self.project_hidden_states(hidden_states)
