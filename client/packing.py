@@ -3,14 +3,15 @@
 `seq_lens` [B, max_docs] holds each row's document lengths, zero-padded, each row summing to S;
 `position_ids` [B,S] restart at 0 for every document; `doc_remaining` [B,S] holds how many tokens of the
 same document follow each slot. `document_ids` reads a row's documents from whichever is given;
-`same_document` and `attention_allowed` are the masks built from them.
+`same_document` and `attention_allowed` are the masks built from them; `DocumentRows` lays packed rows out
+one document a row, for attention kernels that take a plain causal mask.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["document_ids", "same_document", "attention_allowed"]
+__all__ = ["document_ids", "same_document", "attention_allowed", "DocumentRows"]
 
 
 def document_ids(
@@ -64,3 +65,51 @@ def attention_allowed(
     if sliding_window is not None:
         allowed = allowed & ((idx.view(seq_len, 1) - idx.view(1, seq_len)) < sliding_window)[None]
     return allowed[:, None]
+
+
+class DocumentRows:
+    """Packed rows [B,S] re-laid one document a row [D,L] (L the longest document), right-padded, and back.
+
+    Causal attention within each row of the new layout is the packed rows' block-causal attention: a slot
+    sees the earlier slots of its own document and nothing else, so a plain causal kernel (flash) runs it
+    over D x L^2 pairs instead of an additive mask over B x S^2. Slots past a document's end in the new
+    layout hold copies of another slot; they come after every real slot of their row, so causal attention
+    never reads them, and `unpack` drops them (no gradient reaches their source either). Every document
+    must be right-padded (`attention_mask` ones, then zeros, within it; a padding segment of its own is a
+    document of zeros): then its real slots see only real keys. Index tensors on the inputs' device; one
+    host sync (the longest document) per batch."""
+
+    def __init__(self, doc_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        bsz, seq_len = doc_ids.shape
+        start = torch.ones_like(doc_ids, dtype=torch.bool)
+        start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        flat_start = start.reshape(-1)
+        row = flat_start.long().cumsum(0) - 1  # [B*S]: each slot's document, numbered across the batch
+        first = torch.nonzero(flat_start).squeeze(1)  # [D]: each document's first flat slot
+        offset = torch.arange(bsz * seq_len, device=doc_ids.device) - first[row]  # slot's place in its doc
+        lengths = torch.bincount(row, minlength=first.numel())
+        self.docs, self.length = first.numel(), int(lengths.max())
+        self.inverse = row * self.length + offset  # [B*S]: where each slot sits in the [D*L] layout
+        cols = torch.arange(self.length, device=doc_ids.device)
+        index = first[:, None] + cols.clamp_max(lengths[:, None] - 1)  # past the end: the doc's last slot
+        self.index = index.reshape(-1)  # [D*L] flat source slot of each place
+        self.shape = (bsz, seq_len)
+
+    @staticmethod
+    def right_padded(doc_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+        """Within every document `attention_mask` is ones then zeros (one host sync)."""
+        m = attention_mask.bool()
+        return bool(((m[:, 1:] <= m[:, :-1]) | (doc_ids[:, 1:] != doc_ids[:, :-1])).all())
+
+    def pack_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B,h,S,d] -> [D,h,L,d]."""
+        b, h, s, d = x.shape
+        flat = x.transpose(1, 2).reshape(b * s, h, d)
+        return flat.index_select(0, self.index).view(self.docs, self.length, h, d).transpose(1, 2)
+
+    def unpack_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """[D,h,L,d] -> [B,h,S,d] (each slot from its place; the places past a document's end dropped)."""
+        n, h, length, d = y.shape
+        b, s = self.shape
+        flat = y.transpose(1, 2).reshape(n * length, h, d)
+        return flat.index_select(0, self.inverse).view(b, s, h, d).transpose(1, 2)

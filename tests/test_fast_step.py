@@ -37,6 +37,8 @@ def _inputs(kind: str):
         attn[1, -5:] = 0
     if kind == "left-padded":
         attn[0, :3] = 0
+    if kind == "packed-padded":  # as trainer.data.collate packs: the row's tail is a padding segment
+        attn[:, -4:] = 0
     loss = attn.clone()
     loss[:, :4] = 0
     inputs = dict(
@@ -50,6 +52,11 @@ def _inputs(kind: str):
     if kind == "packed":
         inputs["position_ids"] = torch.cat([torch.arange(10), torch.arange(S - 10)]).expand(B, S).clone()
         inputs["seq_lens"] = torch.tensor([[10, S - 10]] * B)
+    if kind == "packed-padded":  # rows of different documents: 10 + 10 + pad 4, and 3 + 17 + pad 4
+        inputs["seq_lens"] = torch.tensor([[10, 10, 4], [3, 17, 4]])
+        inputs["position_ids"] = torch.stack(
+            [torch.cat([torch.arange(n) for n in lens]) for lens in inputs["seq_lens"].tolist()]
+        )
     return inputs
 
 
@@ -62,7 +69,7 @@ def _step(draft, inputs, ttt, fast: bool):
     return out, grads
 
 
-@pytest.mark.parametrize("kind", ["plain", "padded", "left-padded", "packed"])
+@pytest.mark.parametrize("kind", ["plain", "padded", "left-padded", "packed", "packed-padded"])
 @pytest.mark.parametrize("ttt", [1, 4, 10])  # 10: more than 8 sink columns
 def test_fast_step_matches_the_reference_step(kind, ttt):
     draft, inputs = _draft(), _inputs(kind)
@@ -108,7 +115,8 @@ _LEFT_PADDED_ON_CUDA = pytest.mark.xfail(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
-    "kind", ["plain", "padded", pytest.param("left-padded", marks=_LEFT_PADDED_ON_CUDA), "packed"]
+    "kind",
+    ["plain", "padded", pytest.param("left-padded", marks=_LEFT_PADDED_ON_CUDA), "packed", "packed-padded"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_step_matches_the_reference_step_on_cuda(kind, dtype):
@@ -192,23 +200,43 @@ def test_norm_rope_and_gated_activation_gradients_equal_autograd():
             assert torch.allclose(a.float(), b.float(), **tol)
 
 
-@pytest.mark.parametrize(("kind", "masked"), [("plain", False), ("padded", False), ("left-padded", True),
-                                              ("packed", True)])  # fmt: skip
-def test_right_padded_rows_take_the_plain_causal_kernel(kind, masked, monkeypatch):
-    """Training rows are right-padded (trainer/data.py): their real slots see only real keys under a plain
-    causal mask, so the step runs sdpa's is_causal (flash on CUDA) instead of an additive [B,1,S,S] mask;
-    left-padded and packed rows keep the mask. The losses and gradients against the reference step are
-    `test_fast_step_matches_the_reference_step`'s."""
+@pytest.mark.parametrize(
+    ("kind", "layout"),
+    [("plain", "causal"), ("padded", "causal"), ("left-padded", "mask"), ("packed", "documents"),
+     ("packed-padded", "documents")],
+)  # fmt: skip
+def test_training_rows_take_a_plain_causal_kernel(kind, layout, monkeypatch):
+    """Training rows are right-padded or packed (trainer/data.py). Right-padded rows run sdpa's is_causal
+    (flash on CUDA) as they are; packed rows run it one document a row (`DocumentRows`); only left-padded
+    rows take an additive [B,1,S,S] mask (the memory-efficient kernel over all S x S pairs). The losses and
+    gradients against the reference step are `test_fast_step_matches_the_reference_step`'s."""
+    from draftfeed.client.packing import DocumentRows, attention_allowed
     from draftfeed.trainer.models import eagle3
 
-    built = []
-    monkeypatch.setattr(eagle3, "attention_allowed", lambda *a: built.append(1) or _allowed(*a))
+    used = []
+    monkeypatch.setattr(eagle3, "attention_allowed", lambda *a: used.append("mask") or attention_allowed(*a))
+    monkeypatch.setattr(eagle3, "DocumentRows", type("Rows", (DocumentRows,), {
+        "__init__": lambda self, *a: used.append("documents") or DocumentRows.__init__(self, *a)}))  # fmt: skip
     draft, inputs = _draft(), _inputs(kind)
     eagle3_batch_loss(draft, inputs, 2, fused=True)
-    assert bool(built) == masked
+    assert used == ([] if layout == "causal" else [layout])
 
 
-def _allowed(*args):
-    from draftfeed.client.packing import attention_allowed
+def test_document_rows_lay_packed_rows_out_one_document_a_row_and_back():
+    from draftfeed.client.packing import DocumentRows, document_ids
 
-    return attention_allowed(*args)
+    seq_lens = torch.tensor([[3, 5, 2, 0], [4, 4, 1, 1]])
+    docs = document_ids(10, seq_lens=seq_lens)
+    rows = DocumentRows(docs)
+    assert (rows.docs, rows.length) == (7, 5)
+    x = torch.randn(2, 3, 10, 4)
+    packed = rows.pack_heads(x)
+    assert packed.shape == (7, 3, 5, 4)
+    assert torch.equal(packed[1, :, :5], x[0, :, 3:8]) and torch.equal(packed[2, :, :2], x[0, :, 8:10])
+    assert torch.equal(rows.unpack_heads(packed), x)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    assert DocumentRows.right_padded(docs, mask)
+    mask[1, 9] = 0  # the last one-token document all padding: still ones-then-zeros within each document
+    assert DocumentRows.right_padded(docs, mask)
+    mask[0, 4] = 0  # a zero inside a document, ones after it: not right-padded
+    assert not DocumentRows.right_padded(docs, mask)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draftfeed.client.packing import attention_allowed
+from draftfeed.client.packing import DocumentRows, attention_allowed
 from draftfeed.client.supervision import shift_left
 
 from .common import (
@@ -235,11 +235,17 @@ class Eagle3Attention(nn.Module):
         return self.o_proj(out), k, v
 
 
-def _ttt_sdpa(q: torch.Tensor, cache: list, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
+def _ttt_sdpa(
+    q: torch.Tensor, cache: list, allowed: torch.Tensor | DocumentRows | None, scale: float
+) -> torch.Tensor:
     """Attention of TTT step k = len(cache) - 1 (see `Eagle3Attention`). `allowed` None = plainly causal
-    (no padding, one document). Step 0 runs `scaled_dot_product_attention` (is_causal: flash); step k >= 1
-    runs the step-0 keys as one fused kernel and merges the k per-slot keys by log-sum-exp
-    (`sink_attention`)."""
+    (right-padded rows, one document each); `DocumentRows` = packed rows, run one document a row, plainly
+    causal. Step 0 runs `scaled_dot_product_attention` (is_causal: flash); step k >= 1 runs the step-0 keys
+    as one fused kernel and merges the k per-slot keys by log-sum-exp (`sink_attention`)."""
+    if isinstance(allowed, DocumentRows):
+        rows = allowed
+        packed = [(rows.pack_heads(k), rows.pack_heads(v)) for k, v in cache]
+        return rows.unpack_heads(_ttt_sdpa(rows.pack_heads(q), packed, None, scale))
     k0, v0 = cache[0]
     extra = len(cache) - 1
     if extra == 0 and allowed is None:
@@ -409,11 +415,15 @@ class Eagle3DraftModel(nn.Module):
         else:
             positions = position_ids.long()
         docs = document_ids(seq_len, position_ids, seq_lens)
-        if self.midlayer.self_attn.impl == "sdpa" and docs is None and right_padded(attention_mask):
+        sdpa = self.midlayer.self_attn.impl == "sdpa"
+        allowed: torch.Tensor | DocumentRows | None
+        if sdpa and docs is None and right_padded(attention_mask):
             # plainly causal (sdpa's is_causal: flash on CUDA). Exact for every real slot of a right-padded
             # row: the keys before it are all real. A padding slot then also sees the padding keys before it,
             # but no real slot ever reads a padding slot (its keys come after) and no loss or metric does.
             allowed = None
+        elif sdpa and docs is not None and DocumentRows.right_padded(docs, attention_mask):
+            allowed = DocumentRows(docs)  # packed: one document a row, plainly causal within each (the same)
         else:
             allowed = attention_allowed(attention_mask, docs)
         g = self.project_hidden_states(hidden_states)
