@@ -68,31 +68,47 @@ def attention_allowed(
 
 
 class DocumentRows:
-    """Packed rows [B,S] re-laid one document a row [D,L] (L the longest document), right-padded, and back.
+    """Packed rows [B,S] re-laid one document a row, right-padded, and back.
 
     Causal attention within each row of the new layout is the packed rows' block-causal attention: a slot
     sees the earlier slots of its own document and nothing else, so a plain causal kernel (flash) runs it
-    over D x L^2 pairs instead of an additive mask over B x S^2. Slots past a document's end in the new
-    layout hold copies of another slot; they come after every real slot of their row, so causal attention
-    never reads them, and `unpack` drops them (no gradient reaches their source either). Every document
-    must be right-padded (`attention_mask` ones, then zeros, within it; a padding segment of its own is a
-    document of zeros): then its real slots see only real keys. Index tensors on the inputs' device; one
-    host sync (the longest document) per batch."""
+    without an additive mask over all B x S^2 pairs. Documents go to buckets by length, rounded up to
+    `grain` (at most S): one [D_b, L_b] block each, so a batch of one long and many short documents does not
+    pad every short one to the long one's length (the cost is about sum(L_b^2) per document instead of S^2
+    per row). Places past a document's end hold copies of its last slot; they come after every real slot of
+    their row, so causal attention never reads them, and `unpack_heads` drops them (no gradient reaches their
+    source either). Every document must be right-padded (`attention_mask` ones, then zeros, within it; a
+    padding segment of its own is a document of zeros): then its real slots see only real keys. One host
+    sync per batch (the documents' lengths)."""
 
-    def __init__(self, doc_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    grain = 128
+
+    def __init__(self, doc_ids: torch.Tensor, grain: int | None = None):
+        grain = grain or self.grain
         bsz, seq_len = doc_ids.shape
+        dev = doc_ids.device
         start = torch.ones_like(doc_ids, dtype=torch.bool)
         start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
         flat_start = start.reshape(-1)
-        row = flat_start.long().cumsum(0) - 1  # [B*S]: each slot's document, numbered across the batch
+        doc = flat_start.long().cumsum(0) - 1  # [B*S]: each slot's document, numbered across the batch
         first = torch.nonzero(flat_start).squeeze(1)  # [D]: each document's first flat slot
-        offset = torch.arange(bsz * seq_len, device=doc_ids.device) - first[row]  # slot's place in its doc
-        lengths = torch.bincount(row, minlength=first.numel())
-        self.docs, self.length = first.numel(), int(lengths.max())
-        self.inverse = row * self.length + offset  # [B*S]: where each slot sits in the [D*L] layout
-        cols = torch.arange(self.length, device=doc_ids.device)
-        index = first[:, None] + cols.clamp_max(lengths[:, None] - 1)  # past the end: the doc's last slot
-        self.index = index.reshape(-1)  # [D*L] flat source slot of each place
+        offset = torch.arange(bsz * seq_len, device=dev) - first[doc]  # the slot's place in its document
+        lengths = torch.bincount(doc, minlength=first.numel())
+        by_length: dict[int, list[int]] = {}
+        for j, n in enumerate(lengths.tolist()):
+            by_length.setdefault(min(seq_len, -(-n // grain) * grain), []).append(j)
+        base = torch.empty(first.numel(), dtype=torch.long)  # each document's first place in the flat layout
+        self.blocks: list[tuple[int, int, torch.Tensor]] = []  # (documents, length, [D_b * L_b] source slots)
+        at = 0
+        for length, docs in sorted(by_length.items()):
+            ids = torch.tensor(docs, dtype=torch.long)
+            base[ids] = at + torch.arange(len(docs)) * length
+            ids = ids.to(dev)
+            cols = torch.arange(length, device=dev)
+            index = first[ids, None] + cols.clamp_max(lengths[ids, None] - 1)  # past the end: its last slot
+            self.blocks.append((len(docs), length, index.reshape(-1)))
+            at += len(docs) * length
+        self.inverse = base.to(dev)[doc] + offset  # [B*S]: where each slot sits in the flat layout
         self.shape = (bsz, seq_len)
 
     @staticmethod
@@ -101,15 +117,19 @@ class DocumentRows:
         m = attention_mask.bool()
         return bool(((m[:, 1:] <= m[:, :-1]) | (doc_ids[:, 1:] != doc_ids[:, :-1])).all())
 
-    def pack_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[B,h,S,d] -> [D,h,L,d]."""
+    def pack_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[B,h,S,d] -> one [D_b,h,L_b,d] block per length bucket."""
         b, h, s, d = x.shape
         flat = x.transpose(1, 2).reshape(b * s, h, d)
-        return flat.index_select(0, self.index).view(self.docs, self.length, h, d).transpose(1, 2)
+        return [
+            flat.index_select(0, index).view(n, length, h, d).transpose(1, 2)
+            for n, length, index in self.blocks
+        ]
 
-    def unpack_heads(self, y: torch.Tensor) -> torch.Tensor:
-        """[D,h,L,d] -> [B,h,S,d] (each slot from its place; the places past a document's end dropped)."""
-        n, h, length, d = y.shape
+    def unpack_heads(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """The blocks of `pack_heads`' layout -> [B,h,S,d] (each slot from its place; the places past a
+        document's end dropped)."""
+        h, d = blocks[0].shape[1], blocks[0].shape[3]
+        flat = torch.cat([y.transpose(1, 2).reshape(-1, h, d) for y in blocks])
         b, s = self.shape
-        flat = y.transpose(1, 2).reshape(n * length, h, d)
         return flat.index_select(0, self.inverse).view(b, s, h, d).transpose(1, 2)

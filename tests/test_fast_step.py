@@ -69,9 +69,16 @@ def _step(draft, inputs, ttt, fast: bool):
     return out, grads
 
 
-@pytest.mark.parametrize("kind", ["plain", "padded", "left-padded", "packed", "packed-padded"])
+@pytest.mark.parametrize(
+    "kind", ["plain", "padded", "left-padded", "packed", "packed-padded", "packed-blocks"]
+)
 @pytest.mark.parametrize("ttt", [1, 4, 10])  # 10: more than 8 sink columns
-def test_fast_step_matches_the_reference_step(kind, ttt):
+def test_fast_step_matches_the_reference_step(kind, ttt, monkeypatch):
+    if kind == "packed-blocks":  # packed documents in blocks of 4, 12 and 20 slots (one at S by default)
+        from draftfeed.client.packing import DocumentRows
+
+        monkeypatch.setattr(DocumentRows, "grain", 4)
+        kind = "packed-padded"
     draft, inputs = _draft(), _inputs(kind)
     ref, ref_grads = _step(draft, inputs, ttt, fast=False)
     got, got_grads = _step(draft, inputs, ttt, fast=True)
@@ -227,13 +234,17 @@ def test_document_rows_lay_packed_rows_out_one_document_a_row_and_back():
 
     seq_lens = torch.tensor([[3, 5, 2, 0], [4, 4, 1, 1]])
     docs = document_ids(10, seq_lens=seq_lens)
-    rows = DocumentRows(docs)
-    assert (rows.docs, rows.length) == (7, 5)
     x = torch.randn(2, 3, 10, 4)
-    packed = rows.pack_heads(x)
-    assert packed.shape == (7, 3, 5, 4)
-    assert torch.equal(packed[1, :, :5], x[0, :, 3:8]) and torch.equal(packed[2, :, :2], x[0, :, 8:10])
-    assert torch.equal(rows.unpack_heads(packed), x)
+    one = DocumentRows(docs)  # every length rounds up to S: one block of the 7 documents, 10 long
+    (block,) = one.pack_heads(x)
+    assert block.shape == (7, 3, 10, 4) and torch.equal(one.unpack_heads([block]), x)
+    assert torch.equal(block[1, :, :5], x[0, :, 3:8]) and torch.equal(block[2, :, :2], x[0, :, 8:10])
+    assert torch.equal(block[2, :, 2:], x[0, :, 9:10].expand(3, 8, 4))  # past the end: its last slot
+    rows = DocumentRows(docs, grain=2)  # lengths 3,5,2,4,4,1,1 -> blocks of 2, 4 and 6
+    blocks = rows.pack_heads(x)
+    assert [tuple(b.shape) for b in blocks] == [(3, 3, 2, 4), (3, 3, 4, 4), (1, 3, 6, 4)]
+    assert torch.equal(blocks[2][0, :, :5], x[0, :, 3:8]) and torch.equal(blocks[1][0, :, :3], x[0, :, :3])
+    assert torch.equal(rows.unpack_heads(blocks), x)
     mask = torch.ones(2, 10, dtype=torch.long)
     assert DocumentRows.right_padded(docs, mask)
     mask[1, 9] = 0  # the last one-token document all padding: still ones-then-zeros within each document

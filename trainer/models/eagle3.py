@@ -242,10 +242,15 @@ def _ttt_sdpa(
     (right-padded rows, one document each); `DocumentRows` = packed rows, run one document a row, plainly
     causal. Step 0 runs `scaled_dot_product_attention` (is_causal: flash); step k >= 1 runs the step-0 keys
     as one fused kernel and merges the k per-slot keys by log-sum-exp (`sink_attention`)."""
-    if isinstance(allowed, DocumentRows):
+    if isinstance(allowed, DocumentRows):  # each block of documents plainly causal, then back
         rows = allowed
-        packed = [(rows.pack_heads(k), rows.pack_heads(v)) for k, v in cache]
-        return rows.unpack_heads(_ttt_sdpa(rows.pack_heads(q), packed, None, scale))
+        kv = [(rows.pack_heads(k), rows.pack_heads(v)) for k, v in cache]
+        return rows.unpack_heads(
+            [
+                _ttt_sdpa(qb, [(k[b], v[b]) for k, v in kv], None, scale)
+                for b, qb in enumerate(rows.pack_heads(q))
+            ]
+        )
     k0, v0 = cache[0]
     extra = len(cache) - 1
     if extra == 0 and allowed is None:
