@@ -174,12 +174,13 @@ class Eagle3Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        allowed: torch.Tensor | None,
+        allowed: torch.Tensor | DocumentRows | None,
         cache: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """x [B,S,2H]; `cache` holds (K_i, V_i) of earlier steps (post-RoPE, heads expanded) and gets
-        this step's appended. Step 0 is causal attention under `allowed` (None: plainly causal, "sdpa"
-        only); step k adds, per slot t, the columns Q_k[t].K_i[t] for i = 1..k to the same softmax."""
+        this step's appended. Step 0 is causal attention under `allowed` (a [B,1,S,S] mask; "sdpa" only:
+        None = plainly causal, `DocumentRows` = packed documents, each plainly causal); step k adds, per
+        slot t, the columns Q_k[t].K_i[t] for i = 1..k to the same softmax."""
         bsz, seq_len, _ = x.shape
         groups = self.num_heads // self.num_kv_heads
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
