@@ -15,7 +15,7 @@ g_{k+1} = h (or norm(h) with `norm_output`, EAGLE-3.1).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -174,12 +174,12 @@ class Eagle3Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        allowed: torch.Tensor | DocumentRows | None,
+        allowed: torch.Tensor | _Documents | None,
         cache: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """x [B,S,2H]; `cache` holds (K_i, V_i) of earlier steps (post-RoPE, heads expanded) and gets
         this step's appended. Step 0 is causal attention under `allowed` (a [B,1,S,S] mask; "sdpa" only:
-        None = plainly causal, `DocumentRows` = packed documents, each plainly causal); step k adds, per
+        None = plainly causal, `_Documents` = packed documents, each plainly causal); step k adds, per
         slot t, the columns Q_k[t].K_i[t] for i = 1..k to the same softmax."""
         bsz, seq_len, _ = x.shape
         groups = self.num_heads // self.num_kv_heads
@@ -236,21 +236,29 @@ class Eagle3Attention(nn.Module):
         return self.o_proj(out), k, v
 
 
+@dataclass
+class _Documents:
+    """Packed rows for the TTT attention: their one-document-a-row layout and each step's keys / values
+    already laid out in it."""
+
+    rows: DocumentRows
+    kv: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=list)
+
+
 def _ttt_sdpa(
-    q: torch.Tensor, cache: list, allowed: torch.Tensor | DocumentRows | None, scale: float
+    q: torch.Tensor, cache: list, allowed: torch.Tensor | _Documents | None, scale: float
 ) -> torch.Tensor:
     """Attention of TTT step k = len(cache) - 1 (see `Eagle3Attention`). `allowed` None = plainly causal
-    (right-padded rows, one document each); `DocumentRows` = packed rows, run one document a row, plainly
+    (right-padded rows, one document each); `_Documents` = packed rows, run one document a row, plainly
     causal. Step 0 runs `scaled_dot_product_attention` (is_causal: flash); step k >= 1 runs the step-0 keys
     as one fused kernel and merges the k per-slot keys by log-sum-exp (`sink_attention`)."""
-    if isinstance(allowed, DocumentRows):  # each block of documents plainly causal, then back
-        rows = allowed
-        kv = [(rows.pack_heads(k), rows.pack_heads(v)) for k, v in cache]
+    if isinstance(allowed, _Documents):  # each block of documents plainly causal, then back
+        rows, kv = allowed.rows, allowed.kv
+        for k, v in cache[len(kv) :]:  # each step's keys / values laid out once, for every later step
+            kv.append((rows.pack_heads(k), rows.pack_heads(v)))
+        blocks = rows.pack_heads(q)
         return rows.unpack_heads(
-            [
-                _ttt_sdpa(qb, [(k[b], v[b]) for k, v in kv], None, scale)
-                for b, qb in enumerate(rows.pack_heads(q))
-            ]
+            [_ttt_sdpa(qb, [(k[b], v[b]) for k, v in kv], None, scale) for b, qb in enumerate(blocks)]
         )
     k0, v0 = cache[0]
     extra = len(cache) - 1
@@ -422,14 +430,14 @@ class Eagle3DraftModel(nn.Module):
             positions = position_ids.long()
         docs = document_ids(seq_len, position_ids, seq_lens)
         sdpa = self.midlayer.self_attn.impl == "sdpa"
-        allowed: torch.Tensor | DocumentRows | None
+        allowed: torch.Tensor | _Documents | None
         if sdpa and docs is None and right_padded(attention_mask):
             # plainly causal (sdpa's is_causal: flash on CUDA). Exact for every real slot of a right-padded
             # row: the keys before it are all real. A padding slot then also sees the padding keys before it,
             # but no real slot ever reads a padding slot (its keys come after) and no loss or metric does.
             allowed = None
         elif sdpa and docs is not None and DocumentRows.right_padded(docs, attention_mask):
-            allowed = DocumentRows(docs)  # packed: one document a row, plainly causal within each (the same)
+            allowed = _Documents(DocumentRows(docs))  # packed: one document a row, plainly causal (the same)
         else:
             allowed = attention_allowed(attention_mask, docs)
         g = self.project_hidden_states(hidden_states)
