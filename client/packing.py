@@ -3,15 +3,15 @@
 `seq_lens` [B, max_docs] holds each row's document lengths, zero-padded, each row summing to S;
 `position_ids` [B,S] restart at 0 for every document; `doc_remaining` [B,S] holds how many tokens of the
 same document follow each slot. `document_ids` reads a row's documents from whichever is given;
-`same_document` and `attention_allowed` are the masks built from them; `DocumentRows` lays packed rows out
-one document a row, for attention kernels that take a plain causal mask.
+`same_document` and `attention_allowed` are the masks built from them; `right_padded` says when a plain causal
+mask is the same, and `DocumentRows` lays packed rows out one document a row so that it is.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["document_ids", "same_document", "attention_allowed", "DocumentRows"]
+__all__ = ["document_ids", "same_document", "attention_allowed", "right_padded", "DocumentRows"]
 
 
 def document_ids(
@@ -67,6 +67,16 @@ def attention_allowed(
     return allowed[:, None]
 
 
+def right_padded(attention_mask: torch.Tensor, doc_ids: torch.Tensor | None = None) -> bool:
+    """Every row of `attention_mask` [B,S] (with `doc_ids`, every document) is ones, then zeros: its real
+    slots see only real keys under a plain causal mask. One host sync."""
+    m = attention_mask.bool()
+    ok = m[:, 1:] <= m[:, :-1]
+    if doc_ids is not None:
+        ok = ok | (doc_ids[:, 1:] != doc_ids[:, :-1])
+    return bool(ok.all())
+
+
 class DocumentRows:
     """Packed rows [B,S] re-laid one document a row, right-padded, and back.
 
@@ -110,12 +120,6 @@ class DocumentRows:
             at += len(docs) * length
         self.inverse = base.to(dev)[doc] + offset  # [B*S]: where each slot sits in the flat layout
         self.shape = (bsz, seq_len)
-
-    @staticmethod
-    def right_padded(doc_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
-        """Within every document `attention_mask` is ones then zeros (one host sync)."""
-        m = attention_mask.bool()
-        return bool(((m[:, 1:] <= m[:, :-1]) | (doc_ids[:, 1:] != doc_ids[:, :-1])).all())
 
     def pack_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[B,h,S,d] -> one [D_b,h,L_b,d] block per length bucket."""

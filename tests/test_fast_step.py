@@ -230,7 +230,7 @@ def test_training_rows_take_a_plain_causal_kernel(kind, layout, monkeypatch):
 
 
 def test_document_rows_lay_packed_rows_out_one_document_a_row_and_back():
-    from draftfeed.client.packing import DocumentRows, document_ids
+    from draftfeed.client.packing import DocumentRows, document_ids, right_padded
 
     seq_lens = torch.tensor([[3, 5, 2, 0], [4, 4, 1, 1]])
     docs = document_ids(10, seq_lens=seq_lens)
@@ -246,8 +246,8 @@ def test_document_rows_lay_packed_rows_out_one_document_a_row_and_back():
     assert torch.equal(blocks[2][0, :, :5], x[0, :, 3:8]) and torch.equal(blocks[1][0, :, :3], x[0, :, :3])
     assert torch.equal(rows.unpack_heads(blocks), x)
     mask = torch.ones(2, 10, dtype=torch.long)
-    assert DocumentRows.right_padded(docs, mask)
+    assert right_padded(mask, docs)
     mask[1, 9] = 0  # the last one-token document all padding: still ones-then-zeros within each document
-    assert DocumentRows.right_padded(docs, mask)
+    assert right_padded(mask, docs)
     mask[0, 4] = 0  # a zero inside a document, ones after it: not right-padded
-    assert not DocumentRows.right_padded(docs, mask)
+    assert not right_padded(mask, docs)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draftfeed.client.packing import DocumentRows, attention_allowed
+from draftfeed.client.packing import DocumentRows, attention_allowed, right_padded
 from draftfeed.client.supervision import shift_left
 
 from .common import (
@@ -279,13 +279,6 @@ def _ttt_sdpa(
     return sink_attention(q, k0, v0, cache[1:], torch.where(allowed, zero, zero + neg), scale)
 
 
-def right_padded(attention_mask: torch.Tensor) -> bool:
-    """Every row of `attention_mask` [B,S] is ones then zeros (no padding counts): the training rows of
-    trainer/data.py. One host sync."""
-    m = attention_mask.bool()
-    return bool((m[:, 1:] <= m[:, :-1]).all())
-
-
 class Eagle3MLP(nn.Module):
     def __init__(self, cfg: Eagle3DraftConfig):
         super().__init__()
@@ -436,7 +429,7 @@ class Eagle3DraftModel(nn.Module):
             # row: the keys before it are all real. A padding slot then also sees the padding keys before it,
             # but no real slot ever reads a padding slot (its keys come after) and no loss or metric does.
             allowed = None
-        elif sdpa and docs is not None and DocumentRows.right_padded(docs, attention_mask):
+        elif sdpa and docs is not None and right_padded(attention_mask, docs):
             allowed = _Documents(DocumentRows(docs))  # packed: one document a row, plainly causal (the same)
         else:
             allowed = attention_allowed(attention_mask, docs)
