@@ -107,18 +107,24 @@ class DocumentRows:
         by_length: dict[int, list[int]] = {}
         for j, n in enumerate(lengths.tolist()):
             by_length.setdefault(min(seq_len, -(-n // grain) * grain), []).append(j)
-        base = torch.empty(first.numel(), dtype=torch.long)  # each document's first place in the flat layout
+        blocks = sorted(by_length.items())
+        order = [j for _, docs in blocks for j in docs]  # the documents block by block
+        places, at = [], 0  # each document's first place in the flat layout, in `order`
+        for length, docs in blocks:
+            places += range(at, at + len(docs) * length, length)
+            at += len(docs) * length
+        # one host-to-device copy of the host-side layout: the documents' order and first places
+        order_dev, places_dev = torch.tensor([order, places], dtype=torch.long).to(dev)
+        base = torch.empty_like(first).scatter_(0, order_dev, places_dev)
         self.blocks: list[tuple[int, int, torch.Tensor]] = []  # (documents, length, [D_b * L_b] source slots)
-        at = 0
-        for length, docs in sorted(by_length.items()):
-            ids = torch.tensor(docs, dtype=torch.long)
-            base[ids] = at + torch.arange(len(docs)) * length
-            ids = ids.to(dev)
+        done = 0
+        for length, docs in blocks:
+            ids = order_dev[done : done + len(docs)]
             cols = torch.arange(length, device=dev)
             index = first[ids, None] + cols.clamp_max(lengths[ids, None] - 1)  # past the end: its last slot
             self.blocks.append((len(docs), length, index.reshape(-1)))
-            at += len(docs) * length
-        self.inverse = base.to(dev)[doc] + offset  # [B*S]: where each slot sits in the flat layout
+            done += len(docs)
+        self.inverse = base[doc] + offset  # [B*S]: where each slot sits in the flat layout
         self.shape = (bsz, seq_len)
 
     def pack_heads(self, x: torch.Tensor) -> list[torch.Tensor]:

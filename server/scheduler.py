@@ -169,8 +169,8 @@ class BatchScheduler:
         self._post_stream = torch.cuda.Stream(self.device) if on_gpu else None
         # forwarded batches that may wait for the post stage (their captures are the memory held)
         self._posts: queue.Queue[_Forwarded | None] = queue.Queue(maxsize=max_forwarded)
-        self._gpu_spans: list = []  # (start, end) CUDA timing events not yet accounted as busy time
-        self._forward_spans: list = []  # (start, end, tokens): forwards whose GPU time is not yet recorded
+        # (start, end, forward tokens or None) CUDA timing events not yet accounted as busy time
+        self._gpu_spans: list = []
         self._spans_lock = threading.Lock()
         if on_gpu:  # the one host sync: pair a CUDA event with the host clock, before any request
             anchor = torch.cuda.Event(enable_timing=True)
@@ -345,37 +345,36 @@ class BatchScheduler:
         with self._spans_lock:
             left = []
             for span in self._gpu_spans:
-                start, end = span
+                start, end, tokens = span
                 if end.query():
                     self.metrics.busy.close(span, self._host_time(end))
                     self.metrics.busy.add(self._host_time(start), self._host_time(end))
                     self._clock = (end, self._host_time(end))  # keep the reference recent
+                    if (
+                        tokens is not None
+                    ):  # a forward: its duration is its GPU time (issuing one takes ~1 ms)
+                        seconds = start.elapsed_time(end) / 1e3
+                        self.metrics.record_forward(tokens, self.max_forward_tokens, seconds)
                 elif start.query():
                     self.metrics.busy.open(span, self._host_time(start))
                     left.append(span)
                 else:
                     left.append(span)
             self._gpu_spans = left
-            # a forward's duration is its GPU time (a graphed forward is issued in ~1 ms of host time)
-            running = []
-            for start, end, tokens in self._forward_spans:
-                if end.query():
-                    seconds = start.elapsed_time(end) / 1e3
-                    self.metrics.record_forward(tokens, self.max_forward_tokens, seconds)
-                else:
-                    running.append((start, end, tokens))
-            self._forward_spans = running
 
     def _gpu_span(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
         start = torch.cuda.Event(enable_timing=True)
         start.record(stream)
         return start
 
-    def _end_gpu_span(self, start: torch.cuda.Event, stream: torch.cuda.Stream) -> torch.cuda.Event:
+    def _end_gpu_span(
+        self, start: torch.cuda.Event, stream: torch.cuda.Stream, forward_tokens: int | None = None
+    ) -> torch.cuda.Event:
+        """Close a span; a forward's (`forward_tokens` given) is recorded as one once it has run."""
         end = torch.cuda.Event(enable_timing=True)
         end.record(stream)
         with self._spans_lock:
-            self._gpu_spans.append((start, end))
+            self._gpu_spans.append((start, end, forward_tokens))
         return end
 
     def _serve(self, works: list[_Work]) -> None:
@@ -396,10 +395,8 @@ class BatchScheduler:
         cap = self._forward(self.model, self.layout, stacked, needs)
         t1 = time.perf_counter()
         tokens = sum(w.tokens for w in works)
-        if on_gpu:
-            done = self._end_gpu_span(start_ev, compute)
-            with self._spans_lock:  # recorded with its GPU time once it has run (_account_gpu_time)
-                self._forward_spans.append((start_ev, done, tokens))
+        if on_gpu:  # recorded with its GPU time once it has run (_account_gpu_time)
+            done = self._end_gpu_span(start_ev, compute, forward_tokens=tokens)
         else:
             done = None
             self.metrics.busy.add(t0, t1)

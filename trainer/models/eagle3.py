@@ -424,13 +424,12 @@ class Eagle3DraftModel(nn.Module):
         docs = document_ids(seq_len, position_ids, seq_lens)
         sdpa = self.midlayer.self_attn.impl == "sdpa"
         allowed: torch.Tensor | _Documents | None
-        if sdpa and docs is None and right_padded(attention_mask):
-            # plainly causal (sdpa's is_causal: flash on CUDA). Exact for every real slot of a right-padded
-            # row: the keys before it are all real. A padding slot then also sees the padding keys before it,
-            # but no real slot ever reads a padding slot (its keys come after) and no loss or metric does.
-            allowed = None
-        elif sdpa and docs is not None and right_padded(attention_mask, docs):
-            allowed = _Documents(DocumentRows(docs))  # packed: one document a row, plainly causal (the same)
+        if sdpa and right_padded(attention_mask, docs):
+            # plainly causal (sdpa's is_causal: flash on CUDA); packed rows one document a row. Exact for every
+            # real slot of a right-padded row (document): the keys before it are all real. A padding slot then
+            # also sees the padding keys before it, but no real slot ever reads a padding slot (its keys come
+            # after) and no loss or metric does.
+            allowed = None if docs is None else _Documents(DocumentRows(docs))
         else:
             allowed = attention_allowed(attention_mask, docs)
         g = self.project_hidden_states(hidden_states)
