@@ -451,6 +451,9 @@ def _single(args, out, server, labels):
                     tps, wait, peak, steps, busy = timed_train(trainer, cfg, args.seconds, barrier=snap)
                     if snap is not None:
                         snap()
+                    if args.profile_loop:
+                        tag = f"{algo}_{b}_{rows_label(args)}_{mode}_{enc or '-'}"
+                        profile_loop(trainer, args.profile_loop, out / f"profile_loop_{tag}.txt")
                     rec = dict(
                         algo=algo, B=b, S=args.seq, mode=mode, encodings=enc or "-", tok_s=round(tps),
                         target_wait=round(wait, 3), steps=steps, trainer_peak_gib=round(peak / 2**30, 2),
@@ -668,6 +671,28 @@ def profile(step, path: Path) -> None:
             return
         except (AttributeError, KeyError, ValueError):
             continue
+
+
+def profile_loop(trainer, steps: int, path: Path) -> None:
+    """`steps` more optimizer steps of the real loop under the torch profiler: the host's time by op (where a
+    loop that leaves the GPU idle spends it) and, where torch records them, by Python function."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    trainer.total_steps = trainer.step + steps
+    trainer.cfg.loop.time_limit = None
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as p:
+        trainer.train()
+        sync()
+    averages = p.key_averages()
+    text = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    frames = [a for a in averages if ".py(" in a.key and not a.key.startswith(("torch/", "threading", "<"))]
+    frames.sort(key=lambda a: -a.cpu_time_total)  # Python functions: host time inclusive of what they call
+    text += f"\n\nHost ms inside each Python function over {steps} steps (inclusive), calls:\n"
+    text += "\n".join(f"{a.cpu_time_total / 1e3:10.1f}  {a.count:6d}  {a.key[:110]}" for a in frames[:40])
+    if not frames:  # seen with torch 2.11 and CUDA activities: the op table above is what there is
+        text += "(this torch recorded no Python function events)"
+    path.write_text(text)
 
 
 def fidelity(args, model, tb, out):
@@ -891,6 +916,10 @@ def main(argv=None):
         )
         q.add_argument("--warmup", type=int, default=3, help="steps: untimed steps first (compilation)")
         q.add_argument("--profile", type=int, default=1, help="steps: 1 = a torch-profiler table per row")
+        q.add_argument(
+            "--profile-loop", type=int, default=0,
+            help="single: N more steps of each run under the torch profiler (host time by op and by function)",
+        )  # fmt: skip
         q.add_argument("--encodings", default="exact")
         q.add_argument(
             "--packed", action="store_true",

@@ -4,14 +4,14 @@
 `position_ids` [B,S] restart at 0 for every document; `doc_remaining` [B,S] holds how many tokens of the
 same document follow each slot. `document_ids` reads a row's documents from whichever is given;
 `same_document` and `attention_allowed` are the masks built from them; `right_padded` says when a plain causal
-mask is the same, and `DocumentRows` lays packed rows out one document a row so that it is.
+mask is the same, and `DocumentSpans` cuts packed rows into documents for a variable-length kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["document_ids", "same_document", "attention_allowed", "right_padded", "DocumentRows"]
+__all__ = ["document_ids", "same_document", "attention_allowed", "right_padded", "DocumentSpans"]
 
 
 def document_ids(
@@ -77,69 +77,42 @@ def right_padded(attention_mask: torch.Tensor, doc_ids: torch.Tensor | None = No
     return bool(ok.all())
 
 
-class DocumentRows:
-    """Packed rows [B,S] re-laid one document a row, right-padded, and back.
+class DocumentSpans:
+    """Packed rows [B,S] as one flat sequence of B*S slots cut into its documents: the layout of flash
+    attention's variable-length kernel, which runs each document plainly causal with no mask, no padding and
+    no work across documents (about sum(L^2) per document instead of S^2 per row).
 
-    Causal attention within each row of the new layout is the packed rows' block-causal attention: a slot
-    sees the earlier slots of its own document and nothing else, so a plain causal kernel (flash) runs it
-    without an additive mask over all B x S^2 pairs. Documents go to buckets by length, rounded up to
-    `grain` (at most S): one [D_b, L_b] block each, so a batch of one long and many short documents does not
-    pad every short one to the long one's length (the cost is about sum(L_b^2) per document instead of S^2
-    per row). Places past a document's end hold copies of its last slot; they come after every real slot of
-    their row, so causal attention never reads them, and `unpack_heads` drops them (no gradient reaches their
-    source either). Every document must be right-padded (`attention_mask` ones, then zeros, within it; a
-    padding segment of its own is a document of zeros): then its real slots see only real keys. One host
-    sync per batch (the documents' lengths)."""
+    `cu_seqlens` [D+1] int32 holds each document's first flat slot, then B*S; `max_len` is the longest
+    document. A row's start always starts a document. Every document must be right-padded (`attention_mask`
+    ones, then zeros, within it; a padding segment of its own is a document of zeros): then its real slots see
+    only real keys. One host sync per batch (the longest document)."""
 
-    grain = 128
-
-    def __init__(self, doc_ids: torch.Tensor, grain: int | None = None):
-        grain = grain or self.grain
+    def __init__(self, doc_ids: torch.Tensor):
         bsz, seq_len = doc_ids.shape
-        dev = doc_ids.device
         start = torch.ones_like(doc_ids, dtype=torch.bool)
         start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        flat_start = start.reshape(-1)
-        doc = flat_start.long().cumsum(0) - 1  # [B*S]: each slot's document, numbered across the batch
-        first = torch.nonzero(flat_start).squeeze(1)  # [D]: each document's first flat slot
-        offset = torch.arange(bsz * seq_len, device=dev) - first[doc]  # the slot's place in its document
-        lengths = torch.bincount(doc, minlength=first.numel())
-        by_length: dict[int, list[int]] = {}
-        for j, n in enumerate(lengths.tolist()):
-            by_length.setdefault(min(seq_len, -(-n // grain) * grain), []).append(j)
-        blocks = sorted(by_length.items())
-        order = [j for _, docs in blocks for j in docs]  # the documents block by block
-        places, at = [], 0  # each document's first place in the flat layout, in `order`
-        for length, docs in blocks:
-            places += range(at, at + len(docs) * length, length)
-            at += len(docs) * length
-        # one host-to-device copy of the host-side layout: the documents' order and first places
-        order_dev, places_dev = torch.tensor([order, places], dtype=torch.long).to(dev)
-        base = torch.empty_like(first).scatter_(0, order_dev, places_dev)
-        self.blocks: list[tuple[int, int, torch.Tensor]] = []  # (documents, length, [D_b * L_b] source slots)
-        done = 0
-        for length, docs in blocks:
-            ids = order_dev[done : done + len(docs)]
-            cols = torch.arange(length, device=dev)
-            index = first[ids, None] + cols.clamp_max(lengths[ids, None] - 1)  # past the end: its last slot
-            self.blocks.append((len(docs), length, index.reshape(-1)))
-            done += len(docs)
-        self.inverse = base[doc] + offset  # [B*S]: where each slot sits in the flat layout
+        flat = start.reshape(-1)
+        flat_len = torch.full((1,), bsz * seq_len, dtype=torch.long, device=doc_ids.device)
+        self.cu_seqlens = torch.cat((torch.nonzero(flat).squeeze(1), flat_len)).to(torch.int32)
+        self.max_len = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
         self.shape = (bsz, seq_len)
 
-    def pack_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[B,h,S,d] -> one [D_b,h,L_b,d] block per length bucket."""
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        """[B,h,S,d] -> [B*S,h,d] (the kernel's layout; a view where the memory already is)."""
         b, h, s, d = x.shape
-        flat = x.transpose(1, 2).reshape(b * s, h, d)
-        return [
-            flat.index_select(0, index).view(n, length, h, d).transpose(1, 2)
-            for n, length, index in self.blocks
-        ]
+        return x.transpose(1, 2).reshape(b * s, h, d)
 
-    def unpack_heads(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        """The blocks of `pack_heads`' layout -> [B,h,S,d] (each slot from its place; the places past a
-        document's end dropped)."""
-        h, d = blocks[0].shape[1], blocks[0].shape[3]
-        flat = torch.cat([y.transpose(1, 2).reshape(-1, h, d) for y in blocks])
+    def unflat(self, y: torch.Tensor) -> torch.Tensor:
+        """[B*S,h,d] -> [B,h,S,d] (a view)."""
         b, s = self.shape
-        return flat.index_select(0, self.inverse).view(b, s, h, d).transpose(1, 2)
+        return y.view(b, s, y.shape[1], y.shape[2]).transpose(1, 2)
+
+    def flat_lse(self, lse: torch.Tensor) -> torch.Tensor:
+        """Log-normalisers [B,h,S] -> the kernel's [h, B*S]."""
+        b, h, s = lse.shape
+        return lse.transpose(0, 1).reshape(h, b * s)
+
+    def unflat_lse(self, lse: torch.Tensor) -> torch.Tensor:
+        """The kernel's [h, B*S] -> [B,h,S] (a view)."""
+        b, s = self.shape
+        return lse.view(lse.shape[0], b, s).transpose(0, 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from draftfeed.client.packing import DocumentSpans, attention_allowed, document_ids, right_padded
 from draftfeed.trainer.losses import eagle3_batch_loss, fused_soft_cross_entropy, soft_cross_entropy
 from draftfeed.trainer.models.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 
@@ -69,16 +70,9 @@ def _step(draft, inputs, ttt, fast: bool):
     return out, grads
 
 
-@pytest.mark.parametrize(
-    "kind", ["plain", "padded", "left-padded", "packed", "packed-padded", "packed-blocks"]
-)
+@pytest.mark.parametrize("kind", ["plain", "padded", "left-padded", "packed", "packed-padded"])
 @pytest.mark.parametrize("ttt", [1, 4, 10])  # 10: more than 8 sink columns
-def test_fast_step_matches_the_reference_step(kind, ttt, monkeypatch):
-    if kind == "packed-blocks":  # packed documents in blocks of 4, 12 and 20 slots (one at S by default)
-        from draftfeed.client.packing import DocumentRows
-
-        monkeypatch.setattr(DocumentRows, "grain", 4)
-        kind = "packed-padded"
+def test_fast_step_matches_the_reference_step(kind, ttt):
     draft, inputs = _draft(), _inputs(kind)
     ref, ref_grads = _step(draft, inputs, ttt, fast=False)
     got, got_grads = _step(draft, inputs, ttt, fast=True)
@@ -214,40 +208,81 @@ def test_norm_rope_and_gated_activation_gradients_equal_autograd():
 )  # fmt: skip
 def test_training_rows_take_a_plain_causal_kernel(kind, layout, monkeypatch):
     """Training rows are right-padded or packed (trainer/data.py). Right-padded rows run sdpa's is_causal
-    (flash on CUDA) as they are; packed rows run it one document a row (`DocumentRows`); only left-padded
-    rows take an additive [B,1,S,S] mask (the memory-efficient kernel over all S x S pairs). The losses and
-    gradients against the reference step are `test_fast_step_matches_the_reference_step`'s."""
-    from draftfeed.client.packing import DocumentRows, attention_allowed
+    (flash on CUDA) as they are; packed rows run each document plainly causal (`_Documents`: flash's
+    variable-length kernel on CUDA, the documents' block-causal mask on the CPU); only left-padded rows take
+    the padding mask. The losses and gradients against the reference step are
+    `test_fast_step_matches_the_reference_step`'s."""
     from draftfeed.trainer.models import eagle3
 
     used = []
-    monkeypatch.setattr(eagle3, "attention_allowed", lambda *a: used.append("mask") or attention_allowed(*a))
-    monkeypatch.setattr(eagle3, "DocumentRows", type("Rows", (DocumentRows,), {
-        "__init__": lambda self, *a: used.append("documents") or DocumentRows.__init__(self, *a)}))  # fmt: skip
+    monkeypatch.setattr(
+        eagle3, "attention_allowed", lambda *a, **k: used.append("mask") or attention_allowed(*a, **k)
+    )
+
+    class Counted(eagle3._Documents):
+        def __init__(self, ids):
+            used.append("documents")
+            super().__init__(ids)
+
+    monkeypatch.setattr(eagle3, "_Documents", Counted)
     draft, inputs = _draft(), _inputs(kind)
     eagle3_batch_loss(draft, inputs, 2, fused=True)
-    assert used == ([] if layout == "causal" else [layout])
+    want = {"causal": [], "mask": ["mask"], "documents": ["documents", "mask"]}[
+        layout
+    ]  # CPU: the documents' mask
+    assert used == want
 
 
-def test_document_rows_lay_packed_rows_out_one_document_a_row_and_back():
-    from draftfeed.client.packing import DocumentRows, document_ids, right_padded
-
+def test_document_spans_cut_packed_rows_into_documents():
     seq_lens = torch.tensor([[3, 5, 2, 0], [4, 4, 1, 1]])
-    docs = document_ids(10, seq_lens=seq_lens)
+    spans = DocumentSpans(document_ids(10, seq_lens=seq_lens))
+    assert spans.cu_seqlens.dtype == torch.int32
+    assert spans.cu_seqlens.tolist() == [0, 3, 8, 10, 14, 18, 19, 20] and spans.max_len == 5
     x = torch.randn(2, 3, 10, 4)
-    one = DocumentRows(docs)  # every length rounds up to S: one block of the 7 documents, 10 long
-    (block,) = one.pack_heads(x)
-    assert block.shape == (7, 3, 10, 4) and torch.equal(one.unpack_heads([block]), x)
-    assert torch.equal(block[1, :, :5], x[0, :, 3:8]) and torch.equal(block[2, :, :2], x[0, :, 8:10])
-    assert torch.equal(block[2, :, 2:], x[0, :, 9:10].expand(3, 8, 4))  # past the end: its last slot
-    rows = DocumentRows(docs, grain=2)  # lengths 3,5,2,4,4,1,1 -> blocks of 2, 4 and 6
-    blocks = rows.pack_heads(x)
-    assert [tuple(b.shape) for b in blocks] == [(3, 3, 2, 4), (3, 3, 4, 4), (1, 3, 6, 4)]
-    assert torch.equal(blocks[2][0, :, :5], x[0, :, 3:8]) and torch.equal(blocks[1][0, :, :3], x[0, :, :3])
-    assert torch.equal(rows.unpack_heads(blocks), x)
+    flat = spans.flat(x)
+    assert (
+        flat.shape == (20, 3, 4) and torch.equal(flat[13], x[1, :, 3]) and torch.equal(spans.unflat(flat), x)
+    )
+    lse = torch.randn(2, 3, 10)
+    assert spans.flat_lse(lse).shape == (3, 20) and torch.equal(spans.flat_lse(lse)[1, 12], lse[1, 1, 2])
+    assert torch.equal(spans.unflat_lse(spans.flat_lse(lse)), lse)
+    docs = document_ids(10, seq_lens=seq_lens)
     mask = torch.ones(2, 10, dtype=torch.long)
     assert right_padded(mask, docs)
     mask[1, 9] = 0  # the last one-token document all padding: still ones-then-zeros within each document
     assert right_padded(mask, docs)
     mask[0, 4] = 0  # a zero inside a document, ones after it: not right-padded
     assert not right_padded(mask, docs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_packed_documents_on_flash_varlen_match_the_block_causal_mask(sinks):
+    """`sink_attention` over packed documents: flash's variable-length kernel (`DocumentSpans`) against the
+    memory-efficient kernel under the documents' additive block-causal mask, in bf16, outputs and gradients
+    (documents of 1 to 300 slots, rows starting mid-way through nothing)."""
+    from draftfeed.trainer.models.sink_attention import sink_attention
+
+    g = torch.Generator().manual_seed(0)
+    seq_lens = torch.tensor([[300, 1, 129, 82], [64, 64, 384, 0], [1, 511, 0, 0]])
+    docs = document_ids(512, seq_lens=seq_lens).cuda()
+    b, h, s, d = 3, 4, 512, 64
+
+    def tensor():
+        return torch.randn(b, h, s, d, generator=g).cuda().bfloat16().requires_grad_()
+
+    q, k0, v0 = tensor(), tensor(), tensor()
+    extra = [(tensor(), tensor()) for _ in range(sinks)]
+    allowed = attention_allowed(doc_ids=docs)
+    bias = torch.where(allowed, 0.0, torch.finfo(torch.bfloat16).min).bfloat16()
+    dout = torch.randn(b, h, s, d, generator=g).cuda().bfloat16()
+    results = []
+    for layout in (DocumentSpans(docs), bias):
+        out = sink_attention(q, k0, v0, extra, layout, d**-0.5)
+        leaves = [q, k0, v0, *[t for pair in extra for t in pair]]
+        results.append((out.float(), [x.float() for x in torch.autograd.grad(out, leaves, dout)]))
+    (got, got_grads), (ref, ref_grads) = results
+    assert (got - ref).norm() / ref.norm() < 1e-2
+    for a, r in zip(got_grads, ref_grads, strict=True):
+        assert (a - r).norm() / r.norm().clamp_min(1e-12) < 2e-2

@@ -15,13 +15,13 @@ g_{k+1} = h (or norm(h) with `norm_output`, EAGLE-3.1).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draftfeed.client.packing import DocumentRows, attention_allowed, right_padded
+from draftfeed.client.packing import DocumentSpans, attention_allowed, right_padded
 from draftfeed.client.supervision import shift_left
 
 from .common import (
@@ -238,28 +238,34 @@ class Eagle3Attention(nn.Module):
 
 @dataclass
 class _Documents:
-    """Packed rows for the TTT attention: their one-document-a-row layout and each step's keys / values
-    already laid out in it."""
+    """Packed rows for the TTT attention, each document plainly causal: flash's variable-length layout on CUDA
+    in fp16 / bf16 (`DocumentSpans`), else the block-causal mask; each built once per batch, at first use."""
 
-    rows: DocumentRows
-    kv: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=list)
+    ids: torch.Tensor  # [B,S] document ids
+    _spans: DocumentSpans | None = None
+    _mask: torch.Tensor | None = None
+
+    def layout(self, q: torch.Tensor) -> DocumentSpans | torch.Tensor:
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            if self._spans is None:
+                self._spans = DocumentSpans(self.ids)
+            return self._spans
+        if self._mask is None:  # a padding segment is a document: each of its slots sees itself at least
+            self._mask = attention_allowed(doc_ids=self.ids)
+        return self._mask
 
 
 def _ttt_sdpa(
     q: torch.Tensor, cache: list, allowed: torch.Tensor | _Documents | None, scale: float
 ) -> torch.Tensor:
     """Attention of TTT step k = len(cache) - 1 (see `Eagle3Attention`). `allowed` None = plainly causal
-    (right-padded rows, one document each); `_Documents` = packed rows, run one document a row, plainly
-    causal. Step 0 runs `scaled_dot_product_attention` (is_causal: flash); step k >= 1 runs the step-0 keys
-    as one fused kernel and merges the k per-slot keys by log-sum-exp (`sink_attention`)."""
-    if isinstance(allowed, _Documents):  # each block of documents plainly causal, then back
-        rows, kv = allowed.rows, allowed.kv
-        for k, v in cache[len(kv) :]:  # each step's keys / values laid out once, for every later step
-            kv.append((rows.pack_heads(k), rows.pack_heads(v)))
-        blocks = rows.pack_heads(q)
-        return rows.unpack_heads(
-            [_ttt_sdpa(qb, [(k[b], v[b]) for k, v in kv], None, scale) for b, qb in enumerate(blocks)]
-        )
+    (right-padded rows, one document each); `_Documents` = packed rows, each document plainly causal (flash's
+    variable-length kernel on CUDA). Step 0 runs `scaled_dot_product_attention` (is_causal: flash); step k >= 1
+    runs the step-0 keys as one fused kernel and merges the k per-slot keys by log-sum-exp (`sink_attention`)."""
+    if isinstance(allowed, _Documents):
+        allowed = allowed.layout(q)
+        if isinstance(allowed, DocumentSpans):
+            return sink_attention(q, *cache[0], cache[1:], allowed, scale)
     k0, v0 = cache[0]
     extra = len(cache) - 1
     if extra == 0 and allowed is None:
@@ -425,11 +431,11 @@ class Eagle3DraftModel(nn.Module):
         sdpa = self.midlayer.self_attn.impl == "sdpa"
         allowed: torch.Tensor | _Documents | None
         if sdpa and right_padded(attention_mask, docs):
-            # plainly causal (sdpa's is_causal: flash on CUDA); packed rows one document a row. Exact for every
-            # real slot of a right-padded row (document): the keys before it are all real. A padding slot then
-            # also sees the padding keys before it, but no real slot ever reads a padding slot (its keys come
-            # after) and no loss or metric does.
-            allowed = None if docs is None else _Documents(DocumentRows(docs))
+            # plainly causal (sdpa's is_causal: flash on CUDA); packed rows each document plainly causal. Exact
+            # for every real slot of a right-padded row (document): the keys before it are all real. A padding
+            # slot then also sees the padding keys before it, but no real slot ever reads a padding slot (its
+            # keys come after) and no loss or metric does.
+            allowed = None if docs is None else _Documents(docs)
         else:
             allowed = attention_allowed(attention_mask, docs)
         g = self.project_hidden_states(hidden_states)

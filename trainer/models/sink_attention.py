@@ -14,14 +14,17 @@ so it returns the K_0 / V_0 gradients and the K_0 part of dQ; the sinks' terms a
 dS_i = w_i (dout.V_i - D), dQ += scale dS_i K_i, dK_i = scale dS_i Q, dV_i = w_i dout.
 
 Kernels (aten's own, the ones `scaled_dot_product_attention` dispatches to): flash on CUDA for a plain
-causal mask in fp16 / bf16, memory-efficient attention with an additive mask otherwise, and the CPU flash
-kernel on the CPU. Nothing [B,h,S,S] is materialised beyond the additive mask of a padded or packed batch.
+causal mask in fp16 / bf16, flash's variable-length kernel there for packed documents (`DocumentSpans`: each
+document plainly causal, nothing computed across documents), memory-efficient attention with an additive mask
+otherwise, and the CPU flash kernel on the CPU. Nothing [B,h,S,S] is materialised beyond an additive mask.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from draftfeed.client.packing import DocumentSpans
 
 __all__ = ["sink_attention"]
 
@@ -37,9 +40,16 @@ class _Kernel:
     """The fused attention of the shared keys: forward -> (out, lse), backward with a given out / lse."""
 
     def __init__(self, q, k, v, bias, scale):
-        self.bias, self.scale = bias, scale
-        self.causal = bias is None
-        if q.device.type == "cpu":
+        self.spans = bias if isinstance(bias, DocumentSpans) else None
+        self.bias, self.scale = (None if self.spans is not None else bias), scale
+        self.causal = self.bias is None
+        if self.spans is not None:
+            if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+                raise ValueError(
+                    "packed documents (DocumentSpans) run flash's kernel: CUDA, fp16 or bf16 only"
+                )
+            self.kind = "varlen"
+        elif q.device.type == "cpu":
             self.kind = "cpu"
         elif self.causal and q.dtype in (torch.float16, torch.bfloat16):
             self.kind = "flash"
@@ -51,6 +61,14 @@ class _Kernel:
 
     def forward(self, q, k, v):
         aten = torch.ops.aten
+        if self.kind == "varlen":
+            sp = self.spans
+            out, lse, seed, offset, _ = aten._flash_attention_forward(
+                sp.flat(q), sp.flat(k), sp.flat(v), sp.cu_seqlens, sp.cu_seqlens, sp.max_len, sp.max_len, 0.0,
+                True, False, scale=self.scale,
+            )  # fmt: skip
+            self.extra = (seed, offset)
+            return sp.unflat(out), sp.unflat_lse(lse)
         if self.kind == "cpu":
             out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, self.causal, attn_mask=self.bias, scale=self.scale
@@ -68,6 +86,13 @@ class _Kernel:
 
     def backward(self, dout, q, k, v, out, lse):
         aten = torch.ops.aten
+        if self.kind == "varlen":
+            sp, (seed, offset) = self.spans, self.extra
+            grads = aten._flash_attention_backward(
+                sp.flat(dout), sp.flat(q), sp.flat(k), sp.flat(v), sp.flat(out), sp.flat_lse(lse),
+                sp.cu_seqlens, sp.cu_seqlens, sp.max_len, sp.max_len, 0.0, True, seed, offset, scale=self.scale,
+            )  # fmt: skip
+            return tuple(sp.unflat(g) for g in grads)
         if self.kind == "cpu":
             return aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dout, q, k, v, out, lse, 0.0, self.causal, attn_mask=self.bias, scale=self.scale
@@ -98,6 +123,10 @@ class _SinkAttention(torch.autograd.Function):
         ks, vs = sinks[:n_sinks], sinks[n_sinks:]
         kernel = _Kernel(q, k0, v0, bias, scale)
         out0, lse0 = kernel.forward(q, k0, v0)
+        ctx.kernel, ctx.scale, ctx.n_sinks = kernel, scale, n_sinks
+        if not ks:  # no sinks (step 0 of packed documents): the kernel's own answer
+            ctx.save_for_backward(q, k0, v0, out0, lse0)
+            return out0
         s = q.shape[2]
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 math (fp64 stays fp64)
         lse0_rows = lse0[..., :s].to(acc)  # the efficient kernel pads lse's last dim
@@ -111,12 +140,14 @@ class _SinkAttention(torch.autograd.Function):
         out = _like(out0, merged)
         lse_full = lse0.clone()
         lse_full[..., :s] = lse.to(lse0.dtype)
-        ctx.kernel, ctx.scale, ctx.n_sinks = kernel, scale, n_sinks
         ctx.save_for_backward(q, k0, v0, out, lse_full, w, *ks, *vs)
         return out
 
     @staticmethod
     def backward(ctx, dout):
+        if ctx.n_sinks == 0:
+            q, k0, v0, out, lse = ctx.saved_tensors
+            return *ctx.kernel.backward(_like(out, dout), q, k0, v0, out, lse), None, None, None
         q, k0, v0, out, lse_full, w, *sinks = ctx.saved_tensors
         ks, vs = sinks[: ctx.n_sinks], sinks[ctx.n_sinks :]
         dout = _like(out, dout)
@@ -140,15 +171,14 @@ def sink_attention(
     k0: torch.Tensor,
     v0: torch.Tensor,
     sinks: list[tuple[torch.Tensor, torch.Tensor]],
-    bias: torch.Tensor | None,
+    bias: torch.Tensor | DocumentSpans | None,
     scale: float,
 ) -> torch.Tensor:
     """softmax over [scale Q K_0^T + bias, s_1..s_k] applied to [V_0; V_1[t]..V_k[t]], all [B,h,S,d].
 
-    `bias` None = plainly causal, else an additive mask [B,1,S,S] (0 allowed, a large negative value not
-    allowed); `sinks` = [(K_i, V_i)] (at least one). Gradients for q, k0, v0 and every sink."""
-    if not sinks:
-        raise ValueError("sink_attention needs at least one sink; use scaled_dot_product_attention")
+    `bias` None = plainly causal, a `DocumentSpans` = packed documents, each plainly causal (CUDA, fp16 /
+    bf16), else an additive mask [B,1,S,S] (0 allowed, a large negative value not allowed); `sinks` =
+    [(K_i, V_i)], possibly none. Gradients for q, k0, v0 and every sink."""
     ks = [k for k, _ in sinks]
     vs = [v for _, v in sinks]
     return _SinkAttention.apply(q, k0, v0, bias, scale, len(sinks), *ks, *vs)
